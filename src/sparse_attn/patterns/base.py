@@ -1,0 +1,379 @@
+"""`Pattern`: an element predicate plus an analytic block enumerator, and its combinators.
+
+A pattern answers two questions about query position i and key position j:
+
+* `allowed(q_idx, kv_idx, head)` - elementwise, on broadcastable integer tensors. Used by the
+  reference backend, inside partial blocks, and as FlexAttention's `mask_mod`.
+* `_classify(grid, head, q_block, kv_block)` / `_blocks(grid)` - for whole blocks, without
+  looking at elements where the pattern's form allows (analytic), so that building a layout
+  costs O(non-empty blocks) and never O(N^2).
+
+Patterns are immutable; layouts are cached on the pattern per (lengths, offset, blocks, device).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from .grid import EMPTY, FULL, PARTIAL, BlockGrid, BlockSet
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layout import BlockLayout
+
+# Elements evaluated at once when a block must be inspected element by element.
+_EVAL_BUDGET = 1 << 22
+_LAYOUT_CACHE_SIZE = 32
+
+
+def _check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        expected = "a non-negative int" if allow_zero else "a positive int (>= 1)"
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value
+
+
+class Pattern(ABC):
+    """Base class. Subclasses implement `allowed` and, when they can, `_classify`/`_candidates`.
+
+    `num_heads` is None for a pattern that is the same for every head, else the number of
+    heads it was built for (it must then equal the query head count of the call).
+    """
+
+    num_heads: int | None = None
+
+    def __init__(self) -> None:
+        self._layouts: OrderedDict = OrderedDict()
+
+    # ----------------------------------------------------------------- element level
+    @abstractmethod
+    def allowed(self, q_idx: torch.Tensor, kv_idx: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean tensor: may the query at absolute position q_idx attend to key kv_idx?
+
+        Arguments broadcast against each other. `head` is needed only by per-head patterns.
+        """
+
+    def mask_mod(self, q_offset: int = 0) -> Callable:
+        """FlexAttention-style `mask_mod(b, h, q_idx, kv_idx)`; q_idx counts query rows."""
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return self.allowed(q_idx + q_offset, kv_idx, h)
+
+        return mask_mod
+
+    def to_dense(self, q_len: int, kv_len: int | None = None, *, q_offset: int | None = None,
+                 num_heads: int | None = None, device=None) -> torch.Tensor:
+        """The element mask, bool [H, q_len, kv_len]. O(q_len * kv_len): tests and pictures only."""
+        grid = self._grid(q_len, kv_len, q_offset, 1, 1, device)
+        heads = self._resolve_heads(num_heads)
+        h = grid.arange(heads)[:, None, None]
+        q = grid.arange(grid.q_len)[None, :, None] + grid.q_offset
+        kv = grid.arange(grid.kv_len)[None, None, :]
+        return self.allowed(q, kv, h).expand(heads, grid.q_len, grid.kv_len).clone()
+
+    def show(self, n: int = 32, kv_len: int | None = None, *, head: int = 0) -> str:
+        """ASCII picture of the element mask for an n-token sequence ('#' allowed, '.' not)."""
+        dense = self.to_dense(n, kv_len, num_heads=max(head + 1, self.num_heads or 1))[head]
+        return "\n".join("".join("#" if x else "." for x in row) for row in dense.tolist())
+
+    # ------------------------------------------------------------------- block level
+    def layout(self, q_len: int, kv_len: int | None = None, *, block_q: int = 128, block_kv: int | None = None,
+               q_offset: int | None = None, device=None) -> "BlockLayout":
+        """The block layout of this pattern for the given lengths (cached).
+
+        Queries are the last `q_len` of `kv_len` positions unless `q_offset` says where the
+        first one sits. Cost: O(non-empty blocks) for analytic patterns.
+        """
+        from .layout import BlockLayout
+
+        block_kv = block_q if block_kv is None else block_kv
+        grid = self._grid(q_len, kv_len, q_offset, block_q, block_kv, device)
+        key = (grid.q_len, grid.kv_len, grid.q_offset, grid.block_q, grid.block_kv, str(grid.device))
+        cached = self._layouts.get(key)
+        if cached is not None:
+            self._layouts.move_to_end(key)
+            return cached
+        bound = self.bind(grid)
+        bound._validate(grid)
+        layout = BlockLayout.from_block_set(bound, grid, bound._blocks(grid))
+        self._layouts[key] = layout
+        if len(self._layouts) > _LAYOUT_CACHE_SIZE:
+            self._layouts.popitem(last=False)
+        return layout
+
+    def _blocks(self, grid: BlockGrid) -> BlockSet:
+        """All non-empty blocks. Default: classify the candidates."""
+        head, qb, kb = self._candidates(grid)
+        state = self._classify(grid, head, qb, kb)
+        return BlockSet.from_unsorted(self.num_heads or 1, head, qb, kb, state, grid)
+
+    def _candidates(self, grid: BlockGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A superset of the non-empty blocks as (head, q_block, kv_block). Default: all of them."""
+        heads = self.num_heads or 1
+        h, qb, kb = torch.meshgrid(grid.arange(heads), grid.arange(grid.num_q_blocks),
+                                   grid.arange(grid.num_kv_blocks), indexing="ij")
+        return h.reshape(-1), qb.reshape(-1), kb.reshape(-1)
+
+    def _candidate_count(self, grid: BlockGrid) -> int:
+        """Upper bound on the candidates; lets `a & b` enumerate the smaller side."""
+        return (self.num_heads or 1) * grid.num_q_blocks * grid.num_kv_blocks
+
+    def _classify(self, grid: BlockGrid, head, qb, kb) -> torch.Tensor:
+        """EMPTY/PARTIAL/FULL per block. Default: count allowed elements (exact, O(block area))."""
+        count, area = count_allowed(self, grid, head, qb, kb)
+        return state_from_count(count, area)
+
+    def _validate(self, grid: BlockGrid) -> None:
+        """Raise ValueError if this pattern cannot describe the given lengths."""
+
+    def bind(self, grid: BlockGrid) -> "Pattern":
+        """The pattern with everything that depends on the lengths fixed (BigBird's random
+        blocks are drawn per length). Most patterns are length-free and return themselves."""
+        return self
+
+    # ------------------------------------------------------------------- helpers
+    def _resolve_heads(self, num_heads: int | None) -> int:
+        if self.num_heads is None:
+            return 1 if num_heads is None else num_heads
+        if num_heads is not None and num_heads != self.num_heads:
+            raise ValueError(f"pattern is defined for {self.num_heads} heads, asked for {num_heads}")
+        return self.num_heads
+
+    def _grid(self, q_len, kv_len, q_offset, block_q, block_kv, device) -> BlockGrid:
+        q_len = _check_positive_int("q_len", q_len, allow_zero=True)
+        kv_len = q_len if kv_len is None else _check_positive_int("kv_len", kv_len, allow_zero=True)
+        block_q = _check_positive_int("block_q", block_q)
+        block_kv = _check_positive_int("block_kv", block_kv)
+        if q_offset is None:
+            if q_len > kv_len:
+                raise ValueError(
+                    f"q_len ({q_len}) > kv_len ({kv_len}): queries cannot be the last q_len key positions; "
+                    "pass q_offset (the position of the first query) explicitly"
+                )
+            q_offset = kv_len - q_len
+        q_offset = _check_positive_int("q_offset", q_offset, allow_zero=True)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        return BlockGrid(q_len, kv_len, q_offset, block_q, block_kv, device)
+
+    # ------------------------------------------------------------------ combinators
+    def __or__(self, other: "Pattern") -> "Pattern":
+        _check_pattern("other", other)
+        return Union([self, other])
+
+    def __and__(self, other: "Pattern") -> "Pattern":
+        _check_pattern("other", other)
+        return Intersection([self, other])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _check_pattern(name: str, value) -> None:
+    if not isinstance(value, Pattern):
+        raise TypeError(f"{name} must be a sparse_attn Pattern, got {type(value).__name__}")
+
+
+def state_from_count(count: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
+    state = torch.full_like(count, PARTIAL, dtype=torch.int8)
+    state[count == 0] = EMPTY
+    state[count == area] = FULL
+    return state
+
+
+def count_allowed(pattern: Pattern, grid: BlockGrid, head, qb, kb) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allowed elements and area of each block, evaluated element by element in bounded memory."""
+    n = qb.numel()
+    count = torch.zeros(n, dtype=torch.int64, device=grid.device)
+    p0, p1 = grid.q_block_bounds(qb)
+    k0, k1 = grid.kv_block_bounds(kb)
+    area = (p1 - p0) * (k1 - k0)
+    rows = grid.arange(grid.block_q)
+    cols = grid.arange(grid.block_kv)
+    step = max(1, _EVAL_BUDGET // (grid.block_q * grid.block_kv))
+    for s in range(0, n, step):
+        sl = slice(s, s + step)
+        q = p0[sl, None, None] + rows[None, :, None]  # [n, BQ, 1]
+        kv = k0[sl, None, None] + cols[None, None, :]  # [n, 1, BK]
+        inside = (q < p1[sl, None, None]) & (kv < k1[sl, None, None])
+        ok = pattern.allowed(q, kv, head[sl, None, None]) & inside
+        count[sl] = ok.sum(dim=(1, 2))
+    return count, area
+
+
+def _common_heads(parts: Sequence[Pattern]) -> int | None:
+    heads = {p.num_heads for p in parts if p.num_heads is not None}
+    if len(heads) > 1:
+        raise ValueError(f"cannot combine per-head patterns with different head counts {sorted(heads)}")
+    return heads.pop() if heads else None
+
+
+class _Combination(Pattern):
+    symbol = "?"
+
+    def __init__(self, parts: Sequence[Pattern]) -> None:
+        super().__init__()
+        flat: list[Pattern] = []
+        for p in parts:
+            _check_pattern("pattern", p)
+            flat.extend(p.parts if type(p) is type(self) else [p])
+        self.parts = tuple(flat)
+        self.num_heads = _common_heads(self.parts)
+
+    def _validate(self, grid):
+        for p in self.parts:
+            p._validate(grid)
+
+    def bind(self, grid):
+        bound = [p.bind(grid) for p in self.parts]
+        return self if all(b is p for b, p in zip(bound, self.parts)) else type(self)(bound)
+
+    def _part_states(self, grid, head, qb, kb) -> torch.Tensor:
+        return torch.stack([p._classify(grid, head, qb, kb) for p in self.parts])  # [P, n]
+
+    def __repr__(self) -> str:
+        return "(" + f" {self.symbol} ".join(repr(p) for p in self.parts) + ")"
+
+
+class Union(_Combination):
+    """`a | b`: allowed where any part allows. A block partial in two parts may still be full
+    (the parts can cover each other's holes), so such blocks are checked element by element."""
+
+    symbol = "|"
+
+    def allowed(self, q_idx, kv_idx, head=None):
+        out = self.parts[0].allowed(q_idx, kv_idx, head)
+        for p in self.parts[1:]:
+            out = out | p.allowed(q_idx, kv_idx, head)
+        return out
+
+    def _combine(self, grid, head, qb, kb, n_full, n_partial) -> torch.Tensor:
+        state = torch.where(n_full > 0, FULL, torch.where(n_partial > 0, PARTIAL, EMPTY)).to(torch.int8)
+        ambiguous = (n_full == 0) & (n_partial >= 2)
+        if ambiguous.any():
+            idx = ambiguous.nonzero().squeeze(1)
+            count, area = count_allowed(self, grid, head[idx], qb[idx], kb[idx])
+            state[idx] = torch.where(count == area, FULL, PARTIAL).to(torch.int8)
+        return state
+
+    def _classify(self, grid, head, qb, kb):
+        states = self._part_states(grid, head, qb, kb)
+        return self._combine(grid, head, qb, kb, (states == FULL).sum(0), (states == PARTIAL).sum(0))
+
+    def _candidate_count(self, grid):
+        return sum(p._candidate_count(grid) for p in self.parts)
+
+    def _blocks(self, grid):
+        heads = self.num_heads or 1
+        sets = [p._blocks(grid).broadcast_heads(heads, grid) for p in self.parts]
+        keys = torch.cat([s.key(grid) for s in sets])
+        full = torch.cat([s.full for s in sets])
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        n_full = torch.zeros(uniq.numel(), dtype=torch.int64, device=grid.device).index_add_(0, inverse, full.long())
+        n_partial = torch.zeros_like(n_full).index_add_(0, inverse, (~full).long())
+        coords = BlockSet.from_key(uniq, torch.zeros_like(uniq, dtype=torch.bool), heads, grid)
+        state = self._combine(grid, coords.head, coords.q_block, coords.kv_block, n_full, n_partial)
+        coords.full = state == FULL
+        return coords
+
+
+class Intersection(_Combination):
+    """`a & b`: allowed where every part allows. Enumerates the part with the fewest candidate
+    blocks and classifies the others on those blocks only (so `window & causal` costs the
+    window's blocks, not the causal triangle's)."""
+
+    symbol = "&"
+
+    def allowed(self, q_idx, kv_idx, head=None):
+        out = self.parts[0].allowed(q_idx, kv_idx, head)
+        for p in self.parts[1:]:
+            out = out & p.allowed(q_idx, kv_idx, head)
+        return out
+
+    def _combine(self, grid, head, qb, kb, states) -> torch.Tensor:
+        n_partial = (states == PARTIAL).sum(0)
+        touched = (states != EMPTY).all(0)
+        state = torch.where(touched & (n_partial == 0), FULL, torch.where(touched, PARTIAL, EMPTY)).to(torch.int8)
+        ambiguous = touched & (n_partial >= 2)
+        if ambiguous.any():  # two partial parts may not overlap at all
+            idx = ambiguous.nonzero().squeeze(1)
+            count, _ = count_allowed(self, grid, head[idx], qb[idx], kb[idx])
+            state[idx] = torch.where(count > 0, PARTIAL, EMPTY).to(torch.int8)
+        return state
+
+    def _classify(self, grid, head, qb, kb):
+        return self._combine(grid, head, qb, kb, self._part_states(grid, head, qb, kb))
+
+    def _candidate_count(self, grid):
+        return min(p._candidate_count(grid) for p in self.parts)
+
+    def _blocks(self, grid):
+        heads = self.num_heads or 1
+        smallest = min(self.parts, key=lambda p: p._candidate_count(grid))
+        base = smallest._blocks(grid).broadcast_heads(heads, grid)
+        others = [p for p in self.parts if p is not smallest]
+        states = torch.stack(
+            [torch.where(base.full, FULL, PARTIAL).to(torch.int8)]
+            + [p._classify(grid, base.head, base.q_block, base.kv_block) for p in others]
+        )
+        state = self._combine(grid, base.head, base.q_block, base.kv_block, states)
+        keep = state != EMPTY
+        return BlockSet(heads, base.head[keep], base.q_block[keep], base.kv_block[keep], state[keep] == FULL)
+
+
+class PerHead(Pattern):
+    """A different pattern for each head: head h follows `patterns[h]`."""
+
+    def __init__(self, patterns: Sequence[Pattern]) -> None:
+        super().__init__()
+        if isinstance(patterns, Pattern) or not isinstance(patterns, Sequence) or len(patterns) == 0:
+            raise TypeError("per_head expects a non-empty list of patterns, one per head")
+        for i, p in enumerate(patterns):
+            _check_pattern(f"patterns[{i}]", p)
+            if p.num_heads is not None:
+                raise ValueError(f"patterns[{i}] is itself per-head ({p.num_heads} heads); per_head needs "
+                                 "head-independent patterns")
+        self.parts = tuple(patterns)
+        self.num_heads = len(self.parts)
+
+    def allowed(self, q_idx, kv_idx, head=None):
+        if head is None:
+            raise ValueError(f"per_head pattern of {self.num_heads} heads needs the head index")
+        head = torch.as_tensor(head, device=q_idx.device)
+        out = torch.zeros(torch.broadcast_shapes(q_idx.shape, kv_idx.shape, head.shape), dtype=torch.bool,
+                          device=q_idx.device)
+        for h, p in enumerate(self.parts):
+            out = torch.where(head == h, p.allowed(q_idx, kv_idx, None), out)
+        return out
+
+    def _validate(self, grid):
+        for p in self.parts:
+            p._validate(grid)
+
+    def bind(self, grid):
+        bound = [p.bind(grid) for p in self.parts]
+        return self if all(b is p for b, p in zip(bound, self.parts)) else PerHead(bound)
+
+    def _candidate_count(self, grid):
+        return sum(p._candidate_count(grid) for p in self.parts)
+
+    def _classify(self, grid, head, qb, kb):
+        state = torch.zeros(qb.shape, dtype=torch.int8, device=grid.device)
+        for h, p in enumerate(self.parts):
+            sel = (head == h).nonzero().squeeze(1)
+            if sel.numel():
+                state[sel] = p._classify(grid, head[sel], qb[sel], kb[sel])
+        return state
+
+    def _blocks(self, grid):
+        sets = [p._blocks(grid) for p in self.parts]
+        head = torch.cat([torch.full_like(s.q_block, h) for h, s in enumerate(sets)])
+        return BlockSet(self.num_heads, head, torch.cat([s.q_block for s in sets]),
+                        torch.cat([s.kv_block for s in sets]), torch.cat([s.full for s in sets]))
+
+    def __repr__(self) -> str:
+        return f"per_head([{', '.join(repr(p) for p in self.parts)}])"

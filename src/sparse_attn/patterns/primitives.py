@@ -1,0 +1,420 @@
+"""The few primitive pattern shapes every preset is built from, each with an exact analytic
+block classifier:
+
+* `Band`      - allowed iff lo <= i - j <= hi and (i - j) % dilation == 0
+                (full, causal, sliding windows, dilated windows, strides).
+* `Columns`   - allowed iff j is in a set (global keys, attention sinks, summary columns).
+* `Rows`      - allowed iff i is in a set (global queries).
+* `Segments`  - allowed iff i and j lie in the same segment of a tiling of positions
+                (packed documents, Sparse Transformer's fixed blocks).
+* `BlockCells`- allowed iff the cell (i // cq, j // ck) is set (block-sparse, BigBird).
+* `Predicate` - any user function; blocks found by evaluating it (O(N^2) time, bounded memory).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .base import Pattern, state_from_count
+from .grid import EMPTY, FULL, PARTIAL, UNBOUNDED, BlockGrid, BlockSet, expand_ranges
+
+
+def _floor_div(a: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.div(a, b, rounding_mode="floor")
+
+
+def _states(nonempty: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    return torch.where(full, FULL, torch.where(nonempty, PARTIAL, EMPTY)).to(torch.int8)
+
+
+def _shared(grid: BlockGrid, qb: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(qb)
+
+
+class Band(Pattern):
+    """Allowed iff lo <= i - j <= hi and (i - j) is a multiple of `dilation`.
+
+    `lo`/`hi` of None mean unbounded. Causal is Band(0, None); a causal window W is Band(0, W-1).
+    """
+
+    def __init__(self, lo: int | None, hi: int | None, dilation: int = 1, name: str | None = None) -> None:
+        super().__init__()
+        self.lo = -UNBOUNDED if lo is None else int(lo)
+        self.hi = UNBOUNDED if hi is None else int(hi)
+        self.dilation = int(dilation)
+        self.name = name
+
+    def allowed(self, q_idx, kv_idx, head=None):
+        d = q_idx - kv_idx
+        ok = (d >= self.lo) & (d <= self.hi)
+        if self.dilation > 1:
+            ok = ok & (torch.remainder(d, self.dilation) == 0)
+        return ok
+
+    def _kv_range(self, grid, qb):
+        p0, p1 = grid.q_block_bounds(qb)
+        return grid.kv_blocks_of_positions(p0 - self.hi, p1 - self.lo)
+
+    def _candidates(self, grid):
+        first, last = self._kv_range(grid, grid.arange(grid.num_q_blocks))
+        qb, kb = expand_ranges(first, last)
+        return _shared(grid, qb), qb, kb
+
+    def _candidate_count(self, grid):
+        first, last = self._kv_range(grid, grid.arange(grid.num_q_blocks))
+        return int(torch.clamp(last - first + 1, min=0).sum())
+
+    def _classify(self, grid, head, qb, kb):
+        p0, p1 = grid.q_block_bounds(qb)
+        k0, k1 = grid.kv_block_bounds(kb)
+        dmin, dmax = p0 - (k1 - 1), (p1 - 1) - k0  # every difference in between occurs in the block
+        a = torch.clamp(dmin, min=self.lo)
+        b = torch.clamp(dmax, max=self.hi)
+        r = self.dilation
+        nonempty = (a <= b) & (_floor_div(b, r) * r >= a)
+        full = (dmin >= self.lo) & (dmax <= self.hi)
+        if r > 1:
+            full = full & (dmin == dmax) & (torch.remainder(dmin, r) == 0)
+        return _states(nonempty, full)
+
+    def __repr__(self):
+        if self.name:
+            return self.name
+        lo = None if self.lo == -UNBOUNDED else self.lo
+        hi = None if self.hi == UNBOUNDED else self.hi
+        return f"Band(lo={lo}, hi={hi}, dilation={self.dilation})"
+
+
+class IndexSet:
+    """A set of non-negative positions with O(1) membership and range counts.
+
+    Either explicit sorted indices, a prefix [0, n), or a periodic set
+    {p : p mod period >= period - width}.
+    """
+
+    def __init__(self, *, indices: torch.Tensor | None = None, prefix: int | None = None,
+                 period: int | None = None, width: int | None = None) -> None:
+        self.indices = None
+        self.prefix = prefix
+        self.period, self.width = period, width
+        if indices is not None:
+            idx = torch.unique(torch.as_tensor(indices, dtype=torch.int64).reshape(-1).cpu())
+            self.indices = idx
+            size = int(idx[-1]) + 1 if idx.numel() else 0
+            member = torch.zeros(size + 1, dtype=torch.bool)  # the extra slot answers "out of range"
+            member[idx] = True
+            self._member = member
+            self._cumulative = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(member.long(), 0)])
+
+    def max_index(self) -> int | None:
+        if self.indices is not None:
+            return int(self.indices[-1]) if self.indices.numel() else None
+        return None
+
+    def contains(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prefix is not None:
+            return (x >= 0) & (x < self.prefix)
+        if self.period is not None:
+            return torch.remainder(x, self.period) >= self.period - self.width
+        member = self._member.to(x.device)
+        return member[torch.clamp(x, 0, member.numel() - 1)] & (x >= 0)
+
+    def count_below(self, x: torch.Tensor) -> torch.Tensor:
+        """Members in [0, x)."""
+        x = torch.clamp(x, min=0)
+        if self.prefix is not None:
+            return torch.clamp(x, max=self.prefix)
+        if self.period is not None:
+            return _floor_div(x, self.period) * self.width + torch.clamp(
+                torch.remainder(x, self.period) - (self.period - self.width), min=0)
+        cum = self._cumulative.to(x.device)
+        return cum[torch.clamp(x, max=cum.numel() - 1)]
+
+    def count(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return self.count_below(hi) - self.count_below(lo)
+
+    def __repr__(self):
+        if self.prefix is not None:
+            return f"range({self.prefix})"
+        if self.period is not None:
+            return f"{{p : p % {self.period} >= {self.period - self.width}}}"
+        return f"{self.indices.tolist()}" if self.indices.numel() <= 8 else f"<{self.indices.numel()} positions>"
+
+
+class Columns(Pattern):
+    """Allowed iff the key position is in `keys` (every query sees them)."""
+
+    def __init__(self, keys: IndexSet) -> None:
+        super().__init__()
+        self.keys = keys
+
+    def allowed(self, q_idx, kv_idx, head=None):
+        return self.keys.contains(kv_idx) & (q_idx == q_idx)  # broadcast against q_idx
+
+    def _touched_kv_blocks(self, grid):
+        kb = grid.arange(grid.num_kv_blocks)
+        k0, k1 = grid.kv_block_bounds(kb)
+        state = state_from_count(self.keys.count(k0, k1), k1 - k0)
+        keep = state != EMPTY
+        return kb[keep], state[keep]
+
+    def _candidates(self, grid):
+        kb, _ = self._touched_kv_blocks(grid)
+        qb = grid.arange(grid.num_q_blocks).repeat_interleave(kb.numel())
+        kb = kb.repeat(grid.num_q_blocks)
+        return _shared(grid, qb), qb, kb
+
+    def _candidate_count(self, grid):
+        return grid.num_q_blocks * self._touched_kv_blocks(grid)[0].numel()
+
+    def _classify(self, grid, head, qb, kb):
+        k0, k1 = grid.kv_block_bounds(kb)
+        return state_from_count(self.keys.count(k0, k1), k1 - k0)
+
+    def _validate(self, grid):
+        m = self.keys.max_index()
+        if m is not None and m >= grid.kv_len:
+            raise ValueError(f"global token index {m} is out of range for a sequence of {grid.kv_len} keys")
+
+    def __repr__(self):
+        return f"Columns({self.keys!r})"
+
+
+class Rows(Pattern):
+    """Allowed iff the query position is in `queries` (those queries see every key)."""
+
+    def __init__(self, queries: IndexSet) -> None:
+        super().__init__()
+        self.queries = queries
+
+    def allowed(self, q_idx, kv_idx, head=None):
+        return self.queries.contains(q_idx) & (kv_idx == kv_idx)
+
+    def _touched_q_blocks(self, grid):
+        qb = grid.arange(grid.num_q_blocks)
+        p0, p1 = grid.q_block_bounds(qb)
+        return qb[self.queries.count(p0, p1) > 0]
+
+    def _candidates(self, grid):
+        rows = self._touched_q_blocks(grid)
+        qb = rows.repeat_interleave(grid.num_kv_blocks)
+        kb = grid.arange(grid.num_kv_blocks).repeat(rows.numel())
+        return _shared(grid, qb), qb, kb
+
+    def _candidate_count(self, grid):
+        return self._touched_q_blocks(grid).numel() * grid.num_kv_blocks
+
+    def _classify(self, grid, head, qb, kb):
+        p0, p1 = grid.q_block_bounds(qb)
+        k0, k1 = grid.kv_block_bounds(kb)
+        count = self.queries.count(p0, p1)
+        return _states((count > 0) & (k1 > k0), (count == p1 - p0) & (k1 > k0))
+
+    def _validate(self, grid):
+        m = self.queries.max_index()
+        if m is not None and m >= max(grid.kv_len, grid.q_end):
+            raise ValueError(f"global token index {m} is out of range for a sequence of {grid.kv_len} positions")
+
+    def __repr__(self):
+        return f"Rows({self.queries!r})"
+
+
+class Segments(Pattern):
+    """Allowed iff i and j are in the same segment; segments tile the positions in order.
+
+    Either regular segments of `size` (Sparse Transformer's fixed blocks), or the runs of a
+    non-decreasing `ids` tensor (packed documents; positions must be < len(ids)).
+    """
+
+    def __init__(self, *, size: int | None = None, ids: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.size = size
+        self.length = None
+        if ids is not None:
+            ids = torch.as_tensor(ids).reshape(-1).cpu()
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise TypeError(f"doc_ids must be an integer tensor, got {ids.dtype}")
+            ids = ids.long()
+            if ids.numel() == 0:
+                raise ValueError("doc_ids must not be empty")
+            if (ids[1:] < ids[:-1]).any():
+                raise ValueError("doc_ids must be non-decreasing (packed documents are contiguous runs); "
+                                 "for arbitrary ids use patterns.predicate")
+            self.length = ids.numel()
+            change = torch.cat([torch.ones(1, dtype=torch.bool), ids[1:] != ids[:-1]])
+            self._segment = torch.cumsum(change.long(), 0) - 1  # [N] run index of each position
+            starts = change.nonzero().squeeze(1)
+            self._start = starts
+            self._end = torch.cat([starts[1:], torch.tensor([self.length])])
+
+    def segment_of(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is not None:
+            return _floor_div(x, self.size)
+        seg = self._segment.to(x.device)
+        return seg[torch.clamp(x, 0, self.length - 1)]
+
+    def allowed(self, q_idx, kv_idx, head=None):
+        return self.segment_of(q_idx) == self.segment_of(kv_idx)
+
+    def _kv_range(self, grid, qb):
+        p0, p1 = grid.q_block_bounds(qb)
+        s0, s1 = self.segment_of(p0), self.segment_of(p1 - 1)
+        if self.size is not None:
+            lo, hi = s0 * self.size, (s1 + 1) * self.size
+        else:
+            lo, hi = self._start.to(grid.device)[s0], self._end.to(grid.device)[s1]
+        return grid.kv_blocks_of_positions(lo, hi)
+
+    def _candidates(self, grid):
+        qb, kb = expand_ranges(*self._kv_range(grid, grid.arange(grid.num_q_blocks)))
+        return _shared(grid, qb), qb, kb
+
+    def _candidate_count(self, grid):
+        first, last = self._kv_range(grid, grid.arange(grid.num_q_blocks))
+        return int(torch.clamp(last - first + 1, min=0).sum())
+
+    def _classify(self, grid, head, qb, kb):
+        p0, p1 = grid.q_block_bounds(qb)
+        k0, k1 = grid.kv_block_bounds(kb)
+        q_first, q_last = self.segment_of(p0), self.segment_of(p1 - 1)
+        k_first, k_last = self.segment_of(k0), self.segment_of(k1 - 1)
+        nonempty = (q_first <= k_last) & (k_first <= q_last)
+        full = (q_first == q_last) & (k_first == k_last) & (q_first == k_first)
+        return _states(nonempty, full)
+
+    def _validate(self, grid):
+        if self.length is not None and (grid.kv_len > self.length or grid.q_end > self.length):
+            raise ValueError(f"document pattern was built for {self.length} positions (len(doc_ids)) but is "
+                             f"used with kv_len={grid.kv_len} and queries up to position {grid.q_end - 1}")
+
+    def __repr__(self):
+        return f"Segments(size={self.size})" if self.size is not None else f"document(<{self.length} ids>)"
+
+
+class BlockCells(Pattern):
+    """Allowed iff cell (i // cell_q, j // cell_kv) of a per-head cell map is set.
+
+    Cells are given as coordinates (head, row, col) so that a sparse map costs memory in its
+    set cells; a dense bool table is built lazily only for element lookups.
+    """
+
+    def __init__(self, head: torch.Tensor, row: torch.Tensor, col: torch.Tensor, *, shape: tuple[int, int, int],
+                 cell_q: int, cell_kv: int, per_head: bool, name: str = "block_sparse") -> None:
+        super().__init__()
+        self.shape = shape  # (H, rows, cols)
+        self.cell_q, self.cell_kv = cell_q, cell_kv
+        key = (head * shape[1] + row) * shape[2] + col
+        key = torch.unique(key)
+        self._col = key % shape[2]
+        rest = _floor_div(key, shape[2])
+        self._row = rest % shape[1]
+        self._head = _floor_div(rest, shape[1])
+        self.num_heads = shape[0] if per_head else None
+        self.name = name
+        self._table = None
+
+    def table(self, device) -> torch.Tensor:
+        if self._table is None:
+            t = torch.zeros(self.shape, dtype=torch.bool)
+            t[self._head, self._row, self._col] = True
+            self._table = t
+        return self._table.to(device)
+
+    def allowed(self, q_idx, kv_idx, head=None):
+        t = self.table(q_idx.device)
+        h = torch.zeros_like(q_idx) if head is None or self.num_heads is None else torch.as_tensor(head)
+        r, c = _floor_div(q_idx, self.cell_q), _floor_div(kv_idx, self.cell_kv)
+        inside = (r >= 0) & (r < self.shape[1]) & (c >= 0) & (c < self.shape[2])
+        return t[h, torch.clamp(r, 0, self.shape[1] - 1), torch.clamp(c, 0, self.shape[2] - 1)] & inside
+
+    def _candidate_count(self, grid):
+        return self._col.numel() * (1 + -(-self.cell_q // grid.block_q)) * (1 + -(-self.cell_kv // grid.block_kv))
+
+    def _blocks(self, grid):
+        dev = grid.device
+        head, row, col = self._head.to(dev), self._row.to(dev), self._col.to(dev)
+        r0, c0 = row * self.cell_q, col * self.cell_kv
+        r1, c1 = r0 + self.cell_q, c0 + self.cell_kv
+        # each set cell -> the query blocks it overlaps -> the kv blocks it overlaps
+        cell, qb = expand_ranges(*grid.q_blocks_of_positions(r0, r1))
+        k_first, k_last = grid.kv_blocks_of_positions(c0[cell], c1[cell])
+        pair, kb = expand_ranges(k_first, k_last)
+        cell, qb = cell[pair], qb[pair]
+        p0, p1 = grid.q_block_bounds(qb)
+        k0, k1 = grid.kv_block_bounds(kb)
+        overlap = (torch.minimum(p1, r1[cell]) - torch.maximum(p0, r0[cell])) * (
+            torch.minimum(k1, c1[cell]) - torch.maximum(k0, c0[cell]))
+        heads = self.num_heads or 1
+        key = (head[cell] * grid.num_q_blocks + qb) * grid.num_kv_blocks + kb
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        covered = torch.zeros(uniq.numel(), dtype=torch.int64, device=dev).index_add_(0, inverse, overlap)
+        out = BlockSet.from_key(uniq, torch.zeros_like(uniq, dtype=torch.bool), heads, grid)
+        p0, p1 = grid.q_block_bounds(out.q_block)
+        k0, k1 = grid.kv_block_bounds(out.kv_block)
+        out.full = covered == (p1 - p0) * (k1 - k0)
+        return out
+
+    def _validate(self, grid):
+        rows = -(-grid.q_end // self.cell_q)
+        cols = -(-grid.kv_len // self.cell_kv)
+        if self.shape[1] != rows or self.shape[2] != cols:
+            raise ValueError(
+                f"{self.name} layout has shape (H, {self.shape[1]}, {self.shape[2]}) of {self.cell_q}x{self.cell_kv} "
+                f"blocks, but queries up to position {grid.q_end - 1} and {grid.kv_len} keys need "
+                f"(H, {rows}, {cols})")
+
+    def __repr__(self):
+        return f"{self.name}({self.shape[1]}x{self.shape[2]} blocks of {self.cell_q}, {self._col.numel()} set)"
+
+
+class Predicate(Pattern):
+    """A user's FlexAttention-style `mask_mod(b, h, q_idx, kv_idx) -> bool`.
+
+    Its block layout is found by evaluating the function on every element, a few query blocks
+    at a time: O(q_len * kv_len) time but bounded memory. Layouts are cached on the pattern.
+    The function must be head-independent unless `num_heads` is given; `b` is always 0.
+    """
+
+    def __init__(self, fn: Callable, num_heads: int | None = None, name: str | None = None) -> None:
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"predicate expects a callable mask_mod(b, h, q_idx, kv_idx), got {type(fn).__name__}")
+        self.fn = fn
+        self.num_heads = num_heads
+        self.name = name or getattr(fn, "__name__", "predicate")
+
+    def allowed(self, q_idx, kv_idx, head=None):
+        h = torch.zeros((), dtype=torch.int64, device=q_idx.device) if head is None else torch.as_tensor(head)
+        out = self.fn(torch.zeros((), dtype=torch.int64, device=q_idx.device), h, q_idx, kv_idx)
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+            raise TypeError(f"predicate {self.name} must return a bool tensor, got "
+                            f"{out.dtype if isinstance(out, torch.Tensor) else type(out).__name__}")
+        return out.expand(torch.broadcast_shapes(q_idx.shape, kv_idx.shape, h.shape))
+
+    def _blocks(self, grid):
+        heads = self.num_heads or 1
+        nkb = grid.num_kv_blocks
+        per_q_block = heads * grid.block_q * nkb * grid.block_kv
+        step = max(1, (1 << 24) // max(per_q_block, 1))
+        kv = grid.arange(nkb * grid.block_kv)
+        states = []
+        for s in range(0, grid.num_q_blocks, step):
+            qbs = grid.arange(min(step, grid.num_q_blocks - s)) + s
+            rows = qbs[:, None] * grid.block_q + grid.arange(grid.block_q)[None, :]  # [n, BQ]
+            h = grid.arange(heads)[:, None, None]
+            ok = self.allowed(rows.reshape(-1)[None, :, None] + grid.q_offset, kv[None, None, :], h)
+            ok = ok & (rows.reshape(-1) < grid.q_len)[None, :, None] & (kv < grid.kv_len)[None, None, :]
+            count = ok.reshape(heads, qbs.numel(), grid.block_q, nkb, grid.block_kv).sum(dim=(2, 4))
+            states.append(count)  # [H, n, NKB]
+        count = torch.cat(states, dim=1) if states else torch.zeros(heads, 0, nkb, dtype=torch.int64)
+        h, qb, kb = (t.reshape(-1) for t in torch.meshgrid(grid.arange(heads), grid.arange(grid.num_q_blocks),
+                                                            grid.arange(nkb), indexing="ij"))
+        p0, p1 = grid.q_block_bounds(qb)
+        k0, k1 = grid.kv_block_bounds(kb)
+        state = state_from_count(count.reshape(-1), (p1 - p0) * (k1 - k0))
+        return BlockSet.from_unsorted(heads, h, qb, kb, state, grid)
+
+    def __repr__(self):
+        return f"predicate({self.name})"

@@ -51,6 +51,7 @@ class BlockLayout:
         self.num_heads = num_heads
         self.full = full
         self.partial = partial
+        self.cache: dict = {}  # per-backend plans derived from this layout (e.g. gathered masks)
 
     @classmethod
     def from_block_set(cls, pattern, grid: BlockGrid, blocks: BlockSet) -> "BlockLayout":

@@ -1,0 +1,71 @@
+"""`flex`: torch's FlexAttention, fed with a BlockMask made directly from our layout (its
+`kv_num_blocks`/`kv_indices` and full blocks) and the pattern's predicate as `mask_mod`.
+We never call `create_block_mask`, which evaluates the mask on all Nq x Nkv elements.
+
+FlexAttention must run compiled (uncompiled it falls back to a dense O(N^2) reference), so
+this backend always calls a `torch.compile`d flex_attention; the first call per shape pays the
+compile. On CPU torch supports the forward only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import Backend, Capabilities, register
+
+_compiled = None
+
+
+def _flex():
+    global _compiled
+    if _compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+class FlexBackend(Backend):
+    name = "flex"
+    caps = Capabilities(
+        devices=frozenset({"cpu", "cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        grads=True,
+        gqa=True,
+        min_head_dim=16,
+        max_head_dim=256,
+        deterministic=False,
+        notes="torch.compile'd FlexAttention with a BlockMask built from our layout; first call compiles",
+    )
+
+    def unavailable_reason(self):
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError:
+            return f"FlexAttention not available in torch {torch.__version__}"
+        return None
+
+    def block_sizes(self, call):
+        return 128, 128
+
+    def extra_reasons(self, call):
+        why = []
+        if call.device_type == "cpu" and call.requires_grad:
+            why.append("FlexAttention has no backward on CPU")
+        if call.device_type == "cpu" and call.dtype == torch.float16:
+            why.append("FlexAttention on CPU does not take float16")
+        return why
+
+    def forward(self, q, k, v, layout, scale, return_lse):
+        block_mask = layout.cache.get("flex")
+        if block_mask is None:
+            block_mask = layout.cache["flex"] = layout.to_block_mask()
+        kwargs = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+        result = _flex()(q, k, v, block_mask=block_mask, scale=scale, return_lse=return_lse, **kwargs)
+        if return_lse:
+            out, lse = result
+            return out, lse
+        return result, None
+
+
+register(FlexBackend())

@@ -1,0 +1,203 @@
+"""Backends declare what they support as data; the dispatcher picks one and says why.
+
+As in xformers' fmha dispatcher: every backend lists its capabilities (devices, dtypes, head
+dims, grads, GQA, q_len != kv_len, ...), `reasons_not_to_use(call)` turns a call into the list
+of unmet requirements, and `explain()` shows the verdict for each backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..patterns import BlockLayout, Pattern
+
+log = logging.getLogger("sparse_attn.dispatch")
+
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+class BackendError(RuntimeError):
+    """No backend can serve the call (or the forced one cannot); the message says why."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    devices: frozenset  # device types: "cpu", "cuda"
+    dtypes: frozenset
+    grads: bool  # backward supported
+    gqa: bool  # Hq != Hkv without the caller repeating k/v
+    min_head_dim: int = 1
+    max_head_dim: int = 1 << 16
+    different_lengths: bool = True  # q_len != kv_len, q_offset
+    different_v_dim: bool = True  # v's head dim may differ from q/k's
+    per_head_patterns: bool = True
+    returns_lse: bool = True
+    deterministic: bool = True
+    dense: bool = False  # costs O(Nq * Nkv) whatever the pattern: never picked automatically
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What the dispatcher needs to know about one call (no tensors)."""
+
+    device_type: str
+    dtype: torch.dtype
+    requires_grad: bool
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    v_head_dim: int
+    q_offset: int
+    pattern: "Pattern"
+    return_lse: bool
+    pattern_heads: int | None = None
+
+    @classmethod
+    def of(cls, q, k, v, pattern, q_offset, return_lse) -> "AttentionCall":
+        requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return cls(q.device.type, q.dtype, requires_grad, q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
+                   q.shape[3], v.shape[3], q_offset, pattern, return_lse, getattr(pattern, "num_heads", None))
+
+
+class Backend:
+    """One way of computing attention. Subclasses set `name`, `caps` and implement `forward`."""
+
+    name: str = "?"
+    caps: Capabilities
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run in this process at all (missing package...), or None."""
+        return None
+
+    def block_sizes(self, call: AttentionCall) -> tuple[int, int]:
+        return 64, 64
+
+    def extra_reasons(self, call: AttentionCall) -> list[str]:
+        """Requirements beyond the capability table (e.g. only some patterns)."""
+        return []
+
+    def reasons_not_to_use(self, call: AttentionCall) -> list[str]:
+        why = []
+        missing = self.unavailable_reason()
+        if missing:
+            return [missing]
+        c = self.caps
+        if call.device_type not in c.devices:
+            why.append(f"device {call.device_type} not supported (supports {sorted(c.devices)})")
+        if call.dtype not in c.dtypes:
+            why.append(f"dtype {call.dtype} not supported (supports {sorted(str(d) for d in c.dtypes)})")
+        if call.requires_grad and not c.grads:
+            why.append("no backward (inputs require grad)")
+        if call.q_heads != call.kv_heads and not c.gqa:
+            why.append(f"no GQA (q heads {call.q_heads} != kv heads {call.kv_heads})")
+        if not c.min_head_dim <= call.head_dim <= c.max_head_dim:
+            why.append(f"head dim {call.head_dim} outside [{c.min_head_dim}, {c.max_head_dim}]")
+        if (call.q_len != call.kv_len or call.q_offset != 0) and not c.different_lengths:
+            why.append(f"q_len {call.q_len} / kv_len {call.kv_len} / q_offset {call.q_offset} not supported "
+                       "(needs q_len == kv_len, q_offset 0)")
+        if call.v_head_dim != call.head_dim and not c.different_v_dim:
+            why.append(f"v head dim {call.v_head_dim} != q/k head dim {call.head_dim}")
+        if call.pattern_heads is not None and not c.per_head_patterns:
+            why.append("per-head patterns not supported")
+        if call.return_lse and not c.returns_lse:
+            why.append("cannot return log-sum-exp")
+        return why + self.extra_reasons(call)
+
+    def forward(self, q, k, v, layout: "BlockLayout", scale: float, return_lse: bool):
+        """Returns (out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32/float64 or None)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"
+
+
+_REGISTRY: dict[str, Backend] = {}
+# Preference order per device type when backend="auto".
+_PREFERENCE = {"cuda": ["sdpa", "triton", "flex", "blocked"], "cpu": ["sdpa", "blocked", "flex"]}
+
+
+def register(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(_REGISTRY)}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def list_backends() -> list[Backend]:
+    _ensure_loaded()
+    return list(_REGISTRY.values())
+
+
+def _ensure_loaded() -> None:
+    if not _REGISTRY:
+        from . import blocked, flex, reference, sdpa  # noqa: F401  (registration side effect)
+
+
+@dataclass
+class Explanation:
+    """The dispatcher's verdict: which backend runs the call and why the others do not."""
+
+    call: AttentionCall
+    requested: str
+    chosen: str | None
+    rejected: dict = field(default_factory=dict)  # name -> list of reasons
+
+    def __str__(self) -> str:
+        c = self.call
+        head = (f"call: {c.device_type} {str(c.dtype).replace('torch.', '')} B={c.batch} Hq={c.q_heads} "
+                f"Hkv={c.kv_heads} Nq={c.q_len} Nkv={c.kv_len} D={c.head_dim} Dv={c.v_head_dim} "
+                f"q_offset={c.q_offset} grad={c.requires_grad} pattern={c.pattern!r}")
+        lines = [head, f"requested: {self.requested}", f"chosen: {self.chosen or 'none'}"]
+        for name, why in self.rejected.items():
+            lines.append(f"  {name}: rejected - " + "; ".join(why))
+        return "\n".join(lines)
+
+
+def explain_call(call: AttentionCall, backend: str = "auto") -> Explanation:
+    _ensure_loaded()
+    if backend != "auto":
+        chosen = get_backend(backend)
+        why = chosen.reasons_not_to_use(call)
+        rejected = {chosen.name: why} if why else {}
+        return Explanation(call, backend, None if why else chosen.name, rejected)
+    rejected = {}
+    order = _PREFERENCE.get(call.device_type, ["blocked"])
+    order = order + [n for n in _REGISTRY if n not in order]
+    chosen = None
+    for name in order:
+        b = _REGISTRY.get(name)
+        if b is None:
+            continue
+        why = b.reasons_not_to_use(call)
+        if not why and b.caps.dense:
+            why = ["dense O(Nq*Nkv) computation: used only when asked for by name"]
+        if why:
+            rejected[name] = why
+        elif chosen is None:
+            chosen = name
+        else:
+            rejected[name] = [f"usable, but {chosen} is preferred on {call.device_type}"]
+    return Explanation(call, backend, chosen, rejected)
+
+
+def select(call: AttentionCall, backend: str = "auto") -> Backend:
+    ex = explain_call(call, backend)
+    if ex.chosen is None:
+        raise BackendError(f"no backend can run this call:\n{ex}")
+    if backend == "auto" and ex.rejected:
+        log.debug("dispatch: %s", ex)
+    return _REGISTRY[ex.chosen]

@@ -1,16 +1,22 @@
 """`blocked`: pure-torch block-sparse attention. The CPU default; also runs on CUDA tensors.
 
-For every query block it gathers only the kv blocks the layout names and computes a
-max-subtracted softmax over them: full blocks with no mask work, partial blocks with the
-pattern's element mask (precomputed once per layout and cached on it). Memory is
-O(rows in flight x touched keys), never O(Nq x Nkv):
+For every query block it touches only the kv blocks the layout names and computes a
+max-subtracted softmax over them, with the pattern's element mask applied where blocks are
+partial. Memory is O(rows in flight x touched keys), never O(Nq x Nkv).
 
-* rows with the same number of (partial, full) blocks form a group and are processed a
-  chunk at a time, so the score tile stays within a fixed budget;
-* GQA without repeating k/v: with a head-shared layout the query heads that share a kv head
-  are stacked along the row axis of one matmul;
-* the backward recomputes the scores chunk by chunk from the saved log-sum-exp (as
-  FlashAttention does) instead of keeping probabilities, so training memory stays bounded.
+How it stays fast on a CPU (where FlexAttention is a compiled C++ loop):
+
+* rows (query blocks) with the same number of (partial, full) kv blocks form a *group*;
+  a group is processed a chunk at a time with batched matmuls, into reused workspaces
+  (fresh large allocations cost page faults on every call);
+* *banded* groups - consecutive query blocks whose kv blocks are one contiguous run that
+  advances by a fixed step (sliding windows, dilated bands, full rows) - read q and k/v
+  through strided views: no gathers at all. Other groups gather their blocks;
+* the score scale is folded into the matmul (baddbmm's alpha) and the element mask of a
+  group is computed once per layout and cached on it (within a memory budget);
+* GQA reads each kv head for its query heads without repeating k/v;
+* the backward recomputes scores chunk by chunk from the saved log-sum-exp (as
+  FlashAttention does), so training memory stays bounded too.
 """
 
 from __future__ import annotations
@@ -21,11 +27,10 @@ import torch
 
 from .registry import FLOAT_DTYPES, Backend, Capabilities, register
 
-# Score-tile elements per chunk (fp32: 4 bytes each). Large enough for efficient matmuls,
-# small enough to stay in cache-friendly territory and bound the forward's peak memory.
-_TILE_BUDGET = 1 << 21
-# Precomputed partial-block masks are cached on the layout up to this many elements.
-_MASK_CACHE_BUDGET = 1 << 28
+# Score-tile elements per chunk (4 bytes each in fp32).
+_TILE_BUDGET = 1 << 20
+# Element masks are cached on the layout up to this many bools (per layout).
+_MASK_CACHE_BUDGET = 1 << 26
 # Distinct (partial, full) block-count signatures before rows are bucketed by padding.
 _MAX_GROUPS = 12
 
@@ -34,58 +39,64 @@ _MAX_GROUPS = 12
 class _Group:
     head: torch.Tensor  # [G] layout head of each row (0 for a shared layout)
     q_block: torch.Tensor  # [G]
-    kv_block: torch.Tensor  # [G, P + F] partial slots first, then full
-    num_partial: int  # P
-    full_valid: torch.Tensor  # [G, F * BK] bool: padded slots and keys past kv_len are False
-    partial_valid: torch.Tensor  # [G, P] bool: padded partial slots are False
-    partial_mask: torch.Tensor | None = None  # [G, BQ, P * BK] bool; None: computed per chunk
+    kv_block: torch.Tensor  # [G, T] ascending; padded slots repeat block 0 and are masked
+    slot_valid: torch.Tensor  # [G, T] False for padding slots
+    needs_mask: bool  # some element in the group's tiles is not allowed
+    band: tuple[int, int] | None  # (first kv block, step per row) when rows are a band
+    mask: torch.Tensor | None = None  # cached [G, BQ, T * BK] bool
 
 
 class _Plan:
-    """Everything about a layout the kernel needs, independent of q/k/v values."""
+    """Everything about a layout the kernels need, independent of q/k/v values."""
 
     def __init__(self, layout) -> None:
         self.layout = layout
         g = layout.grid
         self.shared = layout.num_heads == 1
         self.groups: list[_Group] = []
-        cp, cf = layout.partial.counts, layout.full.counts  # [R]
-        rows = torch.arange(cp.numel(), device=g.device)
+        cp, cf = layout.partial.counts, layout.full.counts  # [R] per (head, q block)
         sig_p, sig_f = cp, cf
+        if torch.unique(torch.stack([cp, cf], 1), dim=0).shape[0] > _MAX_GROUPS:
+            sig_p, sig_f = _round_up_pow2(cp), _round_up_pow2(cf)  # bucket: pad counts
         sigs = torch.unique(torch.stack([sig_p, sig_f], 1), dim=0)
-        if sigs.shape[0] > _MAX_GROUPS:  # bucket: pad counts up to a power of two
-            sig_p, sig_f = _round_up_pow2(cp), _round_up_pow2(cf)
-            sigs = torch.unique(torch.stack([sig_p, sig_f], 1), dim=0)
-        mask_elems = 0
+        rows = torch.arange(cp.numel(), device=g.device)
+        cached = 0
         for p_count, f_count in sigs.tolist():
-            if p_count == 0 and f_count == 0:
+            width = p_count + f_count
+            if width == 0:
                 continue  # rows that see nothing: output stays 0, lse -inf
             sel = rows[(sig_p == p_count) & (sig_f == f_count)]
             kp, vp = _slots(layout.partial, sel, p_count)
             kf, vf = _slots(layout.full, sel, f_count)
+            kv_block, order = torch.sort(torch.where(torch.cat([vp, vf], 1), torch.cat([kp, kf], 1), -1), dim=1)
+            slot_valid = kv_block >= 0
+            kv_block = kv_block.clamp(min=0)
             head = torch.div(sel, g.num_q_blocks, rounding_mode="floor")
             qb = sel % g.num_q_blocks
-            kv_block = torch.cat([kp, kf], 1)
-            key_ok = _key_in_range(kf, g)  # [G, F, BK]
-            full_valid = (vf[:, :, None] & key_ok).reshape(sel.numel(), -1)
-            group = _Group(head, qb, kv_block, p_count, full_valid, vp)
-            mask_elems += sel.numel() * g.block_q * p_count * g.block_kv
-            if p_count and mask_elems <= _MASK_CACHE_BUDGET:
-                group.partial_mask = self.partial_mask(group, slice(None))
+            padded = not bool(slot_valid.all())
+            last_key = (kv_block.max() + 1) * g.block_kv
+            needs_mask = p_count > 0 or padded or int(last_key) > g.kv_len
+            band = None if (padded or not self.shared) else _band(qb, kv_block)
+            group = _Group(head, qb, kv_block, slot_valid, needs_mask, band)
+            size = sel.numel() * g.block_q * width * g.block_kv
+            if needs_mask and cached + size <= _MASK_CACHE_BUDGET:
+                group.mask = self.mask(group, slice(None))
+                cached += size
             self.groups.append(group)
 
-    def partial_mask(self, group: _Group, rows: slice) -> torch.Tensor:
-        """Element mask of the partial slots: [G, BQ, P * BK] bool."""
-        if group.partial_mask is not None:
-            return group.partial_mask[rows]
+    def mask(self, group: _Group, rows: slice) -> torch.Tensor | None:
+        """[G, BQ, T * BK] bool: allowed elements of the group's tiles (None: all allowed)."""
+        if not group.needs_mask:
+            return None
+        if group.mask is not None:
+            return group.mask[rows]
         g = self.layout.grid
-        slot_valid = group.partial_valid[rows]
-        qb, kb = group.q_block[rows], group.kv_block[rows, : group.num_partial]
-        q_row = qb[:, None] * g.block_q + torch.arange(g.block_q, device=g.device)  # [G, BQ]
+        kb = group.kv_block[rows]
+        q_row = group.q_block[rows, None] * g.block_q + torch.arange(g.block_q, device=g.device)  # [G, BQ]
         kv = (kb[:, :, None] * g.block_kv + torch.arange(g.block_kv, device=g.device)).reshape(kb.shape[0], -1)
         ok = self.layout.pattern.allowed(q_row[:, :, None] + g.q_offset, kv[:, None, :], group.head[rows, None, None])
-        ok = ok & (q_row < g.q_len)[:, :, None] & (kv < g.kv_len)[:, None, :]
-        return ok & slot_valid.repeat_interleave(g.block_kv, 1)[:, None, :]
+        valid = (kv < g.kv_len) & group.slot_valid[rows].repeat_interleave(g.block_kv, 1)  # [G, C]
+        return ok & valid[:, None, :]
 
 
 def _round_up_pow2(x: torch.Tensor) -> torch.Tensor:
@@ -93,17 +104,29 @@ def _round_up_pow2(x: torch.Tensor) -> torch.Tensor:
 
 
 def _slots(csr, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[G, width] kv block indices of `rows` (padded with block 0) and their validity."""
+    """[G, width] kv block indices of `rows` (padded with 0) and their validity."""
     slot = torch.arange(width, device=rows.device)
     valid = slot[None, :] < csr.counts[rows][:, None]
-    pos = torch.clamp(csr.offsets[rows][:, None] + slot[None, :], max=max(csr.indices.numel() - 1, 0))
-    idx = csr.indices[pos].long() if csr.indices.numel() else torch.zeros_like(pos)
-    return torch.where(valid, idx, 0), valid
+    if csr.indices.numel() == 0:
+        return torch.zeros(rows.numel(), width, dtype=torch.int64, device=rows.device), valid
+    pos = torch.clamp(csr.offsets[rows][:, None] + slot[None, :], max=csr.indices.numel() - 1)
+    return torch.where(valid, csr.indices[pos].long(), 0), valid
 
 
-def _key_in_range(kv_block: torch.Tensor, g) -> torch.Tensor:
-    kv = kv_block[:, :, None] * g.block_kv + torch.arange(g.block_kv, device=kv_block.device)
-    return kv < g.kv_len
+def _band(qb: torch.Tensor, kv_block: torch.Tensor) -> tuple[int, int] | None:
+    """(first kv block, step) if row r reads kv blocks first + r*step + [0, T) and the rows are
+    consecutive query blocks; else None."""
+    t = kv_block.shape[1]
+    if not torch.equal(kv_block, kv_block[:, :1] + torch.arange(t, device=kv_block.device)):
+        return None
+    if qb.numel() > 1:
+        if not bool((qb[1:] - qb[:-1] == 1).all()):
+            return None
+        steps = kv_block[1:, 0] - kv_block[:-1, 0]
+        if not bool((steps == steps[0]).all()):
+            return None
+        return int(kv_block[0, 0]), int(steps[0])
+    return int(kv_block[0, 0]), 0
 
 
 def get_plan(layout) -> _Plan:
@@ -113,155 +136,194 @@ def get_plan(layout) -> _Plan:
     return plan
 
 
-def _blocks(x: torch.Tensor, block: int, dtype) -> torch.Tensor:
-    """[B, H, N, D] -> [B, H, ceil(N / block), block, D], zero-padded, in the compute dtype."""
-    b, h, n, d = x.shape
-    nb = -(-n // block)
-    x = x.to(dtype)
-    if nb * block != n:
-        x = torch.nn.functional.pad(x, (0, 0, 0, nb * block - n))
-    return x.reshape(b, h, nb, block, d)
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pad_rows(x: torch.Tensor, block: int, dtype) -> torch.Tensor:
+    """[B, H, N, E] -> [B, H, ceil(N / block) * block, E] contiguous, zero-padded, compute dtype."""
+    n = x.shape[2]
+    x = x.to(dtype).contiguous()
+    extra = -(-n // block) * block - n
+    return torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra else x
+
+
+class _Workspace:
+    """Reused buffers: one allocation per call instead of one per chunk."""
+
+    def __init__(self, device, dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[name] = torch.empty(n, dtype=self.dtype, device=self.device)
+        return buf[:n].view(*shape)
 
 
 class _Tiles:
-    """Gathers the q rows / kv columns of a chunk of one group, in a common shape:
-    scores are [B, H', G, X * BQ, C] where, for a shared layout, H' = kv heads and the X = q
-    heads per kv head are stacked on the row axis; for a per-head layout H' = X = 1."""
+    """Reads one chunk of a group's rows for one (batch, head) slab.
 
-    def __init__(self, plan: _Plan, group: _Group, rows: slice, heads_q: int, heads_kv: int) -> None:
-        self.plan, self.group, self.rows = plan, group, rows
-        self.qb = group.q_block[rows]
-        self.kb = group.kv_block[rows]  # [G, T]
-        self.head = group.head[rows]
-        self.rep = heads_q // heads_kv
-        self.shared = plan.shared
-        self.heads_kv = heads_kv
+    `x_rows` tensors are [Hs, NQB * BQ, E] and `x_cols` [Hs, NKB * BK, E] where Hs is the
+    number of heads in the slab (1 for a shared layout, all heads for a per-head layout).
+    """
 
-    def rows_of(self, x_blk: torch.Tensor) -> torch.Tensor:
-        """q-side tensor [B, Hq, NQB, BQ, E] -> [B, H', G, X * BQ, E]."""
-        b, _, _, bq, e = x_blk.shape
-        if self.shared:
-            t = x_blk[:, :, self.qb]  # [B, Hq, G, BQ, E]
-            t = t.reshape(b, self.heads_kv, self.rep, -1, bq, e).transpose(2, 3)
-            return t.reshape(b, self.heads_kv, -1, self.rep * bq, e)
-        return x_blk[:, self.head, self.qb].unsqueeze(1)  # [B, 1, G, BQ, E]
-
-    def put_rows(self, dst_blk: torch.Tensor, value: torch.Tensor) -> None:
-        """Inverse of rows_of: write [B, H', G, X * BQ, E] into dst [B, Hq, NQB, BQ, E]."""
-        b, _, _, bq, e = dst_blk.shape
-        if self.shared:
-            t = value.reshape(b, self.heads_kv, -1, self.rep, bq, e).transpose(2, 3)
-            dst_blk[:, :, self.qb] = t.reshape(b, self.heads_kv * self.rep, -1, bq, e)
+    def __init__(self, plan: _Plan, group: _Group, rows: slice, head: int | None, rep: int) -> None:
+        g = plan.layout.grid
+        self.bq, self.bk = g.block_q, g.block_kv
+        self.group, self.rows = group, rows
+        self.num_rows = group.q_block[rows].numel()
+        self.t = group.kv_block.shape[1]
+        if head is None:  # per-head layout: rows carry their own head
+            h = group.head[rows]
+            nqb, nkb = g.num_q_blocks, g.num_kv_blocks
+            self.q_index = h * nqb + group.q_block[rows]
+            self.kv_index = ((torch.div(h, rep, rounding_mode="floor") * nkb)[:, None] + group.kv_block[rows]).reshape(-1)
         else:
-            dst_blk[:, self.head, self.qb] = value[:, 0]
+            self.q_index = group.q_block[rows]
+            self.kv_index = group.kv_block[rows].reshape(-1)
+        self.band = group.band
+        if self.band is not None:
+            first_row = rows.start or 0
+            self.q_start = int(group.q_block[first_row])
+            self.kv_start = self.band[0] + first_row * self.band[1]
 
-    def cols_of(self, x_blk: torch.Tensor) -> torch.Tensor:
-        """kv-side tensor [B, Hkv, NKB, BK, E] -> [B, H', G, T * BK, E]."""
-        b, _, _, bk, e = x_blk.shape
-        if self.shared:
-            t = x_blk[:, :, self.kb]  # [B, Hkv, G, T, BK, E]
-            return t.reshape(b, self.heads_kv, self.kb.shape[0], -1, e)
-        t = x_blk[:, torch.div(self.head, self.rep, rounding_mode="floor")[:, None], self.kb]  # [B, G, T, BK, E]
-        return t.reshape(b, 1, self.kb.shape[0], -1, e)
+    def q_side(self, x: torch.Tensor, ws: _Workspace, name: str) -> torch.Tensor:
+        """[G, BQ, E] rows of x ([Hs * NQB * BQ, E] flattened slab)."""
+        e = x.shape[-1]
+        if self.band is not None:
+            start = self.q_start * self.bq
+            return x[start : start + self.num_rows * self.bq].view(self.num_rows, self.bq, e)
+        out = ws.get(name, self.num_rows, self.bq, e)
+        torch.index_select(x.view(-1, self.bq, e), 0, self.q_index, out=out)
+        return out
 
-    def add_cols(self, dst_blk: torch.Tensor, value: torch.Tensor) -> None:
-        """Scatter-add [B, H', G, T * BK, E] into dst [B, Hkv, NKB, BK, E]."""
-        b, hkv, nkb, bk, e = dst_blk.shape
-        if self.shared:
-            dst_blk.index_add_(2, self.kb.reshape(-1), value.reshape(b, hkv, -1, bk, e))
-        else:
-            kv_head = torch.div(self.head, self.rep, rounding_mode="floor")
-            index = (kv_head[:, None] * nkb + self.kb).reshape(-1)
-            dst_blk.view(b, hkv * nkb, bk, e).index_add_(1, index, value.reshape(b, -1, bk, e))
+    def put_q_side(self, x: torch.Tensor, value: torch.Tensor) -> None:
+        """Write [G, BQ, E] back into the slab (nothing to do when `value` is already its view)."""
+        if self.band is None:
+            x.view(-1, self.bq, x.shape[-1]).index_copy_(0, self.q_index, value)
+            return
+        view = self.q_side(x, None, "")
+        if view.data_ptr() != value.data_ptr():
+            view.copy_(value)
 
-    def masked_scores(self, q_rows: torch.Tensor, k_cols: torch.Tensor, scale: float) -> torch.Tensor:
-        s = torch.matmul(q_rows, k_cols.transpose(-1, -2)) * scale  # [B, H', G, X*BQ, C]
-        b, hh, g, xr, c = s.shape
-        bq = xr // (self.rep if self.shared else 1)
-        s6 = s.view(b, hh, g, -1, bq, c)
-        ncols_p = self.group.num_partial * (c // self.kb.shape[1])
-        if ncols_p:
-            mask = self.plan.partial_mask(self.group, self.rows)  # [G, BQ, P*BK]
-            s6[..., :ncols_p].masked_fill_(~mask[:, None], float("-inf"))
-        if ncols_p < c:
-            valid = self.group.full_valid[self.rows]  # [G, F*BK]
-            s6[..., ncols_p:].masked_fill_(~valid[:, None, None, :], float("-inf"))
-        return s
+    def kv_side(self, x: torch.Tensor, ws: _Workspace, name: str) -> torch.Tensor:
+        """[G, T * BK, E] keys/values of the chunk's rows."""
+        e = x.shape[-1]
+        if self.band is not None:
+            step = self.band[1] * self.bk * e
+            return x.as_strided((self.num_rows, self.t * self.bk, e), (step, e, 1),
+                                x.storage_offset() + self.kv_start * self.bk * e)
+        out = ws.get(name, self.num_rows * self.t, self.bk, e)
+        torch.index_select(x.view(-1, self.bk, e), 0, self.kv_index, out=out)
+        return out.view(self.num_rows, self.t * self.bk, e)
+
+    def add_kv_side(self, x: torch.Tensor, value: torch.Tensor) -> None:
+        """Accumulate [G, T * BK, E] into the slab's keys (rows overlap, so index_add)."""
+        e = x.shape[-1]
+        x.view(-1, self.bk, e).index_add_(0, self.kv_index, value.reshape(-1, self.bk, e))
 
 
-def _chunks(plan: _Plan, group: _Group, batch: int, heads_q: int) -> list[slice]:
+def _chunks(plan: _Plan, group: _Group) -> list[slice]:
     g = plan.layout.grid
-    cols = group.kv_block.shape[1] * g.block_kv
-    per_row = batch * heads_q * g.block_q * cols
-    step = max(1, _TILE_BUDGET // max(per_row, 1))
+    per_row = g.block_q * group.kv_block.shape[1] * g.block_kv
+    step = max(1, _TILE_BUDGET // per_row)
     n = group.q_block.numel()
-    return [slice(s, s + step) for s in range(0, n, step)]
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _slabs(plan: _Plan, batch: int, heads_q: int, heads_kv: int):
+    """(batch, q head or None, kv head or None) slabs: a shared layout loops over heads; a
+    per-head layout handles all heads of a batch entry at once (rows carry their head)."""
+    rep = heads_q // heads_kv
+    for b in range(batch):
+        if plan.shared:
+            for h in range(heads_q):
+                yield b, h, h // rep
+        else:
+            yield b, None, None
+
+
+def _slab(x: torch.Tensor, b: int, h: int | None) -> torch.Tensor:
+    """[B, H, N, E] -> the flattened rows of one slab: [N, E] or [H * N, E]."""
+    return x[b, h] if h is not None else x[b].reshape(-1, x.shape[-1])
+
+
+def _scores(t: _Tiles, plan, q_rows, k_cols, scale, ws) -> torch.Tensor:
+    s = ws.get("s", t.num_rows, t.bq, k_cols.shape[1])
+    torch.baddbmm(s, q_rows, k_cols.transpose(1, 2), beta=0.0, alpha=scale, out=s)  # [G, BQ, C]
+    mask = plan.mask(t.group, t.rows)
+    if mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
+    return s
 
 
 def blocked_forward(q, k, v, plan: _Plan, scale: float):
     """Returns out [B, Hq, Nq, Dv] (input dtype) and lse [B, Hq, Nq] (compute dtype)."""
     g = plan.layout.grid
-    b, hq, nq, _ = q.shape
+    bsz, hq, nq, _ = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     cdt = _compute_dtype(q.dtype)
-    q_blk = _blocks(q, g.block_q, cdt)
-    k_blk, v_blk = _blocks(k, g.block_kv, cdt), _blocks(v, g.block_kv, cdt)
-    nqb = q_blk.shape[2]
-    out_blk = torch.zeros(b, hq, nqb, g.block_q, dv, dtype=cdt, device=q.device)
-    lse_blk = torch.full((b, hq, nqb, g.block_q, 1), float("-inf"), dtype=cdt, device=q.device)
+    qp = _pad_rows(q, g.block_q, cdt)
+    kp, vp = _pad_rows(k, g.block_kv, cdt), _pad_rows(v, g.block_kv, cdt)
+    out = torch.zeros(bsz, hq, qp.shape[2], dv, dtype=cdt, device=q.device)
+    lse = torch.full((bsz, hq, qp.shape[2], 1), float("-inf"), dtype=cdt, device=q.device)
+    ws = _Workspace(q.device, cdt)
     for group in plan.groups:
-        for rows in _chunks(plan, group, b, hq):
-            t = _Tiles(plan, group, rows, hq, hkv)
-            s = t.masked_scores(t.rows_of(q_blk), t.cols_of(k_blk), scale)
-            m = s.amax(-1, keepdim=True)
-            m = torch.where(torch.isinf(m), 0.0, m)  # rows with nothing allowed
-            p = torch.exp_(s.sub_(m))
-            l = p.sum(-1, keepdim=True)
-            o = torch.matmul(p, t.cols_of(v_blk))
-            o = torch.where(l > 0, o / l, 0.0)
-            t.put_rows(out_blk, o)
-            t.put_rows(lse_blk, m + torch.log(l))
-    out = out_blk.reshape(b, hq, -1, dv)[:, :, :nq].to(q.dtype)
-    return out, lse_blk.reshape(b, hq, -1)[:, :, :nq]
+        for rows in _chunks(plan, group):
+            for b, h, hk in _slabs(plan, bsz, hq, hkv):
+                t = _Tiles(plan, group, rows, h, hq // hkv)
+                out_s, lse_s = _slab(out, b, h), _slab(lse, b, h)
+                s = _scores(t, plan, t.q_side(_slab(qp, b, h), ws, "q"), t.kv_side(_slab(kp, b, hk), ws, "k"), scale, ws)
+                m = s.amax(-1, keepdim=True)  # [G, BQ, 1]
+                m.masked_fill_(torch.isinf(m), 0.0)  # rows with nothing allowed
+                p = s.sub_(m).exp_()
+                l = p.sum(-1, keepdim=True)
+                o = t.q_side(out_s, ws, "o")
+                torch.bmm(p, t.kv_side(_slab(vp, b, hk), ws, "v"), out=o)
+                o.div_(l.clamp(min=torch.finfo(cdt).tiny))
+                t.put_q_side(out_s, o)
+                t.put_q_side(lse_s, m.add_(l.log_()))
+    return out[:, :, :nq].to(q.dtype), lse[:, :, :nq, 0]
 
 
 def blocked_backward(q, k, v, out, lse, dout, dlse, plan: _Plan, scale: float):
     g = plan.layout.grid
-    b, hq, nq, _ = q.shape
+    bsz, hq, nq, _ = q.shape
     hkv = k.shape[1]
     cdt = _compute_dtype(q.dtype)
-    q_blk = _blocks(q, g.block_q, cdt)
-    k_blk, v_blk = _blocks(k, g.block_kv, cdt), _blocks(v, g.block_kv, cdt)
-    do_blk = _blocks(dout, g.block_q, cdt)
+    qp = _pad_rows(q, g.block_q, cdt)
+    kp, vp = _pad_rows(k, g.block_kv, cdt), _pad_rows(v, g.block_kv, cdt)
+    dop = _pad_rows(dout, g.block_q, cdt)
     delta = (dout.to(cdt) * out.to(cdt)).sum(-1, keepdim=True)  # [B, Hq, Nq, 1]
     if dlse is not None:
-        delta = delta - dlse.to(cdt)[..., None]  # d lse / d s = p, folded into the same term
-    delta_blk = _blocks(delta, g.block_q, cdt)
-    # rows that saw nothing have lse -inf; +inf makes their probabilities exp(-inf) = 0
-    lse_blk = _blocks(torch.where(torch.isinf(lse), float("inf"), lse)[..., None].to(cdt), g.block_q, cdt)
-    dq_blk = torch.zeros_like(q_blk)
-    dk_blk = torch.zeros_like(k_blk)
-    dv_blk = torch.zeros_like(v_blk)
+        delta = delta - dlse.to(cdt)[..., None]  # d lse / d s = p: folds into the same term
+    delta = _pad_rows(delta, g.block_q, cdt)
+    # rows that saw nothing have lse -inf; +inf turns their probabilities into exp(-inf) = 0
+    lse = _pad_rows(torch.where(torch.isinf(lse), float("inf"), lse)[..., None], g.block_q, cdt)
+    dq, dk, dv = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
+    ws = _Workspace(q.device, cdt)
     for group in plan.groups:
-        for rows in _chunks(plan, group, b, hq):
-            t = _Tiles(plan, group, rows, hq, hkv)
-            q_r, do_r = t.rows_of(q_blk), t.rows_of(do_blk)
-            k_c, v_c = t.cols_of(k_blk), t.cols_of(v_blk)
-            s = t.masked_scores(q_r, k_c, scale)
-            p = torch.exp_(s.sub_(t.rows_of(lse_blk)))  # [B, H', G, X*BQ, C]
-            t.add_cols(dv_blk, torch.matmul(p.transpose(-1, -2), do_r))
-            ds = p.mul_(torch.matmul(do_r, v_c.transpose(-1, -2)).sub_(t.rows_of(delta_blk)))
-            t.put_rows(dq_blk, torch.matmul(ds, k_c).mul_(scale))
-            t.add_cols(dk_blk, torch.matmul(ds.transpose(-1, -2), q_r).mul_(scale))
-
-    def unblock(x_blk, n, like):
-        return x_blk.reshape(x_blk.shape[0], x_blk.shape[1], -1, x_blk.shape[-1])[:, :, :n].to(like.dtype)
-
-    return unblock(dq_blk, nq, q), unblock(dk_blk, k.shape[2], k), unblock(dv_blk, v.shape[2], v)
+        for rows in _chunks(plan, group):
+            for b, h, hk in _slabs(plan, bsz, hq, hkv):
+                t = _Tiles(plan, group, rows, h, hq // hkv)
+                q_r, do_r = t.q_side(_slab(qp, b, h), ws, "q"), t.q_side(_slab(dop, b, h), ws, "do")
+                k_c, v_c = t.kv_side(_slab(kp, b, hk), ws, "k"), t.kv_side(_slab(vp, b, hk), ws, "v")
+                p = _scores(t, plan, q_r, k_c, scale, ws)
+                p.sub_(t.q_side(_slab(lse, b, h), ws, "lse")).exp_()  # [G, BQ, C]
+                t.add_kv_side(_slab(dv, b, hk), torch.bmm(p.transpose(1, 2), do_r))
+                dp = torch.bmm(do_r, v_c.transpose(1, 2), out=ws.get("dp", *p.shape))
+                ds = p.mul_(dp.sub_(t.q_side(_slab(delta, b, h), ws, "delta")))
+                dq_s = _slab(dq, b, h)
+                dq_r = t.q_side(dq_s, ws, "dq")
+                torch.baddbmm(dq_r, ds, k_c, beta=0.0, alpha=scale, out=dq_r)
+                t.put_q_side(dq_s, dq_r)
+                t.add_kv_side(_slab(dk, b, hk), torch.bmm(ds.transpose(1, 2), q_r).mul_(scale))
+    return (dq[:, :, :nq].to(q.dtype), dk[:, :, : k.shape[2]].to(k.dtype), dv[:, :, : v.shape[2]].to(v.dtype))
 
 
 class _BlockedAttention(torch.autograd.Function):
@@ -290,12 +352,12 @@ class BlockedBackend(Backend):
         grads=True,
         gqa=True,
         deterministic=True,
-        notes="pure torch; gathers only the layout's blocks; recomputing backward "
-              "(deterministic on CPU; CUDA index_add_ uses atomics)",
+        notes="pure torch; touches only the layout's blocks (strided views for bands); recomputing "
+              "backward (deterministic on CPU; CUDA index_add_ uses atomics)",
     )
 
     def block_sizes(self, call):
-        # Smaller blocks waste less on band edges; 64 keeps the CPU matmuls efficient.
+        # Smaller blocks waste less at band edges; 64 keeps the CPU matmuls efficient.
         return (64, 64) if call.device_type == "cpu" else (128, 128)
 
     def forward(self, q, k, v, layout, scale, return_lse):

@@ -9,9 +9,9 @@ How it stays fast on a CPU (where FlexAttention is a compiled C++ loop):
 * rows (query blocks) with the same number of (partial, full) kv blocks form a *group*;
   a group is processed a chunk at a time with batched matmuls, into reused workspaces
   (fresh large allocations cost page faults on every call);
-* *banded* groups - consecutive query blocks whose kv blocks are one contiguous run that
-  advances by a fixed step (sliding windows, dilated bands, full rows) - read q and k/v
-  through strided views: no gathers at all. Other groups gather their blocks;
+* within a group, runs of kv blocks that advance by a fixed step from one query block to the
+  next (sliding windows, dilated bands, global columns, sinks, full rows) are read through
+  strided views - no gather; only irregular runs (BigBird's random blocks) are gathered;
 * the score scale is folded into the matmul (baddbmm's alpha) and the element mask of a
   group is computed once per layout and cached on it (within a memory budget);
 * GQA reads each kv head for its query heads without repeating k/v;
@@ -36,13 +36,26 @@ _MAX_GROUPS = 12
 
 
 @dataclass
+class _Segment:
+    """Columns [c0, c1) of a group's slots. If `base` is set, row r reads kv blocks
+    base + r * step + [0, c1 - c0): a strided view, no gather (step 0: the same blocks for
+    every row, as global columns or sinks)."""
+
+    c0: int
+    c1: int
+    base: int | None = None
+    step: int = 0
+
+
+@dataclass
 class _Group:
     head: torch.Tensor  # [G] layout head of each row (0 for a shared layout)
     q_block: torch.Tensor  # [G]
     kv_block: torch.Tensor  # [G, T] ascending; padded slots repeat block 0 and are masked
     slot_valid: torch.Tensor  # [G, T] False for padding slots
     needs_mask: bool  # some element in the group's tiles is not allowed
-    band: tuple[int, int] | None  # (first kv block, step per row) when rows are a band
+    q_consecutive: bool  # rows are consecutive query blocks of a shared layout: q by view
+    segments: list[_Segment]
     mask: torch.Tensor | None = None  # cached [G, BQ, T * BK] bool
 
 
@@ -68,7 +81,7 @@ class _Plan:
             sel = rows[(sig_p == p_count) & (sig_f == f_count)]
             kp, vp = _slots(layout.partial, sel, p_count)
             kf, vf = _slots(layout.full, sel, f_count)
-            kv_block, order = torch.sort(torch.where(torch.cat([vp, vf], 1), torch.cat([kp, kf], 1), -1), dim=1)
+            kv_block, _ = torch.sort(torch.where(torch.cat([vp, vf], 1), torch.cat([kp, kf], 1), -1), dim=1)
             slot_valid = kv_block >= 0
             kv_block = kv_block.clamp(min=0)
             head = torch.div(sel, g.num_q_blocks, rounding_mode="floor")
@@ -76,8 +89,9 @@ class _Plan:
             padded = not bool(slot_valid.all())
             last_key = (kv_block.max() + 1) * g.block_kv
             needs_mask = p_count > 0 or padded or int(last_key) > g.kv_len
-            band = None if (padded or not self.shared) else _band(qb, kv_block)
-            group = _Group(head, qb, kv_block, slot_valid, needs_mask, band)
+            consecutive = self.shared and (qb.numel() == 1 or bool((qb[1:] - qb[:-1] == 1).all()))
+            segments = _segments(kv_block) if self.shared and not padded else [_Segment(0, width)]
+            group = _Group(head, qb, kv_block, slot_valid, needs_mask, consecutive, segments)
             size = sel.numel() * g.block_q * width * g.block_kv
             if needs_mask and cached + size <= _MASK_CACHE_BUDGET:
                 group.mask = self.mask(group, slice(None))
@@ -113,20 +127,27 @@ def _slots(csr, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Ten
     return torch.where(valid, csr.indices[pos].long(), 0), valid
 
 
-def _band(qb: torch.Tensor, kv_block: torch.Tensor) -> tuple[int, int] | None:
-    """(first kv block, step) if row r reads kv blocks first + r*step + [0, T) and the rows are
-    consecutive query blocks; else None."""
-    t = kv_block.shape[1]
-    if not torch.equal(kv_block, kv_block[:, :1] + torch.arange(t, device=kv_block.device)):
-        return None
-    if qb.numel() > 1:
-        if not bool((qb[1:] - qb[:-1] == 1).all()):
-            return None
-        steps = kv_block[1:, 0] - kv_block[:-1, 0]
-        if not bool((steps == steps[0]).all()):
-            return None
-        return int(kv_block[0, 0]), int(steps[0])
-    return int(kv_block[0, 0]), 0
+def _segments(kv_block: torch.Tensor) -> list[_Segment]:
+    """Split slot columns into runs readable as strided views (column c of row r is
+    base + r * step + offset) and, between them, runs that must be gathered."""
+    g, t = kv_block.shape
+    base = kv_block[0]  # [T]
+    step = kv_block[1] - kv_block[0] if g > 1 else torch.zeros_like(base)
+    affine = (kv_block == base + torch.arange(g, device=kv_block.device)[:, None] * step).all(0).tolist()
+    base, step = base.tolist(), step.tolist()
+    segments: list[_Segment] = []
+    for c in range(t):
+        last = segments[-1] if segments else None
+        if affine[c]:
+            if last and last.base is not None and step[c] == last.step and base[c] == last.base + (c - last.c0):
+                last.c1 = c + 1
+            else:
+                segments.append(_Segment(c, c + 1, base[c], step[c]))
+        elif last and last.base is None:
+            last.c1 = c + 1
+        else:
+            segments.append(_Segment(c, c + 1))
+    return segments
 
 
 def get_plan(layout) -> _Plan:
@@ -168,64 +189,68 @@ class _Workspace:
 class _Tiles:
     """Reads one chunk of a group's rows for one (batch, head) slab.
 
-    `x_rows` tensors are [Hs, NQB * BQ, E] and `x_cols` [Hs, NKB * BK, E] where Hs is the
-    number of heads in the slab (1 for a shared layout, all heads for a per-head layout).
+    Slabs are flattened rows: q-side [Hs * NQB * BQ, E], kv-side [Hs * NKB * BK, E], where Hs
+    is 1 for a shared layout (one slab per head) or all heads for a per-head layout.
     """
 
     def __init__(self, plan: _Plan, group: _Group, rows: slice, head: int | None, rep: int) -> None:
         g = plan.layout.grid
         self.bq, self.bk = g.block_q, g.block_kv
         self.group, self.rows = group, rows
+        self.first_row = rows.start or 0
         self.num_rows = group.q_block[rows].numel()
-        self.t = group.kv_block.shape[1]
+        self.width = group.kv_block.shape[1] * self.bk  # C
+        kb = group.kv_block[rows]
         if head is None:  # per-head layout: rows carry their own head
             h = group.head[rows]
-            nqb, nkb = g.num_q_blocks, g.num_kv_blocks
-            self.q_index = h * nqb + group.q_block[rows]
-            self.kv_index = ((torch.div(h, rep, rounding_mode="floor") * nkb)[:, None] + group.kv_block[rows]).reshape(-1)
+            self.q_index = h * g.num_q_blocks + group.q_block[rows]
+            kb = (torch.div(h, rep, rounding_mode="floor") * g.num_kv_blocks)[:, None] + kb
         else:
             self.q_index = group.q_block[rows]
-            self.kv_index = group.kv_block[rows].reshape(-1)
-        self.band = group.band
-        if self.band is not None:
-            first_row = rows.start or 0
-            self.q_start = int(group.q_block[first_row])
-            self.kv_start = self.band[0] + first_row * self.band[1]
+        self.kv_index = [kb[:, s.c0 : s.c1].reshape(-1) for s in group.segments]
+        self.q_start = int(group.q_block[self.first_row]) * self.bq
 
-    def q_side(self, x: torch.Tensor, ws: _Workspace, name: str) -> torch.Tensor:
-        """[G, BQ, E] rows of x ([Hs * NQB * BQ, E] flattened slab)."""
+    def columns(self, seg: _Segment) -> slice:
+        return slice(seg.c0 * self.bk, seg.c1 * self.bk)
+
+    def q_side(self, x: torch.Tensor, ws, name: str) -> torch.Tensor:
+        """[G, BQ, E] rows of the slab x (a view when the rows are consecutive)."""
         e = x.shape[-1]
-        if self.band is not None:
-            start = self.q_start * self.bq
-            return x[start : start + self.num_rows * self.bq].view(self.num_rows, self.bq, e)
+        if self.group.q_consecutive:
+            return x[self.q_start : self.q_start + self.num_rows * self.bq].view(self.num_rows, self.bq, e)
         out = ws.get(name, self.num_rows, self.bq, e)
         torch.index_select(x.view(-1, self.bq, e), 0, self.q_index, out=out)
         return out
 
     def put_q_side(self, x: torch.Tensor, value: torch.Tensor) -> None:
-        """Write [G, BQ, E] back into the slab (nothing to do when `value` is already its view)."""
-        if self.band is None:
+        """Write [G, BQ, E] into the slab (nothing to do when `value` is already its view)."""
+        if not self.group.q_consecutive:
             x.view(-1, self.bq, x.shape[-1]).index_copy_(0, self.q_index, value)
             return
         view = self.q_side(x, None, "")
         if view.data_ptr() != value.data_ptr():
             view.copy_(value)
 
-    def kv_side(self, x: torch.Tensor, ws: _Workspace, name: str) -> torch.Tensor:
-        """[G, T * BK, E] keys/values of the chunk's rows."""
+    def kv_side(self, x: torch.Tensor, ws, name: str) -> list[torch.Tensor]:
+        """Per segment, [G, width * BK, E] keys/values of the chunk's rows."""
         e = x.shape[-1]
-        if self.band is not None:
-            step = self.band[1] * self.bk * e
-            return x.as_strided((self.num_rows, self.t * self.bk, e), (step, e, 1),
-                                x.storage_offset() + self.kv_start * self.bk * e)
-        out = ws.get(name, self.num_rows * self.t, self.bk, e)
-        torch.index_select(x.view(-1, self.bk, e), 0, self.kv_index, out=out)
-        return out.view(self.num_rows, self.t * self.bk, e)
+        out = []
+        for i, seg in enumerate(self.group.segments):
+            n = seg.c1 - seg.c0
+            if seg.base is not None:
+                first = seg.base + self.first_row * seg.step
+                out.append(x.as_strided((self.num_rows, n * self.bk, e), (seg.step * self.bk * e, e, 1),
+                                        x.storage_offset() + first * self.bk * e))
+            else:
+                buf = ws.get(f"{name}{i}", self.num_rows * n, self.bk, e)
+                torch.index_select(x.view(-1, self.bk, e), 0, self.kv_index[i], out=buf)
+                out.append(buf.view(self.num_rows, n * self.bk, e))
+        return out
 
-    def add_kv_side(self, x: torch.Tensor, value: torch.Tensor) -> None:
-        """Accumulate [G, T * BK, E] into the slab's keys (rows overlap, so index_add)."""
+    def add_kv_side(self, x: torch.Tensor, seg_index: int, value: torch.Tensor) -> None:
+        """Accumulate one segment's [G, width * BK, E] into the slab (rows overlap: index_add)."""
         e = x.shape[-1]
-        x.view(-1, self.bk, e).index_add_(0, self.kv_index, value.reshape(-1, self.bk, e))
+        x.view(-1, self.bk, e).index_add_(0, self.kv_index[seg_index], value.reshape(-1, self.bk, e))
 
 
 def _chunks(plan: _Plan, group: _Group) -> list[slice]:
@@ -253,9 +278,28 @@ def _slab(x: torch.Tensor, b: int, h: int | None) -> torch.Tensor:
     return x[b, h] if h is not None else x[b].reshape(-1, x.shape[-1])
 
 
+def _rows_times_cols(t: _Tiles, rows: torch.Tensor, cols: list[torch.Tensor], alpha: float, ws, name: str):
+    """[G, BQ, C] = alpha * rows @ cols^T, one matmul per segment (a strided `out` slice would
+    make torch fall back to a slow path, so extra segments go through a workspace)."""
+    out = ws.get(name, t.num_rows, t.bq, t.width)
+    if len(cols) == 1:
+        return torch.baddbmm(out, rows, cols[0].transpose(1, 2), beta=0.0, alpha=alpha, out=out)
+    for seg, c in zip(t.group.segments, cols):
+        part = ws.get(name + "_part", t.num_rows, t.bq, c.shape[1])
+        torch.baddbmm(part, rows, c.transpose(1, 2), beta=0.0, alpha=alpha, out=part)
+        out[:, :, t.columns(seg)].copy_(part)
+    return out
+
+
+def _probs_times_cols(t: _Tiles, p: torch.Tensor, cols: list[torch.Tensor], out: torch.Tensor, alpha: float = 1.0):
+    """out [G, BQ, E] = alpha * sum over segments of p[:, :, segment] @ cols[segment]."""
+    for i, (seg, c) in enumerate(zip(t.group.segments, cols)):
+        torch.baddbmm(out, p[:, :, t.columns(seg)], c, beta=0.0 if i == 0 else 1.0, alpha=alpha, out=out)
+    return out
+
+
 def _scores(t: _Tiles, plan, q_rows, k_cols, scale, ws) -> torch.Tensor:
-    s = ws.get("s", t.num_rows, t.bq, k_cols.shape[1])
-    torch.baddbmm(s, q_rows, k_cols.transpose(1, 2), beta=0.0, alpha=scale, out=s)  # [G, BQ, C]
+    s = _rows_times_cols(t, q_rows, k_cols, scale, ws, "s")  # [G, BQ, C]
     mask = plan.mask(t.group, t.rows)
     if mask is not None:
         s.masked_fill_(~mask, float("-inf"))
@@ -283,8 +327,7 @@ def blocked_forward(q, k, v, plan: _Plan, scale: float):
                 m.masked_fill_(torch.isinf(m), 0.0)  # rows with nothing allowed
                 p = s.sub_(m).exp_()
                 l = p.sum(-1, keepdim=True)
-                o = t.q_side(out_s, ws, "o")
-                torch.bmm(p, t.kv_side(_slab(vp, b, hk), ws, "v"), out=o)
+                o = _probs_times_cols(t, p, t.kv_side(_slab(vp, b, hk), ws, "v"), t.q_side(out_s, ws, "o"))
                 o.div_(l.clamp(min=torch.finfo(cdt).tiny))
                 t.put_q_side(out_s, o)
                 t.put_q_side(lse_s, m.add_(l.log_()))
@@ -315,14 +358,15 @@ def blocked_backward(q, k, v, out, lse, dout, dlse, plan: _Plan, scale: float):
                 k_c, v_c = t.kv_side(_slab(kp, b, hk), ws, "k"), t.kv_side(_slab(vp, b, hk), ws, "v")
                 p = _scores(t, plan, q_r, k_c, scale, ws)
                 p.sub_(t.q_side(_slab(lse, b, h), ws, "lse")).exp_()  # [G, BQ, C]
-                t.add_kv_side(_slab(dv, b, hk), torch.bmm(p.transpose(1, 2), do_r))
-                dp = torch.bmm(do_r, v_c.transpose(1, 2), out=ws.get("dp", *p.shape))
+                dv_s, dk_s = _slab(dv, b, hk), _slab(dk, b, hk)
+                for i, seg in enumerate(group.segments):
+                    t.add_kv_side(dv_s, i, torch.bmm(p[:, :, t.columns(seg)].transpose(1, 2), do_r))
+                dp = _rows_times_cols(t, do_r, v_c, 1.0, ws, "dp")
                 ds = p.mul_(dp.sub_(t.q_side(_slab(delta, b, h), ws, "delta")))
                 dq_s = _slab(dq, b, h)
-                dq_r = t.q_side(dq_s, ws, "dq")
-                torch.baddbmm(dq_r, ds, k_c, beta=0.0, alpha=scale, out=dq_r)
-                t.put_q_side(dq_s, dq_r)
-                t.add_kv_side(_slab(dk, b, hk), torch.bmm(ds.transpose(1, 2), q_r).mul_(scale))
+                t.put_q_side(dq_s, _probs_times_cols(t, ds, k_c, t.q_side(dq_s, ws, "dq"), alpha=scale))
+                for i, seg in enumerate(group.segments):
+                    t.add_kv_side(dk_s, i, torch.bmm(ds[:, :, t.columns(seg)].transpose(1, 2), q_r).mul_(scale))
     return (dq[:, :, :nq].to(q.dtype), dk[:, :, : k.shape[2]].to(k.dtype), dv[:, :, : v.shape[2]].to(v.dtype))
 
 
@@ -352,7 +396,7 @@ class BlockedBackend(Backend):
         grads=True,
         gqa=True,
         deterministic=True,
-        notes="pure torch; touches only the layout's blocks (strided views for bands); recomputing "
+        notes="pure torch; touches only the layout's blocks (strided views for regular runs); recomputing "
               "backward (deterministic on CPU; CUDA index_add_ uses atomics)",
     )
 

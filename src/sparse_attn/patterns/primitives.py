@@ -357,12 +357,13 @@ class BlockCells(Pattern):
         return out
 
     def _validate(self, grid):
-        rows = -(-grid.q_end // self.cell_q)
+        # rows cover the positions of the whole sequence (queries may be only its last ones)
+        rows = -(-max(grid.q_end, grid.kv_len) // self.cell_q)
         cols = -(-grid.kv_len // self.cell_kv)
         if self.shape[1] != rows or self.shape[2] != cols:
             raise ValueError(
                 f"{self.name} layout has shape (H, {self.shape[1]}, {self.shape[2]}) of {self.cell_q}x{self.cell_kv} "
-                f"blocks, but queries up to position {grid.q_end - 1} and {grid.kv_len} keys need "
+                f"blocks, but {grid.kv_len} keys and queries up to position {grid.q_end - 1} need "
                 f"(H, {rows}, {cols})")
 
     def __repr__(self):

@@ -1,0 +1,91 @@
+"""Layout construction cost: analytic block enumeration, O(non-empty blocks), never N x N.
+
+    python benchmarks/layout_build.py            # 1,048,576 tokens, W=4096, blocks of 128
+
+For each pattern: build time (median of fresh builds: a new pattern object each time, so the
+cache is not hit), non-empty blocks, the layout's own memory (its CSR arrays) and the peak
+RSS growth of one build in a fresh process. For comparison, an N x N boolean mask at 1M tokens
+is 1 TiB, and FlexAttention's BlockMask stores kv indices padded to NQB x NKB.
+Writes benchmarks/results/layout_build.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, peak_rss_bytes, rss_bytes, run_child, write_json  # noqa: E402
+
+from sparse_attn import patterns as P  # noqa: E402
+
+W = 4096
+PATTERNS = {
+    "sliding_window_causal": lambda n: P.sliding_window(W, causal=True),
+    "sliding_window": lambda n: P.sliding_window(W, causal=False),
+    "longformer_g64": lambda n: P.longformer(W, 64),
+    "streaming_4_sinks": lambda n: P.streaming(4, W),
+    "dilated_r2": lambda n: P.dilated(W // 2, 2),
+    "bigbird_128": lambda n: P.bigbird(128, seed=0),
+    "document_64_docs": lambda n: P.document(torch.arange(n) // (n // 64)),
+}
+
+
+def layout_bytes(layout) -> int:
+    return sum(t.numel() * t.element_size() for csr in (layout.full, layout.partial)
+               for t in (csr.offsets, csr.counts, csr.indices, csr.rows))
+
+
+def build(name: str, n: int, block: int):
+    return PATTERNS[name](n).layout(n, block_q=block)
+
+
+def child(name: str, n: int, block: int) -> None:
+    build(name, 4096, block)  # one-time torch set-up is not the layout's cost
+    before = rss_bytes()
+    build(name, n, block)
+    print(json.dumps({"peak_rss_growth": max(0, peak_rss_bytes() - before)}))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--length", type=int, default=1 << 20)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    ap.add_argument("--json", type=Path, default=RESULTS / "layout_build.json")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child[0], int(args.child[1]), int(args.child[2]))
+        return 0
+    rows = []
+    print("| pattern | N | block | build ms (median) | nnz blocks | layout MiB | peak RSS growth MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.patterns:
+        build(name, 4096, args.block)  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            layout = build(name, args.length, args.block)
+            times.append(time.perf_counter() - t)
+        mem = run_child(Path(__file__), ["--child", name, str(args.length), str(args.block)])
+        row = {"pattern": name, "N": args.length, "block": args.block, "build_s": statistics.median(times),
+               "build_s_all": times, "nnz_blocks": layout.nnz_blocks(), "layout_bytes": layout_bytes(layout),
+               "peak_rss_growth_bytes": mem.get("peak_rss_growth"), "dense_mask_bytes": args.length ** 2}
+        rows.append(row)
+        growth = row["peak_rss_growth_bytes"]
+        print(f"| {name} | {args.length} | {args.block} | {row['build_s'] * 1e3:.0f} | {row['nnz_blocks']} | "
+              f"{row['layout_bytes'] / 2**20:.1f} | {'-' if growth is None else f'{growth / 2**20:.0f}'} |", flush=True)
+    write_json(args.json, {"benchmark": "layout_build", "env": environment("cpu"), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,8 +24,20 @@ def explain(q, k, v, pattern, *, backend: str = "auto", q_offset: int | None = N
     from .inputs import check_inputs
     from .registry import explain_call
 
+    from ..patterns import Band, BlockLayout
+
     pattern, q_offset, _ = check_inputs(q, k, v, pattern, None, q_offset, backend)
-    return explain_call(AttentionCall.of(q, k, v, pattern, q_offset, return_lse), backend)
+    split = pattern.residue_split() if isinstance(pattern, Band) and backend != "reference" else None
+    notes = []
+    if split is not None:  # sparse_attention runs each residue class as a plain band
+        r, pattern = split
+        notes.append(f"dilation {r}: runs as {r} residue classes of {pattern!r} (about Nq/{r} queries each)")
+        q, k, v = q[:, :, ::r], k[:, :, ::r], v[:, :, ::r]
+        q_offset = q_offset // r
+    call_pattern = pattern.pattern if isinstance(pattern, BlockLayout) else pattern
+    ex = explain_call(AttentionCall.of(q, k, v, call_pattern, q_offset, return_lse or split is not None), backend)
+    ex.notes.extend(notes)
+    return ex
 
 
 __all__ = ["AttentionCall", "Backend", "BackendError", "Capabilities", "Explanation", "explain", "get_backend",

@@ -155,13 +155,15 @@ class Explanation:
     requested: str
     chosen: str | None
     rejected: dict = field(default_factory=dict)  # name -> list of reasons
+    notes: list = field(default_factory=list)  # rewrites applied before dispatch
 
     def __str__(self) -> str:
         c = self.call
         head = (f"call: {c.device_type} {str(c.dtype).replace('torch.', '')} B={c.batch} Hq={c.q_heads} "
                 f"Hkv={c.kv_heads} Nq={c.q_len} Nkv={c.kv_len} D={c.head_dim} Dv={c.v_head_dim} "
                 f"q_offset={c.q_offset} grad={c.requires_grad} pattern={c.pattern!r}")
-        lines = [head, f"requested: {self.requested}", f"chosen: {self.chosen or 'none'}"]
+        lines = [head, *(f"note: {n}" for n in self.notes), f"requested: {self.requested}",
+                 f"chosen: {self.chosen or 'none'}"]
         for name, why in self.rejected.items():
             lines.append(f"  {name}: rejected - " + "; ".join(why))
         return "\n".join(lines)

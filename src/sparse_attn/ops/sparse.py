@@ -6,7 +6,7 @@ import torch
 
 from ..backends import AttentionCall, select
 from ..backends.inputs import check_inputs
-from ..patterns import BlockLayout, Pattern
+from ..patterns import Band, BlockLayout, Pattern
 
 
 def sparse_attention(
@@ -38,8 +38,14 @@ def sparse_attention(
 
     Returns:
         out (B, Hq, Nq, Dv), or (out, lse) if return_lse. Rows with nothing allowed are 0.
+
+    A token-level dilated pattern (dilation r) is run as r plain bands, one per residue class
+    of positions mod r, so only allowed pairs are computed (except on the reference backend,
+    which always evaluates the original predicate).
     """
     pattern, q_offset, scale = check_inputs(q, k, v, pattern, scale, q_offset, backend)
+    if isinstance(pattern, Band) and backend != "reference" and pattern.residue_split() is not None:
+        return _residue_classes(q, k, v, pattern, scale, backend, return_lse, q_offset)
     layout = pattern if isinstance(pattern, BlockLayout) else None
     call = AttentionCall.of(q, k, v, layout.pattern if layout else pattern, q_offset, return_lse)
     chosen = select(call, backend)
@@ -50,4 +56,25 @@ def sparse_attention(
     elif layout.device != q.device:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}; build it with device={q.device}")
     out, lse = chosen.forward(q, k, v, layout, scale, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _residue_classes(q, k, v, pattern: Band, scale, backend, return_lse, q_offset):
+    """Dilated band: for each residue c mod r, the queries at positions c + r*a see the keys at
+    c + r*b through a plain band in (a, b). Outputs are scattered back to their rows."""
+    r, inner = pattern.residue_split()
+    bsz, hq, nq, _ = q.shape
+    kv_len = k.shape[2]
+    out = q.new_zeros(bsz, hq, nq, v.shape[3])
+    lse = torch.full((bsz, hq, nq), float("-inf"), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                     device=q.device)
+    for c in range(r):
+        row0 = (c - q_offset) % r  # first query row whose position is = c (mod r)
+        if row0 >= nq or c >= kv_len:
+            continue  # no queries in this class, or no keys: rows stay 0 / -inf
+        inner_offset = (q_offset + row0 - c) // r
+        o, l = sparse_attention(q[:, :, row0::r], k[:, :, c::r], v[:, :, c::r], inner, scale=scale, backend=backend,
+                                return_lse=True, q_offset=inner_offset)
+        out[:, :, row0::r] = o
+        lse[:, :, row0::r] = l.to(lse.dtype)
     return (out, lse) if return_lse else out

@@ -53,6 +53,17 @@ class Band(Pattern):
             ok = ok & (torch.remainder(d, self.dilation) == 0)
         return ok
 
+    def residue_split(self) -> tuple[int, "Band"] | None:
+        """(r, inner) when dilation r > 1: queries and keys of one residue class mod r form a
+        plain band `inner` over their own indices (i = c + r*a, j = c + r*b). Running r such
+        bands does only the allowed work, where blocks of the dilated band are half empty."""
+        r = self.dilation
+        if r == 1:
+            return None
+        lo = -UNBOUNDED if self.lo == -UNBOUNDED else -((-self.lo) // r)  # ceil(lo / r)
+        hi = UNBOUNDED if self.hi == UNBOUNDED else self.hi // r  # floor(hi / r)
+        return r, Band(None if lo == -UNBOUNDED else lo, None if hi == UNBOUNDED else hi)
+
     def _kv_range(self, grid, qb):
         p0, p1 = grid.q_block_bounds(qb)
         return grid.kv_blocks_of_positions(p0 - self.hi, p1 - self.lo)

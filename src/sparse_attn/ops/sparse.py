@@ -6,7 +6,7 @@ import torch
 
 from ..backends import AttentionCall, select
 from ..backends.inputs import check_inputs
-from ..patterns import Band, BlockLayout, Pattern
+from ..patterns import Band, BlockLayout, DisjointUnion, Pattern
 
 
 def sparse_attention(
@@ -39,13 +39,20 @@ def sparse_attention(
     Returns:
         out (B, Hq, Nq, Dv), or (out, lse) if return_lse. Rows with nothing allowed are 0.
 
-    A token-level dilated pattern (dilation r) is run as r plain bands, one per residue class
-    of positions mod r, so only allowed pairs are computed (except on the reference backend,
-    which always evaluates the original predicate).
+    Two rewrites keep the work to the allowed pairs (not on the reference backend, which always
+    evaluates the original predicate): a token-level dilated pattern (dilation r) runs as r
+    plain bands, one per residue class of positions mod r; a `DisjointUnion` (e.g. `strided`)
+    runs each part on its own and merges the results by log-sum-exp.
     """
     pattern, q_offset, scale = check_inputs(q, k, v, pattern, scale, q_offset, backend)
-    if isinstance(pattern, Band) and backend != "reference" and pattern.residue_split() is not None:
-        return _residue_classes(q, k, v, pattern, scale, backend, return_lse, q_offset)
+    if backend != "reference":  # the reference always evaluates the original predicate
+        if isinstance(pattern, Band) and pattern.residue_split() is not None:
+            return _residue_classes(q, k, v, pattern, scale, backend, return_lse, q_offset)
+        if isinstance(pattern, DisjointUnion):
+            parts = [sparse_attention(q, k, v, p, scale=scale, backend=backend, return_lse=True, q_offset=q_offset)
+                     for p in pattern.parts]
+            out, lse = merge_partial_attention(parts)
+            return (out, lse) if return_lse else out
     layout = pattern if isinstance(pattern, BlockLayout) else None
     call = AttentionCall.of(q, k, v, layout.pattern if layout else pattern, q_offset, return_lse)
     chosen = select(call, backend)
@@ -65,6 +72,17 @@ def _residue_classes(q, k, v, pattern: Band, scale, backend, return_lse, q_offse
     r, inner = pattern.residue_split()
     bsz, hq, nq, _ = q.shape
     kv_len = k.shape[2]
+    if nq % r == 0 and kv_len % r == 0 and q_offset % r == 0:
+        # every class has the same lengths and offset: fold the classes into the batch
+        def fold(x):  # [B, H, N, E] -> [r * B, H, N / r, E], class c = positions c mod r
+            b, h, n, e = x.shape
+            return x.reshape(b, h, n // r, r, e).permute(3, 0, 1, 2, 4).reshape(r * b, h, n // r, e)
+
+        o, l = sparse_attention(fold(q), fold(k), fold(v), inner, scale=scale, backend=backend, return_lse=True,
+                                q_offset=q_offset // r)
+        out = o.reshape(r, bsz, hq, nq // r, -1).permute(1, 2, 3, 0, 4).reshape(bsz, hq, nq, -1)
+        lse = l.reshape(r, bsz, hq, nq // r).permute(1, 2, 3, 0).reshape(bsz, hq, nq)
+        return (out, lse) if return_lse else out
     out = q.new_zeros(bsz, hq, nq, v.shape[3])
     lse = torch.full((bsz, hq, nq), float("-inf"), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                      device=q.device)
@@ -78,3 +96,20 @@ def _residue_classes(q, k, v, pattern: Band, scale, backend, return_lse, q_offse
         out[:, :, row0::r] = o
         lse[:, :, row0::r] = l.to(lse.dtype)
     return (out, lse) if return_lse else out
+
+
+def merge_partial_attention(parts):
+    """Attention over a disjoint union of key sets, from each set's (out, lse).
+
+    out = sum_i exp(lse_i - lse) * out_i with lse = log(sum_i exp(lse_i)); rows that see no
+    key in any part stay 0 with lse -inf. Differentiable (also through lse)."""
+    lses = torch.stack([lse for _, lse in parts])  # [P, B, H, N]
+    m = lses.amax(0)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    weights = torch.exp(lses - m)  # 0 for parts a row does not see
+    total = weights.sum(0)
+    seen = total > 0
+    safe_total = torch.where(seen, total, torch.ones_like(total))
+    out = sum(w[..., None].to(o.dtype) * o for w, (o, _) in zip(weights / safe_total, parts))
+    lse = torch.where(seen, m + torch.log(safe_total), torch.full_like(m, float("-inf")))
+    return out, lse

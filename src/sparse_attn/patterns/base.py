@@ -281,6 +281,14 @@ class Union(_Combination):
         return coords
 
 
+class DisjointUnion(Union):
+    """A union whose parts never allow the same pair. Attention over it equals the
+    log-sum-exp merge of attention over each part, so `sparse_attention` may run the parts
+    separately (each in its cheapest form, e.g. a dilated band by residue classes) and merge."""
+
+    symbol = "+"
+
+
 class Intersection(_Combination):
     """`a & b`: allowed where every part allows. Enumerates the part with the fewest candidate
     blocks and classifies the others on those blocks only (so `window & causal` costs the

@@ -60,9 +60,12 @@ class Band(Pattern):
         r = self.dilation
         if r == 1:
             return None
+        if getattr(self, "_split", None) is not None:  # one inner pattern: its layouts stay cached
+            return self._split
         lo = -UNBOUNDED if self.lo == -UNBOUNDED else -((-self.lo) // r)  # ceil(lo / r)
         hi = UNBOUNDED if self.hi == UNBOUNDED else self.hi // r  # floor(hi / r)
-        return r, Band(None if lo == -UNBOUNDED else lo, None if hi == UNBOUNDED else hi)
+        self._split = (r, Band(None if lo == -UNBOUNDED else lo, None if hi == UNBOUNDED else hi))
+        return self._split
 
     def _kv_range(self, grid, qb):
         p0, p1 = grid.q_block_bounds(qb)

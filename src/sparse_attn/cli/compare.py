@@ -1,0 +1,265 @@
+"""`sparse-attn compare`: every pattern against dense SDPA on the same random q/k/v.
+
+For each row: density (exact fraction of allowed (query, key) pairs), the backend the
+dispatcher picks, time (median of repeats after a warm-up), peak memory of one call, and the
+error against the float64 `reference` backend on the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import __version__, explain, sparse_attention
+from .. import patterns as P
+from . import measure
+from .specs import Spec
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class CompareConfig:
+    length: int
+    specs: list[Spec]
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int | None = None
+    dim: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    backend: str = "auto"
+    repeats: int = 3
+    seed: int = 0
+    max_dense_length: int = 8192
+    error_rows: int = 1024
+    progress: bool = True
+
+
+@dataclass
+class Row:
+    name: str  # what the user asked for ("sliding_window", "sliding_window:window=512", "sdpa")
+    spec: str  # the canonical spec that rebuilds the pattern
+    pattern: str  # repr of the pattern
+    kind: str  # "dense" (torch SDPA called directly) or "sparse" (sparse_attention)
+    density: float
+    backend: str
+    time_ms: float
+    times_ms: list = field(default_factory=list)
+    warmup_ms: float = float("nan")
+    peak_memory_bytes: int | None = None
+    max_abs_err: float | None = None
+    mean_abs_err: float | None = None
+    error_rows: int = 0
+
+
+@dataclass
+class _Job:
+    name: str
+    spec: str
+    pattern: P.Pattern
+    kind: str
+    run: Callable  # () -> output tensor
+    backend: Callable  # () -> backend name
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(cfg: CompareConfig, device: torch.device) -> dict:
+    kv_heads = cfg.kv_heads or cfg.heads
+    return {
+        "sparse_attn": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "dtype": cfg.dtype,
+        "q_shape": [cfg.batch, cfg.heads, cfg.length, cfg.dim],
+        "kv_shape": [cfg.batch, kv_heads, cfg.length, cfg.dim],
+        "backend_requested": cfg.backend,
+        "seed": cfg.seed,
+        "time": f"median of {cfg.repeats} calls after one warm-up call (time.perf_counter"
+                + (", torch.cuda.synchronize" if device.type == "cuda" else "") + ")",
+        "peak_memory": measure.PEAK_MEMORY_METHOD.get(device.type, "not measured on this device"),
+        "error": "|out - reference| with the reference backend in float64 on the same (rounded) inputs",
+    }
+
+
+def _check_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available in this torch "
+                         f"({torch.__version__})")
+    return device
+
+
+def make_inputs(cfg: CompareConfig, device: torch.device):
+    gen = torch.Generator().manual_seed(cfg.seed)
+    kv_heads = cfg.kv_heads or cfg.heads
+    shapes = [(cfg.batch, cfg.heads, cfg.length, cfg.dim)] + [(cfg.batch, kv_heads, cfg.length, cfg.dim)] * 2
+    return [torch.randn(s, generator=gen).to(device=device, dtype=DTYPES[cfg.dtype]) for s in shapes]
+
+
+def _jobs(cfg: CompareConfig, q, k, v) -> list[_Job]:
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+
+    def dense(causal: bool):
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+
+    jobs = [
+        _Job("sdpa", "full", P.full(), "dense", dense(False), lambda: "torch sdpa"),
+        _Job("sdpa causal", "causal", P.causal(), "dense", dense(True), lambda: "torch sdpa"),
+    ]
+    for spec in cfg.specs:
+        def run(pattern=spec.pattern):
+            return sparse_attention(q, k, v, pattern, backend=cfg.backend)
+
+        def chosen(pattern=spec.pattern):
+            return explain(q, k, v, pattern, backend=cfg.backend).chosen or "none"
+
+        jobs.append(_Job(spec.text, spec.canonical(), spec.pattern, "sparse", run, chosen))
+    return jobs
+
+
+def _progress(jobs, enabled: bool):
+    if enabled:
+        import sys
+
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:  # progress bars are optional (the `progress` extra)
+                return jobs
+            return tqdm(jobs, desc="compare", unit="pattern", leave=False, file=sys.stderr)
+    return jobs
+
+
+def run_compare(cfg: CompareConfig) -> tuple[list[Row], dict]:
+    """Measure every row. Raises the library's errors (BackendError, ValueError, ...) with the
+    row's name prefixed."""
+    device = _check_device(cfg.device)
+    q, k, v = make_inputs(cfg, device)
+    env = environment(cfg, device)
+    check = cfg.length <= cfg.max_dense_length
+    segments = measure.error_segments(cfg.length, cfg.error_rows) if check else []
+    q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v)) if check else (None, None, None)
+    references: dict = {}  # (spec, start, stop) -> float64 output rows (sdpa causal reuses causal's)
+
+    rows: list[Row] = []
+    bar = _progress(_jobs(cfg, q, k, v), cfg.progress)
+    for job in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(job.name)
+        try:
+            density = job.pattern.layout(cfg.length, block_q=64).density()
+            backend = job.backend()
+            out, warmup, times = measure.time_call(job.run, device, cfg.repeats)
+            peak = measure.peak_memory(job.run, device)
+            row = Row(job.name, job.spec, repr(job.pattern), job.kind, density, backend,
+                      measure.median(times) * 1e3, [t * 1e3 for t in times], warmup * 1e3, peak)
+            if check:
+                def reference(start, stop, job=job):
+                    key = (job.spec, start, stop)
+                    if key not in references:
+                        references[key] = sparse_attention(q64[:, :, start:stop], k64, v64, job.pattern,
+                                                           backend="reference", q_offset=start)
+                    return references[key]
+
+                row.max_abs_err, row.mean_abs_err, row.error_rows = measure.reference_error(
+                    out, q64, k64, v64, reference, segments)
+            del out
+        except Exception as exc:
+            if _rewrappable(exc):  # say which row failed
+                raise type(exc)(f"{job.name}: {exc}") from exc
+            raise
+        rows.append(row)
+    env["error_rows"] = rows[0].error_rows if rows and check else 0
+    return rows, env
+
+
+def _rewrappable(exc: Exception) -> bool:
+    """Only prefix the message of plain exception types whose constructor takes one message."""
+    from ..backends import BackendError
+
+    return type(exc) in (ValueError, TypeError, BackendError, RuntimeError)
+
+
+# ---------------------------------------------------------------------------- output
+def _fmt_err(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "nan" if math.isnan(x) else f"{x:.1e}"
+
+
+def _fmt_ratio(base: float, t: float) -> str:
+    if not (t > 0 and base > 0):
+        return "-"
+    r = base / t
+    return f"{r:.0f}x" if r >= 100 else f"{r:.1f}x" if r >= 10 else f"{r:.2f}x"
+
+
+def format_table(rows: list[Row], env: dict, cfg: CompareConfig) -> str:
+    q_shape, kv_shape = env["q_shape"], env["kv_shape"]
+    lines = [
+        f"N={cfg.length} B={q_shape[0]} Hq={q_shape[1]} Hkv={kv_shape[1]} D={q_shape[3]} {cfg.dtype} "
+        f"{env['device']} ({env['device_name']}, threads={env['threads']}), torch {env['torch']}, "
+        f"backend={cfg.backend}",
+        "",
+    ]
+    base = next((r.time_ms for r in rows if r.kind == "dense" and r.spec == "full"), float("nan"))
+    header = ["pattern", "density", "backend", "time ms", "vs sdpa", "peak MiB", "max err", "mean err"]
+    table = []
+    for r in rows:
+        peak = "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.1f}"
+        table.append([r.name, f"{r.density:.4f}", r.backend, f"{r.time_ms:.1f}", _fmt_ratio(base, r.time_ms), peak,
+                      _fmt_err(r.max_abs_err), _fmt_err(r.mean_abs_err)])
+    widths = [max(len(row[i]) for row in [header] + table) for i in range(len(header))]
+    left = {0, 2}
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines.append(fmt(header))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(fmt(row) for row in table)
+    lines.append("")
+    name_w = max(len(r.name) for r in rows)
+    lines.append("patterns:")
+    for r in rows:
+        what = "torch.nn.functional.scaled_dot_product_attention" + (", is_causal=True" if r.spec == "causal" else "") \
+            if r.kind == "dense" else r.spec
+        lines.append(f"  {r.name:<{name_w}}  {what}")
+    lines.append("")
+    lines.append(f"time: median of {cfg.repeats} calls after one warm-up; vs sdpa: dense SDPA time / time")
+    lines.append(f"peak: {env['peak_memory']}")
+    if env.get("error_rows"):
+        which = "all" if env["error_rows"] >= cfg.length else f"{env['error_rows']} (evenly spaced) of"
+        lines.append(f"err: |out - reference| vs the float64 reference backend, on {which} {cfg.length} query rows")
+    else:
+        lines.append(f"err: not checked (length {cfg.length} > --max-dense-length {cfg.max_dense_length})")
+    return "\n".join(lines)
+
+
+def write_json(path: str, rows: list[Row], env: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, f, indent=2)
+        f.write("\n")

@@ -1,0 +1,317 @@
+"""The `sparse-attn` command: parse, call the library, print or plot.
+
+    sparse-attn compare --length 8192            # every preset vs dense SDPA: time, memory, error
+    sparse-attn show sliding_window:window=8 --length 32
+    sparse-attn backends                         # what each backend supports, what auto picks
+
+Exit codes: 0 success, 1 failure at run time (the message says why), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from .. import __version__
+from ..backends import BackendError
+from . import specs
+from .plots import MissingExtra
+
+PROG = "sparse-attn"
+
+# What a run can fail with and still deserve a one-line message rather than a traceback.
+RUNTIME_ERRORS = (BackendError, ValueError, TypeError, MissingExtra, OSError, torch.OutOfMemoryError)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps our line breaks in descriptions and epilogs."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int (>= 1), got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int (>= 0), got {value}")
+    return value
+
+
+def _backend_names() -> list[str]:
+    from ..backends import list_backends
+
+    return ["auto"] + [b.name for b in list_backends()]
+
+
+SPEC_HELP = (
+    "A pattern is NAME or NAME:KEY=VALUE,... (e.g. sliding_window:window=512,causal=false).\n"
+    f"Defaults below are for --length >= {specs.REFERENCE_LENGTH}; shorter sequences get sizes scaled down\n"
+    "in proportion (see sparse_attn.patterns for what each argument means).\n\n"
+    "patterns (NAME  default KEY=VALUEs):\n" + specs.describe()
+)
+
+COMPARE_DESCRIPTION = """\
+Run every pattern with sparse_attention() and dense attention (torch SDPA, full and causal)
+on the same random q/k/v, and print one row each:
+
+  density   exact fraction of allowed (query, key) pairs (layout.density())
+  backend   what the dispatcher picks (sparse_attn.explain(...).chosen)
+  time      median of --repeats calls after one warm-up (time.perf_counter; CUDA synchronised)
+  peak      most memory torch held at once during one extra call, above what it held before
+            the call (output included). CUDA: torch.cuda.max_memory_allocated(). CPU: torch
+            keeps no CPU allocator statistics and tracemalloc cannot see torch's allocations,
+            so it is the running maximum over torch.profiler's allocation/free events
+            (profile_memory=True); scratch that BLAS/OpenMP allocate outside torch is not seen.
+  max/mean err
+            |out - reference| where the reference is the dense masked `reference` backend in
+            float64 on the same inputs; on --error-rows query rows (evenly spaced 64-row
+            segments, first and last included; 0 = all), skipped ("-") above --max-dense-length.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Sparse attention from the command line: compare patterns, draw them, list backends.",
+        formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__} (torch {torch.__version__})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # compare ----------------------------------------------------------------------------
+    p = sub.add_parser("compare", help="time, memory and error of patterns vs dense SDPA",
+                       description=COMPARE_DESCRIPTION, epilog=SPEC_HELP, formatter_class=_Formatter)
+    p.add_argument("--length", type=_positive_int, required=True, metavar="N", help="sequence length")
+    p.add_argument("--patterns", nargs="+", default=list(specs.DEFAULT_PATTERNS), metavar="SPEC",
+                   help="patterns to run, NAME or NAME:KEY=VALUE,... (default: %(default)s)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default: %(default)s)")
+    p.add_argument("--heads", type=_positive_int, default=8, help="query heads (default: %(default)s)")
+    p.add_argument("--kv-heads", type=_positive_int, default=None, help="key/value heads (GQA); default: --heads")
+    p.add_argument("--dim", type=_positive_int, default=64, help="head dim (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"],
+                   help="dtype of q/k/v (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
+    p.add_argument("--backend", default="auto",
+                   help=f"backend for the patterns: one of {', '.join(_backend_names())} (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive_int, default=3,
+                   help="timed calls per row, after one warm-up (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random q/k/v (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (torch.set_num_threads; default: torch's choice, "
+                        f"{torch.get_num_threads()} here). On a busy machine fewer threads give steadier timings")
+    p.add_argument("--max-dense-length", type=_non_negative_int, default=8192, metavar="N",
+                   help="check errors against the dense reference only up to this length (default: %(default)s)")
+    p.add_argument("--error-rows", type=_non_negative_int, default=1024, metavar="R",
+                   help="query rows checked against the float64 reference (0: all rows; the check is dense, "
+                        "O(R x N) per pattern; default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="write rows and environment as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write a bar chart (time and peak memory); needs matplotlib")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a tty)")
+    p.set_defaults(handler=cmd_compare, parser=p)
+
+    # show -------------------------------------------------------------------------------
+    p = sub.add_parser("show", help="draw a pattern's mask (ASCII, or PNG with --png)",
+                       description="Draw a pattern: the element mask in ASCII ('#' allowed, '.' not), the block map\n"
+                                   "with --block (str(pattern.layout(...))), or an image with --png.",
+                       epilog=SPEC_HELP, formatter_class=_Formatter)
+    p.add_argument("pattern", metavar="PATTERN", help="NAME or NAME:KEY=VALUE,...")
+    p.add_argument("--length", type=_positive_int, default=64, metavar="N",
+                   help="query positions (default: %(default)s)")
+    p.add_argument("--kv-length", type=_positive_int, default=None, metavar="N",
+                   help="key positions (default: --length); queries are the last --length of them")
+    p.add_argument("--block", type=_non_negative_int, default=0, metavar="B",
+                   help="print the block map with B x B blocks instead of the element mask (0: element mask)")
+    p.add_argument("--png", metavar="FILE", help="write an image of the element mask (needs matplotlib)")
+    p.add_argument("--head", type=_non_negative_int, default=0,
+                   help="head to draw, for per-head patterns (default: %(default)s)")
+    p.set_defaults(handler=cmd_show, parser=p)
+
+    # backends ---------------------------------------------------------------------------
+    p = sub.add_parser("backends", help="list backends, what they support, and what auto picks",
+                       description="List every backend: capabilities, whether it can run here, and which one\n"
+                                   "backend='auto' picks for a typical call (sparse_attn.explain()).",
+                       formatter_class=_Formatter)
+    p.set_defaults(handler=cmd_backends, parser=p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 run-time failure, 2 bad arguments)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.handler(args) or 0)
+    except SystemExit as exc:  # argparse: --help/--version (0) and bad arguments (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BrokenPipeError:  # `sparse-attn ... | head`: the reader left; say nothing more
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+    except RUNTIME_ERRORS as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------------- helpers
+def _parse_spec(parser: argparse.ArgumentParser, text: str, length: int) -> specs.Spec:
+    try:
+        return specs.parse_spec(text, length)
+    except specs.SpecError as exc:
+        parser.error(str(exc))
+
+
+def _check_output(parser: argparse.ArgumentParser, flag: str, path: str | None) -> None:
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        parser.error(f"{flag} {path}: folder {folder} does not exist")
+
+
+def _require_matplotlib() -> None:
+    """Fail before a long run, not after it."""
+    from .plots import _figure
+
+    _figure()
+
+
+# ------------------------------------------------------------------------------- commands
+def cmd_compare(args) -> int:
+    from .compare import CompareConfig, format_table, run_compare, write_json
+
+    parser = args.parser
+    if args.backend not in _backend_names():
+        parser.error(f"--backend must be one of {', '.join(_backend_names())}, got {args.backend!r}")
+    if args.kv_heads is not None and args.heads % args.kv_heads:
+        parser.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    try:
+        torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
+    _check_output(parser, "--json", args.json)
+    _check_output(parser, "--plot", args.plot)
+    pattern_specs = [_parse_spec(parser, text, args.length) for text in args.patterns]
+    for spec in pattern_specs:
+        if spec.pattern.num_heads not in (None, args.heads):
+            parser.error(f"{spec.text}: the pattern has {spec.pattern.num_heads} heads but --heads is {args.heads}")
+    if args.plot:
+        _require_matplotlib()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = CompareConfig(length=args.length, specs=pattern_specs, batch=args.batch, heads=args.heads,
+                        kv_heads=args.kv_heads, dim=args.dim, dtype=args.dtype, device=args.device,
+                        backend=args.backend, repeats=args.repeats, seed=args.seed,
+                        max_dense_length=args.max_dense_length, error_rows=args.error_rows,
+                        progress=not args.no_progress)
+    rows, env = run_compare(cfg)
+    print(format_table(rows, env, cfg))
+    if args.json:
+        write_json(args.json, rows, env)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .plots import plot_compare
+
+        plot_compare(rows, env, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+# O(N^2) pictures: keep them to sizes a terminal / an image can show.
+_MAX_ASCII = 512
+_MAX_PNG = 8192
+
+
+def cmd_show(args) -> int:
+    parser = args.parser
+    n = args.length
+    kv = args.kv_length if args.kv_length is not None else n
+    if kv < n:
+        parser.error(f"--kv-length ({kv}) must be >= --length ({n}): queries are the last --length key positions")
+    spec = _parse_spec(parser, args.pattern, kv)
+    pattern = spec.pattern
+    heads = pattern.num_heads
+    if heads is None and args.head:
+        parser.error(f"--head {args.head}: {spec.canonical()} is the same for every head; only head 0 exists")
+    if heads is not None and args.head >= heads:
+        parser.error(f"--head {args.head}: {spec.canonical()} has {heads} heads (0..{heads - 1})")
+    if args.png and max(n, kv) > _MAX_PNG:
+        parser.error(f"--png draws the N x N element mask: at most {_MAX_PNG} positions, got {max(n, kv)}")
+    if not args.png and not args.block and max(n, kv) > _MAX_ASCII:
+        parser.error(f"the element-level ASCII mask is limited to {_MAX_ASCII} positions (got {max(n, kv)}): "
+                     "use --block B for the block map, or --png FILE")
+    _check_output(parser, "--png", args.png)
+
+    layout = pattern.layout(n, kv, block_q=args.block or 64)
+    density = float(layout.allowed_pairs()[min(args.head, layout.num_heads - 1)]) / (n * kv)
+    head_note = f" head={args.head}" if heads is not None else ""
+    print(f"{spec.canonical()} = {pattern!r}")
+    print(f"q_len={n} kv_len={kv} q_offset={kv - n}{head_note} density={density:.4f}")
+    if args.block:
+        print(str(layout))
+    elif not args.png:
+        print(pattern.show(n, kv, head=args.head))
+    if args.png:
+        from .plots import plot_mask
+
+        mask = pattern.to_dense(n, kv, num_heads=heads)[args.head]
+        plot_mask(mask, repr(pattern), args.png, q_offset=kv - n)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def cmd_backends(args) -> int:
+    from .. import explain
+    from .. import patterns as P
+    from ..backends import list_backends
+
+    backends = list_backends()
+    width = max(len(b.name) for b in backends)
+    for b in backends:
+        c = b.caps
+        reason = b.unavailable_reason()
+        dtypes = ",".join(sorted(str(d).replace("torch.", "") for d in c.dtypes))
+        print(f"{b.name:<{width}}  {'usable here' if reason is None else 'NOT usable here: ' + reason}")
+        pad = " " * (width + 2)
+        print(f"{pad}devices={','.join(sorted(c.devices))}  dtypes={dtypes}  "
+              f"head_dim={c.min_head_dim}..{c.max_head_dim}")
+        print(f"{pad}grads={_yes(c.grads)}  gqa={_yes(c.gqa)}  q_len!=kv_len={_yes(c.different_lengths)}  "
+              f"per_head={_yes(c.per_head_patterns)}  lse={_yes(c.returns_lse)}  "
+              f"deterministic={_yes(c.deterministic)}  auto={'no (dense)' if c.dense else 'yes'}")
+        if c.notes:
+            print(f"{pad}{c.notes}")
+    calls = [("cpu", torch.float32)]
+    if torch.cuda.is_available():
+        calls.append(("cuda", torch.float16))
+    shape = (1, 8, 4096, 64)
+    pattern = P.sliding_window(256)
+    for device, dtype in calls:
+        q = torch.empty(shape, device=device, dtype=dtype)
+        print()
+        print(f"backend='auto' for a typical call ({device} {str(dtype).replace('torch.', '')}, "
+              f"q/k/v {shape}, {pattern!r}):")
+        print("  " + str(explain(q, q, q, pattern)).replace("\n", "\n  "))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The `sparse-attn` command line: `main([...])` in-process (exit codes, stdout, stderr), plus one
+run of the installed console script."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparse_attn.cli import main
+from sparse_attn.cli import measure
+from sparse_attn.cli.specs import DEFAULT_PATTERNS, REGISTRY, SpecError, parse_spec
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------ compare
+def test_compare_table_json_and_plot(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    js, png = tmp_path / "rows.json", tmp_path / "rows.png"
+    code, out, err = run(capsys, "compare", "--length", "256", "--patterns", "sliding_window", "longformer:window=32",
+                         "--heads", "4", "--kv-heads", "2", "--repeats", "2", "--no-progress",
+                         "--json", str(js), "--plot", str(png))
+    assert code == 0, err
+    assert err == ""
+    for word in ("pattern", "density", "backend", "time ms", "peak MiB", "max err", "sliding_window",
+                 "longformer:window=32", "sdpa causal", "blocked", f"wrote {js}", f"wrote {png}"):
+        assert word in out
+
+    data = json.loads(js.read_text())
+    env = data["environment"]
+    assert env["torch"] == torch.__version__
+    assert env["device"] == "cpu" and env["dtype"] == "float32"
+    assert env["q_shape"] == [1, 4, 256, 64] and env["kv_shape"] == [1, 2, 256, 64]
+    assert env["error_rows"] == 256  # every row is checked at this length
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == ["sdpa", "sdpa causal", "sliding_window", "longformer:window=32"]
+    assert rows["sdpa"]["density"] == 1.0 and rows["sdpa"]["kind"] == "dense"
+    assert rows["sdpa causal"]["density"] == pytest.approx(257 / 512)
+    sw = rows["sliding_window"]
+    assert sw["spec"] == "sliding_window:window=16,causal=true"  # default scaled down for N=256
+    assert sw["pattern"] == "sliding_window(16, causal=True)"
+    # causal window of 16 over 256 positions: row i sees min(i + 1, 16) keys
+    assert sw["density"] == pytest.approx(sum(min(i + 1, 16) for i in range(256)) / 256**2)
+    lf = rows["longformer:window=32"]
+    assert lf["spec"] == "longformer:window=32,global_tokens=1,causal=false"
+    for r in rows.values():
+        assert r["backend"] in ("blocked", "torch sdpa")
+        assert len(r["times_ms"]) == 2 and r["time_ms"] > 0
+        assert r["peak_memory_bytes"] >= 256 * 4 * 64 * 4  # at least the fp32 output
+        assert r["max_abs_err"] < 1e-5 and 0 <= r["mean_abs_err"] <= r["max_abs_err"]
+        assert r["error_rows"] == 256
+
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_skips_errors_above_max_dense_length(capsys):
+    code, out, err = run(capsys, "compare", "--length", "200", "--patterns", "causal", "--heads", "2",
+                         "--repeats", "1", "--no-progress", "--max-dense-length", "100")
+    assert code == 0, err
+    causal_row = next(line for line in out.splitlines() if line.startswith("causal "))
+    assert causal_row.split()[2] == "sdpa"  # the dispatcher sends plain causal to SDPA
+    assert causal_row.split()[-2:] == ["-", "-"]
+    assert "not checked" in out
+
+
+def test_compare_forced_backend_that_cannot_serve_fails_at_run_time(capsys):
+    code, out, err = run(capsys, "compare", "--length", "128", "--patterns", "sliding_window", "--backend", "sdpa",
+                         "--heads", "2", "--repeats", "1", "--no-progress")
+    assert code == 1
+    assert err.startswith("sparse-attn: error: sliding_window:")
+    assert "only full and causal patterns" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--patterns", "nope"], "unknown pattern 'nope'; valid names: full, causal, sliding_window"),
+    (["--patterns", "sliding_window:windw=3"], "sliding_window has no parameter 'windw'; valid keys: window, causal"),
+    (["--patterns", "sliding_window:window=0"], "window must be a positive int"),
+    (["--patterns", "strided:causal=maybe"], "causal must be true or false, got 'maybe'"),
+    (["--patterns", "bigbird:num_heads=4"], "the pattern has 4 heads but --heads is 8"),
+    (["--backend", "nope"], "--backend must be one of auto, "),
+    (["--kv-heads", "3"], "--heads (8) must be a multiple of --kv-heads (3)"),
+    (["--repeats", "0"], "expected a positive int"),
+    (["--json", "/no/such/folder/x.json"], "folder /no/such/folder does not exist"),
+])
+def test_compare_bad_arguments_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, "compare", "--length", "64", *argv)
+    assert code == 2
+    assert message in err
+    assert "usage: sparse-attn compare" in err
+    assert out == ""
+
+
+def test_missing_matplotlib_is_a_clear_run_time_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails
+    code, out, err = run(capsys, "show", "causal", "--length", "8", "--png", str(tmp_path / "m.png"))
+    assert code == 1
+    assert "sparse_attn[viz]" in err
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    tqdm = pytest.importorskip("tqdm")
+    from sparse_attn.cli.compare import _progress
+
+    jobs = [1, 2]
+    assert _progress(jobs, enabled=False) is jobs
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert _progress(jobs, enabled=True) is jobs
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = _progress(jobs, enabled=True)
+    assert isinstance(bar, tqdm.tqdm)
+    bar.close()
+
+
+# ---------------------------------------------------------------------------------- show
+def test_show_ascii(capsys):
+    code, out, err = run(capsys, "show", "sliding_window:window=3", "--length", "6")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "sliding_window:window=3,causal=true = sliding_window(3, causal=True)"
+    assert lines[1] == f"q_len=6 kv_len=6 q_offset=0 density={15 / 36:.4f}"
+    assert lines[2:] == ["#.....", "##....", "###...", ".###..", "..###.", "...###"]
+
+
+def test_show_fewer_queries_than_keys(capsys):
+    code, out, err = run(capsys, "show", "causal", "--length", "2", "--kv-length", "4")
+    assert code == 0, err
+    assert out.splitlines()[-2:] == ["###.", "####"]
+
+
+def test_show_block_map(capsys):
+    code, out, err = run(capsys, "show", "causal", "--length", "256", "--block", "64")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[2].startswith("BlockLayout(q_len=256, kv_len=256")
+    assert lines[3:] == ["░···", "█░··", "██░·", "███░"]
+
+
+def test_show_png(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "mask.png"
+    code, out, err = run(capsys, "show", "bigbird:num_heads=2", "--length", "48", "--head", "1", "--png", str(png))
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "head=1" in out and f"wrote {png}" in out
+    assert "#" not in out  # no ASCII when an image is asked for
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nope"], "unknown pattern 'nope'"),
+    (["causal:window=3"], "causal has no parameter 'window'; valid keys: (none"),
+    (["causal", "--length", "8", "--kv-length", "4"], "--kv-length (4) must be >= --length (8)"),
+    (["causal", "--length", "1000"], "use --block B"),
+    (["causal", "--head", "1"], "only head 0 exists"),
+    (["bigbird:num_heads=2", "--head", "2"], "has 2 heads (0..1)"),
+])
+def test_show_bad_arguments_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, "show", *argv)
+    assert code == 2
+    assert message in err
+
+
+# ------------------------------------------------------------------------------ backends
+def test_backends(capsys):
+    code, out, err = run(capsys, "backends")
+    assert code == 0, err
+    for name in ("blocked", "reference", "sdpa", "flex"):
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
+    assert "devices=" in out and "dtypes=" in out and "grads=" in out
+    assert "backend='auto' for a typical call (cpu float32" in out
+    assert "chosen: blocked" in out
+    assert "sdpa: rejected - only full and causal patterns" in out
+
+
+# ------------------------------------------------------------------------ top level
+def test_version_and_help(capsys):
+    import sparse_attn
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip().startswith(f"sparse-attn {sparse_attn.__version__}")
+    for argv in ([], ["compare"], ["bogus"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "error" in err
+    for sub in ("compare", "show", "backends"):
+        code, out, _ = run(capsys, sub, "--help")
+        assert code == 0 and f"usage: sparse-attn {sub}" in out
+    code, out, _ = run(capsys, "compare", "--help")
+    assert "sliding_window  window=256,causal=true" in out  # the pattern registry is in the help
+
+
+def test_console_script_help():
+    exe = shutil.which("sparse-attn") or os.path.join(os.path.dirname(sys.executable), "sparse-attn")
+    if not os.path.exists(exe):
+        pytest.skip("sparse-attn console script is not installed (pip install -e .)")
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "usage: sparse-attn" in res.stdout
+    for sub in ("compare", "show", "backends"):
+        assert sub in res.stdout
+
+
+# ------------------------------------------------------------------------------- specs
+def test_default_specs_at_long_lengths():
+    got = {name: parse_spec(name, 8192).canonical() for name in DEFAULT_PATTERNS}
+    assert got == {
+        "causal": "causal",
+        "sliding_window": "sliding_window:window=256,causal=true",
+        "longformer": "longformer:window=256,global_tokens=16,causal=false",
+        "bigbird": "bigbird:block=64,num_window_blocks=3,num_global_blocks=2,num_random_blocks=3,seed=0,"
+                   "num_heads=none",
+        "dilated": "dilated:window=128,dilation=2,causal=true",
+        "strided": "strided:stride=128,causal=true",
+        "streaming": "streaming:sinks=4,window=252",
+    }
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 1000])
+def test_every_registered_pattern_builds_at_short_lengths(length):
+    for name in REGISTRY:
+        spec = parse_spec(name, length)
+        assert spec.pattern.layout(length, block_q=16).density() > 0
+        again = parse_spec(spec.canonical(), 10**6)  # canonical specs pin every value
+        assert again.params == spec.params
+
+
+def test_spec_values_and_errors():
+    s = parse_spec(" sliding-window : window = 512 , causal = FALSE ", 64)
+    assert s.name == "sliding_window" and s.params == {"window": 512, "causal": False}
+    assert repr(s.pattern) == "sliding_window(512, causal=False)"
+    assert parse_spec("bigbird:num_heads=none", 64).params["num_heads"] is None
+    with pytest.raises(SpecError, match="window must be an int, got '1.5'"):
+        parse_spec("sliding_window:window=1.5", 64)
+    with pytest.raises(SpecError, match="expected key=value, got 'window'"):
+        parse_spec("sliding_window:window", 64)
+    with pytest.raises(SpecError, match="empty pattern spec"):
+        parse_spec("  ", 64)
+
+
+# ----------------------------------------------------------------------------- measure
+def test_cpu_peak_memory_sees_temporaries():
+    mib = 1 << 20
+
+    def fn():
+        a = torch.empty(4 * mib, dtype=torch.uint8)
+        b = torch.empty(2 * mib, dtype=torch.uint8)
+        del a, b
+        return torch.empty(1 * mib, dtype=torch.uint8)
+
+    peak = measure.peak_memory(fn, torch.device("cpu"))
+    assert 6 * mib <= peak < 6 * mib + 64 * 1024
+
+
+def test_error_segments():
+    assert measure.error_segments(100, 0) == [(0, 100)]
+    assert measure.error_segments(100, 100) == [(0, 100)]
+    segs = measure.error_segments(8192, 1024)
+    assert segs[0][0] == 0 and segs[-1][1] == 8192
+    assert sum(b - a for a, b in segs) == 1024
+    assert all(b - a == 64 for a, b in segs)
+    assert measure.error_segments(100, 90) == [(0, 100)]  # overlapping segments merge

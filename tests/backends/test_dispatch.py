@@ -1,0 +1,170 @@
+"""The dispatcher: which backend `auto` picks on CPU and why; forced backends; the sdpa and flex
+backends against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sa_testing import check_backend_against_reference, make_qkv, reference_f64
+
+import sparse_attn
+from sparse_attn import patterns as P
+
+SPARSE = {
+    "window": P.sliding_window(8),
+    "window_nc": P.sliding_window(8, causal=False),
+    "dilated": P.dilated(4, 2),
+    "strided": P.strided(5),
+    "fixed": P.fixed(8),
+    "longformer": P.longformer(8, 2),
+    "bigbird": P.bigbird(8),
+    "block_sparse": P.block_sparse(torch.eye(8, dtype=torch.bool), 8),
+    "streaming": P.streaming(2, 8),
+    "document": P.document(torch.tensor([0] * 30 + [1] * 34)),
+    "per_head": P.per_head([P.causal(), P.sliding_window(4)]),
+    "predicate": P.predicate(lambda b, h, q, kv: kv <= q),
+    "causal_and_window": P.causal() & P.sliding_window(9),
+    "full_or_window": P.causal() | P.sliding_window(4, causal=False),
+}
+
+
+@pytest.mark.parametrize("name", list(SPARSE))
+def test_auto_picks_blocked_on_cpu_for_sparse_patterns(name):
+    q, k, v = make_qkv(1, 2, 64, 16)
+    ex = sparse_attn.explain(q, k, v, SPARSE[name])
+    assert ex.chosen == "blocked", str(ex)
+    assert ex.requested == "auto"
+    assert "sdpa" in ex.rejected and "reference" in ex.rejected
+    assert any("full and causal" in r for r in ex.rejected["sdpa"]) or name == "full_or_window"
+    text = str(ex)
+    assert "chosen: blocked" in text and "sdpa: rejected" in text
+
+
+@pytest.mark.parametrize("pattern", [P.full(), P.causal()], ids=repr)
+@pytest.mark.parametrize("gqa", [False, True])
+def test_auto_picks_sdpa_for_full_and_causal(pattern, gqa):
+    q, k, v = make_qkv(1, 4, 64, 16, hkv=2 if gqa else 4)
+    ex = sparse_attn.explain(q, k, v, pattern)
+    assert ex.chosen == "sdpa", str(ex)
+    assert "preferred" in " ".join(ex.rejected["blocked"])
+
+
+def test_causal_with_q_offset_is_not_sdpa():
+    q, k, v = make_qkv(1, 2, 10, 16, nkv=64)
+    ex = sparse_attn.explain(q, k, v, P.causal())
+    assert ex.chosen == "blocked", str(ex)
+    assert any("q_offset" in r for r in ex.rejected["sdpa"])
+    # full attention has no alignment problem
+    assert sparse_attn.explain(q, k, v, P.full()).chosen == "sdpa"
+
+
+def test_return_lse_is_not_sdpa():
+    q, k, v = make_qkv(1, 2, 32, 16)
+    ex = sparse_attn.explain(q, k, v, P.causal(), return_lse=True)
+    assert ex.chosen == "blocked"
+    assert any("log-sum-exp" in r for r in ex.rejected["sdpa"])
+    out, lse = sparse_attn.sparse_attention(q, k, v, P.causal(), return_lse=True)
+    assert lse.shape == (1, 2, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad", [False, True])
+def test_auto_never_picks_reference(dtype, grad):
+    for pattern in list(SPARSE.values()) + [P.full(), P.causal()]:
+        q, k, v = make_qkv(1, 2, 64, 16, dtype=dtype, requires_grad=grad)
+        ex = sparse_attn.explain(q, k, v, pattern)
+        assert ex.chosen not in (None, "reference"), str(ex)
+        assert "dense" in " ".join(ex.rejected["reference"])
+
+
+def test_flex_is_not_auto_with_grad_on_cpu():
+    q, k, v = make_qkv(1, 2, 64, 16, requires_grad=True)
+    ex = sparse_attn.explain(q, k, v, P.sliding_window(8), backend="flex")
+    assert ex.chosen is None
+    assert any("backward" in r for r in ex.rejected["flex"])
+
+
+def test_forced_sdpa_on_sliding_window_raises_with_reason():
+    q, k, v = make_qkv(1, 2, 64, 16)
+    with pytest.raises(sparse_attn.BackendError, match="only full and causal"):
+        sparse_attn.sparse_attention(q, k, v, P.sliding_window(8), backend="sdpa")
+    with pytest.raises(sparse_attn.BackendError, match="sdpa"):
+        sparse_attn.sparse_attention(q, k, v, P.sliding_window(8), backend="sdpa")
+    ex = sparse_attn.explain(q, k, v, P.sliding_window(8), backend="sdpa")
+    assert ex.chosen is None and ex.requested == "sdpa"
+
+
+def test_forced_sdpa_causal_with_offset_raises():
+    q, k, v = make_qkv(1, 2, 10, 16, nkv=40)
+    with pytest.raises(sparse_attn.BackendError, match="q_offset"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), backend="sdpa")
+
+
+def test_forced_sdpa_with_lse_raises():
+    q, k, v = make_qkv(1, 2, 16, 16)
+    with pytest.raises(sparse_attn.BackendError, match="log-sum-exp"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), backend="sdpa", return_lse=True)
+
+
+@pytest.mark.parametrize("name", ["window", "bigbird", "per_head", "predicate"])
+def test_forced_reference_works(name):
+    q, k, v = make_qkv(1, 2, 64, 16)
+    assert sparse_attn.explain(q, k, v, SPARSE[name], backend="reference").chosen == "reference"
+    out, lse = sparse_attn.sparse_attention(q, k, v, SPARSE[name], backend="reference", return_lse=True)
+    assert out.shape == (1, 2, 64, 16) and out.dtype == torch.float32 and lse.shape == (1, 2, 64)
+    blocked = sparse_attn.sparse_attention(q, k, v, SPARSE[name], backend="blocked")
+    torch.testing.assert_close(out, blocked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern,shape", [
+    (P.full(), (2, 4, 4, 67, 67)), (P.causal(), (2, 4, 4, 67, 67)),  # MHA
+    (P.full(), (1, 8, 2, 50, 50)), (P.causal(), (1, 8, 2, 50, 50)),  # GQA
+    (P.full(), (1, 4, 1, 9, 40)),  # MQA, fewer queries (sdpa serves causal only with q_offset 0)
+], ids=["full-mha", "causal-mha", "full-gqa", "causal-gqa", "full-mqa-decode"])
+def test_sdpa_equals_reference(pattern, shape):
+    b, hq, hkv, nq, nkv = shape
+    q, k, v = make_qkv(b, hq, nq, 24, hkv=hkv, nkv=nkv)
+    assert sparse_attn.explain(q, k, v, pattern, backend="sdpa").chosen == "sdpa"
+    check_backend_against_reference(q, k, v, pattern, backend="sdpa")
+    check_backend_against_reference(q, k, v, pattern, backend="sdpa", dtype=torch.bfloat16)
+
+
+def test_sdpa_explicit_causal_q_offset_zero():
+    q, k, v = make_qkv(1, 2, 20, 16, nkv=50)
+    check_backend_against_reference(q, k, v, P.causal(), backend="sdpa", q_offset=0)
+
+
+def test_unknown_backend_names_the_choices():
+    q, k, v = make_qkv(1, 2, 16, 16)
+    with pytest.raises(ValueError, match=r"one of .*blocked.*reference.*sdpa.*'nope'"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), backend="nope")
+    with pytest.raises(ValueError, match="auto"):
+        sparse_attn.explain(q, k, v, P.causal(), backend="nope")
+
+
+def test_backend_registry_lists_capabilities():
+    names = {b.name for b in sparse_attn.backends.list_backends()}
+    assert {"reference", "blocked", "sdpa", "flex"} <= names
+    ref = sparse_attn.backends.get_backend("reference")
+    assert ref.caps.dense and torch.float64 in ref.caps.dtypes
+    assert sparse_attn.backends.get_backend("blocked").caps.grads
+
+
+def test_explain_does_not_run_or_change_inputs():
+    q, k, v = make_qkv(1, 2, 16, 16)
+    before = [t.clone() for t in (q, k, v)]
+    sparse_attn.explain(q, k, v, P.sliding_window(3))
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v)))
+
+
+@pytest.mark.slow
+def test_flex_forward_matches_reference():
+    """torch.compile'd FlexAttention on CPU (compiles: tens of seconds)."""
+    q, k, v = make_qkv(1, 2, 128, 16)
+    pattern = P.sliding_window(32)
+    assert sparse_attn.explain(q, k, v, pattern, backend="flex").chosen == "flex"
+    out = sparse_attn.sparse_attention(q, k, v, pattern, backend="flex")
+    ref = reference_f64(q, k, v, pattern)
+    assert out.shape == ref.shape and not torch.isnan(out).any()
+    err = float((out.double() - ref).abs().max())
+    assert err <= 1e-5 * float(ref.abs().max()) + 1e-6, err

@@ -1,0 +1,183 @@
+"""Shared helpers and the tolerance rules of DESIGN.md ("Testing rules").
+
+Imported by the test modules as `from sa_testing import ...` (tests/conftest.py puts this
+folder on sys.path).
+
+* Ground truth: the `reference` backend on float64 copies of the inputs.
+* fp32 fast path: within 1e-5 relative of the float64 reference.
+* fp16/bf16 fast path: error at most 2x the error of the reference backend run in the same low
+  precision (FlashAttention's rule), for outputs; gradients get 3x.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import sparse_attn
+from sparse_attn import patterns as P
+
+FP32_RTOL = 1e-5
+LOW_PRECISION_OUT_FACTOR = 2.0
+LOW_PRECISION_GRAD_FACTOR = 3.0
+ABS_FLOOR = 1e-6
+
+
+# ------------------------------------------------------------------------- inputs
+def make_qkv(b=1, hq=2, nq=16, d=8, *, hkv=None, nkv=None, dv=None, dtype=torch.float32, requires_grad=False,
+             device="cpu"):
+    """Random q [B, Hq, Nq, D], k [B, Hkv, Nkv, D], v [B, Hkv, Nkv, Dv]."""
+    hkv = hq if hkv is None else hkv
+    nkv = nq if nkv is None else nkv
+    dv = d if dv is None else dv
+    q = torch.randn(b, hq, nq, d, dtype=torch.float64, device=device).to(dtype)
+    k = torch.randn(b, hkv, nkv, d, dtype=torch.float64, device=device).to(dtype)
+    v = torch.randn(b, hkv, nkv, dv, dtype=torch.float64, device=device).to(dtype)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v
+
+
+def as_f64(*tensors, requires_grad=None):
+    """float64 leaf copies of the given tensors (same values, exactly representable)."""
+    out = []
+    for t in tensors:
+        rg = t.requires_grad if requires_grad is None else requires_grad
+        out.append(t.detach().to(torch.float64).requires_grad_(rg))
+    return out
+
+
+def reference_f64(q, k, v, pattern, **kw):
+    """The ground truth: `reference` backend on float64 copies of q, k, v."""
+    q64, k64, v64 = as_f64(q, k, v, requires_grad=False)
+    return sparse_attn.sparse_attention(q64, k64, v64, pattern, backend="reference", **kw)
+
+
+def run_with_grads(q, k, v, pattern, dout, *, backend, lse_weight=None, **kw):
+    """Forward + backward of `sum(out * dout) [+ sum(lse * lse_weight)]` on leaf copies of q/k/v.
+
+    Returns (out, lse or None, (dq, dk, dv)). Inputs keep their dtype.
+    """
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    want_lse = lse_weight is not None
+    res = sparse_attn.sparse_attention(q, k, v, pattern, backend=backend, return_lse=want_lse, **kw)
+    out, lse = res if want_lse else (res, None)
+    loss = (out.to(torch.float64) * dout.to(torch.float64)).sum()
+    if want_lse:
+        finite = torch.isfinite(lse)
+        loss = loss + (torch.where(finite, lse, 0.0).to(torch.float64) * lse_weight.to(torch.float64)).sum()
+    grads = torch.autograd.grad(loss, (q, k, v), allow_unused=False)
+    return out.detach(), (lse.detach() if lse is not None else None), tuple(g.detach() for g in grads)
+
+
+# --------------------------------------------------------------------- tolerances
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
+    if a.numel() == 0:
+        return 0.0
+    both_inf = torch.isinf(a) & torch.isinf(e) & (torch.sign(a) == torch.sign(e))
+    diff = torch.where(both_inf, 0.0, (a - e).abs())
+    return float(diff.max())
+
+
+def assert_no_nan(*tensors, what="output"):
+    for t in tensors:
+        if t is None:
+            continue
+        assert not torch.isnan(t).any(), f"{what} contains NaN at {torch.isnan(t).nonzero()[:5].tolist()}"
+
+
+def assert_fp32_close(actual, expected64, *, rtol=FP32_RTOL, what="output"):
+    """fp32 rule: max |actual - ref| <= rtol * max |ref| (+ a tiny floor for all-zero refs).
+
+    Every element is compared (the blocked backend allocates its own outputs, so an unwritten
+    tile would show up as a mismatch), and NaN anywhere fails."""
+    assert actual.shape == expected64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    assert_no_nan(actual, what=what)
+    exp = expected64.detach().to(torch.float64)
+    finite = torch.isfinite(exp)
+    a = actual.detach().to(torch.float64)
+    # infinities (lse of empty rows) must match exactly
+    assert torch.equal(torch.isinf(a), torch.isinf(exp)), f"{what}: infinities differ"
+    scale = float(exp[finite].abs().max()) if finite.any() else 0.0
+    err = max_abs_err(actual, expected64)
+    assert err <= rtol * scale + 1e-12, f"{what}: max abs err {err:.3e} > {rtol:g} * max|ref| ({scale:.3e})"
+
+
+def assert_low_precision_close(fast, ref_low, ref64, *, factor=LOW_PRECISION_OUT_FACTOR, floor=ABS_FLOOR,
+                               what="output"):
+    """FlashAttention's rule: err(fast) <= factor * err(reference in the same low precision) + floor."""
+    assert fast.shape == ref64.shape, f"{what}: shape {tuple(fast.shape)} != {tuple(ref64.shape)}"
+    assert_no_nan(fast, what=what)
+    err_fast = max_abs_err(fast, ref64)
+    err_ref = max_abs_err(ref_low, ref64)
+    assert err_fast <= factor * err_ref + floor, (
+        f"{what}: fast err {err_fast:.3e} > {factor} x reference-in-low-precision err {err_ref:.3e} + {floor:g}")
+
+
+def check_backend_against_reference(q, k, v, pattern, *, backend="blocked", dtype=None, grads=True,
+                                    return_lse=False, **kw):
+    """Run `backend` on q/k/v (their dtype) and compare outputs (and grads) with the rules above.
+
+    For fp32 the float64 reference is the bar; for fp16/bf16 the reference backend run in the
+    same precision sets the allowed error."""
+    dtype = q.dtype if dtype is None else dtype
+    q, k, v = (t.detach().to(dtype) for t in (q, k, v))
+    dout = torch.randn(*q.shape[:3], v.shape[-1], dtype=torch.float64).to(dtype)
+    lse_w = torch.randn(q.shape[:3], dtype=torch.float64) if return_lse else None
+    if grads:
+        out, lse, g = run_with_grads(q, k, v, pattern, dout, backend=backend, lse_weight=lse_w, **kw)
+        out64, lse64, g64 = run_with_grads(*as_f64(q, k, v), pattern, dout.double(), backend="reference",
+                                           lse_weight=lse_w, **kw)
+    else:
+        with torch.no_grad():
+            res = sparse_attn.sparse_attention(q, k, v, pattern, backend=backend, return_lse=return_lse, **kw)
+            res64 = sparse_attn.sparse_attention(*as_f64(q, k, v), pattern, backend="reference",
+                                                 return_lse=return_lse, **kw)
+        out, lse = res if return_lse else (res, None)
+        out64, lse64 = res64 if return_lse else (res64, None)
+        g = g64 = ()
+    assert out.dtype == dtype
+    if dtype in (torch.float32, torch.float64):
+        assert_fp32_close(out, out64, what="out")
+        if return_lse:
+            assert_fp32_close(lse, lse64, what="lse")
+        for name, a, e in zip("qkv", g, g64):
+            assert a.dtype == dtype
+            assert_fp32_close(a, e, what=f"d{name}")
+    else:
+        if grads:
+            out_lo, lse_lo, g_lo = run_with_grads(q, k, v, pattern, dout, backend="reference", lse_weight=lse_w, **kw)
+        else:
+            with torch.no_grad():
+                res_lo = sparse_attn.sparse_attention(q, k, v, pattern, backend="reference", return_lse=return_lse,
+                                                      **kw)
+            out_lo, lse_lo = res_lo if return_lse else (res_lo, None)
+            g_lo = ()
+        assert_low_precision_close(out, out_lo, out64, what="out")
+        if return_lse:
+            assert_low_precision_close(lse, lse_lo, lse64, what="lse")
+        for name, a, lo, e in zip("qkv", g, g_lo, g64):
+            assert a.dtype == dtype
+            assert_low_precision_close(a, lo, e, factor=LOW_PRECISION_GRAD_FACTOR, what=f"d{name}")
+    return out, lse, g
+
+
+def masked_scores_lse(q, k, pattern_or_mask, *, q_offset=None, scale=None):
+    """torch.logsumexp of the masked scores, computed directly in float64 from a dense mask."""
+    q64, k64 = q.detach().double(), k.detach().double()
+    rep = q.shape[1] // k.shape[1]
+    k64 = k64.repeat_interleave(rep, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if isinstance(pattern_or_mask, torch.Tensor):
+        mask = pattern_or_mask
+    else:
+        mask = dense_mask(pattern_or_mask, q.shape[2], k.shape[2], q_offset=q_offset, heads=q.shape[1])
+    s = (q64 @ k64.transpose(-1, -2)) * scale
+    return torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def dense_mask(pattern, q_len, kv_len, *, q_offset=None, heads=None):
+    """bool [H or 1, q_len, kv_len] through the layout's (bound) pattern, so BigBird works."""
+    layout = pattern if isinstance(pattern, P.BlockLayout) else pattern.layout(q_len, kv_len, q_offset=q_offset)
+    nh = layout.num_heads if layout.num_heads > 1 else None
+    return layout.pattern.to_dense(q_len, kv_len, q_offset=layout.q_offset, num_heads=nh)

@@ -10,7 +10,8 @@ For each length and pattern (B=1, H=8, D=64, fp32):
   blocks and mask_mod FlexAttention's create_block_mask would produce, without its O(N^2)
   build); its first call includes the compile;
 * SDPA with the equivalent dense boolean mask, where the mask fits (--max-dense);
-* peak memory of the blocked forward beyond the inputs, in a fresh process (ru_maxrss);
+* peak memory of the blocked forward beyond the inputs (torch allocations during one call,
+  from torch.profiler's memory events: `sparse_attn.eval.measure.peak_memory`);
 * max abs error against the float64 reference on the first and last 128 query rows.
 FLOPs: effective = 4*B*H*D*(allowed pairs); dense-equivalent = 4*B*H*D*N^2.
 Writes benchmarks/results/cpu_patterns.json and prints a Markdown table.
@@ -19,28 +20,17 @@ Writes benchmarks/results/cpu_patterns.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    RESULTS,
-    environment,
-    fmt_mib,
-    fmt_ms,
-    peak_rss_bytes,
-    rss_bytes,
-    run_child,
-    time_cpu,
-    time_once,
-    write_json,
-)
+from common import RESULTS, environment, fmt_mib, fmt_ms, time_cpu, time_once, write_json  # noqa: E402
 
 import sparse_attn  # noqa: E402
 from sparse_attn import patterns as P  # noqa: E402
+from sparse_attn.eval.measure import peak_memory  # noqa: E402
 
 B, H, D = 1, 8, 64
 BLOCK = 64
@@ -68,19 +58,6 @@ def reference_error(out: torch.Tensor, q, k, v, pattern, rows: int = 128) -> flo
                                            backend="reference", q_offset=start)
         err = max(err, (out[:, :, start:stop].double() - ref).abs().max().item())
     return err
-
-
-def child_memory(name: str, n: int) -> None:
-    """Runs in a fresh process: peak RSS of one blocked forward beyond the inputs."""
-    with torch.no_grad():  # one small call first: torch's one-time set-up is not the pattern's cost
-        small = inputs(512)
-        sparse_attn.sparse_attention(*small, PATTERNS[name](), backend="blocked")
-    q, k, v = inputs(n)
-    pattern = PATTERNS[name]()
-    before = rss_bytes()
-    with torch.no_grad():
-        sparse_attn.sparse_attention(q, k, v, pattern, backend="blocked")
-    print(json.dumps({"peak_beyond_inputs": max(0, peak_rss_bytes() - before)}))
 
 
 def bench_one(name: str, n: int, args, flex_fn) -> dict:
@@ -126,8 +103,9 @@ def bench_one(name: str, n: int, args, flex_fn) -> dict:
         row["blocked_vs_sdpa_mask"] = row["sdpa_mask_fwd_s"] / row["blocked_fwd_s"]
         del mask
     if args.memory:
-        mem = run_child(Path(__file__), ["--child-memory", name, str(n)])
-        row["blocked_peak_beyond_inputs_bytes"] = mem.get("peak_beyond_inputs")
+        with torch.no_grad():
+            row["blocked_peak_beyond_inputs_bytes"] = peak_memory(
+                lambda: sparse_attn.sparse_attention(q, k, v, layout, backend="blocked"), torch.device("cpu"))
     return row
 
 
@@ -156,11 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     ap.add_argument("--json", type=Path, default=RESULTS / "cpu_patterns.json")
-    ap.add_argument("--child-memory", nargs=2, metavar=("PATTERN", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.child_memory:
-        child_memory(args.child_memory[0], int(args.child_memory[1]))
-        return 0
     flex_fn = None
     if not args.no_flex:
         from torch.nn.attention.flex_attention import flex_attention

@@ -3,8 +3,8 @@
     python benchmarks/layout_build.py            # 1,048,576 tokens, W=4096, blocks of 128
 
 For each pattern: build time (median of fresh builds: a new pattern object each time, so the
-cache is not hit), non-empty blocks, the layout's own memory (its CSR arrays) and the peak
-RSS growth of one build in a fresh process. For comparison, an N x N boolean mask at 1M tokens
+cache is not hit), non-empty blocks, the layout's own memory (its CSR arrays) and the peak of
+torch allocations during one build (torch.profiler memory events). For comparison, an N x N boolean mask at 1M tokens
 is 1 TiB, and FlexAttention's BlockMask stores kv indices padded to NQB x NKB.
 Writes benchmarks/results/layout_build.json.
 """
@@ -12,7 +12,6 @@ Writes benchmarks/results/layout_build.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,9 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, peak_rss_bytes, rss_bytes, run_child, write_json  # noqa: E402
+from common import RESULTS, environment, write_json  # noqa: E402
 
 from sparse_attn import patterns as P  # noqa: E402
+from sparse_attn.eval.measure import peak_memory  # noqa: E402
 
 W = 4096
 PATTERNS = {
@@ -46,13 +46,6 @@ def build(name: str, n: int, block: int):
     return PATTERNS[name](n).layout(n, block_q=block)
 
 
-def child(name: str, n: int, block: int) -> None:
-    build(name, 4096, block)  # one-time torch set-up is not the layout's cost
-    before = rss_bytes()
-    build(name, n, block)
-    print(json.dumps({"peak_rss_growth": max(0, peak_rss_bytes() - before)}))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=1 << 20)
@@ -60,13 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     ap.add_argument("--json", type=Path, default=RESULTS / "layout_build.json")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.child:
-        child(args.child[0], int(args.child[1]), int(args.child[2]))
-        return 0
     rows = []
-    print("| pattern | N | block | build ms (median) | nnz blocks | layout MiB | peak RSS growth MiB |")
+    print("| pattern | N | block | build ms (median) | nnz blocks | layout MiB | peak MiB during build |")
     print("|---|---|---|---|---|---|---|")
     for name in args.patterns:
         build(name, 4096, args.block)  # warm-up
@@ -75,12 +64,12 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             layout = build(name, args.length, args.block)
             times.append(time.perf_counter() - t)
-        mem = run_child(Path(__file__), ["--child", name, str(args.length), str(args.block)])
+        peak = peak_memory(lambda: build(name, args.length, args.block), torch.device("cpu"))
         row = {"pattern": name, "N": args.length, "block": args.block, "build_s": statistics.median(times),
                "build_s_all": times, "nnz_blocks": layout.nnz_blocks(), "layout_bytes": layout_bytes(layout),
-               "peak_rss_growth_bytes": mem.get("peak_rss_growth"), "dense_mask_bytes": args.length ** 2}
+               "peak_build_bytes": peak, "dense_mask_bytes": args.length ** 2}
         rows.append(row)
-        growth = row["peak_rss_growth_bytes"]
+        growth = row["peak_build_bytes"]
         print(f"| {name} | {args.length} | {args.block} | {row['build_s'] * 1e3:.0f} | {row['nnz_blocks']} | "
               f"{row['layout_bytes'] / 2**20:.1f} | {'-' if growth is None else f'{growth / 2**20:.0f}'} |", flush=True)
     write_json(args.json, {"benchmark": "layout_build", "env": environment("cpu"), "rows": rows})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparse_attn.cli import main
-from sparse_attn.cli import measure
+from sparse_attn.eval import measure
 from sparse_attn.cli.specs import DEFAULT_PATTERNS, REGISTRY, SpecError, parse_spec
 
 

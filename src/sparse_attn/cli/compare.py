@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import __version__, explain, sparse_attention
 from .. import patterns as P
-from . import measure
+from ..eval import measure
 from .specs import Spec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}

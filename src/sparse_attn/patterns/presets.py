@@ -14,6 +14,12 @@ from .base import DisjointUnion, Pattern, PerHead, _check_positive_int
 from .primitives import Band, BlockCells, Columns, IndexSet, Predicate, Rows, Segments
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
 def full() -> Pattern:
     """Every query sees every key (dense attention)."""
     return Band(None, None, name="full()")
@@ -31,6 +37,7 @@ def sliding_window(window: int, causal: bool = True) -> Pattern:
     * non-causal (Longformer's `attention_window`): query i sees i-W//2 .. i+W//2, i.e. itself and
       W//2 keys on each side (W+1 keys for even W).
     """
+    _check_bool("causal", causal)
     window = _check_positive_int("window", window)
     name = f"sliding_window({window}, causal={causal})"
     return Band(0, window - 1, name=name) if causal else Band(-(window // 2), window // 2, name=name)
@@ -43,6 +50,7 @@ def dilated(window: int, dilation: int, causal: bool = True) -> Pattern:
     * non-causal: i + t*r for t in [-window//2, window//2].
     With dilation 1 this is `sliding_window`.
     """
+    _check_bool("causal", causal)
     window = _check_positive_int("window", window)
     dilation = _check_positive_int("dilation", dilation)
     name = f"dilated({window}, {dilation}, causal={causal})"
@@ -56,6 +64,7 @@ def strided(stride: int, causal: bool = True) -> Pattern:
     """Sparse Transformer's strided pattern (Child et al. 2019): query i sees the previous
     `stride` keys (i - j < stride) and every key j with (i - j) % stride == 0.
     Non-causal: |i - j| < stride or (i - j) % stride == 0."""
+    _check_bool("causal", causal)
     stride = _check_positive_int("stride", stride)
     # Built from disjoint parts (local; multiples of the stride beyond it) so sparse_attention
     # can run the strided part by residue classes and merge: O(N*stride + N^2/stride) work.
@@ -70,6 +79,7 @@ def strided(stride: int, causal: bool = True) -> Pattern:
 def fixed(block: int, summary: int = 1, causal: bool = True) -> Pattern:
     """Sparse Transformer's fixed pattern: query i sees keys in its own block of `block`
     positions, plus the last `summary` positions of every block (the "summary" cells)."""
+    _check_bool("causal", causal)
     block = _check_positive_int("block", block)
     summary = _check_positive_int("summary", summary)
     if summary > block:
@@ -99,6 +109,7 @@ def longformer(window: int, global_tokens=0, causal: bool = False) -> Pattern:
     `global_tokens`: an int n (the first n positions, e.g. [CLS]) or a sequence of positions.
     With causal=True the window is causal (W keys up to i) and everything is clipped to j <= i.
     """
+    _check_bool("causal", causal)
     globals_ = _global_index_set(global_tokens)
     local = sliding_window(window, causal=causal)
     pattern = local | Rows(globals_) | Columns(globals_)
@@ -249,8 +260,9 @@ class BigBird(Pattern):
                          "pattern.cells(length).mask_mod(q_offset)")
 
     def __repr__(self):
+        heads = "" if self.num_heads is None else f", num_heads={self.num_heads}"
         return (f"bigbird(block={self.block}, window={self.num_window_blocks}, global={self.num_global_blocks}, "
-                f"random={self.num_random_blocks}, seed={self.seed})")
+                f"random={self.num_random_blocks}, seed={self.seed}{heads})")
 
 
 def per_head(patterns: Sequence[Pattern]) -> Pattern:

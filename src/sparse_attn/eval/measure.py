@@ -1,4 +1,4 @@
-"""Timing, peak memory and error measurement for `sparse-attn compare`.
+"""Timing, peak memory and error measurement, shared by `sparse-attn compare` and benchmarks/.
 
 Peak memory is "the most bytes torch held at once during one call, above what it held when
 the call started" (the output included):

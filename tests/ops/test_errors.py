@@ -303,3 +303,14 @@ def test_errors_are_not_bare_asserts():
     with pytest.raises(sparse_attn.BackendError):
         call(*qkv(), backend="sdpa")
     assert issubclass(sparse_attn.BackendError, RuntimeError)
+
+
+def test_bigbird_queries_past_the_keys():
+    with pytest.raises(ValueError, match="queries must lie within the 20 key positions"):
+        P.bigbird(4).layout(8, 20, q_offset=16, block_q=4)
+
+
+@pytest.mark.parametrize("make", [P.sliding_window, P.strided])
+def test_causal_must_be_bool(make):
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        make(8, causal="maybe")

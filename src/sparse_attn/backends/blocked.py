@@ -133,7 +133,9 @@ def _segments(kv_block: torch.Tensor) -> list[_Segment]:
     g, t = kv_block.shape
     base = kv_block[0]  # [T]
     step = kv_block[1] - kv_block[0] if g > 1 else torch.zeros_like(base)
-    affine = (kv_block == base + torch.arange(g, device=kv_block.device)[:, None] * step).all(0).tolist()
+    rows = torch.arange(g, device=kv_block.device)[:, None]
+    # a view needs a non-negative stride: runs that move backwards are gathered
+    affine = ((kv_block == base + rows * step).all(0) & (step >= 0)).tolist()
     base, step = base.tolist(), step.tolist()
     segments: list[_Segment] = []
     for c in range(t):

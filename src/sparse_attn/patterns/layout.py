@@ -239,8 +239,13 @@ class BlockLayout:
         block_q, block_kv = block_mask.BLOCK_SIZE
         heads = kv_num.shape[1]
         grid = BlockGrid(int(q_len), int(kv_len), q_offset, int(block_q), int(block_kv), kv_num.device)
-        if pattern is None:
-            pattern = Predicate(block_mask.mask_mod, num_heads=heads if heads > 1 else None, name="block_mask.mask_mod")
+        if pattern is None:  # the block mask's mask_mod counts query rows; patterns see positions
+            mask_mod = block_mask.mask_mod
+
+            def positions_mask_mod(b, h, q_idx, kv_idx):
+                return mask_mod(b, h, q_idx - q_offset, kv_idx)
+
+            pattern = Predicate(positions_mask_mod, num_heads=heads if heads > 1 else None, name="block_mask.mask_mod")
 
         def csr(num, idx):
             num = num[0].reshape(-1).long()[:, None]  # [R, 1]

@@ -95,6 +95,8 @@ def _global_index_set(global_tokens) -> IndexSet:
         _check_positive_int("global_tokens", global_tokens, allow_zero=True)
         return IndexSet(prefix=global_tokens)
     idx = torch.as_tensor(global_tokens)
+    if idx.numel() == 0:
+        return IndexSet(prefix=0)  # an empty list: no global tokens
     if idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise TypeError(f"global_tokens must hold integer indices, got dtype {idx.dtype}")
     if idx.numel() and int(idx.min()) < 0:
@@ -244,6 +246,9 @@ class BigBird(Pattern):
         return rows[:, None].expand_as(picks)[valid], picks[valid]
 
     def bind(self, grid) -> BlockCells:
+        if grid.q_end > grid.kv_len:
+            raise ValueError(f"bigbird is self-attention over the keys: queries must lie within the {grid.kv_len} "
+                             f"key positions, but q_offset + q_len = {grid.q_end}")
         return self.cells(grid.kv_len)
 
     def allowed(self, q_idx, kv_idx, head=None):

@@ -4,7 +4,8 @@
     python benchmarks/cpu_patterns.py --lengths 4096 --no-flex
 
 For each length and pattern (B=1, H=8, D=64, fp32):
-* `blocked` forward: first call (layout + plan + compute, no compile) and median of repeats;
+* `blocked` forward through `sparse_attention(q, k, v, pattern)` (default blocks, layout cached
+  on the pattern): first call (layout + plan + compute, no compile) and median of repeats;
   forward+backward at the lengths in --grad-lengths;
 * FlexAttention, torch.compile'd on CPU, with a BlockMask built from our layout (the same
   blocks and mask_mod FlexAttention's create_block_mask would produce, without its O(N^2)
@@ -33,7 +34,6 @@ from sparse_attn import patterns as P  # noqa: E402
 from sparse_attn.eval.measure import peak_memory  # noqa: E402
 
 B, H, D = 1, 8, 64
-BLOCK = 64
 PATTERNS = {
     "window256_causal": lambda: P.sliding_window(256, causal=True),
     "window256": lambda: P.sliding_window(256, causal=False),
@@ -61,17 +61,19 @@ def reference_error(out: torch.Tensor, q, k, v, pattern, rows: int = 128) -> flo
 
 
 def bench_one(name: str, n: int, args, flex_fn) -> dict:
-    row: dict = {"pattern": name, "N": n, "B": B, "H": H, "D": D, "dtype": "float32", "block": BLOCK}
+    row: dict = {"pattern": name, "N": n, "B": B, "H": H, "D": D, "dtype": "float32"}
     pattern = PATTERNS[name]()
     q, k, v = inputs(n)
+    def blocked():  # the user's path: default block sizes, layout cached on the pattern, rewrites
+        return sparse_attn.sparse_attention(q, k, v, pattern, backend="blocked")
+
     with torch.no_grad():
-        row["blocked_first_call_s"] = time_once(lambda: sparse_attn.sparse_attention(q, k, v, pattern, backend="blocked"))
-        layout = pattern.layout(n, block_q=BLOCK)
+        row["blocked_first_call_s"] = time_once(blocked)
+        layout = pattern.layout(n, block_q=128)  # for the counts only (density is exact)
         pairs = int(layout.allowed_pairs()[0])
-        row.update(density=layout.density(), allowed_pairs=pairs, nnz_blocks=layout.nnz_blocks())
-        out = sparse_attn.sparse_attention(q, k, v, layout, backend="blocked")
-        row["blocked_fwd_s"] = time_cpu(lambda: sparse_attn.sparse_attention(q, k, v, layout, backend="blocked"),
-                                        repeats=args.repeats)
+        row.update(density=layout.density(), allowed_pairs=pairs)
+        out = blocked()
+        row["blocked_fwd_s"] = time_cpu(blocked, repeats=args.repeats)
         row["blocked_max_err"] = reference_error(out, q, k, v, pattern)
         row["effective_tflops"] = 4 * B * H * D * pairs / row["blocked_fwd_s"] / 1e12
         row["dense_equiv_tflops"] = 4 * B * H * D * n * n / row["blocked_fwd_s"] / 1e12
@@ -80,7 +82,7 @@ def bench_one(name: str, n: int, args, flex_fn) -> dict:
         grad = torch.randn(B, H, n, D)
 
         def fwd_bwd():
-            sparse_attn.sparse_attention(qg, kg, vg, layout, backend="blocked").backward(grad)
+            sparse_attn.sparse_attention(qg, kg, vg, pattern, backend="blocked").backward(grad)
 
         row["blocked_fwd_bwd_s"] = time_cpu(fwd_bwd, repeats=max(1, args.repeats // 2))
     if flex_fn is not None:
@@ -94,7 +96,7 @@ def bench_one(name: str, n: int, args, flex_fn) -> dict:
             row["flex_max_err"] = reference_error(out, q, k, v, pattern)
         row["blocked_vs_flex"] = row["flex_fwd_s"] / row["blocked_fwd_s"]
     if n <= args.max_dense:
-        mask = pattern.layout(n, block_q=BLOCK).pattern.to_dense(n)[None]  # [1, 1, N, N]
+        mask = layout.pattern.to_dense(n)[None]  # [1, 1, N, N]
         with torch.no_grad():
             fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
             out = fn()
@@ -104,8 +106,7 @@ def bench_one(name: str, n: int, args, flex_fn) -> dict:
         del mask
     if args.memory:
         with torch.no_grad():
-            row["blocked_peak_beyond_inputs_bytes"] = peak_memory(
-                lambda: sparse_attn.sparse_attention(q, k, v, layout, backend="blocked"), torch.device("cpu"))
+            row["blocked_peak_beyond_inputs_bytes"] = peak_memory(blocked, torch.device("cpu"))
     return row
 
 

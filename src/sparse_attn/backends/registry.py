@@ -142,8 +142,13 @@ def list_backends() -> list[Backend]:
     return list(_REGISTRY.values())
 
 
+_loaded = False
+
+
 def _ensure_loaded() -> None:
-    if not _REGISTRY:
+    global _loaded
+    if not _loaded:  # importing one backend module directly must not hide the others
+        _loaded = True
         from . import blocked, flex, reference, sdpa  # noqa: F401  (registration side effect)
 
 

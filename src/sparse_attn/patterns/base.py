@@ -131,6 +131,11 @@ class Pattern(ABC):
     def _validate(self, grid: BlockGrid) -> None:
         """Raise ValueError if this pattern cannot describe the given lengths."""
 
+    def natural_block(self) -> int | None:
+        """The block granularity the pattern is defined at (BigBird's block, a block-sparse
+        cell), if any: backends align their blocks with it."""
+        return None
+
     def bind(self, grid: BlockGrid) -> "Pattern":
         """The pattern with everything that depends on the lengths fixed (BigBird's random
         blocks are drawn per length). Most patterns are length-free and return themselves."""
@@ -205,6 +210,11 @@ def count_allowed(pattern: Pattern, grid: BlockGrid, head, qb, kb) -> tuple[torc
     return count, area
 
 
+def _min_block(parts: Sequence[Pattern]) -> int | None:
+    blocks = [b for b in (p.natural_block() for p in parts) if b is not None]
+    return min(blocks) if blocks else None
+
+
 def _common_heads(parts: Sequence[Pattern]) -> int | None:
     heads = {p.num_heads for p in parts if p.num_heads is not None}
     if len(heads) > 1:
@@ -231,6 +241,9 @@ class _Combination(Pattern):
     def bind(self, grid):
         bound = [p.bind(grid) for p in self.parts]
         return self if all(b is p for b, p in zip(bound, self.parts)) else type(self)(bound)
+
+    def natural_block(self):
+        return _min_block(self.parts)
 
     def _part_states(self, grid, head, qb, kb) -> torch.Tensor:
         return torch.stack([p._classify(grid, head, qb, kb) for p in self.parts])  # [P, n]
@@ -365,6 +378,9 @@ class PerHead(Pattern):
     def bind(self, grid):
         bound = [p.bind(grid) for p in self.parts]
         return self if all(b is p for b, p in zip(bound, self.parts)) else PerHead(bound)
+
+    def natural_block(self):
+        return _min_block(self.parts)
 
     def _candidate_count(self, grid):
         return sum(p._candidate_count(grid) for p in self.parts)

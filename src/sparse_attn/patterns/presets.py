@@ -245,6 +245,9 @@ class BigBird(Pattern):
         valid = picks >= 0
         return rows[:, None].expand_as(picks)[valid], picks[valid]
 
+    def natural_block(self):
+        return self.block
+
     def bind(self, grid) -> BlockCells:
         if grid.q_end > grid.kv_len:
             raise ValueError(f"bigbird is self-attention over the keys: queries must lie within the {grid.kv_len} "

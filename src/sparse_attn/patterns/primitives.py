@@ -343,6 +343,9 @@ class BlockCells(Pattern):
         inside = (r >= 0) & (r < self.shape[1]) & (c >= 0) & (c < self.shape[2])
         return t[h, torch.clamp(r, 0, self.shape[1] - 1), torch.clamp(c, 0, self.shape[2] - 1)] & inside
 
+    def natural_block(self):
+        return min(self.cell_q, self.cell_kv)
+
     def _candidate_count(self, grid):
         return self._col.numel() * (1 + -(-self.cell_q // grid.block_q)) * (1 + -(-self.cell_kv // grid.block_kv))
 

@@ -119,7 +119,7 @@ class _Plan:
             s4.masked_fill_(group.padding[rows][:, None, :, None], float("-inf"))
         if group.masked_row.numel():
             first = rows.start or 0
-            e0, e1 = torch.searchsorted(group.masked_row, torch.tensor([first, rows.stop])).tolist()
+            e0, e1 = torch.searchsorted(group.masked_row, torch.tensor([first, rows.stop], device=s.device)).tolist()
             if e1 > e0:
                 masks = group.masks[e0:e1] if group.masks is not None else self._element_masks(group, e0, e1)
                 r, c = group.masked_row[e0:e1] - first, group.masked_slot[e0:e1]

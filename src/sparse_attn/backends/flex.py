@@ -13,16 +13,26 @@ import torch
 
 from .registry import Backend, Capabilities, register
 
-_compiled = None
+def _flex_call(q, k, v, block_mask, scale, return_lse, enable_gqa):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_lse=return_lse, enable_gqa=enable_gqa)
 
 
-def _flex():
-    global _compiled
-    if _compiled is None:
-        from torch.nn.attention.flex_attention import flex_attention
+def _flex_for(layout):
+    """A torch.compile'd FlexAttention call of the layout's own (a fresh code object, so
+    torch.compile keeps a separate cache for it). With one shared compiled function every new
+    mask_mod is a recompile, and past torch.compile's recompile limit FlexAttention silently
+    falls back to its unfused O(N^2) path. fullgraph=True: a graph break is an error, never a
+    silent fallback."""
+    compiled = layout.cache.get("flex_fn")
+    if compiled is None:
+        import types
 
-        _compiled = torch.compile(flex_attention, dynamic=False)
-    return _compiled
+        code = _flex_call.__code__.replace(co_name=f"_flex_call_{id(layout)}")
+        fn = types.FunctionType(code, _flex_call.__globals__, code.co_name)
+        compiled = layout.cache["flex_fn"] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return compiled
 
 
 class FlexBackend(Backend):
@@ -60,8 +70,7 @@ class FlexBackend(Backend):
         block_mask = layout.cache.get("flex")
         if block_mask is None:
             block_mask = layout.cache["flex"] = layout.to_block_mask()
-        kwargs = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-        result = _flex()(q, k, v, block_mask=block_mask, scale=scale, return_lse=return_lse, **kwargs)
+        result = _flex_for(layout)(q, k, v, block_mask, scale, return_lse, q.shape[1] != k.shape[1])
         if return_lse:
             out, lse = result
             return out, lse

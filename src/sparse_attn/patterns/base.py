@@ -131,6 +131,10 @@ class Pattern(ABC):
     def _validate(self, grid: BlockGrid) -> None:
         """Raise ValueError if this pattern cannot describe the given lengths."""
 
+    def prepare(self, device) -> None:
+        """Put the pattern's lookup tables on `device` ahead of use (needed before its
+        predicate runs inside a compiled FlexAttention kernel). Most patterns have none."""
+
     def natural_block(self) -> int | None:
         """The block granularity the pattern is defined at (BigBird's block, a block-sparse
         cell), if any: backends align their blocks with it."""
@@ -244,6 +248,10 @@ class _Combination(Pattern):
 
     def natural_block(self):
         return _min_block(self.parts)
+
+    def prepare(self, device):
+        for p in self.parts:
+            p.prepare(device)
 
     def _part_states(self, grid, head, qb, kb) -> torch.Tensor:
         return torch.stack([p._classify(grid, head, qb, kb) for p in self.parts])  # [P, n]
@@ -381,6 +389,10 @@ class PerHead(Pattern):
 
     def natural_block(self):
         return _min_block(self.parts)
+
+    def prepare(self, device):
+        for p in self.parts:
+            p.prepare(device)
 
     def _candidate_count(self, grid):
         return sum(p._candidate_count(grid) for p in self.parts)

@@ -211,6 +211,7 @@ class BlockLayout:
 
         shape = (1, self.num_heads, self.num_q_blocks)
         width = self.num_kv_blocks
+        self._require_pattern().prepare(self.device)  # lookup tables on the kernel's device
         return BlockMask.from_kv_blocks(
             self.partial.counts.to(torch.int32).reshape(shape),
             self.partial.padded(width).reshape(*shape, width),

@@ -21,6 +21,26 @@ from .base import Pattern, state_from_count
 from .grid import EMPTY, FULL, PARTIAL, UNBOUNDED, BlockGrid, BlockSet, expand_ranges
 
 
+class _PerDevice:
+    """A lookup table with one copy per device, made ahead of use by `prepare(device)`: inside
+    a compiled FlexAttention mask_mod a device copy could not be created."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.copies = {str(table.device): table}
+        self.source = table
+
+    def prepare(self, device) -> None:
+        key = str(torch.device(device))
+        if key not in self.copies:
+            self.copies[key] = self.source.to(device)
+
+    def on(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self.copies:
+            self.prepare(device)
+        return self.copies[key]
+
+
 def _floor_div(a: torch.Tensor, b: int) -> torch.Tensor:
     return torch.div(a, b, rounding_mode="floor")
 
@@ -48,7 +68,13 @@ class Band(Pattern):
 
     def allowed(self, q_idx, kv_idx, head=None):
         d = q_idx - kv_idx
-        ok = (d >= self.lo) & (d <= self.hi)
+        # Unbounded sides are left out, not compared with a huge constant: FlexAttention's GPU
+        # kernels index in int32, where such a constant would wrap around.
+        ok = d == d
+        if self.lo != -UNBOUNDED:
+            ok = ok & (d >= self.lo)
+        if self.hi != UNBOUNDED:
+            ok = ok & (d <= self.hi)
         if self.dilation > 1:
             ok = ok & (torch.remainder(d, self.dilation) == 0)
         return ok
@@ -119,8 +145,13 @@ class IndexSet:
             size = int(idx[-1]) + 1 if idx.numel() else 0
             member = torch.zeros(size + 1, dtype=torch.bool)  # the extra slot answers "out of range"
             member[idx] = True
-            self._member = member
-            self._cumulative = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(member.long(), 0)])
+            self._member = _PerDevice(member)
+            self._cumulative = _PerDevice(torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(member.long(), 0)]))
+
+    def prepare(self, device) -> None:
+        if self.indices is not None:
+            self._member.prepare(device)
+            self._cumulative.prepare(device)
 
     def max_index(self) -> int | None:
         if self.indices is not None:
@@ -132,7 +163,7 @@ class IndexSet:
             return (x >= 0) & (x < self.prefix)
         if self.period is not None:
             return torch.remainder(x, self.period) >= self.period - self.width
-        member = self._member.to(x.device)
+        member = self._member.on(x.device)
         return member[torch.clamp(x, 0, member.numel() - 1)] & (x >= 0)
 
     def count_below(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +174,7 @@ class IndexSet:
         if self.period is not None:
             return _floor_div(x, self.period) * self.width + torch.clamp(
                 torch.remainder(x, self.period) - (self.period - self.width), min=0)
-        cum = self._cumulative.to(x.device)
+        cum = self._cumulative.on(x.device)
         return cum[torch.clamp(x, max=cum.numel() - 1)]
 
     def count(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -166,6 +197,9 @@ class Columns(Pattern):
 
     def allowed(self, q_idx, kv_idx, head=None):
         return self.keys.contains(kv_idx) & (q_idx == q_idx)  # broadcast against q_idx
+
+    def prepare(self, device):
+        self.keys.prepare(device)
 
     def _touched_kv_blocks(self, grid):
         kb = grid.arange(grid.num_kv_blocks)
@@ -205,6 +239,9 @@ class Rows(Pattern):
 
     def allowed(self, q_idx, kv_idx, head=None):
         return self.queries.contains(q_idx) & (kv_idx == kv_idx)
+
+    def prepare(self, device):
+        self.queries.prepare(device)
 
     def _touched_q_blocks(self, grid):
         qb = grid.arange(grid.num_q_blocks)
@@ -258,15 +295,19 @@ class Segments(Pattern):
                                  "for arbitrary ids use patterns.predicate")
             self.length = ids.numel()
             change = torch.cat([torch.ones(1, dtype=torch.bool), ids[1:] != ids[:-1]])
-            self._segment = torch.cumsum(change.long(), 0) - 1  # [N] run index of each position
+            self._segment = _PerDevice(torch.cumsum(change.long(), 0) - 1)  # [N] run index of each position
             starts = change.nonzero().squeeze(1)
             self._start = starts
             self._end = torch.cat([starts[1:], torch.tensor([self.length])])
 
+    def prepare(self, device) -> None:
+        if self.length is not None:
+            self._segment.prepare(device)
+
     def segment_of(self, x: torch.Tensor) -> torch.Tensor:
         if self.size is not None:
             return _floor_div(x, self.size)
-        seg = self._segment.to(x.device)
+        seg = self._segment.on(x.device)
         return seg[torch.clamp(x, 0, self.length - 1)]
 
     def allowed(self, q_idx, kv_idx, head=None):
@@ -333,15 +374,21 @@ class BlockCells(Pattern):
         if self._table is None:
             t = torch.zeros(self.shape, dtype=torch.bool)
             t[self._head, self._row, self._col] = True
-            self._table = t
-        return self._table.to(device)
+            self._table = _PerDevice(t)
+        return self._table.on(device)
+
+    def prepare(self, device) -> None:
+        self.table("cpu")
+        self._table.prepare(device)
 
     def allowed(self, q_idx, kv_idx, head=None):
         t = self.table(q_idx.device)
-        h = torch.zeros_like(q_idx) if head is None or self.num_heads is None else torch.as_tensor(head)
+        if head is None or self.num_heads is None:
+            t = t[0]
         r, c = _floor_div(q_idx, self.cell_q), _floor_div(kv_idx, self.cell_kv)
         inside = (r >= 0) & (r < self.shape[1]) & (c >= 0) & (c < self.shape[2])
-        return t[h, torch.clamp(r, 0, self.shape[1] - 1), torch.clamp(c, 0, self.shape[2] - 1)] & inside
+        r, c = torch.clamp(r, 0, self.shape[1] - 1), torch.clamp(c, 0, self.shape[2] - 1)
+        return (t[r, c] if t.dim() == 2 else t[head, r, c]) & inside
 
     def natural_block(self):
         return min(self.cell_q, self.cell_kv)

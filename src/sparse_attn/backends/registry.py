@@ -8,6 +8,7 @@ of unmet requirements, and `explain()` shows the verdict for each backend.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -68,7 +69,7 @@ class AttentionCall:
                    q.shape[3], v.shape[3], q_offset, pattern, return_lse, getattr(pattern, "num_heads", None))
 
 
-class Backend:
+class Backend(ABC):
     """One way of computing attention. Subclasses set `name`, `caps` and implement `forward`."""
 
     name: str = "?"
@@ -112,9 +113,9 @@ class Backend:
             why.append("cannot return log-sum-exp")
         return why + self.extra_reasons(call)
 
+    @abstractmethod
     def forward(self, q, k, v, layout: "BlockLayout", scale: float, return_lse: bool):
         """Returns (out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32/float64 or None)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<backend {self.name}>"

@@ -13,6 +13,7 @@ block classifier:
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Callable
 
 import torch
@@ -50,10 +51,28 @@ def _states(nonempty: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 
 def _shared(grid: BlockGrid, qb: torch.Tensor) -> torch.Tensor:
+    """Head index 0 for every block of a head-independent pattern."""
     return torch.zeros_like(qb)
 
 
-class Band(Pattern):
+class _KvRangePattern(Pattern):
+    """A pattern whose query block touches one contiguous range of kv blocks, given by
+    `_kv_range(grid, q_blocks) -> (first, last)`: candidates are exactly those ranges."""
+
+    @abstractmethod
+    def _kv_range(self, grid, qb):
+        """(first, last) kv block touched by each query block in `qb` (last < first: none)."""
+
+    def _candidates(self, grid):
+        qb, kb = expand_ranges(*self._kv_range(grid, grid.arange(grid.num_q_blocks)))
+        return _shared(grid, qb), qb, kb
+
+    def _candidate_count(self, grid):
+        first, last = self._kv_range(grid, grid.arange(grid.num_q_blocks))
+        return int(torch.clamp(last - first + 1, min=0).sum())
+
+
+class Band(_KvRangePattern):
     """Allowed iff lo <= i - j <= hi and (i - j) is a multiple of `dilation`.
 
     `lo`/`hi` of None mean unbounded. Causal is Band(0, None); a causal window W is Band(0, W-1).
@@ -96,15 +115,6 @@ class Band(Pattern):
     def _kv_range(self, grid, qb):
         p0, p1 = grid.q_block_bounds(qb)
         return grid.kv_blocks_of_positions(p0 - self.hi, p1 - self.lo)
-
-    def _candidates(self, grid):
-        first, last = self._kv_range(grid, grid.arange(grid.num_q_blocks))
-        qb, kb = expand_ranges(first, last)
-        return _shared(grid, qb), qb, kb
-
-    def _candidate_count(self, grid):
-        first, last = self._kv_range(grid, grid.arange(grid.num_q_blocks))
-        return int(torch.clamp(last - first + 1, min=0).sum())
 
     def _classify(self, grid, head, qb, kb):
         p0, p1 = grid.q_block_bounds(qb)
@@ -272,7 +282,7 @@ class Rows(Pattern):
         return f"Rows({self.queries!r})"
 
 
-class Segments(Pattern):
+class Segments(_KvRangePattern):
     """Allowed iff i and j are in the same segment; segments tile the positions in order.
 
     Either regular segments of `size` (Sparse Transformer's fixed blocks), or the runs of a
@@ -321,14 +331,6 @@ class Segments(Pattern):
         else:
             lo, hi = self._start.to(grid.device)[s0], self._end.to(grid.device)[s1]
         return grid.kv_blocks_of_positions(lo, hi)
-
-    def _candidates(self, grid):
-        qb, kb = expand_ranges(*self._kv_range(grid, grid.arange(grid.num_q_blocks)))
-        return _shared(grid, qb), qb, kb
-
-    def _candidate_count(self, grid):
-        first, last = self._kv_range(grid, grid.arange(grid.num_q_blocks))
-        return int(torch.clamp(last - first + 1, min=0).sum())
 
     def _classify(self, grid, head, qb, kb):
         p0, p1 = grid.q_block_bounds(qb)

@@ -24,11 +24,14 @@ def explain(q, k, v, pattern, *, backend: str = "auto", q_offset: int | None = N
     from .inputs import check_inputs
     from .registry import explain_call
 
-    from ..patterns import Band, BlockLayout
+    from ..patterns import Band, BlockLayout, DisjointUnion
 
     pattern, q_offset, _ = check_inputs(q, k, v, pattern, None, q_offset, backend)
     split = pattern.residue_split() if isinstance(pattern, Band) and backend != "reference" else None
     notes = []
+    if isinstance(pattern, DisjointUnion) and backend != "reference":
+        notes.append(f"disjoint union: its {len(pattern.parts)} parts run one by one (each dispatched like this "
+                     "call) and are merged by log-sum-exp")
     if split is not None:  # sparse_attention runs each residue class as a plain band
         r, pattern = split
         notes.append(f"dilation {r}: runs as {r} residue classes of {pattern!r} (about Nq/{r} queries each)")

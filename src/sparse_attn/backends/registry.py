@@ -152,6 +152,11 @@ def _ensure_loaded() -> None:
         _loaded = True
         from . import blocked, flex, reference, sdpa  # noqa: F401  (registration side effect)
 
+        try:  # optional: without triton the other backends still load
+            from . import triton  # noqa: F401
+        except ImportError as e:
+            log.debug("triton backend not loaded: %s", e)
+
 
 @dataclass
 class Explanation:

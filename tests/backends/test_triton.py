@@ -1,0 +1,159 @@
+"""The `triton` backend (forward only) against the float64 reference.
+
+Without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before
+triton is imported) at tiny shapes; on the GPU machine the same tests run on CUDA, and the
+@pytest.mark.gpu cases add real shapes (N=4096, D=128, bf16). Outputs are allocated with
+torch.empty inside the backend, so an unwritten tile shows up as garbage or NaN: every element
+is compared and NaN anywhere fails."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from sa_testing import assert_fp32_close, assert_no_nan, check_backend_against_reference, make_qkv, reference_f64  # noqa: E402
+
+import sparse_attn  # noqa: E402
+from sparse_attn import patterns as P  # noqa: E402
+from sparse_attn.backends import BackendError, explain  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HEADS = 4
+
+
+def presets(n, heads=HEADS):
+    nb = -(-n // 16)
+    g = torch.Generator().manual_seed(n)
+    return {
+        "full": P.full(),
+        "causal": P.causal(),
+        "window": P.sliding_window(17),
+        "window_nc": P.sliding_window(16, causal=False),
+        "dilated": P.dilated(5, 3),
+        "strided": P.strided(9),
+        "longformer": P.longformer(9, [0, n // 2]),
+        "bigbird": P.bigbird(16, seed=3),
+        "bigbird_heads": P.bigbird(16, seed=3, num_heads=heads),
+        "block_sparse_heads": P.block_sparse(torch.rand(heads, nb, nb, generator=g) < 0.4, 16),
+        "streaming": P.streaming(3, 11),
+        "per_head": P.per_head([P.sliding_window(5 + 3 * h) for h in range(heads)]),
+        "predicate_heads": P.predicate(lambda b, h, q, kv: kv <= q - h, num_heads=heads),
+        "union": P.sliding_window(6) | P.strided(11) | P.streaming(2, 1),
+    }
+
+
+def _layout(pattern, nq, nkv=None, block=16, q_offset=None):
+    return pattern.layout(nq, nkv, block_q=block, block_kv=block, q_offset=q_offset, device=DEVICE)
+
+
+@pytest.mark.parametrize("name", list(presets(70)))
+def test_presets_fp32_prebuilt_layout(name):
+    """A prebuilt 16x16 layout reaches the kernel as is: full blocks, partial bitmasks, ragged edges."""
+    n = 70
+    q, k, v = make_qkv(1, HEADS, n, 16, hkv=2, device=DEVICE)
+    check_backend_against_reference(q, k, v, _layout(presets(n)[name], n), backend="triton", grads=False,
+                                    return_lse=True)
+
+
+@pytest.mark.parametrize("nq,nkv,d,dv", [(1, 1, 16, 16), (17, 17, 24, 24), (70, 70, 16, 24), (17, 70, 24, 16),
+                                         (1, 70, 16, 16), (70, 17, 16, 16)])
+def test_shapes_fp32_gqa(nq, nkv, d, dv):
+    """N in {1, 17, 70}, q_len != kv_len (queries are the last positions), D not a power of two, Dv != D."""
+    q, k, v = make_qkv(2, 4, nq, d, hkv=2, nkv=nkv, dv=dv, device=DEVICE)
+    kw = {"q_offset": 0} if nq > nkv else {}  # queries past the keys then see nothing: 0 and -inf
+    check_backend_against_reference(q, k, v, P.sliding_window(20), backend="triton", grads=False, return_lse=True,
+                                    **kw)
+
+
+def test_q_offset_prebuilt_layout():
+    q, k, v = make_qkv(1, 2, 17, 16, nkv=70, device=DEVICE)
+    layout = _layout(P.sliding_window(9), 17, 70, q_offset=30)
+    check_backend_against_reference(q, k, v, layout, backend="triton", grads=False, return_lse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["window", "bigbird_heads", "per_head"])
+def test_low_precision(name, dtype):
+    n = 70
+    q, k, v = make_qkv(1, HEADS, n, 24, hkv=2, device=DEVICE, dtype=dtype)
+    check_backend_against_reference(q, k, v, _layout(presets(n)[name], n), backend="triton", grads=False,
+                                    return_lse=True)
+
+
+def test_empty_rows_are_zero_with_lse_minus_inf():
+    """Rows with nothing allowed (every third query, and the whole second query block) -> 0, -inf."""
+    pattern = P.predicate(lambda b, h, q, kv: (q % 3 != 0) & (kv <= q) & ((q < 16) | (q >= 32)))
+    n = 40
+    q, k, v = make_qkv(1, 2, n, 16, device=DEVICE)
+    layout = _layout(pattern, n)
+    out, lse = sparse_attn.sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
+    assert_no_nan(out, lse)
+    empty = torch.tensor([not ((i % 3 != 0) and (i < 16 or i >= 32)) for i in range(n)], device=DEVICE)
+    assert torch.equal(out[:, :, empty], torch.zeros_like(out[:, :, empty]))
+    assert torch.isinf(lse[:, :, empty]).all() and (lse[:, :, empty] < 0).all()
+    out64, lse64 = reference_f64(q, k, v, layout, return_lse=True)
+    assert_fp32_close(out, out64)
+    assert_fp32_close(lse, lse64, what="lse")
+
+
+def test_pattern_with_default_blocks_and_cache():
+    """Through a pattern: the layout gets the backend's 64x64 blocks; its bitmasks are cached on it."""
+    n = 70
+    q, k, v = make_qkv(1, 2, n, 16, device=DEVICE)
+    pattern = P.sliding_window(13)
+    check_backend_against_reference(q, k, v, pattern, backend="triton", grads=False, return_lse=True)
+    layout = pattern.layout(n, block_q=64, block_kv=64, device=DEVICE)
+    sparse_attn.sparse_attention(q, k, v, layout, backend="triton")
+    plan = layout.cache["triton"]
+    assert plan.bits.dtype == torch.int32 and plan.bits.shape[1:] == (64, 2)
+    sparse_attn.sparse_attention(q, k, v, layout, backend="triton")
+    assert layout.cache["triton"] is plan
+
+
+def test_rejects_bad_block_sizes():
+    q, k, v = make_qkv(1, 2, 40, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="block_kv must be a power of two"):
+        sparse_attn.sparse_attention(q, k, v, P.causal().layout(40, block_q=16, block_kv=24, device=DEVICE),
+                                     backend="triton")
+
+
+def test_grads_fall_back_and_explain_says_why():
+    q, k, v = make_qkv(1, 2, 17, 16, device=DEVICE, requires_grad=True)
+    ex = explain(q, k, v, P.sliding_window(5))
+    assert ex.chosen != "triton"
+    assert "no backward" in "; ".join(ex.rejected["triton"])
+    with pytest.raises(BackendError, match="no backward"):
+        sparse_attn.sparse_attention(q, k, v, P.sliding_window(5), backend="triton")
+
+
+# ---------------------------------------------------------------- GPU scale (pytest -m gpu)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["causal", "window", "longformer", "bigbird", "per_head"])
+def test_gpu_scale_bf16(name):
+    n = 4096
+    pattern = {
+        "causal": P.causal(),
+        "window": P.sliding_window(1024),
+        "longformer": P.longformer(512, [0, 100, 2000]),
+        "bigbird": P.bigbird(64, seed=0),
+        "per_head": P.per_head([P.sliding_window(256 * (h + 1)) for h in range(HEADS)]),
+    }[name]
+    q, k, v = make_qkv(1, HEADS, n, 128, hkv=2, device="cuda", dtype=torch.bfloat16)
+    check_backend_against_reference(q, k, v, pattern, backend="triton", grads=False, return_lse=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("d,dv", [(128, 128), (96, 64), (256, 256)])
+def test_gpu_scale_fp32_and_head_dims(d, dv):
+    n = 4096
+    q, k, v = make_qkv(1, 2, n, d, dv=dv, device="cuda")
+    check_backend_against_reference(q, k, v, P.sliding_window(777), backend="triton", grads=False, return_lse=True)

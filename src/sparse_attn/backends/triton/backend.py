@@ -165,7 +165,7 @@ class TritonBackend(Backend):
         try:
             import triton  # noqa: F401
         except ImportError as e:
-            return f"triton not importable ({e}); install the 'triton' package (pip install "sparse_attn[gpu]")"
+            return f"triton not importable ({e}); install the 'triton' package (pip install 'sparse_attn[gpu]')"
         if not _interpreting() and not torch.cuda.is_available():
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernel on CPU, slowly, for tests)"
         return None

@@ -104,12 +104,8 @@ class _Plan:
 
     def _element_masks(self, group: _Group, e0: int, e1: int) -> torch.Tensor:
         """[e1 - e0, BQ, BK] bool: allowed elements of masked slots e0..e1."""
-        g = self.layout.grid
         row, slot = group.masked_row[e0:e1], group.masked_slot[e0:e1]
-        q = group.q_block[row, None, None] * g.block_q + torch.arange(g.block_q, device=g.device)[None, :, None]
-        kv = group.kv_block[row, slot][:, None, None] * g.block_kv + torch.arange(g.block_kv, device=g.device)
-        ok = self.layout.pattern.allowed(q + g.q_offset, kv, group.head[row, None, None])
-        return ok & (kv < g.kv_len)
+        return self.layout.element_masks(group.head[row], group.q_block[row], group.kv_block[row, slot])
 
     def apply_masks(self, group: _Group, rows: slice, s: torch.Tensor) -> None:
         """Set disallowed scores of the chunk's tile s [G, BQ, T * BK] to -inf, in place."""

@@ -158,6 +158,16 @@ class BlockLayout:
             out = out | ((expanded == PARTIAL) & self._require_pattern().allowed(q, kv, h))
         return out
 
+    def element_masks(self, head: torch.Tensor, q_block: torch.Tensor, kv_block: torch.Tensor) -> torch.Tensor:
+        """bool [n, BQ, BK]: which elements of blocks (head[i], q_block[i], kv_block[i]) are
+        allowed (the pattern's predicate, and keys inside kv_len). Used by kernels for the
+        partial blocks; O(n * BQ * BK)."""
+        g = self.grid
+        q = q_block[:, None, None] * g.block_q + torch.arange(g.block_q, device=g.device)[None, :, None]
+        kv = kv_block[:, None, None] * g.block_kv + torch.arange(g.block_kv, device=g.device)[None, None, :]
+        ok = self._require_pattern().allowed(q + g.q_offset, kv, head[:, None, None]) & (kv < g.kv_len)
+        return ok.expand(q_block.numel(), g.block_q, g.block_kv)
+
     def __str__(self) -> str:
         return self.ascii()
 

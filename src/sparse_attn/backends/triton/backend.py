@@ -62,24 +62,16 @@ def _pack_partial_masks(layout, words: int) -> torch.Tensor:
     out = torch.zeros(max(n, 1), g.block_q, words, dtype=torch.int32, device=dev)
     if n == 0:
         return out
-    pattern = layout._require_pattern()
-    pattern.prepare(dev)
+    layout._require_pattern().prepare(dev)
     bq, bk = g.block_q, g.block_kv
-    rows = torch.arange(bq, device=dev)[None, :, None]  # [1, BQ, 1]
-    cols = torch.arange(bk, device=dev)[None, None, :]  # [1, 1, BK]
     # weights of the 32 bits of a word, as int64 so the sum does not overflow
     weights = (torch.ones(1, dtype=torch.int64, device=dev) << torch.arange(32, device=dev))
     chunk = max(1, _MASK_CHUNK_ELEMENTS // (bq * bk))
     for e0 in range(0, n, chunk):
         e1 = min(n, e0 + chunk)
         r = csr.rows[e0:e1]
-        head = torch.div(r, g.num_q_blocks, rounding_mode="floor")[:, None, None]
-        qb = (r % g.num_q_blocks)[:, None, None]
-        kb = csr.indices[e0:e1].long()[:, None, None]
-        q_pos = g.q_offset + qb * bq + rows
-        kv_pos = kb * bk + cols
-        ok = pattern.allowed(q_pos, kv_pos, head) & (kv_pos < g.kv_len)  # [c, BQ, BK]
-        ok = ok.expand(e1 - e0, bq, bk)
+        ok = layout.element_masks(torch.div(r, g.num_q_blocks, rounding_mode="floor"), r % g.num_q_blocks,
+                                  csr.indices[e0:e1].long())  # [c, BQ, BK]
         if bk < words * 32:
             ok = torch.nn.functional.pad(ok, (0, words * 32 - bk))
         packed = (ok.reshape(e1 - e0, bq, words, 32).long() * weights).sum(-1)  # [c, BQ, words] in [0, 2^32)

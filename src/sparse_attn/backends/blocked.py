@@ -203,10 +203,7 @@ def _segments(kv_block: torch.Tensor) -> list[_Segment]:
 
 
 def get_plan(layout) -> _Plan:
-    plan = layout.cache.get("blocked")
-    if plan is None:
-        plan = layout.cache["blocked"] = _Plan(layout)
-    return plan
+    return layout.cached("blocked", lambda: _Plan(layout))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -9,6 +9,8 @@ compile. On CPU torch supports the forward only.
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from .registry import Backend, Capabilities, register
@@ -25,14 +27,13 @@ def _flex_for(layout):
     mask_mod is a recompile, and past torch.compile's recompile limit FlexAttention silently
     falls back to its unfused O(N^2) path. fullgraph=True: a graph break is an error, never a
     silent fallback."""
-    compiled = layout.cache.get("flex_fn")
-    if compiled is None:
-        import types
 
+    def build():
         code = _flex_call.__code__.replace(co_name=f"_flex_call_{id(layout)}")
         fn = types.FunctionType(code, _flex_call.__globals__, code.co_name)
-        compiled = layout.cache["flex_fn"] = torch.compile(fn, dynamic=False, fullgraph=True)
-    return compiled
+        return torch.compile(fn, dynamic=False, fullgraph=True)
+
+    return layout.cached("flex_fn", build)
 
 
 class FlexBackend(Backend):
@@ -67,9 +68,7 @@ class FlexBackend(Backend):
         return why
 
     def forward(self, q, k, v, layout, scale, return_lse):
-        block_mask = layout.cache.get("flex")
-        if block_mask is None:
-            block_mask = layout.cache["flex"] = layout.to_block_mask()
+        block_mask = layout.cached("flex", layout.to_block_mask)
         result = _flex_for(layout)(q, k, v, block_mask, scale, return_lse, q.shape[1] != k.shape[1])
         if return_lse:
             out, lse = result

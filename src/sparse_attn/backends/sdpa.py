@@ -6,7 +6,6 @@ It never takes a mask: a mask would make it a dense O(Nq*Nkv) computation.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .registry import FLOAT_DTYPES, Backend, Capabilities, register

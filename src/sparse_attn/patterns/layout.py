@@ -61,6 +61,13 @@ class BlockLayout:
         return cls(pattern, grid, blocks.num_heads,
                    _Csr(rows[f], blocks.kv_block[f], num_rows), _Csr(rows[~f], blocks.kv_block[~f], num_rows))
 
+    def cached(self, key: str, build):
+        """`self.cache[key]`, built by `build()` on first use (backends' per-layout plans)."""
+        value = self.cache.get(key)
+        if value is None:
+            value = self.cache[key] = build()
+        return value
+
     # --------------------------------------------------------------- plain facts
     q_len = property(lambda self: self.grid.q_len)
     kv_len = property(lambda self: self.grid.kv_len)

@@ -81,10 +81,7 @@ def _pack_partial_masks(layout, words: int) -> torch.Tensor:
 
 
 def get_plan(layout) -> _Plan:
-    plan = layout.cache.get("triton")
-    if plan is None:
-        plan = layout.cache["triton"] = _Plan(layout)
-    return plan
+    return layout.cached("triton", lambda: _Plan(layout))
 
 
 def _check_block(name: str, value: int) -> str | None:

@@ -27,6 +27,14 @@ def environment(device: str = "cpu") -> dict:
     }
     if device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
     return env
 
 
@@ -40,6 +48,42 @@ def time_cpu(fn, repeats: int = 5, min_run_time: float = 0.0) -> float:
     if min_run_time:
         return timer.blocked_autorange(min_run_time=min_run_time).median
     return statistics.median(timer.timeit(1).mean for _ in range(repeats))
+
+
+def _synced_seconds(fn) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def time_gpu(fn, warmup_ms: float = 10, rep_ms: float = 50, slow_s: float = 0.02) -> tuple[float, str]:
+    """Median seconds per call of `fn` on CUDA, and how it was measured (call it warm: compile
+    and first-call costs are not excluded here).
+
+    One synchronised call estimates the cost. Under `slow_s`:
+    `triton.testing.do_bench(fn, warmup_ms, rep_ms, return_mode="median")`. Slower calls get the
+    median of a few synchronised calls instead (3 under 0.5 s, 2 under 2 s, else the estimate
+    alone), since do_bench makes at least 8 calls whatever `rep` says."""
+    import triton.testing
+
+    estimate = _synced_seconds(fn)
+    if estimate < slow_s:
+        ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        return ms / 1e3, f"triton.testing.do_bench(warmup={warmup_ms}, rep={rep_ms}, median)"
+    extra = 2 if estimate < 0.5 else 1 if estimate < 2 else 0
+    samples = [estimate] + [_synced_seconds(fn) for _ in range(extra)]
+    return statistics.median(samples), f"median of {len(samples)} synchronised calls"
+
+
+def progress(iterable, **kwargs):
+    """tqdm on stderr when installed; the bare iterable otherwise (progress is optional)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, file=sys.stderr, **kwargs)
 
 
 def time_once(fn) -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, fmt_mib, fmt_ms, time_cpu, time_once, write_json  # noqa: E402
+from common import RESULTS, environment, fmt_mib, fmt_ms, progress, time_cpu, time_once, write_json  # noqa: E402
 
 import sparse_attn  # noqa: E402
 from sparse_attn import patterns as P  # noqa: E402
@@ -141,14 +141,9 @@ def main(argv=None) -> int:
         from torch.nn.attention.flex_attention import flex_attention
 
         flex_fn = torch.compile(flex_attention, dynamic=False)
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress is optional
-        def tqdm(x, **_):
-            return x
     rows = []
     jobs = [(n, name) for n in args.lengths for name in args.patterns]
-    for n, name in tqdm(jobs, desc="cpu_patterns", file=sys.stderr):
+    for n, name in progress(jobs, desc="cpu_patterns"):
         rows.append(bench_one(name, n, args, flex_fn))
         write_json(args.json, {"benchmark": "cpu_patterns", "env": environment("cpu"),
                                "flops_formula": "effective = 4*B*H*D*allowed_pairs; dense = 4*B*H*D*N^2",

@@ -1,7 +1,12 @@
 """Render the README's benchmark tables from benchmarks/results/*.json.
 
-    python benchmarks/tables.py                 # print the Markdown
-    python benchmarks/tables.py --write-readme  # replace the block between the markers in README.md
+    python benchmarks/tables.py                         # print the Markdown
+    python benchmarks/tables.py --write-readme          # replace the block between the markers in README.md
+    python benchmarks/tables.py --write-readme --plot   # also draw benchmarks/results/gpu_patterns.png
+
+GPU pattern results may be split over several runs: every benchmarks/results/gpu_patterns*.json
+(or the files given with --gpu-json) is merged, a later file's row replacing an earlier one for
+the same (pattern, N, method) unless only the earlier one has timings.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- tables:start -->", "<!-- tables:end -->"
+GPU_PLOT = RESULTS / "gpu_patterns.png"
 
 
 def _ms(x) -> str:
@@ -26,18 +33,186 @@ def _mib(x) -> str:
 
 def layout_table(data: dict) -> str:
     env = data["env"]
+    if env.get("device") == "cuda":
+        title = (f"**Layout construction on the GPU** (`python benchmarks/layout_build.py --device cuda`; "
+                 f"{env.get('gpu', 'cuda')}, torch {env['torch']}). Median of 5 fresh builds, synchronised; peak = "
+                 "CUDA allocator peak during one build.")
+    else:
+        title = (f"**Layout construction** (`python benchmarks/layout_build.py`; torch {env['torch']}, "
+                 f"{env['threads']} threads). Median of 5 fresh builds; peak = torch allocations during one build.")
     lines = [
-        f"**Layout construction** (`python benchmarks/layout_build.py`; torch {env['torch']}, {env['threads']} threads). "
-        "Median of 5 fresh builds; peak = torch allocations during one build. For scale: a dense bool mask at "
-        "1,048,576 tokens is 1 TiB.",
+        f"{title} For scale: a dense bool mask at 1,048,576 tokens is 1 TiB.",
         "",
         "| pattern (W=4096) | N | block | build ms | non-empty blocks | layout MiB | peak MiB during build |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['pattern']} | {r['N']:,} | {r['block']} | {_failure(r['error'])} | - | - | - |")
+            continue
         lines.append(f"| {r['pattern']} | {r['N']:,} | {r['block']} | {r['build_s'] * 1e3:.0f} | {r['nnz_blocks']:,} | "
                      f"{r['layout_bytes'] / 2**20:.1f} | {_mib(r.get('peak_build_bytes'))} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- GPU
+GPU_METHODS = {  # method -> label in tables and plots
+    "sparse_attn_triton": "triton (ours)",
+    "sparse_attn_flex": "flex (ours)",
+    "flexattention": "FlexAttention",
+    "sdpa_mask": "SDPA+mask",
+    "sdpa_causal": "SDPA causal",
+}
+
+
+def _failure(message: str) -> str:
+    return "OOM" if ("OutOfMemory" in message or "out of memory" in message) else "error"
+
+
+def gpu_files() -> list[Path]:
+    return sorted(RESULTS.glob("gpu_patterns*.json"))
+
+
+def load_gpu(paths: Sequence[Path]) -> tuple[list[dict], dict[tuple, dict]]:
+    """(payloads, merged rows by (pattern, N, method))."""
+    payloads, rows = [], {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        payloads.append(data)
+        for r in data["rows"]:
+            key = (r["pattern"], r["N"], r["method"])
+            if key in rows and "fwd_ms" in rows[key] and "fwd_ms" not in r:
+                continue  # keep timings over a later failure or skip
+            rows[key] = r
+    return payloads, rows
+
+
+def _gpu_ms(r: dict | None, pass_: str) -> str:
+    if r is None:
+        return "-"
+    if f"{pass_}_ms" in r:
+        x = r[f"{pass_}_ms"]
+        return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+    message = r.get("error") or r.get(f"{pass_}_error")
+    if message:
+        return _failure(message)
+    return "n/a" if ("skipped" in r or f"{pass_}_skipped" in r) else "-"
+
+
+def _num(r: dict | None, key: str, spec: str) -> str:
+    return "-" if not r or r.get(key) is None else format(r[key], spec)
+
+
+def _ratio(slow: dict | None, fast: dict | None, pass_: str) -> str:
+    key = f"{pass_}_ms"
+    if not slow or not fast or key not in slow or key not in fast:
+        return "-"
+    return f"{slow[key] / fast[key]:.2f}x"
+
+
+def gpu_table(paths: Sequence[Path]) -> str:
+    payloads, rows = load_gpu(paths)
+    envs = {(p["env"].get("gpu", "?"), p["env"]["torch"], p["env"].get("triton", "?")) for p in payloads}
+    cfg = payloads[0]["config"]
+    formulas = payloads[0]["formulas"]
+    where = "; ".join(f"{gpu}, torch {torch}, triton {triton}" for gpu, torch, triton in sorted(envs))
+    commands = ", ".join(f"`{' '.join(Path(p['command'][0]).name if i == 0 else a for i, a in enumerate(p['command']))}`"
+                         for p in payloads)
+    lines = [
+        f"**GPU, patterns vs FlexAttention and SDPA** ({where}; B={cfg['B']}, H={cfg['H']}, D={cfg['D']}, "
+        f"{cfg['dtype']}; one process per run: {commands}). "
+        "`triton` = `sparse_attention(q, k, v, pattern, backend=\"triton\")`; `flex (ours)` = our flex backend given "
+        "the 128x128 layout; `FlexAttention` = `torch.compile(flex_attention)` with `create_block_mask(..., "
+        "_compile=True)` on the pattern's `mask_mod` (its build time in its own column); `SDPA+mask` = SDPA with the "
+        f"dense bool mask (N <= {cfg['max_dense']:,}); `SDPA causal` = dense causal SDPA, for scale. Times are medians in ms "
+        "(`triton.testing.do_bench`, or a few synchronised calls for calls over 20 ms); `vs FA` = FlexAttention "
+        "time / triton time. torch._dynamo is reset before each pattern and length. "
+        f"Effective TFLOP/s = {formulas['effective_tflops_fwd']}; dense-equivalent TFLOP/s = "
+        f"{formulas['dense_equiv_tflops_fwd']} (fwd+bwd: x3.5). Peak = CUDA allocator peak of one triton forward "
+        "beyond what was allocated before it. Error = max abs vs float64 on the last 256 queries (triton / flex ours). "
+        "OOM / error / n/a (not run by design) as marked; failures listed below.",
+        "",
+        "| pattern | N | density | triton fwd ms | flex (ours) fwd | FlexAttention fwd | SDPA+mask fwd | SDPA causal fwd "
+        "| triton vs FA fwd | triton fwd+bwd ms | flex (ours) fwd+bwd | FlexAttention fwd+bwd | SDPA causal fwd+bwd "
+        "| triton vs FA fwd+bwd | triton eff. TFLOP/s fwd | triton dense-equiv TFLOP/s fwd | triton peak MiB "
+        "| layout build ms | create_block_mask ms | max err triton / flex |",
+        "|" + "---|" * 20,
+    ]
+    order = list(payloads[0]["patterns"])
+    pairs = sorted({(p, n) for p, n, m in rows if m != "sdpa_causal" or (p, n, "sparse_attn_triton") in rows},
+                   key=lambda pn: (order.index(pn[0]) if pn[0] in order else len(order), pn[1]))
+    failures = []
+    for pattern, n in pairs:
+        got = {m: rows.get((pattern, n, m)) for m in GPU_METHODS}
+        causal = rows.get(("causal", n, "sdpa_causal"))
+        tri, flex, fa = got["sparse_attn_triton"], got["sparse_attn_flex"], got["flexattention"]
+        facts = next((r for r in got.values() if r and "density" in r), {})
+        errs = " / ".join(_num(r, "max_err_last_rows", ".1e") for r in (tri, flex))
+        lines.append(
+            f"| {pattern} | {n:,} | {_num(facts, 'density', '.4f')} | {_gpu_ms(tri, 'fwd')} | {_gpu_ms(flex, 'fwd')} | "
+            f"{_gpu_ms(fa, 'fwd')} | {_gpu_ms(got['sdpa_mask'], 'fwd')} | {_gpu_ms(causal, 'fwd')} | "
+            f"{_ratio(fa, tri, 'fwd')} | {_gpu_ms(tri, 'fwd_bwd')} | {_gpu_ms(flex, 'fwd_bwd')} | "
+            f"{_gpu_ms(fa, 'fwd_bwd')} | {_gpu_ms(causal, 'fwd_bwd')} | {_ratio(fa, tri, 'fwd_bwd')} | "
+            f"{_num(tri, 'effective_tflops_fwd', '.0f')} | {_num(tri, 'dense_equiv_tflops_fwd', '.0f')} | "
+            f"{_mib(tri.get('fwd_peak_bytes') if tri else None)} | {_num(facts, 'layout_build_ms', '.1f')} | "
+            f"{_num(fa, 'create_block_mask_ms', '.1f')} | {errs} |")
+        for m, r in got.items():
+            for key, stage in (("error", "setup"), ("fwd_error", "fwd"), ("fwd_bwd_error", "fwd+bwd")):
+                if r and key in r:
+                    failures.append(f"{pattern} N={n:,} {GPU_METHODS[m]} {stage}: {r[key][:160]}")
+    if failures:
+        lines += ["", "Failures: " + "; ".join(failures) + "."]
+    not_run = [x for p in payloads for x in p.get("not_run", [])]
+    if not_run:
+        lines += ["", f"Not run (deadline of the run): {', '.join(not_run)}."]
+    if GPU_PLOT.exists():
+        lines += ["", f"![GPU time against length](benchmarks/results/{GPU_PLOT.name})"]
+    return "\n".join(lines)
+
+
+def gpu_plot(paths: Sequence[Path], out: Path = GPU_PLOT) -> Path:
+    """Time against N, log-log, one panel per pattern; solid = forward, dashed = forward+backward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    payloads, rows = load_gpu(paths)
+    order = list(payloads[0]["patterns"])
+    patterns = sorted({p for p, _, m in rows if m != "sdpa_causal"},
+                      key=lambda p: order.index(p) if p in order else len(order))
+    cols = min(3, max(1, len(patterns)))
+    nrows = -(-len(patterns) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    colors = dict(zip(GPU_METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, pattern in zip(axes.flat, patterns):
+        for method, label in GPU_METHODS.items():
+            source = "causal" if method == "sdpa_causal" else pattern
+            for pass_, style in (("fwd", "-"), ("fwd_bwd", "--")):
+                pts = sorted((n, r[f"{pass_}_ms"]) for (p, n, m), r in rows.items()
+                             if p == source and m == method and f"{pass_}_ms" in r)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[method],
+                            label=f"{label} {'fwd' if pass_ == 'fwd' else 'fwd+bwd'}")
+        ax.set(xscale="log", yscale="log", title=pattern, xlabel="N (tokens)", ylabel="ms")
+        lengths = sorted({n for p, n, _ in rows if p == pattern})
+        ax.set_xticks(lengths, [f"{n // 1024}K" for n in lengths])
+        ax.minorticks_off()
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(patterns):]:
+        ax.axis("off")
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels, handles = list(legend), list(legend.values())
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))), fontsize=8)
+    env = payloads[0]["env"]
+    fig.suptitle(f"{env.get('gpu', 'GPU')}, torch {env['torch']}: time per call (solid fwd, dashed fwd+bwd)")
+    fig.tight_layout(rect=(0, 0.08 + 0.02 * (len(labels) // 5), 1, 0.95))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def cpu_table(data: dict) -> str:
@@ -66,20 +241,32 @@ def cpu_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def render() -> str:
+def render(gpu_paths: Sequence[Path] = ()) -> str:
     parts = []
-    for name, fn in (("layout_build.json", layout_table), ("cpu_patterns.json", cpu_table)):
+    for name, fn in (("layout_build.json", layout_table), ("cpu_patterns.json", cpu_table),
+                     ("layout_build_gpu.json", layout_table)):
         path = RESULTS / name
         if path.exists():
             parts.append(fn(json.loads(path.read_text())))
+    if gpu_paths:
+        parts.append(gpu_table(gpu_paths))
     return "\n\n".join(parts)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write-readme", action="store_true")
+    ap.add_argument("--plot", action="store_true", help=f"draw {GPU_PLOT.relative_to(ROOT)} from the GPU results")
+    ap.add_argument("--gpu-json", type=Path, nargs="+", default=None,
+                    help="GPU pattern results to merge (default: benchmarks/results/gpu_patterns*.json)")
     args = ap.parse_args(argv)
-    text = render()
+    gpu_paths = args.gpu_json if args.gpu_json is not None else gpu_files()
+    if args.plot:
+        if not gpu_paths:
+            print("no GPU results to plot (benchmarks/results/gpu_patterns*.json)", file=sys.stderr)
+            return 1
+        print(f"wrote {gpu_plot(gpu_paths)}", file=sys.stderr)
+    text = render(gpu_paths)
     if not args.write_readme:
         print(text)
         return 0

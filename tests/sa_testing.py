@@ -122,8 +122,8 @@ def check_backend_against_reference(q, k, v, pattern, *, backend="blocked", dtyp
     same precision sets the allowed error."""
     dtype = q.dtype if dtype is None else dtype
     q, k, v = (t.detach().to(dtype) for t in (q, k, v))
-    dout = torch.randn(*q.shape[:3], v.shape[-1], dtype=torch.float64).to(dtype)
-    lse_w = torch.randn(q.shape[:3], dtype=torch.float64) if return_lse else None
+    dout = torch.randn(*q.shape[:3], v.shape[-1], dtype=torch.float64, device=q.device).to(dtype)
+    lse_w = torch.randn(q.shape[:3], dtype=torch.float64, device=q.device) if return_lse else None
     if grads:
         out, lse, g = run_with_grads(q, k, v, pattern, dout, backend=backend, lse_weight=lse_w, **kw)
         out64, lse64, g64 = run_with_grads(*as_f64(q, k, v), pattern, dout.double(), backend="reference",

@@ -1,10 +1,10 @@
-"""The `triton` backend (forward only) against the float64 reference.
+"""The `triton` backend (forward and backward) against the float64 reference.
 
-Without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before
 triton is imported) at tiny shapes; on the GPU machine the same tests run on CUDA, and the
-@pytest.mark.gpu cases add real shapes (N=4096, D=128, bf16). Outputs are allocated with
-torch.empty inside the backend, so an unwritten tile shows up as garbage or NaN: every element
-is compared and NaN anywhere fails."""
+@pytest.mark.gpu cases add real shapes (N=4096, D=128, bf16). Every tensor the kernels write
+(out, lse, dq, dk, dv) is allocated NaN-filled in these tests (fixture below), so an
+unwritten tile fails loudly: every element is compared and NaN anywhere fails."""
 
 from __future__ import annotations
 
@@ -22,10 +22,19 @@ from sa_testing import assert_fp32_close, assert_no_nan, check_backend_against_r
 
 import sparse_attn  # noqa: E402
 from sparse_attn import patterns as P  # noqa: E402
-from sparse_attn.backends import BackendError, explain  # noqa: E402
+from sparse_attn.backends import explain  # noqa: E402
+from sparse_attn.backends.triton import ops as triton_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEADS = 4
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_outputs(monkeypatch):
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_ops, "new_output", poisoned)
 
 
 def presets(n, heads=HEADS):
@@ -55,11 +64,11 @@ def _layout(pattern, nq, nkv=None, block=16, q_offset=None):
 
 @pytest.mark.parametrize("name", list(presets(70)))
 def test_presets_fp32_prebuilt_layout(name):
-    """A prebuilt 16x16 layout reaches the kernel as is: full blocks, partial bitmasks, ragged edges."""
+    """A prebuilt 16x16 layout reaches the kernels as is: full blocks, partial bitmasks, ragged
+    edges; forward and the three gradients (also through lse)."""
     n = 70
     q, k, v = make_qkv(1, HEADS, n, 16, hkv=2, device=DEVICE)
-    check_backend_against_reference(q, k, v, _layout(presets(n)[name], n), backend="triton", grads=False,
-                                    return_lse=True)
+    check_backend_against_reference(q, k, v, _layout(presets(n)[name], n), backend="triton", return_lse=True)
 
 
 @pytest.mark.parametrize("nq,nkv,d,dv", [(1, 1, 16, 16), (17, 17, 24, 24), (70, 70, 16, 24), (17, 70, 24, 16),
@@ -68,14 +77,13 @@ def test_shapes_fp32_gqa(nq, nkv, d, dv):
     """N in {1, 17, 70}, q_len != kv_len (queries are the last positions), D not a power of two, Dv != D."""
     q, k, v = make_qkv(2, 4, nq, d, hkv=2, nkv=nkv, dv=dv, device=DEVICE)
     kw = {"q_offset": 0} if nq > nkv else {}  # queries past the keys then see nothing: 0 and -inf
-    check_backend_against_reference(q, k, v, P.sliding_window(20), backend="triton", grads=False, return_lse=True,
-                                    **kw)
+    check_backend_against_reference(q, k, v, P.sliding_window(20), backend="triton", return_lse=True, **kw)
 
 
 def test_q_offset_prebuilt_layout():
     q, k, v = make_qkv(1, 2, 17, 16, nkv=70, device=DEVICE)
     layout = _layout(P.sliding_window(9), 17, 70, q_offset=30)
-    check_backend_against_reference(q, k, v, layout, backend="triton", grads=False, return_lse=True)
+    check_backend_against_reference(q, k, v, layout, backend="triton", return_lse=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -83,8 +91,7 @@ def test_q_offset_prebuilt_layout():
 def test_low_precision(name, dtype):
     n = 70
     q, k, v = make_qkv(1, HEADS, n, 24, hkv=2, device=DEVICE, dtype=dtype)
-    check_backend_against_reference(q, k, v, _layout(presets(n)[name], n), backend="triton", grads=False,
-                                    return_lse=True)
+    check_backend_against_reference(q, k, v, _layout(presets(n)[name], n), backend="triton", return_lse=True)
 
 
 def test_empty_rows_are_zero_with_lse_minus_inf():
@@ -104,17 +111,83 @@ def test_empty_rows_are_zero_with_lse_minus_inf():
 
 
 def test_pattern_with_default_blocks_and_cache():
-    """Through a pattern: the layout gets the backend's 64x64 blocks; its bitmasks are cached on it."""
+    """Through a pattern: the layout gets the backend's blocks; its plan is cached on it."""
     n = 70
     q, k, v = make_qkv(1, 2, n, 16, device=DEVICE)
     pattern = P.sliding_window(13)
-    check_backend_against_reference(q, k, v, pattern, backend="triton", grads=False, return_lse=True)
+    check_backend_against_reference(q, k, v, pattern, backend="triton", return_lse=True)
     layout = pattern.layout(n, block_q=64, block_kv=64, device=DEVICE)
     sparse_attn.sparse_attention(q, k, v, layout, backend="triton")
     plan = layout.cache["triton"]
     assert plan.bits.dtype == torch.int32 and plan.bits.shape[1:] == (64, 2)
     sparse_attn.sparse_attention(q, k, v, layout, backend="triton")
     assert layout.cache["triton"] is plan
+
+
+def test_plan_transposed_layout_and_schedule():
+    """The backward's transposed walk lists, per (head, kv block), the query blocks touching it,
+    and points each partial block at its bitmask; the schedule visits the busiest rows first."""
+    pattern = P.longformer(9, [0]) | P.per_head([P.sliding_window(5 + 3 * h) for h in range(3)])
+    layout = pattern.layout(400, block_q=16, block_kv=16, device=DEVICE)
+    plan = triton_ops.get_plan(layout)
+    nqb, nkb = layout.num_q_blocks, layout.num_kv_blocks
+    for csr, off, idx in ((layout.full, plan.tfull_off, plan.tfull_idx), (layout.partial, plan.tpart_off,
+                                                                         plan.tpart_idx)):
+        forward_pairs = {(int(r) // nqb, int(r) % nqb, int(c)) for r, c in zip(csr.rows, csr.indices)}
+        transposed = set()
+        for col in range(layout.num_heads * nkb):
+            for j in range(int(off[col]), int(off[col + 1])):
+                transposed.add((col // nkb, int(idx[j]), col % nkb))
+        assert transposed == forward_pairs
+    for col in range(layout.num_heads * nkb):
+        for j in range(int(plan.tpart_off[col]), int(plan.tpart_off[col + 1])):
+            e = int(plan.tpart_entry[j])
+            assert int(layout.partial.indices[e]) == col % nkb and int(layout.partial.rows[e]) % nqb == int(
+                plan.tpart_idx[j])
+    work = (plan.full_off.diff() + plan.part_off.diff()).reshape(layout.num_heads, nqb).amax(0)
+    ordered = work[plan.q_block_order.long()]
+    assert torch.all(ordered[:-1] >= ordered[1:]) and sorted(plan.q_block_order.tolist()) == list(range(nqb))
+    assert plan.q_heads_fastest  # the global row reads all 25 blocks, the others about 3: imbalanced
+    assert not triton_ops.get_plan(P.sliding_window(9).layout(400, block_q=16, block_kv=16)).q_heads_fastest
+
+
+def test_backward_is_deterministic():
+    """No atomics: two backward passes give bitwise-identical gradients (GQA group of 2)."""
+    q, k, v = make_qkv(1, 4, 45, 16, hkv=2, device=DEVICE)
+    dout = torch.randn(1, 4, 45, 16, device=DEVICE)
+    grads = []
+    for _ in range(2):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = sparse_attn.sparse_attention(qq, kk, vv, P.longformer(9, [0, 20]), backend="triton")
+        grads.append(torch.autograd.grad(out, (qq, kk, vv), dout))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    """The kernels are custom ops with fake implementations: a module calling sparse_attention
+    compiles with fullgraph=True (a graph break would raise), forward and backward."""
+    torch._dynamo.reset()
+    pattern = P.sliding_window(9)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 3 * 16)
+
+        def forward(self, x):  # x [B, N, 16] -> one head of dim 16
+            q, k, v = self.proj(x).unsqueeze(1).chunk(3, dim=-1)
+            return sparse_attn.sparse_attention(q, k, v, pattern, backend="triton").sum()
+
+    model = Block().to(DEVICE)
+    x = torch.randn(1, 40, 16, device=DEVICE)
+    eager = model(x)
+    eager_grad = torch.autograd.grad(eager, model.proj.weight)[0]
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    grad = torch.autograd.grad(loss, model.proj.weight)[0]
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_rejects_bad_block_sizes():
@@ -124,13 +197,10 @@ def test_rejects_bad_block_sizes():
                                      backend="triton")
 
 
-def test_grads_fall_back_and_explain_says_why():
+def test_grads_served_and_explain_names_triton():
     q, k, v = make_qkv(1, 2, 17, 16, device=DEVICE, requires_grad=True)
-    ex = explain(q, k, v, P.sliding_window(5))
-    assert ex.chosen != "triton"
-    assert "no backward" in "; ".join(ex.rejected["triton"])
-    with pytest.raises(BackendError, match="no backward"):
-        sparse_attn.sparse_attention(q, k, v, P.sliding_window(5), backend="triton")
+    ex = explain(q, k, v, P.sliding_window(5), backend="triton")
+    assert ex.chosen == "triton", str(ex)
 
 
 # ---------------------------------------------------------------- GPU scale (pytest -m gpu)
@@ -147,13 +217,25 @@ def test_gpu_scale_bf16(name):
         "per_head": P.per_head([P.sliding_window(256 * (h + 1)) for h in range(HEADS)]),
     }[name]
     q, k, v = make_qkv(1, HEADS, n, 128, hkv=2, device="cuda", dtype=torch.bfloat16)
-    check_backend_against_reference(q, k, v, pattern, backend="triton", grads=False, return_lse=True)
+    check_backend_against_reference(q, k, v, pattern, backend="triton", return_lse=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("d,dv", [(128, 128), (96, 64), (256, 256)])
+@pytest.mark.parametrize("d,dv", [(128, 128), (96, 64), (256, 256), (16, 16), (59, 111)])
 def test_gpu_scale_fp32_and_head_dims(d, dv):
     n = 4096
     q, k, v = make_qkv(1, 2, n, d, dv=dv, device="cuda")
-    check_backend_against_reference(q, k, v, P.sliding_window(777), backend="triton", grads=False, return_lse=True)
+    check_backend_against_reference(q, k, v, P.sliding_window(777), backend="triton", return_lse=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(presets(1000)))
+@pytest.mark.parametrize("nq,nkv", [(1000, 1000), (203, 1000)])
+def test_gpu_every_preset_low_precision(name, dtype, nq, nkv):
+    """Every preset and combinator at odd lengths, GQA, q_len != kv_len, with 128x128 blocks
+    and the tuned tiles: out, lse and all three gradients by FlashAttention's rule."""
+    q, k, v = make_qkv(2, HEADS, nq, 64, hkv=2, nkv=nkv, device="cuda", dtype=dtype)
+    check_backend_against_reference(q, k, v, presets(1000)[name], backend="triton", return_lse=True)

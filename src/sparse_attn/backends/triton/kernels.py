@@ -1,10 +1,25 @@
-"""Block-sparse flash-attention forward kernel (Triton).
+"""Block-sparse flash-attention kernels (Triton): forward, and the backward as two kernels.
 
-One program per (query block, batch * query head). The program walks its layout row's kv
-blocks from CSR arrays: first the *full* blocks (no element mask), then the *partial* ones,
-whose element masks arrive as packed bits (see backend.py for the format). Online softmax in
-fp32 with exp2 on log2(e)-prescaled scores; rows that see nothing end with l = 0 and are
-written as 0 with lse = -inf.
+Layout blocks (LBQ x LBK, the BlockLayout's block sizes) and kernel tiles (BM x BN) are
+separate: a tile divides a layout block, so one layout (e.g. 128 x 128, as FlexAttention's)
+serves a forward that wants 128 x 64 tiles and a backward that wants 64 x 128 ones.
+
+* forward: one program per (query tile, batch * query head). It walks its layout row's kv
+  blocks from CSR arrays, first the *full* blocks (no element mask), then the *partial* ones,
+  whose element masks arrive as packed bits (format in plan.py). Each loop is one flat loop
+  over kv tiles (block index = tile // tiles-per-block) so Triton's software pipeliner sees a
+  single loop with a `tl.dot` in it. Online softmax in fp32 with exp2 on log2(e)-prescaled
+  scores; rows that see nothing end with l = 0 and are written as 0 with lse = -inf.
+* backward dq: one program per (query tile, batch * query head), walking the same CSR row.
+* backward dk/dv: one program per (kv tile, batch * kv head), walking the *transposed* layout
+  (for each kv block, the query blocks that touch it) for every query head of its GQA group,
+  so dk/dv of a kv head are summed inside one program: no atomics, the backward is
+  deterministic (bitwise reproducible) by construction.
+
+The backward recomputes P = exp2(S * scale * log2e - lse2) from the saved lse (lse2 is lse in
+log2 units, +inf for empty and padding rows so P is 0 there), and uses
+dS = P * (dP - delta) with delta = rowsum(dO * O) - dlse, which also carries the gradient
+flowing into the returned log-sum-exp.
 """
 
 from __future__ import annotations
@@ -17,108 +32,323 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, kb, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                  mask_ptr, qk_scale, kv_len,
-                  BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                  D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
-                  IS_PARTIAL: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    offs_n = kb * BK + tl.arange(0, BK)  # [BK] key positions
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 inputs: real fp32 products, not tf32
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _load_rows(base, offs_n, stride_n, offs_d, n_len, D: tl.constexpr, BD: tl.constexpr, EVEN_N: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """[len(offs_n), BD] rows of a (N, D) matrix; rows past n_len and columns past D read as 0."""
+    ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :]
+    if EVEN_N and D == BD:
+        x = tl.load(ptrs)
+    elif EVEN_N:
+        x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    else:
+        x = tl.load(ptrs, mask=(offs_n[:, None] < n_len) & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (it multiplies raw bits): compute in fp32
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _mask_bits(mask_ptr, rows, cols, WORDS: tl.constexpr):
+    """Bit (col % 32) of word (col // 32) of row `row` of a partial block's packed mask.
+    `rows`/`cols` are block-local and broadcast against each other."""
+    words = tl.load(mask_ptr + rows * WORDS + cols // 32)
+    return ((words >> (cols % 32)) & 1) != 0
+
+
+@triton.jit
+def _program_tile(block_order, HEADS_FASTEST: tl.constexpr, TILES_PER_BLOCK: tl.constexpr):
+    """(tile, batch*head) of this program. Layout blocks are visited in `block_order` (the
+    busiest first, so a row that touches every block, e.g. Longformer's globals, does not
+    start last and set the tail); with HEADS_FASTEST the busiest blocks of all heads go first."""
+    if HEADS_FASTEST:
+        bh = tl.program_id(0)
+        rank = tl.program_id(1)
+    else:
+        rank = tl.program_id(0)
+        bh = tl.program_id(1)
+    block = tl.load(block_order + rank // TILES_PER_BLOCK)
+    return block * TILES_PER_BLOCK + rank % TILES_PER_BLOCK, bh
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, k_base, v_base, stride_kn, stride_vn,
+               q_row_in_block, qk_scale, kv_len,
+               LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+               D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, LBQ: tl.constexpr,
+               IS_PARTIAL: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    TILES: tl.constexpr = LBK // BN
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    in_kv = offs_n < kv_len
-    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # [BD, BK]
-    k = tl.load(k_ptrs, mask=in_kv[None, :] & (offs_d[:, None] < D), other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-    if IEEE:
-        s = tl.dot(q, k, input_precision="ieee")
-    else:
-        s = tl.dot(q, k)
-    s = s * qk_scale  # [BQ, BK], log2 units
-    if IS_PARTIAL:
-        # bit (col % 32) of word (col // 32) of row r: may query r see key col?
-        cols = tl.arange(0, BK)
-        rows = tl.arange(0, BQ)
-        words = tl.load(mask_ptr + rows[:, None] * WORDS + (cols // 32)[None, :])  # [BQ, BK] int32
-        bits = (words >> (cols % 32)[None, :]) & 1
-        s = tl.where(bits != 0, s, float("-inf"))  # ragged keys already cleared in the bits
-    elif not EVEN_KV:
-        s = tl.where(in_kv[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: exp2(-inf) = 0
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # [BK, BDV]
-    v = tl.load(v_ptrs, mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    if UPCAST:
-        v = v.to(tl.float32)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
+    for t in range(t0, t1):
+        j = t // TILES  # CSR entry
+        kb = tl.load(idx_ptr + j)
+        col0 = (t % TILES) * BN  # first column of this tile inside its layout block
+        offs_n = kb * LBK + col0 + tl.arange(0, BN)  # [BN] key positions
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, D, BD, EVEN_KV, UPCAST)  # [BN, BD]
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BM, BN], log2 units
+        if IS_PARTIAL:
+            cols = col0 + tl.arange(0, BN)
+            keep = _mask_bits(bits_ptr + j * (LBQ * WORDS), q_row_in_block[:, None], cols[None, :], WORDS)
+            s = tl.where(keep, s, float("-inf"))  # ragged keys are already cleared in the bits
+        elif not EVEN_KV:
+            s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if IS_PARTIAL or not EVEN_KV:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp2 finite
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, DV, BDV, EVEN_KV, UPCAST)  # [BN, BDV]
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
 def block_sparse_fwd_kernel(
     Q, K, V, Out, Lse,
-    full_off, full_idx, part_off, part_idx, part_bits,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_lb, stride_lh, stride_ln,
+    full_off, full_idx, part_off, part_idx, part_bits, q_block_order,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_lb, stride_lh,
     qk_scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
-    PER_HEAD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Inner dims of q/k/v/out must be contiguous (stride 1)."""
+    qt, bh = _program_tile(q_block_order, HEADS_FASTEST, LBQ // BM)
     b = (bh // num_q_heads).to(tl.int64)
     h = bh % num_q_heads
-    hk = h // group_size  # GQA: kv head read in place, never repeated
-    row = qb
+    hk = h // group_size  # GQA: the kv head is read in place, never repeated
+    q0 = qt * BM
+    row = q0 // LBQ  # layout row of this tile
     if PER_HEAD:
-        row = h * num_q_blocks + qb  # layout row of this (head, query block)
+        row += h * num_q_blocks
+    TILES: tl.constexpr = LBK // BN
 
-    offs_m = qb * BQ + tl.arange(0, BQ)
+    offs_m = q0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    in_q = offs_m < q_len
-    q_ptrs = Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0)  # [BQ, BD]
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (it multiplies raw bits): compute in fp32
-        q = q.to(tl.float32)
+    q = _load_rows(Q + b * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qn, offs_d, q_len, D, BD, EVEN_Q,
+                   UPCAST)  # [BM, BD]
     k_base = K + b * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b * stride_vb + hk.to(tl.int64) * stride_vh
+    q_row_in_block = q0 % LBQ + tl.arange(0, BM)
 
-    m_i = tl.full([BQ], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BQ], dtype=tl.float32)
-    acc = tl.zeros([BQ, BDV], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BDV], dtype=tl.float32)
 
-    f0 = tl.load(full_off + row)
-    f1 = tl.load(full_off + row + 1)
-    for j in range(f0, f1):
-        kb = tl.load(full_idx + j)
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kb, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                      stride_vd, part_bits, qk_scale, kv_len, BQ, BK, BD, BDV, D, DV, WORDS,
-                                      False, EVEN_KV, IEEE, UPCAST)
-    p0 = tl.load(part_off + row)
-    p1 = tl.load(part_off + row + 1)
-    for j in range(p0, p1):
-        kb = tl.load(part_idx + j)
-        mask_ptr = part_bits + j * (BQ * WORDS)  # j is int64 (CSR offsets are int64)
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kb, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                      stride_vd, mask_ptr, qk_scale, kv_len, BQ, BK, BD, BDV, D, DV, WORDS,
-                                      True, EVEN_KV, IEEE, UPCAST)
+    f0 = tl.load(full_off + row) * TILES
+    f1 = tl.load(full_off + row + 1) * TILES
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, f0, f1, full_idx, part_bits, k_base, v_base, stride_kn, stride_vn,
+                               q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
+                               False, EVEN_KV, IEEE, UPCAST)
+    p0 = tl.load(part_off + row) * TILES
+    p1 = tl.load(part_off + row + 1) * TILES
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p0, p1, part_idx, part_bits, k_base, v_base, stride_kn, stride_vn,
+                               q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
+                               True, EVEN_KV, IEEE, UPCAST)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]  # empty rows: acc is 0, so 0
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    o_ptrs = Out + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_q[:, None] & (offs_dv[None, :] < DV))
-    l_ptrs = Lse + b * stride_lb + h.to(tl.int64) * stride_lh + offs_m * stride_ln
-    tl.store(l_ptrs, lse, mask=in_q)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    o_ptrs = Out + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < DV))
+    tl.store(Lse + b * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse, mask=offs_m < q_len)
+
+
+# ---------------------------------------------------------------------------- backward
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, k_base, v_base, stride_kn, stride_vn,
+              q_row_in_block, qk_scale, kv_len,
+              LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+              D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, LBQ: tl.constexpr,
+              IS_PARTIAL: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    TILES: tl.constexpr = LBK // BN
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    for t in range(t0, t1):
+        j = t // TILES
+        kb = tl.load(idx_ptr + j)
+        col0 = (t % TILES) * BN
+        offs_n = kb * LBK + col0 + tl.arange(0, BN)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, D, BD, EVEN_KV, UPCAST)  # [BN, BD]
+        v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, DV, BDV, EVEN_KV, UPCAST)  # [BN, BDV]
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BM, BN]
+        p = tl.exp2(s - lse2[:, None])
+        if IS_PARTIAL:
+            cols = col0 + tl.arange(0, BN)
+            keep = _mask_bits(bits_ptr + j * (LBQ * WORDS), q_row_in_block[:, None], cols[None, :], WORDS)
+            p = tl.where(keep, p, 0.0)
+        elif not EVEN_KV:
+            p = tl.where((offs_n < kv_len)[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)  # [BM, BN]
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    return dq
+
+
+@triton.jit
+def block_sparse_bwd_dq_kernel(
+    Q, K, V, DO, GradQ, Lse2, Delta,
+    full_off, full_idx, part_off, part_idx, part_bits, q_block_order,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_lb, stride_lh,
+    qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
+    PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    qt, bh = _program_tile(q_block_order, HEADS_FASTEST, LBQ // BM)
+    b = (bh // num_q_heads).to(tl.int64)
+    h = bh % num_q_heads
+    hk = h // group_size
+    q0 = qt * BM
+    row = q0 // LBQ
+    if PER_HEAD:
+        row += h * num_q_blocks
+    TILES: tl.constexpr = LBK // BN
+
+    offs_m = q0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    h64 = h.to(tl.int64)
+    q = _load_rows(Q + b * stride_qb + h64 * stride_qh, offs_m, stride_qn, offs_d, q_len, D, BD, EVEN_Q, UPCAST)
+    do = _load_rows(DO + b * stride_dob + h64 * stride_doh, offs_m, stride_don, offs_dv, q_len, DV, BDV, EVEN_Q,
+                    UPCAST)
+    stat = b * stride_lb + h64 * stride_lh + offs_m
+    if EVEN_Q:
+        lse2 = tl.load(Lse2 + stat)
+        delta = tl.load(Delta + stat)
+    else:
+        lse2 = tl.load(Lse2 + stat, mask=offs_m < q_len, other=float("inf"))
+        delta = tl.load(Delta + stat, mask=offs_m < q_len, other=0.0)
+    k_base = K + b * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + hk.to(tl.int64) * stride_vh
+    q_row_in_block = q0 % LBQ + tl.arange(0, BM)
+
+    dq = tl.zeros([BM, BD], dtype=tl.float32)
+    f0 = tl.load(full_off + row) * TILES
+    f1 = tl.load(full_off + row + 1) * TILES
+    dq = _dq_tiles(dq, q, do, lse2, delta, f0, f1, full_idx, part_bits, k_base, v_base, stride_kn, stride_vn,
+                   q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ, False, EVEN_KV, IEEE,
+                   UPCAST)
+    p0 = tl.load(part_off + row) * TILES
+    p1 = tl.load(part_off + row + 1) * TILES
+    dq = _dq_tiles(dq, q, do, lse2, delta, p0, p1, part_idx, part_bits, k_base, v_base, stride_kn, stride_vn,
+                   q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ, True, EVEN_KV, IEEE,
+                   UPCAST)
+    dq_ptrs = GradQ + b * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_base, stat_base,
+                stride_qn, stride_don, Lse2, Delta, kv_col_in_block, qk_scale, q_len,
+                LBQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
+                IS_PARTIAL: tl.constexpr, EVEN_Q: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    TILES: tl.constexpr = LBQ // BM
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    for t in range(t0, t1):
+        j = t // TILES  # transposed-CSR entry
+        qb = tl.load(idx_ptr + j)
+        row0 = (t % TILES) * BM  # first query row of this tile inside its layout block
+        offs_m = qb * LBQ + row0 + tl.arange(0, BM)
+        q = _load_rows(q_base, offs_m, stride_qn, offs_d, q_len, D, BD, EVEN_Q, UPCAST)  # [BM, BD]
+        do = _load_rows(do_base, offs_m, stride_don, offs_dv, q_len, DV, BDV, EVEN_Q, UPCAST)  # [BM, BDV]
+        if EVEN_Q:
+            lse2 = tl.load(Lse2 + stat_base + offs_m)
+            delta = tl.load(Delta + stat_base + offs_m)
+        else:
+            lse2 = tl.load(Lse2 + stat_base + offs_m, mask=offs_m < q_len, other=float("inf"))
+            delta = tl.load(Delta + stat_base + offs_m, mask=offs_m < q_len, other=0.0)
+        st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM] = S^T
+        pt = tl.exp2(st - lse2[None, :])
+        if IS_PARTIAL:
+            entry = tl.load(entry_ptr + j)  # the CSR entry whose bits describe this block
+            rows = row0 + tl.arange(0, BM)
+            keep = _mask_bits(bits_ptr + entry * (LBQ * WORDS), rows[None, :], kv_col_in_block[:, None], WORDS)
+            pt = tl.where(keep, pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)  # [BN, BM] = dP^T
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def block_sparse_bwd_dkdv_kernel(
+    Q, K, V, DO, GradK, GradV, Lse2, Delta,
+    tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_entry, part_bits, kv_block_order,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_lb, stride_lh,
+    qk_scale, scale, q_len, kv_len, num_kv_heads, group_size, num_kv_blocks,
+    PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    kt, bh = _program_tile(kv_block_order, HEADS_FASTEST, LBK // BN)
+    b = (bh // num_kv_heads).to(tl.int64)
+    hk = bh % num_kv_heads
+    n0 = kt * BN
+    kv_block = n0 // LBK
+    TILES: tl.constexpr = LBQ // BM
+
+    offs_n = n0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    hk64 = hk.to(tl.int64)
+    k = _load_rows(K + b * stride_kb + hk64 * stride_kh, offs_n, stride_kn, offs_d, kv_len, D, BD, EVEN_KV, UPCAST)
+    v = _load_rows(V + b * stride_vb + hk64 * stride_vh, offs_n, stride_vn, offs_dv, kv_len, DV, BDV, EVEN_KV,
+                   UPCAST)
+    kv_col_in_block = n0 % LBK + tl.arange(0, BN)
+
+    dk = tl.zeros([BN, BD], dtype=tl.float32)
+    dv = tl.zeros([BN, BDV], dtype=tl.float32)
+    for g in range(0, group_size):  # every query head reading this kv head, in order: deterministic sums
+        h = (hk * group_size + g).to(tl.int64)
+        col = kv_block
+        if PER_HEAD:
+            col += h * num_kv_blocks
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        stat_base = b * stride_lb + h * stride_lh
+        f0 = tl.load(tfull_off + col) * TILES
+        f1 = tl.load(tfull_off + col + 1) * TILES
+        dk, dv = _dkdv_tiles(dk, dv, k, v, f0, f1, tfull_idx, tpart_entry, part_bits, q_base, do_base, stat_base,
+                             stride_qn, stride_don, Lse2, Delta, kv_col_in_block, qk_scale, q_len,
+                             LBQ, BM, BN, BD, BDV, D, DV, WORDS, False, EVEN_Q, IEEE, UPCAST)
+        p0 = tl.load(tpart_off + col) * TILES
+        p1 = tl.load(tpart_off + col + 1) * TILES
+        dk, dv = _dkdv_tiles(dk, dv, k, v, p0, p1, tpart_idx, tpart_entry, part_bits, q_base, do_base, stat_base,
+                             stride_qn, stride_don, Lse2, Delta, kv_col_in_block, qk_scale, q_len,
+                             LBQ, BM, BN, BD, BDV, D, DV, WORDS, True, EVEN_Q, IEEE, UPCAST)
+    in_kv = offs_n[:, None] < kv_len
+    dk_ptrs = GradK + b * stride_dkb + hk64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(GradK.dtype.element_ty), mask=in_kv & (offs_d[None, :] < D))
+    dv_ptrs = GradV + b * stride_dvb + hk64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :]
+    tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=in_kv & (offs_dv[None, :] < DV))

@@ -1,0 +1,44 @@
+"""Kernel tile configurations per padded head dim, chosen by measurement.
+
+Each phase (forward, backward dq, backward dk/dv) gets (BM, BN, num_warps, num_stages): BM
+query rows x BN keys per tile. Tiles divide the layout's blocks (128 x 128 on CUDA), so one
+layout serves all three phases. The table comes from `benchmarks/tune_triton.py` on an H100
+(torch 2.11, triton 3.6, bf16, causal window 4096 at 32K, B=1, H=16): see
+`benchmarks/results/tune_triton.json` for every candidate's time. Head dims that were not
+measured take the nearest measured entry's tiles, shrunk so the tiles fit shared memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+# padded head dim -> phase -> config
+TUNED: dict[int, dict[str, TileConfig]] = {
+    64: {"fwd": TileConfig(128, 64, 4, 3), "dq": TileConfig(128, 64, 8, 2), "dkdv": TileConfig(64, 128, 8, 2)},
+    128: {"fwd": TileConfig(128, 64, 8, 3), "dq": TileConfig(128, 64, 8, 2), "dkdv": TileConfig(64, 128, 8, 2)},
+    256: {"fwd": TileConfig(64, 64, 8, 2), "dq": TileConfig(64, 32, 4, 2), "dkdv": TileConfig(32, 64, 4, 2)},
+}
+
+# Tiles used under TRITON_INTERPRET=1 (CPU tests): small, so the numpy interpreter stays fast.
+INTERPRETED = TileConfig(16, 16, 1, 1)
+
+
+def tile_config(padded_head_dim: int, phase: str, block_q: int, block_kv: int, *, interpreted: bool) -> TileConfig:
+    """The tiles for one launch, clipped to the layout's blocks (tiles must divide them)."""
+    if interpreted:
+        c = INTERPRETED
+    else:
+        key = min(TUNED, key=lambda d: (abs(d - padded_head_dim), -d))
+        c = TUNED[key][phase]
+        if padded_head_dim > 128 and key < padded_head_dim:  # pragma: no cover - every padded dim is tabled
+            c = TileConfig(max(16, c.block_m // 2), max(16, c.block_n // 2), c.num_warps, c.num_stages)
+    return TileConfig(min(c.block_m, block_q), min(c.block_n, block_kv), c.num_warps, c.num_stages)

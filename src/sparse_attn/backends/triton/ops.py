@@ -1,0 +1,200 @@
+"""The Triton kernels as `torch.library` custom ops with fake (meta) implementations and a
+registered autograd formula, so `torch.compile` traces a model that calls them without graph
+breaks (the op is opaque to the compiler; the fake implementation gives it the shapes).
+
+Layouts are not tensors, so the ops take the layout's plan arrays (`plan.TritonPlan`) and its
+block sizes; `triton_attention()` is the Python entry that unpacks a layout.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .configs import tile_config
+from .plan import get_plan
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _padded(d: int) -> int:
+    return max(16, _pow2(d))
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """Every tensor the kernels write. Uninitialised: each element is written by exactly one
+    program. Tests replace this with a NaN-filled allocation so an unwritten tile fails."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels need unit stride on the head dim and row offsets that fit int32."""
+    if x.stride(-1) != 1 or x.shape[-2] * x.stride(-2) >= 2**31:
+        x = x.contiguous()
+    return x
+
+
+def _common(q, k, v, block_q, block_kv):
+    bsz, hq, nq, d = q.shape
+    hkv, nkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    flags = dict(LBQ=block_q, LBK=block_kv, BD=_padded(d), BDV=_padded(dv), D=d, DV=dv,
+                 WORDS=-(-block_kv // 32), EVEN_Q=nq % block_q == 0, EVEN_KV=nkv % block_kv == 0,
+                 IEEE=q.dtype == torch.float32, UPCAST=interpreting() and q.dtype == torch.bfloat16)
+    return bsz, hq, nq, d, hkv, nkv, dv, flags
+
+
+def _grid(tiles: int, heads: int, heads_fastest: bool) -> tuple[int, int]:
+    return (heads, tiles) if heads_fastest else (tiles, heads)
+
+
+def _launch_opts(cfg):
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+# ------------------------------------------------------------------------------ forward
+@torch.library.custom_op("sparse_attn::block_sparse_attn_fwd", mutates_args=())
+def block_sparse_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    full_off: torch.Tensor, full_idx: torch.Tensor, part_off: torch.Tensor, part_idx: torch.Tensor,
+    bits: torch.Tensor, q_block_order: torch.Tensor, tfull_off: torch.Tensor, tfull_idx: torch.Tensor,
+    tpart_off: torch.Tensor, tpart_idx: torch.Tensor, tpart_entry: torch.Tensor, kv_block_order: torch.Tensor,
+    scale: float, block_q: int, block_kv: int, per_head: bool, q_heads_fastest: bool, kv_heads_fastest: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Hq, Nq, Dv] (q's dtype), lse [B, Hq, Nq] float32 (natural log, -inf for empty rows)."""
+    from .kernels import block_sparse_fwd_kernel
+
+    q, k, v = (_rows_contiguous(t) for t in (q, k, v))
+    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv)
+    out = new_output((bsz, hq, nq, dv), q.dtype, q.device)
+    lse = new_output((bsz, hq, nq), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    cfg = tile_config(max(flags["BD"], flags["BDV"]), "fwd", block_q, block_kv, interpreted=interpreting())
+    block_sparse_fwd_kernel[_grid(-(-nq // block_q) * (block_q // cfg.block_m), bsz * hq, q_heads_fastest)](
+        q, k, v, out, lse, full_off, full_idx, part_off, part_idx, bits, q_block_order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        scale * LOG2E, nq, nkv, hq, hq // hkv, -(-nq // block_q),
+        PER_HEAD=per_head, HEADS_FASTEST=q_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, **flags,
+        **_launch_opts(cfg),
+    )
+    return out, lse
+
+
+@block_sparse_attn_fwd.register_fake
+def _(q, k, v, *plan_and_args):
+    bsz, hq, nq, _ = q.shape
+    return q.new_empty(bsz, hq, nq, v.shape[3]), q.new_empty(bsz, hq, nq, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- backward
+@torch.library.custom_op("sparse_attn::block_sparse_attn_bwd", mutates_args=())
+def block_sparse_attn_bwd(
+    dout: torch.Tensor, dlse: Optional[torch.Tensor],
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    full_off: torch.Tensor, full_idx: torch.Tensor, part_off: torch.Tensor, part_idx: torch.Tensor,
+    bits: torch.Tensor, q_block_order: torch.Tensor, tfull_off: torch.Tensor, tfull_idx: torch.Tensor,
+    tpart_off: torch.Tensor, tpart_idx: torch.Tensor, tpart_entry: torch.Tensor, kv_block_order: torch.Tensor,
+    scale: float, block_q: int, block_kv: int, per_head: bool, q_heads_fastest: bool, kv_heads_fastest: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the inputs' dtypes. Deterministic: no atomics (see kernels.py)."""
+    from .kernels import block_sparse_bwd_dkdv_kernel, block_sparse_bwd_dq_kernel
+
+    q, k, v, out, dout = (_rows_contiguous(t) for t in (q, k, v, out, dout))
+    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv)
+    dq, dk, dvv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dvv.zero_()
+    # delta = rowsum(dO * O) - dlse: the dlse term is the gradient through the returned lse
+    delta = (dout.float() * out.float()).sum(-1)  # [B, Hq, Nq]
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse2 = torch.where(torch.isinf(lse), float("inf"), lse * LOG2E).contiguous()  # empty rows: P = 0
+    padded = max(flags["BD"], flags["BDV"])
+    common = (scale * LOG2E, scale, nq, nkv)
+
+    cfg = tile_config(padded, "dq", block_q, block_kv, interpreted=interpreting())
+    block_sparse_bwd_dq_kernel[_grid(-(-nq // block_q) * (block_q // cfg.block_m), bsz * hq, q_heads_fastest)](
+        q, k, v, dout, dq, lse2, delta, full_off, full_idx, part_off, part_idx, bits, q_block_order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), lse2.stride(0), lse2.stride(1),
+        *common, hq, hq // hkv, -(-nq // block_q),
+        PER_HEAD=per_head, HEADS_FASTEST=q_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, **flags,
+        **_launch_opts(cfg),
+    )
+    cfg = tile_config(padded, "dkdv", block_q, block_kv, interpreted=interpreting())
+    block_sparse_bwd_dkdv_kernel[_grid(-(-nkv // block_kv) * (block_kv // cfg.block_n), bsz * hkv, kv_heads_fastest)](
+        q, k, v, dout, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_entry, bits,
+        kv_block_order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
+        lse2.stride(0), lse2.stride(1),
+        *common, hkv, hq // hkv, -(-nkv // block_kv),
+        PER_HEAD=per_head, HEADS_FASTEST=kv_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, **flags,
+        **_launch_opts(cfg),
+    )
+    return dq, dk, dvv
+
+
+@block_sparse_attn_bwd.register_fake
+def _(dout, dlse, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# ----------------------------------------------------------------------------- autograd
+_N_PLAN = 12  # plan tensors after q, k, v; then scale, block_q, block_kv, per_head and the two schedule flags
+_N_ARGS = 6
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v = inputs[:3]
+    plan = inputs[3:3 + _N_PLAN]
+    ctx.args = inputs[3 + _N_PLAN:]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *plan)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *plan = ctx.saved_tensors
+    dq, dk, dv = block_sparse_attn_bwd(dout, dlse, q, k, v, out, lse, *plan, *ctx.args)
+    return (dq, dk, dv) + (None,) * (_N_PLAN + _N_ARGS)
+
+
+block_sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_attention(q, k, v, layout, scale: float):
+    """Block-sparse attention over `layout`: (out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32)."""
+    g = layout.grid
+    for name, value in (("block_q", g.block_q), ("block_kv", g.block_kv)):
+        why = check_block(name, value)
+        if why:
+            raise ValueError(why)
+    if layout.num_heads not in (1, q.shape[1]):
+        raise ValueError(f"layout has {layout.num_heads} heads but q has {q.shape[1]} heads")
+    if (q.shape[2], k.shape[2]) != (g.q_len, g.kv_len):
+        raise ValueError(f"layout is for q_len {g.q_len}, kv_len {g.kv_len}; got q_len {q.shape[2]}, "
+                         f"kv_len {k.shape[2]}")
+    plan = get_plan(layout)
+    return block_sparse_attn_fwd(q, k, v, *plan.tensors(), float(scale), g.block_q, g.block_kv,
+                                 layout.num_heads > 1, *plan.flags())
+
+
+def check_block(name: str, value: int) -> str | None:
+    if value < 16 or value & (value - 1):
+        return f"{name} must be a power of two >= 16 for the triton kernel, got {value}"
+    return None

@@ -1,0 +1,122 @@
+"""What the kernels need from a BlockLayout, built once per layout and cached on it.
+
+How a pattern reaches the kernel: as data, never as code. The layout's CSR arrays name the
+kv blocks of each (head, query block) row; full blocks need no mask; each partial block gets
+a bitmask of its LBQ x LBK elements, computed once per layout from `pattern.allowed` (and
+`kv_pos < kv_len`, so the ragged last kv block is handled by the same bits).
+
+Why bitmasks and not an analytic form per pattern family (e.g. per-row [lo, hi) ranges for
+windows): one kernel then serves every pattern, combinator and per-head layout, including
+the ones whose partial blocks are not intervals per row (a window's edge block that also
+holds Longformer globals, BigBird blocks finer than the kernel's blocks, documents, user
+predicates), with no per-pattern kernel code to keep exact. The price is small where speed
+matters: partial blocks are the edges of a pattern (2 of the ~33 blocks of a query row of a
+4096-window at 128-blocks), and the mask is a cached 2 KiB per 128x128 block.
+
+Bitmask format: int32 words, [n_partial, LBQ, ceil(LBK / 32)], bit (col % 32) of word
+(col // 32) set when query row r of the block may see key col. Packed bits rather than
+uint8: dense-ish partial patterns (BigBird, dilated, block-sparse with odd cells, document
+masks) can make nearly every touched block partial; packed, a block costs 8x less memory
+and 8x less mask traffic, and unpacking is one shift and one AND per score. The mask of CSR
+entry j lives at `bits[j]`, so the forward needs no extra index array; the backward's
+transposed walk carries the CSR entry number of each partial block (`tpart_entry`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements of [chunk, LBQ, LBK] evaluated at once when building the bitmasks (bounded memory).
+_MASK_CHUNK_ELEMENTS = 1 << 22
+
+
+class TritonPlan:
+    """Layout-derived kernel inputs, on the layout's device (all contiguous).
+
+    Forward / dq (rows = (head, query block)): full_off/full_idx, part_off/part_idx, bits.
+    dk/dv (columns = (head, kv block)): tfull_off/tfull_idx, tpart_off/tpart_idx (query block
+    indices) and tpart_entry (the CSR entry, i.e. the bitmask, of each transposed partial block).
+    """
+
+    def __init__(self, layout) -> None:
+        g = layout.grid
+        self.words = -(-g.block_kv // 32)
+        self.full_off = layout.full.offsets.contiguous()
+        self.full_idx = layout.full.indices.contiguous()
+        self.part_off = layout.partial.offsets.contiguous()
+        self.part_idx = layout.partial.indices.contiguous()
+        self.bits = pack_partial_masks(layout, self.words)
+        self.tfull_off, self.tfull_idx, _ = _transpose(layout.full, layout)
+        self.tpart_off, self.tpart_idx, self.tpart_entry = _transpose(layout.partial, layout)
+        heads = layout.num_heads
+        row_work = (self.full_off.diff() + self.part_off.diff()).reshape(heads, g.num_q_blocks).amax(0)
+        col_work = (self.tfull_off.diff() + self.tpart_off.diff()).reshape(heads, g.num_kv_blocks).amax(0)
+        self.q_block_order, self.q_heads_fastest = _schedule(row_work)
+        self.kv_block_order, self.kv_heads_fastest = _schedule(col_work)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.full_off, self.full_idx, self.part_off, self.part_idx, self.bits, self.q_block_order,
+                self.tfull_off, self.tfull_idx, self.tpart_off, self.tpart_idx, self.tpart_entry,
+                self.kv_block_order]
+
+    def flags(self) -> list[bool]:
+        return [self.q_heads_fastest, self.kv_heads_fastest]
+
+
+# A layout whose busiest row does more than this many times the mean row's work launches the
+# busiest blocks of every head first (heads vary fastest in the grid); balanced layouts keep
+# one head's neighbouring query blocks together (they share kv blocks in L2).
+IMBALANCE = 4.0
+
+
+def _schedule(work: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Blocks in the order the kernel visits them (busiest first, else in order) and whether
+    the work is imbalanced enough to put heads fastest."""
+    order = torch.argsort(-work, stable=True).to(torch.int32).contiguous()
+    mean = float(work.float().mean()) if work.numel() else 0.0
+    return order, bool(work.numel() and float(work.max()) > IMBALANCE * max(mean, 1e-9))
+
+
+def _transpose(csr, layout):
+    """CSR over (head, kv block) columns: offsets [H * NKB + 1] int64, query block indices
+    [nnz] int32, and the original CSR entry of each [nnz] int64. O(nnz log nnz)."""
+    g = layout.grid
+    nqb, nkb = g.num_q_blocks, g.num_kv_blocks
+    head = torch.div(csr.rows, nqb, rounding_mode="floor")
+    qb = csr.rows % nqb
+    col = head * nkb + csr.indices.long()
+    order = torch.argsort(col * nqb + qb)
+    counts = torch.bincount(col, minlength=layout.num_heads * nkb)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return offsets.contiguous(), qb[order].to(torch.int32).contiguous(), order.contiguous()
+
+
+def pack_partial_masks(layout, words: int) -> torch.Tensor:
+    """int32 [max(n_partial, 1), LBQ, words]: packed element masks of the partial blocks."""
+    g = layout.grid
+    csr = layout.partial
+    n = csr.indices.numel()
+    dev = g.device
+    out = torch.zeros(max(n, 1), g.block_q, words, dtype=torch.int32, device=dev)
+    if n == 0:
+        return out
+    layout._require_pattern().prepare(dev)
+    bq, bk = g.block_q, g.block_kv
+    # weights of the 32 bits of a word, as int64 so the sum does not overflow
+    weights = torch.ones(1, dtype=torch.int64, device=dev) << torch.arange(32, device=dev)
+    chunk = max(1, _MASK_CHUNK_ELEMENTS // (bq * bk))
+    for e0 in range(0, n, chunk):
+        e1 = min(n, e0 + chunk)
+        r = csr.rows[e0:e1]
+        ok = layout.element_masks(torch.div(r, g.num_q_blocks, rounding_mode="floor"), r % g.num_q_blocks,
+                                  csr.indices[e0:e1].long())  # [c, LBQ, LBK]
+        if bk < words * 32:
+            ok = torch.nn.functional.pad(ok, (0, words * 32 - bk))
+        packed = (ok.reshape(e1 - e0, bq, words, 32).long() * weights).sum(-1)  # [c, LBQ, words] in [0, 2^32)
+        packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed)  # two's complement int32
+        out[e0:e1] = packed.to(torch.int32)
+    return out
+
+
+def get_plan(layout) -> TritonPlan:
+    return layout.cached("triton", lambda: TritonPlan(layout))

@@ -122,11 +122,11 @@ class Backend(ABC):
 
 
 _REGISTRY: dict[str, Backend] = {}
-# Preference order per device type when backend="auto".
-# On CUDA, flex comes before our forward-only triton kernel for now: measured on an H100
-# (bf16, H=16, D=128, window 4096 at 32K), triton 5.7 ms vs flex 2.5 ms
-# (benchmarks/results/triton_smoke_gpu.json). Issue #4 makes triton the faster one.
-_PREFERENCE = {"cuda": ["sdpa", "flex", "triton", "blocked"], "cpu": ["sdpa", "blocked", "flex"]}
+# Preference order per device type when backend="auto". On CUDA our triton kernels come first
+# (issue #4): they serve every call flex serves plus fp32 grads, need no per-layout compile
+# (flex compiles for each new layout, seconds each) and their backward is deterministic.
+# Measured against flex in benchmarks/results/gpu_patterns*.json: README, "GPU".
+_PREFERENCE = {"cuda": ["sdpa", "triton", "flex", "blocked"], "cpu": ["sdpa", "blocked", "flex"]}
 
 
 def register(backend: Backend) -> Backend:

@@ -23,22 +23,28 @@ class TileConfig:
 
 # padded head dim -> phase -> config
 TUNED: dict[int, dict[str, TileConfig]] = {
-    64: {"fwd": TileConfig(128, 64, 4, 3), "dq": TileConfig(128, 64, 8, 2), "dkdv": TileConfig(64, 128, 8, 2)},
-    128: {"fwd": TileConfig(128, 64, 8, 3), "dq": TileConfig(128, 64, 8, 2), "dkdv": TileConfig(64, 128, 8, 2)},
-    256: {"fwd": TileConfig(64, 64, 8, 2), "dq": TileConfig(64, 32, 4, 2), "dkdv": TileConfig(32, 64, 4, 2)},
+    64: {"fwd": TileConfig(128, 64, 4, 3), "dq": TileConfig(64, 64, 4, 3), "dkdv": TileConfig(64, 64, 4, 3)},
+    128: {"fwd": TileConfig(128, 128, 8, 3), "dq": TileConfig(64, 64, 4, 3), "dkdv": TileConfig(64, 64, 4, 3)},
+    256: {"fwd": TileConfig(128, 64, 8, 2), "dq": TileConfig(128, 32, 8, 2), "dkdv": TileConfig(64, 64, 8, 2)},
 }
 
 # Tiles used under TRITON_INTERPRET=1 (CPU tests): small, so the numpy interpreter stays fast.
 INTERPRETED = TileConfig(16, 16, 1, 1)
 
 
-def tile_config(padded_head_dim: int, phase: str, block_q: int, block_kv: int, *, interpreted: bool) -> TileConfig:
-    """The tiles for one launch, clipped to the layout's blocks (tiles must divide them)."""
+def tile_config(padded_head_dim: int, phase: str, block_q: int, block_kv: int, *, interpreted: bool,
+                element_size: int = 2) -> TileConfig:
+    """The tiles for one launch, clipped to the layout's blocks (tiles must divide them).
+
+    The table is for 2-byte inputs; fp32 inputs (4 bytes, rare on GPU: accepted for checks)
+    take tiles of at most 64 x 64 and 2 stages so the operands fit shared memory (measured:
+    D=128 fp32 with 128 x 128 tiles asks for 256 KiB, the H100 has 227 KiB)."""
     if interpreted:
         c = INTERPRETED
     else:
         key = min(TUNED, key=lambda d: (abs(d - padded_head_dim), -d))
         c = TUNED[key][phase]
-        if padded_head_dim > 128 and key < padded_head_dim:  # pragma: no cover - every padded dim is tabled
-            c = TileConfig(max(16, c.block_m // 2), max(16, c.block_n // 2), c.num_warps, c.num_stages)
+        if element_size > 2:
+            c = TileConfig(min(c.block_m, 64), min(c.block_n, 64 if padded_head_dim <= 128 else 32), c.num_warps,
+                           min(c.num_stages, 2))
     return TileConfig(min(c.block_m, block_q), min(c.block_n, block_kv), c.num_warps, c.num_stages)

@@ -27,8 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: jit code may read only constexpr globals
 
 
 @triton.jit
@@ -93,18 +92,19 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, k_base, v_base, stri
         col0 = (t % TILES) * BN  # first column of this tile inside its layout block
         offs_n = kb * LBK + col0 + tl.arange(0, BN)  # [BN] key positions
         k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, D, BD, EVEN_KV, UPCAST)  # [BN, BD]
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BM, BN], log2 units
+        s = _dot(q, tl.trans(k), IEEE)  # [BM, BN], unscaled
         if IS_PARTIAL:
             cols = col0 + tl.arange(0, BN)
             keep = _mask_bits(bits_ptr + j * (LBQ * WORDS), q_row_in_block[:, None], cols[None, :], WORDS)
             s = tl.where(keep, s, float("-inf"))  # ragged keys are already cleared in the bits
         elif not EVEN_KV:
             s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # m is kept in scaled log2 units; scaling the row max (not S) lets s * scale - m be one FMA
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         if IS_PARTIAL or not EVEN_KV:
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp2 finite
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, DV, BDV, EVEN_KV, UPCAST)  # [BN, BDV]
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
@@ -171,6 +171,40 @@ def block_sparse_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------- backward
+@triton.jit
+def bwd_preprocess_kernel(
+    Out, DO, Lse, DLse, Delta, Lse2,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    stride_lb, stride_lh,
+    stride_dlb, stride_dlh, stride_dln,
+    q_len, num_q_heads,
+    HAS_DLSE: tl.constexpr, BM: tl.constexpr, BDV: tl.constexpr, DV: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) (+inf where lse = -inf), read
+    straight from the half-precision tensors in one pass (fp32 copies of O and dO would cost
+    four times the traffic). Delta/Lse2 share Lse's strides."""
+    bh = tl.program_id(1)
+    b = (bh // num_q_heads).to(tl.int64)
+    h = (bh % num_q_heads).to(tl.int64)
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BDV)
+    in_q = offs_m < q_len
+    mask = in_q[:, None] & (offs_d[None, :] < DV)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)  # [BM]
+    if HAS_DLSE:
+        delta -= tl.load(DLse + b * stride_dlb + h * stride_dlh + offs_m * stride_dln, mask=in_q, other=0.0).to(
+            tl.float32)
+    stat = b * stride_lb + h * stride_lh + offs_m
+    lse = tl.load(Lse + stat, mask=in_q, other=0.0)
+    tl.store(Delta + stat, delta, mask=in_q)
+    tl.store(Lse2 + stat, tl.where(lse == float("-inf"), float("inf"), lse / LN2), mask=in_q)
+
+
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, k_base, v_base, stride_kn, stride_vn,
               q_row_in_block, qk_scale, kv_len,

@@ -79,7 +79,8 @@ def block_sparse_attn_fwd(
     lse = new_output((bsz, hq, nq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    cfg = tile_config(max(flags["BD"], flags["BDV"]), "fwd", block_q, block_kv, interpreted=interpreting())
+    cfg = tile_config(max(flags["BD"], flags["BDV"]), "fwd", block_q, block_kv, interpreted=interpreting(),
+                      element_size=q.element_size())
     block_sparse_fwd_kernel[_grid(-(-nq // block_q) * (block_q // cfg.block_m), bsz * hq, q_heads_fastest)](
         q, k, v, out, lse, full_off, full_idx, part_off, part_idx, bits, q_block_order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -109,23 +110,30 @@ def block_sparse_attn_bwd(
     scale: float, block_q: int, block_kv: int, per_head: bool, q_heads_fastest: bool, kv_heads_fastest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtypes. Deterministic: no atomics (see kernels.py)."""
-    from .kernels import block_sparse_bwd_dkdv_kernel, block_sparse_bwd_dq_kernel
+    from .kernels import block_sparse_bwd_dkdv_kernel, block_sparse_bwd_dq_kernel, bwd_preprocess_kernel
 
     q, k, v, out, dout = (_rows_contiguous(t) for t in (q, k, v, out, dout))
     bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv)
     dq, dk, dvv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dvv.zero_()
-    # delta = rowsum(dO * O) - dlse: the dlse term is the gradient through the returned lse
-    delta = (dout.float() * out.float()).sum(-1)  # [B, Hq, Nq]
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
-    lse2 = torch.where(torch.isinf(lse), float("inf"), lse * LOG2E).contiguous()  # empty rows: P = 0
+    # delta = rowsum(dO * O) - dlse (the dlse term is the gradient through the returned lse);
+    # lse2 = lse in log2 units, +inf for empty rows so their P is 0
+    lse = lse.contiguous()
+    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)  # [B, Hq, Nq] float32
+    pre_m = 16 if interpreting() else 64
+    dl = dlse if dlse is not None else lse
+    bwd_preprocess_kernel[(-(-nq // pre_m), bsz * hq)](
+        out, dout, lse, dl, delta, lse2,
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        lse.stride(0), lse.stride(1), dl.stride(0), dl.stride(1), dl.stride(2), nq, hq,
+        HAS_DLSE=dlse is not None, BM=pre_m, BDV=flags["BDV"], DV=dv,
+    )
     padded = max(flags["BD"], flags["BDV"])
     common = (scale * LOG2E, scale, nq, nkv)
 
-    cfg = tile_config(padded, "dq", block_q, block_kv, interpreted=interpreting())
+    cfg = tile_config(padded, "dq", block_q, block_kv, interpreted=interpreting(),
+                      element_size=q.element_size())
     block_sparse_bwd_dq_kernel[_grid(-(-nq // block_q) * (block_q // cfg.block_m), bsz * hq, q_heads_fastest)](
         q, k, v, dout, dq, lse2, delta, full_off, full_idx, part_off, part_idx, bits, q_block_order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -135,7 +143,8 @@ def block_sparse_attn_bwd(
         PER_HEAD=per_head, HEADS_FASTEST=q_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, **flags,
         **_launch_opts(cfg),
     )
-    cfg = tile_config(padded, "dkdv", block_q, block_kv, interpreted=interpreting())
+    cfg = tile_config(padded, "dkdv", block_q, block_kv, interpreted=interpreting(),
+                      element_size=q.element_size())
     block_sparse_bwd_dkdv_kernel[_grid(-(-nkv // block_kv) * (block_kv // cfg.block_n), bsz * hkv, kv_heads_fastest)](
         q, k, v, dout, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_entry, bits,
         kv_block_order,

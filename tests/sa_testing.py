@@ -12,6 +12,7 @@ folder on sys.path).
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode  # private, but what FlopCounterMode is built on
 
 import sparse_attn
 from sparse_attn import patterns as P
@@ -181,3 +182,20 @@ def dense_mask(pattern, q_len, kv_len, *, q_offset=None, heads=None):
     layout = pattern if isinstance(pattern, P.BlockLayout) else pattern.layout(q_len, kv_len, q_offset=q_offset)
     nh = layout.num_heads if layout.num_heads > 1 else None
     return layout.pattern.to_dense(q_len, kv_len, q_offset=layout.q_offset, num_heads=nh)
+
+
+# -------------------------------------------------------------------- memory probes
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an aten op returns (forward and
+    backward), e.g. to show an op never builds an Nq x Nkv intermediate."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -4,13 +4,21 @@
     from sparse_attn import patterns as P
     q = k = v = torch.randn(1, 8, 4096, 64)
     out = sparse_attn.sparse_attention(q, k, v, P.sliding_window(256))
+    out = sparse_attn.attention(q, k, v, "performer", num_features=128)   # any mechanism by name
 """
 
 from . import backends, patterns
 from .backends import BackendError, explain
-from .ops import sparse_attention
+from .ops import (Mechanism, PerformerFeatures, RoutingCentroids, attention, block_topk_attention,
+                  linear_attention, linear_attention_step, lsh_attention, mechanisms, performer_attention,
+                  routing_attention, select_kv_blocks, sparse_attention, topk_attention)
 from .patterns import BlockLayout, Pattern
 
 __version__ = "0.1.0"
 
-__all__ = ["sparse_attention", "explain", "patterns", "backends", "Pattern", "BlockLayout", "BackendError"]
+__all__ = [
+    "sparse_attention", "attention", "Mechanism", "mechanisms", "explain", "patterns", "backends", "Pattern",
+    "BlockLayout", "BackendError", "linear_attention", "linear_attention_step", "performer_attention",
+    "PerformerFeatures", "topk_attention", "block_topk_attention", "select_kv_blocks", "lsh_attention",
+    "routing_attention", "RoutingCentroids",
+]

@@ -267,3 +267,52 @@ def test_error_segments():
     assert sum(b - a for a, b in segs) == 1024
     assert all(b - a == 64 for a, b in segs)
     assert measure.error_segments(100, 90) == [(0, 100)]  # overlapping segments merge
+
+
+# ---------------------------------------------------------------------- mechanisms (issue #5)
+def test_compare_runs_mechanisms_against_dense(capsys, tmp_path):
+    js = tmp_path / "rows.json"
+    code, out, err = run(capsys, "compare", "--length", "128", "--mechanisms", "linear:causal=true",
+                         "performer:num_features=64", "topk:top_k=128,causal=true", "lsh:bucket_size=16",
+                         "routing", "block_topk:block_size=32", "--heads", "2", "--repeats", "1", "--no-progress",
+                         "--json", str(js))
+    assert code == 0, err
+    assert "approximation error, not exactness" in out
+    rows = {r["name"]: r for r in json.loads(js.read_text())["rows"]}
+    assert rows["linear:causal=true"]["spec"] == "linear:feature_map=elu,causal=true"
+    assert rows["linear:causal=true"]["kind"] == "mechanism" and rows["linear:causal=true"]["backend"] == "linear"
+    assert rows["block_topk:block_size=32"]["backend"] == "block_topk (auto)"
+    # top_k covering every key is dense causal attention: error vs the dense reference is rounding only
+    assert rows["topk:top_k=128,causal=true"]["max_abs_err"] < 1e-5
+    for name in ("linear:causal=true", "performer:num_features=64", "lsh:bucket_size=16", "routing"):
+        assert rows[name]["max_abs_err"] > 1e-3  # approximations: measured against dense, not themselves
+
+
+def test_compare_mechanism_rows_are_reproducible(capsys, tmp_path):
+    outs = []
+    for i in range(2):
+        js = tmp_path / f"r{i}.json"
+        code, _, err = run(capsys, "compare", "--length", "64", "--mechanisms", "performer:num_features=16",
+                           "--heads", "1", "--repeats", "1", "--no-progress", "--json", str(js))
+        assert code == 0, err
+        outs.append(json.loads(js.read_text())["rows"][-1]["max_abs_err"])
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "--length", "64", "--mechanisms", "linear:feature_map"], "expected key=value"),
+    (["compare", "--length", "64", "--mechanisms", "topk:k=3"], "topk has no parameter 'k'"),
+    (["compare", "--length", "64", "--mechanisms", "lsh:n_hashes=two"], "n_hashes must be a number"),
+    (["show", "performer", "--length", "16"], "performer is a mechanism with no fixed pattern"),
+])
+def test_mechanism_spec_errors_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert message in err
+
+
+def test_help_lists_mechanisms(capsys):
+    code, out, _ = run(capsys, "compare", "--help")
+    assert code == 0
+    for name in ("linear", "performer", "topk", "block_topk", "lsh", "routing"):
+        assert f"  {name}" in out

@@ -1,8 +1,8 @@
 """Backends compute attention for a q/k/v triple and a BlockLayout.
 
 `reference` (dense, ground truth), `sdpa` (full/causal only), `blocked` (pure torch, CPU
-default), `flex` (FlexAttention from our layout), `triton` (our block-sparse flash kernel, forward only
-for now; CUDA, or CPU under TRITON_INTERPRET=1).
+default), `flex` (FlexAttention from our layout), `triton` (our block-sparse flash kernels, forward and
+backward; the CUDA default, or CPU under TRITON_INTERPRET=1).
 Each declares its capabilities; `explain()` shows which one a call gets and why.
 """
 

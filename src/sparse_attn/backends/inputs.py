@@ -15,15 +15,21 @@ def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def check_inputs(q, k, v, pattern, scale, q_offset, backend):
-    """Returns (pattern or layout, q_offset, scale) normalised; raises TypeError/ValueError."""
+def check_tensor(name: str, t) -> None:
+    """A 4-dim floating torch.Tensor (batch, heads, length, head_dim)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have 4 dims (batch, heads, length, head_dim), got shape {_shape(t)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+
+
+def check_qkv(q, k, v) -> None:
+    """SDPA shapes: q (B, Hq, Nq, D), k (B, Hkv, Nkv, D), v (B, Hkv, Nkv, Dv), Hq % Hkv == 0, one
+    dtype and device. Shared by every op; each adds its own rules (causal lengths, ...)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims (batch, heads, length, head_dim), got shape {_shape(t)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+        check_tensor(name, t)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -38,6 +44,11 @@ def check_inputs(q, k, v, pattern, scale, q_offset, backend):
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) for GQA")
     if q.shape[3] == 0:
         raise ValueError(f"head_dim must be >= 1, got q {_shape(q)}")
+
+
+def check_inputs(q, k, v, pattern, scale, q_offset, backend):
+    """Returns (pattern or layout, q_offset, scale) normalised; raises TypeError/ValueError."""
+    check_qkv(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[3])
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:

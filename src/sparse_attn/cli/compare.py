@@ -1,8 +1,10 @@
-"""`sparse-attn compare`: every pattern against dense SDPA on the same random q/k/v.
+"""`sparse-attn compare`: every pattern and mechanism against dense SDPA on the same random q/k/v.
 
-For each row: density (exact fraction of allowed (query, key) pairs), the backend the
-dispatcher picks, time (median of repeats after a warm-up), peak memory of one call, and the
-error against the float64 `reference` backend on the same inputs.
+For each row: density (exact fraction of allowed (query, key) pairs; patterns only), the
+backend the dispatcher picks (or the mechanism's implementation), time (median of repeats after
+a warm-up), peak memory of one call, and the error against a float64 reference on the same
+inputs: for a pattern its own masked reference (exactness), for a non-pattern mechanism
+(linear, performer, topk, ...) dense softmax attention, causal when it is causal (fidelity).
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ class CompareConfig:
 @dataclass
 class Row:
     name: str  # what the user asked for ("sliding_window", "sliding_window:window=512", "sdpa")
-    spec: str  # the canonical spec that rebuilds the pattern
-    pattern: str  # repr of the pattern
-    kind: str  # "dense" (torch SDPA called directly) or "sparse" (sparse_attention)
+    spec: str  # the canonical spec that rebuilds the pattern or mechanism
+    pattern: str  # repr of the pattern or mechanism
+    kind: str  # "dense" (torch SDPA called directly), "sparse" (sparse_attention) or "mechanism"
     density: float
     backend: str
     time_ms: float
@@ -63,10 +65,11 @@ class Row:
 class _Job:
     name: str
     spec: str
-    pattern: P.Pattern
+    pattern: P.Pattern  # for mechanisms: the dense pattern their error is measured against
     kind: str
     run: Callable  # () -> output tensor
     backend: Callable  # () -> backend name
+    description: str = ""
 
 
 def _device_name(device: torch.device) -> str:
@@ -130,14 +133,36 @@ def _jobs(cfg: CompareConfig, q, k, v) -> list[_Job]:
         _Job("sdpa causal", "causal", P.causal(), "dense", dense(True), lambda: "torch sdpa"),
     ]
     for spec in cfg.specs:
+        if spec.mechanism is not None:
+            jobs.append(_mechanism_job(cfg, spec, q, k, v))
+            continue
+
         def run(pattern=spec.pattern):
             return sparse_attention(q, k, v, pattern, backend=cfg.backend)
 
         def chosen(pattern=spec.pattern):
             return explain(q, k, v, pattern, backend=cfg.backend).chosen or "none"
 
-        jobs.append(_Job(spec.text, spec.canonical(), spec.pattern, "sparse", run, chosen))
+        jobs.append(_Job(spec.text, spec.canonical(), spec.pattern, "sparse", run, chosen, repr(spec.pattern)))
     return jobs
+
+
+def _mechanism_job(cfg: CompareConfig, spec: Spec, q, k, v) -> _Job:
+    m = spec.mechanism
+    # random features / hashes / centroids are drawn from --seed, so rows are reproducible
+    seeded = {"generator": torch.Generator(device=q.device).manual_seed(cfg.seed)} \
+        if m.name == "performer" and "generator" not in m.params else {}
+    backend = {"backend": cfg.backend} if m.name == "block_topk" else {}
+    mech = type(m)(m.name, **{**m.params, **seeded})
+
+    def run():
+        return mech(q, k, v, **backend)
+
+    def chosen():
+        return f"{m.name} ({cfg.backend})" if backend else m.name
+
+    dense = P.causal() if m.params.get("causal") else P.full()
+    return _Job(spec.text, str(m), dense, "mechanism", run, chosen, repr(m))
 
 
 def _progress(jobs, enabled: bool):
@@ -170,15 +195,15 @@ def run_compare(cfg: CompareConfig) -> tuple[list[Row], dict]:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(job.name)
         try:
-            density = job.pattern.layout(cfg.length, block_q=64).density()
+            density = float("nan") if job.kind == "mechanism" else job.pattern.layout(cfg.length, block_q=64).density()
             backend = job.backend()
             out, warmup, times = measure.time_call(job.run, device, cfg.repeats)
             peak = measure.peak_memory(job.run, device)
-            row = Row(job.name, job.spec, repr(job.pattern), job.kind, density, backend,
+            row = Row(job.name, job.spec, job.description or repr(job.pattern), job.kind, density, backend,
                       measure.median(times) * 1e3, [t * 1e3 for t in times], warmup * 1e3, peak)
             if check:
                 def reference(start, stop, job=job):
-                    key = (job.spec, start, stop)
+                    key = (repr(job.pattern), start, stop)  # mechanisms share the dense references
                     if key not in references:
                         references[key] = sparse_attention(q64[:, :, start:stop], k64, v64, job.pattern,
                                                            backend="reference", q_offset=start)
@@ -230,7 +255,8 @@ def format_table(rows: list[Row], env: dict, cfg: CompareConfig) -> str:
     table = []
     for r in rows:
         peak = "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.1f}"
-        table.append([r.name, f"{r.density:.4f}", r.backend, f"{r.time_ms:.1f}", _fmt_ratio(base, r.time_ms), peak,
+        density = "-" if math.isnan(r.density) else f"{r.density:.4f}"
+        table.append([r.name, density, r.backend, f"{r.time_ms:.1f}", _fmt_ratio(base, r.time_ms), peak,
                       _fmt_err(r.max_abs_err), _fmt_err(r.mean_abs_err)])
     widths = [max(len(row[i]) for row in [header] + table) for i in range(len(header))]
     left = {0, 2}
@@ -243,7 +269,7 @@ def format_table(rows: list[Row], env: dict, cfg: CompareConfig) -> str:
     lines.extend(fmt(row) for row in table)
     lines.append("")
     name_w = max(len(r.name) for r in rows)
-    lines.append("patterns:")
+    lines.append("rows:")
     for r in rows:
         what = "torch.nn.functional.scaled_dot_product_attention" + (", is_causal=True" if r.spec == "causal" else "") \
             if r.kind == "dense" else r.spec
@@ -254,6 +280,9 @@ def format_table(rows: list[Row], env: dict, cfg: CompareConfig) -> str:
     if env.get("error_rows"):
         which = "all" if env["error_rows"] >= cfg.length else f"{env['error_rows']} (evenly spaced) of"
         lines.append(f"err: |out - reference| vs the float64 reference backend, on {which} {cfg.length} query rows")
+        if any(r.kind == "mechanism" for r in rows):
+            lines.append("     mechanisms (linear, performer, topk, ...): the reference is dense softmax attention "
+                         "(causal if causal=true): approximation error, not exactness")
     else:
         lines.append(f"err: not checked (length {cfg.length} > --max-dense-length {cfg.max_dense_length})")
     return "\n".join(lines)

@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="time, memory and error of patterns vs dense SDPA",
                        description=COMPARE_DESCRIPTION, epilog=SPEC_HELP, formatter_class=_Formatter)
     p.add_argument("--length", type=_positive_int, required=True, metavar="N", help="sequence length")
-    p.add_argument("--patterns", nargs="+", default=list(specs.DEFAULT_PATTERNS), metavar="SPEC",
-                   help="patterns to run, NAME or NAME:KEY=VALUE,... (default: %(default)s)")
+    p.add_argument("--patterns", "--mechanisms", nargs="+", default=list(specs.DEFAULT_PATTERNS), metavar="SPEC",
+                   help="patterns and/or mechanisms (linear, performer, topk, block_topk, lsh, routing) to run, "
+                        "NAME or NAME:KEY=VALUE,... (default: %(default)s)")
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default: %(default)s)")
     p.add_argument("--heads", type=_positive_int, default=8, help="query heads (default: %(default)s)")
     p.add_argument("--kv-heads", type=_positive_int, default=None, help="key/value heads (GQA); default: --heads")
@@ -205,7 +206,7 @@ def cmd_compare(args) -> int:
     _check_output(parser, "--plot", args.plot)
     pattern_specs = [_parse_spec(parser, text, args.length) for text in args.patterns]
     for spec in pattern_specs:
-        if spec.pattern.num_heads not in (None, args.heads):
+        if spec.pattern is not None and spec.pattern.num_heads not in (None, args.heads):
             parser.error(f"{spec.text}: the pattern has {spec.pattern.num_heads} heads but --heads is {args.heads}")
     if args.plot:
         _require_matplotlib()
@@ -241,6 +242,9 @@ def cmd_show(args) -> int:
     if kv < n:
         parser.error(f"--kv-length ({kv}) must be >= --length ({n}): queries are the last --length key positions")
     spec = _parse_spec(parser, args.pattern, kv)
+    if spec.pattern is None:
+        parser.error(f"{spec.name} is a mechanism with no fixed pattern (its keys depend on q and k): show draws "
+                     f"patterns: {', '.join(specs.REGISTRY)}")
     pattern = spec.pattern
     heads = pattern.num_heads
     if heads is None and args.head:

@@ -1,7 +1,9 @@
-"""Pattern names the CLI understands, and `name:key=value,...` specs.
+"""Pattern and mechanism names the CLI understands, and `name:key=value,...` specs.
 
     parse_spec("sliding_window:window=512,causal=false", length=8192)
     -> Spec(name="sliding_window", params={"window": 512, "causal": False}, pattern=<Pattern>)
+    parse_spec("performer:num_features=128", length=8192)
+    -> Spec(name="performer", params={...}, pattern=None, mechanism=Mechanism("performer", ...))
 
 Every preset that takes plain numbers is here, with defaults derived from the sequence length:
 the paper-style value at --length >= 4096 (sliding window 256, BigBird block 64, ...), shrunk
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import patterns as P
+from ..ops.mechanisms import Mechanism
+from ..ops.mechanisms import _convert as _convert_mechanism_value
 from ..patterns import Pattern
 
 # Lengths at or above this get the full default sizes; shorter ones get them scaled down.
@@ -80,6 +84,42 @@ REGISTRY: dict[str, PatternSpec] = {
 DEFAULT_PATTERNS = ["causal", "sliding_window", "longformer", "bigbird", "dilated", "strided", "streaming"]
 
 
+def _routing_defaults(n: int) -> dict:
+    clusters = max(1, round(n ** 0.5 / 2))  # Roy et al.: ~sqrt(N) clusters of N / clusters tokens
+    return {"num_clusters": clusters, "window": -(-n // clusters), "causal": False}
+
+
+@dataclass(frozen=True)
+class MechanismSpec:
+    """A non-pattern mechanism (sparse_attn.attention names) with CLI defaults per length."""
+
+    name: str
+    defaults: Callable[[int], dict]
+    summary: str
+
+    def keys(self) -> list[str]:
+        return list(self.defaults(REFERENCE_LENGTH))
+
+
+MECHANISM_REGISTRY: dict[str, MechanismSpec] = {
+    s.name: s
+    for s in [
+        MechanismSpec("linear", lambda n: {"feature_map": "elu", "causal": False},
+                      "linear attention with a feature map (elu+1 or relu): O(N)"),
+        MechanismSpec("performer", lambda n: {"num_features": 256, "kernel": "softmax", "causal": False},
+                      "Performer FAVOR+ positive orthogonal random features (drawn from --seed)"),
+        MechanismSpec("topk", lambda n: {"top_k": scaled(64, n), "causal": False},
+                      "exact per-query top-k keys (queries in chunks: no N^2 memory)"),
+        MechanismSpec("block_topk", lambda n: {"top_k_blocks": 8, "block_size": scaled(64, n, floor=16),
+                                               "causal": False},
+                      "top-k kv blocks per query block by mean-pooled scores, on the block backends"),
+        MechanismSpec("lsh", lambda n: {"bucket_size": scaled(64, n), "n_hashes": 4, "causal": False, "seed": 0},
+                      "Reformer LSH: hash rounds, sort, chunks with one chunk of look-back"),
+        MechanismSpec("routing", _routing_defaults, "Routing Transformer: k-means clusters, balanced, attention within"),
+    ]
+}
+
+
 @dataclass
 class Spec:
     """A parsed spec: the registry name, the resolved arguments and the pattern built from them."""
@@ -87,7 +127,8 @@ class Spec:
     text: str
     name: str
     params: dict
-    pattern: Pattern
+    pattern: Pattern | None  # None for a non-pattern mechanism
+    mechanism: Mechanism | None = None  # set for non-pattern mechanisms
 
     def params_str(self) -> str:
         return ",".join(f"{k}={_format_value(v)}" for k, v in self.params.items())
@@ -123,7 +164,7 @@ def _convert(spec_name: str, key: str, raw: str, default: Any) -> Any:
 
 
 def valid_names() -> str:
-    return ", ".join(REGISTRY)
+    return ", ".join(list(REGISTRY) + list(MECHANISM_REGISTRY))
 
 
 def parse_spec(text: str, length: int) -> Spec:
@@ -135,6 +176,8 @@ def parse_spec(text: str, length: int) -> Spec:
         raise SpecError(f"empty pattern spec; valid names: {valid_names()}")
     name, _, rest = text.strip().partition(":")
     name = name.strip().replace("-", "_")
+    if name in MECHANISM_REGISTRY:
+        return _parse_mechanism(text, name, rest, length)
     spec = REGISTRY.get(name)
     if spec is None:
         raise SpecError(f"unknown pattern {name!r}; valid names: {valid_names()}")
@@ -157,12 +200,39 @@ def parse_spec(text: str, length: int) -> Spec:
     return Spec(text, name, params, pattern)
 
 
+def _parse_mechanism(text: str, name: str, rest: str, length: int) -> Spec:
+    params = MECHANISM_REGISTRY[name].defaults(length)
+    valid_keys = ", ".join(params)
+    for item in filter(str.strip, rest.split(",")):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SpecError(f"{name}: expected key=value, got {item.strip()!r} in {text!r}; valid keys: {valid_keys}")
+        if key not in params:
+            raise SpecError(f"{name} has no parameter {key!r} here; valid keys: {valid_keys}")
+        try:
+            params[key] = _convert_mechanism_value(name, key, raw, params[key])
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
+    try:
+        mechanism = Mechanism(name, **params)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"{text}: {exc}") from exc
+    return Spec(text, name, params, None, mechanism)
+
+
 def describe(length: int = REFERENCE_LENGTH) -> str:
     """One line per pattern name with its keys and their defaults at `length` (for --help)."""
     lines = []
-    width = max(len(n) for n in REGISTRY)
+    width = max(len(n) for n in list(REGISTRY) + list(MECHANISM_REGISTRY))
     for name, spec in REGISTRY.items():
         params = ",".join(f"{k}={_format_value(v)}" for k, v in spec.defaults(length).items())
         lines.append(f"  {name:<{width}}  {params or '-'}")
+        lines.append(f"  {'':<{width}}    {spec.summary}")
+    lines.append("")
+    lines.append("mechanisms (compare only; error is measured against dense softmax attention):")
+    for name, spec in MECHANISM_REGISTRY.items():
+        params = ",".join(f"{k}={_format_value(v)}" for k, v in spec.defaults(length).items())
+        lines.append(f"  {name:<{width}}  {params}")
         lines.append(f"  {'':<{width}}    {spec.summary}")
     return "\n".join(lines)

@@ -1,0 +1,279 @@
+"""What the chunked LSH attention and its dense reference share: argument checks, the hashing
+(random rotations, Kitaev et al. 2020, section 3), the sort by (bucket, position) that places
+every token in a chunk per round, and the masked softmax / round merge with log-sum-exp.
+
+Both implementations call `hash_and_sort` with the same generator state, so they see the same
+hashes, the same sorted order and the same chunks; they differ only in how the attention over
+the allowed pairs is evaluated (gathered chunks vs a dense N x N mask).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...backends.inputs import check_tensor
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+
+
+def check_scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def check_qkv(q, k, v):
+    """Self-attention shapes with GQA: q [B, Hq, N, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv].
+    k is None for shared-QK (keys from q), v is None where only the pairs are wanted."""
+    named = [(n, t) for n, t in (("q", q), ("k", k), ("v", v)) if t is not None]
+    for name, t in named:
+        check_tensor(name, t)
+    listed = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named)
+    if len({t.dtype for _, t in named}) != 1:
+        raise TypeError("q, k, v must share a dtype, got " + ", ".join(f"{n} {t.dtype}" for n, t in named))
+    if len({t.device for _, t in named}) != 1:
+        raise ValueError("q, k, v must be on one device, got " + ", ".join(f"{n} {t.device}" for n, t in named))
+    if len({t.shape[0] for _, t in named}) != 1:
+        raise ValueError(f"batch sizes differ: {listed}")
+    if len({t.shape[2] for _, t in named}) != 1:
+        raise ValueError(f"q, k, v must have the same length (self-attention), got {listed}")
+    if q.shape[2] == 0:
+        raise ValueError(f"sequence length must be >= 1, got q {tuple(q.shape)}")
+    if q.shape[3] == 0:
+        raise ValueError(f"head_dim must be >= 1, got q {tuple(q.shape)}")
+    if k is not None and q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k is not None and v is not None and k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    kv = k if k is not None else v
+    if kv is not None and (kv.shape[1] == 0 or q.shape[1] % kv.shape[1] != 0):
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({kv.shape[1]}) for GQA")
+
+
+def resolve_generator(generator, seed):
+    """The generator that draws the rotations: `generator` as given, a fresh CPU generator
+    seeded with `seed`, or None (torch's global generator)."""
+    if generator is not None and seed is not None:
+        raise ValueError(f"pass either generator or seed, not both (got seed={seed!r} and a generator)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if seed is not None:
+        _check_int("seed", seed, 0)
+        return torch.Generator().manual_seed(seed)
+    return generator
+
+
+def check_lsh_args(q, k, v, *, bucket_size, n_hashes, causal, shared_qk, scale, generator, seed):
+    """Validates an LSH call; returns (k to use or None when shared, scale, generator)."""
+    _check_int("bucket_size", bucket_size, 1)
+    _check_int("n_hashes", n_hashes, 1)
+    _check_bool("causal", causal)
+    _check_bool("shared_qk", shared_qk)
+    if shared_qk:
+        if k is not None and k is not q:
+            raise ValueError("shared_qk=True derives the keys from q (keys = q / |q|): pass k=None (or k=q), "
+                             f"got a separate k of shape {tuple(k.shape) if isinstance(k, torch.Tensor) else k!r}")
+        k = None
+        check_qkv(q, None, v)  # the keys share q's heads; v sets the kv heads
+    else:
+        if k is None:
+            raise ValueError("k is None but shared_qk=False: pass k, or shared_qk=True to use q as the keys")
+        check_qkv(q, k, v)
+    return k, check_scale(scale, q.shape[3]), resolve_generator(generator, seed)
+
+
+# ----------------------------------------------------------------------------- hashing
+def compute_dtype(dtype):
+    """Scores, softmax and the round merge run in float32 for half inputs (float64 stays)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lsh_geometry(seq_len, bucket_size):
+    """(n_chunks, chunk_len, n_buckets) for a sequence of seq_len tokens.
+
+    The sorted order is cut into ceil(N / bucket_size) chunks of bucket_size tokens (one chunk
+    of N tokens when bucket_size >= N) and there are two buckets per chunk, n_buckets =
+    2 * ceil(N / bucket_size): an even number >= 2 with, on average, half a chunk per bucket."""
+    n_chunks = -(-seq_len // bucket_size)
+    chunk_len = bucket_size if n_chunks > 1 else seq_len
+    return n_chunks, chunk_len, 2 * n_chunks
+
+
+def random_rotations(head_dim, n_buckets, n_hashes, *, generator=None, device=None):
+    """float32 [n_hashes, head_dim, n_buckets // 2] Gaussian rotations, one per hash round,
+    shared by the batch and the heads. Drawn on the generator's device (CPU for a seed or the
+    global generator) and then moved, so a seed gives the same hashes on every device."""
+    if n_buckets < 2 or n_buckets % 2:
+        raise ValueError(f"n_buckets must be an even number >= 2, got {n_buckets}")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    rot = torch.randn(n_hashes, head_dim, n_buckets // 2, generator=generator, device=gen_device,
+                      dtype=torch.float32)
+    return rot.to(device) if device is not None else rot
+
+
+@torch.no_grad()
+def lsh_hash(x, n_buckets, n_hashes, generator=None, *, rotations=None):
+    """Angular LSH: bucket = argmax([x R, -x R]) for a random rotation R per round.
+
+    x: [..., N, D]. Returns int64 [..., n_hashes, N] in [0, n_buckets). Computed in float32
+    whatever x's dtype (so a half-precision call and a float32 call on the same values get the
+    same buckets). Pass `rotations` ([n_hashes, D, n_buckets // 2]) to hash several tensors
+    with the same rotations; otherwise they are drawn from `generator`."""
+    if rotations is None:
+        rotations = random_rotations(x.shape[-1], n_buckets, n_hashes, generator=generator, device=x.device)
+    elif tuple(rotations.shape) != (n_hashes, x.shape[-1], n_buckets // 2):
+        raise ValueError(f"rotations must have shape {(n_hashes, x.shape[-1], n_buckets // 2)}, "
+                         f"got {tuple(rotations.shape)}")
+    x = x.detach().float()
+    n = x.shape[-2]
+    buckets = torch.empty(*x.shape[:-2], n_hashes, n, dtype=torch.long, device=x.device)
+    # the rotated vectors are [.., R, N, n_buckets / 2]: hash a slice of tokens at a time so that
+    # this temporary stays small when n_buckets grows with N
+    step = max(1, (1 << 22) // max(1, n_hashes * n_buckets * math.prod(x.shape[:-2])))
+    for start in range(0, n, step):
+        part = x[..., start:start + step, :]
+        rotated = torch.einsum("...nd,rdk->...rnk", part, rotations)  # [.., R, n, n_buckets / 2]
+        buckets[..., start:start + step] = torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    return buckets
+
+
+@dataclass
+class LshPlan:
+    """Where every token goes in every round (padded positions N..Np-1 sort last).
+
+    q_pos / k_pos:     [B, Hkv, G or Gk, R, Np] original position at each sorted slot.
+    q_rank / k_rank:   [.., R, Np] sorted slot of each original position (inverse permutation).
+    q_chunk / k_chunk: [.., R, Np] chunk of each original position (= rank // chunk_len).
+    """
+
+    q_pos: torch.Tensor
+    q_rank: torch.Tensor
+    q_chunk: torch.Tensor
+    k_pos: torch.Tensor
+    k_rank: torch.Tensor
+    k_chunk: torch.Tensor
+    seq_len: int
+    n_chunks: int
+    chunk_len: int
+
+    @property
+    def n_hashes(self):
+        return self.q_pos.shape[-2]
+
+    @property
+    def padded_len(self):
+        return self.n_chunks * self.chunk_len
+
+
+def sort_by_bucket(buckets, n_buckets, padded_len):
+    """Sort positions by (bucket, position); positions >= N (padding) go last.
+
+    buckets: [..., R, N]. Returns (positions, ranks), both int64 [..., R, padded_len]."""
+    n = buckets.shape[-1]
+    pad_bucket = buckets.new_full((*buckets.shape[:-1], padded_len - n), n_buckets)
+    position = torch.arange(padded_len, device=buckets.device)
+    sort_key = torch.cat([buckets, pad_bucket], dim=-1) * padded_len + position  # unique per position
+    positions = sort_key.argsort(dim=-1)
+    ranks = torch.empty_like(positions).scatter_(-1, positions, position.expand_as(positions).contiguous())
+    return positions, ranks
+
+
+@torch.no_grad()
+def hash_and_sort(q5, k5, *, n_hashes, bucket_size, generator):
+    """Hash queries (and keys, with the same rotations) and sort them into chunks.
+
+    q5: [B, Hkv, G, N, D]; k5: [B, Hkv, 1, N, D], or None for shared-QK (the keys are the
+    normalised queries, which hash like the queries: a positive scale does not move an argmax)."""
+    n = q5.shape[-2]
+    n_chunks, chunk_len, n_buckets = lsh_geometry(n, bucket_size)
+    padded = n_chunks * chunk_len
+    rotations = random_rotations(q5.shape[-1], n_buckets, n_hashes, generator=generator, device=q5.device)
+    q_pos, q_rank = sort_by_bucket(lsh_hash(q5, n_buckets, n_hashes, rotations=rotations), n_buckets, padded)
+    if k5 is None:
+        k_pos, k_rank = q_pos, q_rank
+    else:
+        k_pos, k_rank = sort_by_bucket(lsh_hash(k5, n_buckets, n_hashes, rotations=rotations), n_buckets, padded)
+    return LshPlan(q_pos, q_rank, q_rank // chunk_len, k_pos, k_rank, k_rank // chunk_len, n, n_chunks, chunk_len)
+
+
+def group_heads(q, k, v, shared_qk, dtype, kv_heads):
+    """Fold GQA groups: q [B, Hkv, G, N, D], keys [B, Hkv, G or 1, N, D], v [B, Hkv, 1, N, Dv]
+    (None if v is None), all in `dtype`. Shared-QK keys are q / |q| (one key set per query head)."""
+    q5 = q.to(dtype).unflatten(1, (kv_heads, q.shape[1] // kv_heads))
+    k5 = F.normalize(q5, dim=-1) if shared_qk else k.to(dtype).unsqueeze(2)
+    v5 = v.to(dtype).unsqueeze(2) if v is not None else None
+    return q5, k5, v5
+
+
+def window_hit(key_chunk, query_chunk, n_chunks):
+    """Is a key in chunk `key_chunk` visible from a query in chunk `query_chunk`? Own chunk or
+    the previous one, wrapping (chunk 0 looks back to the last chunk, as in Reformer)."""
+    hit = key_chunk == query_chunk
+    if n_chunks > 1:
+        hit = hit | (key_chunk == (query_chunk - 1) % n_chunks)
+    return hit
+
+
+# ----------------------------------------------------------------------------- softmax
+def softmax_with_lse(scores, allowed):
+    """Masked softmax along the last dim and its log-sum-exp (-inf, probs 0 for empty rows).
+
+    The shift is detached (the result does not depend on it) and empty rows never produce
+    inf/NaN in the backward."""
+    s = scores.masked_fill(~allowed, float("-inf"))
+    shift = s.detach().amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    e = torch.exp(s - shift)
+    total = e.sum(dim=-1, keepdim=True)
+    seen = total > 0
+    safe_total = torch.where(seen, total, torch.ones_like(total))
+    lse = torch.where(seen, shift + torch.log(safe_total), torch.full_like(total, float("-inf")))
+    return e / safe_total, lse.squeeze(-1)
+
+
+def combine_rounds(out, lse, dim):
+    """Merge partial attentions along `dim` by log-sum-exp: out = sum_r exp(lse_r - lse) out_r.
+
+    out: [..., R, ..., N, Dv] and lse: the same without Dv, with the round axis at `dim` (>= 0)."""
+    shift = lse.detach().amax(dim=dim, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    weights = torch.exp(lse - shift)  # 0 for rounds where a row saw nothing
+    total = weights.sum(dim=dim, keepdim=True)
+    seen = total > 0
+    safe_total = torch.where(seen, total, torch.ones_like(total))
+    merged = (weights.unsqueeze(-1) * out).sum(dim=dim) / safe_total.squeeze(dim).unsqueeze(-1)
+    merged_lse = torch.where(seen, shift + torch.log(safe_total), torch.full_like(total, float("-inf")))
+    return merged, merged_lse.squeeze(dim)
+
+
+def self_fallback(out, lse, q5, k5, v5, scale):
+    """Shared-QK: a token with no other key in any round attends to itself alone (Reformer's
+    rule). out [B, Hkv, G, N, Dv], lse [B, Hkv, G, N]."""
+    lone = ~torch.isfinite(lse)
+    self_score = (q5 * k5).sum(-1) * scale  # [B, Hkv, G, N]
+    out = torch.where(lone.unsqueeze(-1), v5.expand_as(out), out)
+    return out, torch.where(lone, self_score, lse)
+
+
+def finish(out, lse, q, return_lse):
+    """[B, Hkv, G, N, Dv] -> [B, Hq, N, Dv] in q's dtype; lse [B, Hq, N] in the compute dtype."""
+    out = out.flatten(1, 2).to(q.dtype)
+    lse = lse.flatten(1, 2)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,181 @@
+"""Block top-k attention (MoBA / Quest style): each query block picks the kv blocks whose
+mean-pooled key scores highest against its mean-pooled query, then attends to those blocks
+(plus an optional fixed pattern) exactly, on the same block-sparse kernels as static patterns.
+
+Selection (`select_kv_blocks`), per batch element and query head:
+
+* blocks tile absolute positions: query block a holds the queries at positions p with
+  p // block_size == a, kv block c the keys at [c * block_size, (c + 1) * block_size), so
+  with causal masking a query block's "own" kv block (c == a) is the diagonal one;
+* block score = mean(queries of the block) · mean(keys of the kv block) (MoBA's gate; Quest's
+  min/max bound is not used), means over the real positions of ragged blocks; GQA: each query
+  head scores against its kv head;
+* non-causal: the top_k_blocks highest-scoring kv blocks;
+* causal: only kv blocks c <= a are eligible (they hold some key a query of the block may see),
+  and the own block c == a is always selected and counts within top_k_blocks (MoBA's rule:
+  top_k_blocks = 1 means local attention only). Rows with fewer eligible blocks keep them all.
+Ties are broken by `torch.topk`. The selection is not differentiated.
+
+Attention (`block_topk_attention`): the selection differs per batch element and head, so the
+batch is folded into the heads (q -> [1, B * Hq, Nq, D], k/v -> [1, B * Hkv, Nkv, D], which
+keeps the GQA grouping since B * Hq / (B * Hkv) = Hq / Hkv) and the selection becomes a
+per-head pattern of B * Hq heads, run by `sparse_attention` (the `blocked` backend on CPU,
+`triton` on CUDA). With causal masking it is built as
+
+    past selected blocks (c < a: every key precedes every query, no mask)
+    | own block & causal()                  (the same for every head)
+    | always & causal()
+
+so that no per-head part is intersected with `causal()` (that intersection would classify the
+causal triangle's blocks element by element, O(N^2)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...backends.inputs import check_inputs
+from ...patterns import BlockCells, Pattern, Segments
+from ...patterns import causal as causal_pattern
+from ...patterns import full as full_pattern
+from ..sparse import sparse_attention
+from .chunk import check_bool, check_positive_int, compute_dtype
+
+
+def _query_blocks(q_offset: int, q_len: int, block_size: int) -> tuple[int, int]:
+    """(index of the first query block, number of query blocks) for queries at positions
+    q_offset .. q_offset + q_len - 1."""
+    if q_len == 0:
+        return q_offset // block_size, 0
+    first = q_offset // block_size
+    return first, (q_offset + q_len - 1) // block_size - first + 1
+
+
+def _block_means(x: torch.Tensor, lead: int, block_size: int, num_blocks: int) -> torch.Tensor:
+    """Means over blocks of rows of x [B, H, N, E], where row i sits at slot lead + i of a
+    sequence cut into num_blocks blocks of block_size slots: [B, H, num_blocks, E], each mean
+    over the rows actually present (ragged first / last blocks divide by their real count)."""
+    n = x.shape[2]
+    tail = num_blocks * block_size - lead - n
+    padded = torch.nn.functional.pad(x, (0, 0, lead, tail))  # [B, H, num_blocks * block_size, E]
+    sums = padded.unflatten(2, (num_blocks, block_size)).sum(3)
+    start = torch.arange(num_blocks, device=x.device) * block_size
+    count = (torch.clamp(start + block_size, max=lead + n) - torch.clamp(start, min=lead)).clamp(min=1)
+    return sums / count[:, None].to(sums.dtype)
+
+
+def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, top_k_blocks: int, block_size: int, *, causal: bool = False,
+                     q_offset: int | None = None) -> torch.Tensor:
+    """The kv blocks each query block attends to: bool [B, Hq, NQB, NKB].
+
+    Row a of the result is query block first + a, where first = q_offset // block_size and
+    blocks tile absolute positions (so NQB = 1 when decoding one token); NKB = ceil(Nkv /
+    block_size). Scores are mean-pooled query · mean-pooled key; with `causal`, only kv blocks
+    at or before the query block are eligible and the query block's own kv block is always
+    selected, counted within top_k_blocks. See the module docstring.
+    """
+    _, q_offset, _ = check_inputs(q, k, k, causal_pattern() if check_bool("causal", causal) else full_pattern(),
+                                  None, q_offset, "auto")
+    check_positive_int("top_k_blocks", top_k_blocks)
+    check_positive_int("block_size", block_size)
+    bsz, hq, nq, d = q.shape
+    hkv, nkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    num_kv_blocks = -(-nkv // block_size)
+    first, num_q_blocks = _query_blocks(q_offset, nq, block_size)
+    with torch.no_grad():
+        cdt = compute_dtype(q.dtype)
+        key_means = _block_means(k.detach().to(cdt), 0, block_size, num_kv_blocks)  # [B, Hkv, NKB, D]
+        query_means = _block_means(q.detach().to(cdt), q_offset - first * block_size, block_size,
+                                   num_q_blocks)  # [B, Hq, NQB, D]
+        grouped = query_means.reshape(bsz, hkv, group * num_q_blocks, d)
+        scores = torch.matmul(grouped, key_means.transpose(-1, -2)).reshape(bsz, hq, num_q_blocks, num_kv_blocks)
+        q_block = torch.arange(num_q_blocks, device=q.device)[:, None] + first  # [NQB, 1] absolute index
+        kv_block = torch.arange(num_kv_blocks, device=q.device)[None, :]  # [1, NKB]
+        eligible = kv_block <= q_block if causal else torch.ones_like(kv_block, dtype=torch.bool)
+        if causal:
+            scores = scores.masked_fill(~eligible, float("-inf")).masked_fill(kv_block == q_block, float("inf"))
+        _, pick = scores.topk(min(top_k_blocks, num_kv_blocks), dim=-1)
+        selection = torch.zeros(scores.shape, dtype=torch.bool, device=q.device).scatter_(-1, pick, True)
+        return selection & eligible  # rows with fewer eligible blocks than k also picked -inf ones
+
+
+def selection_pattern(selection: torch.Tensor, block_size: int, q_len: int, kv_len: int, q_offset: int, *,
+                      causal: bool = False, always: Pattern | None = None) -> Pattern:
+    """The per-head pattern (heads = B * Hq, head b * Hq + h) of a selection [B, Hq, NQB, NKB]
+    from `select_kv_blocks`, OR'd with `always` and, with `causal`, restricted to keys <= the
+    query's position."""
+    heads = selection.shape[0] * selection.shape[1]
+    num_q_blocks, num_kv_blocks = selection.shape[2:]
+    first, _ = _query_blocks(q_offset, q_len, block_size)
+    cells = selection.reshape(heads, num_q_blocks, num_kv_blocks)
+    if causal:  # own blocks come from the shared causal part; the past ones need no mask
+        q_block = torch.arange(num_q_blocks, device=cells.device)[:, None] + first
+        cells = cells & (torch.arange(num_kv_blocks, device=cells.device)[None, :] < q_block)
+    head, row, col = cells.cpu().nonzero(as_tuple=True)
+    rows = -(-max(q_offset + q_len, kv_len) // block_size)  # BlockCells' rows cover every position
+    pattern: Pattern = BlockCells(head, row + first, col, shape=(heads, rows, num_kv_blocks), cell_q=block_size,
+                                  cell_kv=block_size, per_head=True, name="block_topk")
+    if causal:
+        pattern = pattern | (Segments(size=block_size) & causal_pattern())
+    if always is not None:
+        pattern = pattern | (always & causal_pattern() if causal else always)
+    return pattern
+
+
+def _attend_folded(q, k, v, selection, block_size, causal, always, scale, backend, q_offset):
+    """Batch folded into heads: one sparse_attention call with a (B * Hq)-head pattern."""
+    bsz, hq, nq, d = q.shape
+    hkv, nkv = k.shape[1], k.shape[2]
+    if nq == 0 or nkv == 0:  # nothing to select from: full() gives the empty / zero rows
+        pattern = full_pattern()
+    else:
+        pattern = selection_pattern(selection, block_size, nq, nkv, q_offset, causal=causal, always=always)
+    out = sparse_attention(q.reshape(1, bsz * hq, nq, d), k.reshape(1, bsz * hkv, nkv, d),
+                           v.reshape(1, bsz * hkv, nkv, v.shape[3]), pattern, scale=scale, backend=backend,
+                           q_offset=q_offset)
+    return out.reshape(bsz, hq, nq, v.shape[3])
+
+
+def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k_blocks: int, block_size: int = 64,
+                         *, causal: bool = False, always: Pattern | None = None, scale: float | None = None,
+                         backend: str = "auto", q_offset: int | None = None, return_selection: bool = False):
+    """Block top-k attention: each query block attends to its top_k_blocks kv blocks (chosen by
+    `select_kv_blocks`) and to whatever the fixed pattern `always` allows.
+
+    Args:
+        q: (B, Hq, Nq, D); k: (B, Hkv, Nkv, D); v: (B, Hkv, Nkv, Dv); Hq % Hkv == 0 (GQA).
+        top_k_blocks: kv blocks per query block (>= 1); with causal the query block's own block
+            is one of them. Covering every block gives dense (causal) attention.
+        block_size: tokens per selection block (any int >= 1; the backend picks its own kernel
+            blocks, which need not match).
+        causal: a query at position i sees only keys at positions <= i (inside the selected
+            blocks too, and in `always`).
+        always: a fixed `Pattern` added to the selection, e.g. `patterns.streaming(4, 256)`
+            or `patterns.sliding_window(256)`; a per-head one must have Hq heads.
+        scale: score scale, default 1/sqrt(D).
+        backend: as in `sparse_attention` ("auto": `blocked` on CPU, `triton` on CUDA).
+        q_offset: absolute position of the first query; default Nkv - Nq.
+        return_selection: also return the selection, bool (B, Hq, NQB, NKB).
+
+    Returns:
+        out (B, Hq, Nq, Dv), or (out, selection). Gradients flow to q, k, v through the
+        attention; the selection is not differentiated.
+    """
+    check_bool("causal", causal)
+    check_bool("return_selection", return_selection)
+    if always is not None and not isinstance(always, Pattern):
+        raise TypeError(f"always must be a sparse_attn Pattern or None, got {type(always).__name__}")
+    _, q_offset, scale = check_inputs(q, k, v, causal_pattern() if causal else full_pattern(), scale, q_offset,
+                                      backend)
+    if always is not None and always.num_heads is not None and always.num_heads != q.shape[1]:
+        raise ValueError(f"always is defined for {always.num_heads} heads but q has {q.shape[1]} heads")
+    selection = select_kv_blocks(q, k, top_k_blocks, block_size, causal=causal, q_offset=q_offset)
+    args = (block_size, causal, always, scale, backend, q_offset)
+    if always is not None and always.num_heads is not None and q.shape[0] > 1:
+        # a per-head `always` has Hq heads, not B * Hq: one call per batch element
+        out = torch.cat([_attend_folded(q[b:b + 1], k[b:b + 1], v[b:b + 1], selection[b:b + 1], *args)
+                         for b in range(q.shape[0])])
+    else:
+        out = _attend_folded(q, k, v, selection, *args)
+    return (out, selection) if return_selection else out

@@ -1,0 +1,432 @@
+"""Top-k and block top-k attention against their O(N^2) naive references (float64), dense
+attention when k covers everything, the selection rules, bounded memory, gradients and
+argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sa_testing import LargestTensor, assert_fp32_close, assert_low_precision_close, max_abs_err, reference_f64
+
+from sparse_attn import patterns as P
+from sparse_attn.ops.topk import block_topk_attention, select_kv_blocks, topk_attention
+from sparse_attn.ops.topk import chunk as topk_chunk
+from sparse_attn.ops.topk.block import _block_means
+from sparse_attn.ops.topk.naive import (
+    block_topk_attention_naive,
+    select_kv_blocks_naive,
+    topk_attention_naive,
+)
+
+F64 = torch.float64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def qkv(b, hq, nq, d, *, hkv=None, nkv=None, dv=None, dtype=F64, device="cpu"):
+    hkv = hq if hkv is None else hkv
+    nkv = nq if nkv is None else nkv
+    dv = d if dv is None else dv
+    shapes = ((b, hq, nq, d), (b, hkv, nkv, d), (b, hkv, nkv, dv))
+    return tuple(torch.randn(shape, dtype=dtype, device=device) for shape in shapes)
+
+
+def grads(fn, q, k, v, dout):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    return out.detach(), torch.autograd.grad((out * dout).sum(), (q, k, v))
+
+
+
+
+# ============================================================================ top-k
+# (B, Hq, Hkv, Nq, Nkv, D, Dv, top_k, chunk_size, q_offset)
+TOPK_CASES = [
+    (1, 2, 2, 1, 1, 8, 8, 1, None, None),  # N = 1
+    (2, 4, 2, 113, 113, 8, 5, 7, 16, None),  # GQA, Dv != D, chunks of 16 (last one ragged)
+    (1, 2, 1, 30, 203, 16, 8, 50, 7, None),  # Nq < Nkv: queries are the last 30 positions
+    (1, 3, 3, 203, 203, 8, 8, 13, 64, None),
+    (1, 2, 1, 20, 50, 8, 8, 6, 3, 10),  # queries in the middle (explicit q_offset)
+    (1, 2, 2, 20, 50, 8, 8, 6, 8, 40),  # queries running past the last key
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", TOPK_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_topk_matches_naive(case, causal):
+    b, hq, hkv, nq, nkv, d, dv, top_k, chunk, q_offset = case
+    q, k, v = qkv(b, hq, nq, d, hkv=hkv, nkv=nkv, dv=dv)
+    out = topk_attention(q, k, v, top_k, causal=causal, q_offset=q_offset, chunk_size=chunk)
+    ref = topk_attention_naive(q, k, v, top_k, causal=causal, q_offset=q_offset)
+    assert out.shape == (b, hq, nq, dv) and out.dtype == F64
+    assert_fp32_close(out, ref, rtol=1e-12)
+
+
+def test_topk_is_sparse():
+    """The output depends on the top_k keys only: changing the other values changes nothing,
+    changing a selected one does; top_k = 1 returns the best key's value."""
+    q, k, v = qkv(1, 2, 40, 8, nkv=60)
+    top_k = 5
+    out = topk_attention(q, k, v, top_k, chunk_size=16)
+    scores = q @ k.transpose(-1, -2)  # [1, 2, 40, 60]
+    chosen = scores.topk(top_k, dim=-1).indices
+    # the keys no query of head 0 row 0 selects: change their values everywhere
+    unused = torch.ones(60, dtype=torch.bool)
+    unused[chosen[0, :, 0].reshape(-1)] = False
+    v2 = v.clone()
+    v2[:, :, unused] += 100.0
+    assert torch.allclose(topk_attention(q, k, v2, top_k)[:, :, 0], out[:, :, 0], rtol=0, atol=1e-12)
+    v3 = v.clone()
+    v3[0, 0, chosen[0, 0, 0, 0]] += 1.0
+    assert max_abs_err(topk_attention(q, k, v3, top_k)[0, 0, 0], out[0, 0, 0]) > 1e-3
+    best = scores.argmax(-1)  # [1, 2, 40]
+    expected = torch.gather(v, 2, best[..., None].expand(-1, -1, -1, 8))
+    assert torch.equal(topk_attention(q, k, v, 1), expected)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nkv,hkv", [(113, 113, 2), (17, 203, 1)])
+def test_topk_covering_every_key_is_dense(causal, nq, nkv, hkv):
+    q, k, v = qkv(2, 4, nq, 16, hkv=hkv, nkv=nkv, dv=12)
+    out = topk_attention(q, k, v, nkv + 5, causal=causal, chunk_size=32)
+    assert_fp32_close(out, reference_f64(q, k, v, P.causal() if causal else P.full()), rtol=1e-12)
+    # and SDPA (queries are the last positions: the causal mask is bottom-right aligned)
+    mask = torch.ones(nq, nkv, dtype=torch.bool).tril(nkv - nq) if causal else None
+    rep = 4 // hkv
+    sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+    assert_fp32_close(out, sdpa, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_topk_low_precision(dtype):
+    """FlashAttention's rule against the naive reference run in the same precision."""
+    q, k, v = qkv(1, 2, 77, 16, nkv=90, dtype=dtype)
+    out = topk_attention(q, k, v, 9, causal=True, chunk_size=20)
+    assert out.dtype == dtype
+    ref_low = topk_attention_naive(q, k, v, 9, causal=True)
+    ref64 = topk_attention_naive(q.double(), k.double(), v.double(), 9, causal=True)
+    assert_low_precision_close(out, ref_low, ref64)
+
+
+def test_topk_float32():
+    q, k, v = qkv(1, 4, 64, 32, hkv=2, dtype=torch.float32)
+    out = topk_attention(q, k, v, 8, causal=True, chunk_size=24)
+    assert_fp32_close(out, topk_attention_naive(q.double(), k.double(), v.double(), 8, causal=True))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_topk_gradcheck(causal):
+    # causal, Nq = Nkv: the first rows see fewer keys than top_k
+    q, k, v = qkv(1, 2, 6, 3, hkv=1, dv=2)
+    inputs = tuple(t.requires_grad_(True) for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: topk_attention(q, k, v, 3, causal=causal, chunk_size=4), inputs)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nkv", [(113, 113), (60, 130)])
+def test_topk_grads_match_naive(causal, nq, nkv):
+    q, k, v = qkv(2, 4, nq, 8, hkv=2, nkv=nkv, dv=5)
+    dout = torch.randn(2, 4, nq, 5, dtype=F64)
+    out, g = grads(lambda q, k, v: topk_attention(q, k, v, 11, causal=causal, chunk_size=16), q, k, v, dout)
+    ref, g_ref = grads(lambda q, k, v: topk_attention_naive(q, k, v, 11, causal=causal), q, k, v, dout)
+    assert_fp32_close(out, ref, rtol=1e-12)
+    for name, a, e in zip("qkv", g, g_ref):
+        assert_fp32_close(a, e, rtol=1e-10, what=f"d{name}")
+
+
+def test_topk_memory_is_chunked():
+    """No op, forward or backward, makes a tensor anywhere near Nq x Nkv: the largest is the
+    chunk's score block (chunk x Nkv)."""
+    n, chunk = 4096, 64
+    q, k, v = (t.requires_grad_(True) for t in qkv(1, 1, n, 16, dtype=torch.float32))
+    with LargestTensor() as seen:
+        out = topk_attention(q, k, v, 32, causal=True, chunk_size=chunk)
+        out.sum().backward()
+    assert chunk * n <= seen.largest <= 2 * chunk * n, seen.largest
+    assert seen.largest < n * n // 16
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+def test_topk_default_chunk_follows_the_budget(monkeypatch):
+    monkeypatch.setattr(topk_chunk, "SCORE_BLOCK_ELEMENTS", 1 << 16)
+    n = 2048
+    assert topk_chunk.default_chunk_size(1, 2, n, 8, 16, 16) == (1 << 16) // (2 * n)
+    # gathered keys + values dominate when top_k * (D + Dv) > Nkv
+    assert topk_chunk.default_chunk_size(1, 1, 100, 100, 64, 64) == (1 << 16) // (100 * 128)
+    assert topk_chunk.default_chunk_size(64, 64, 1 << 20, 8, 16, 16) == 1
+    q, k, v = qkv(1, 2, n, 16, dtype=torch.float32)
+    with LargestTensor() as seen:
+        topk_attention(q, k, v, 8)
+    assert seen.largest <= 1 << 16
+
+
+def test_topk_no_keys_or_queries():
+    q, k, v = qkv(1, 2, 5, 8, nkv=0, dv=3)
+    q.requires_grad_(True)
+    out = topk_attention(q, k, v, 4, q_offset=0)
+    assert torch.equal(out, torch.zeros(1, 2, 5, 3, dtype=F64))
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    q, k, v = qkv(1, 2, 0, 8, nkv=6)
+    assert topk_attention(q, k, v, 4, causal=True).shape == (1, 2, 0, 8)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(top_k=0), ValueError, r"top_k must be a positive int \(>= 1\), got 0"),
+    (dict(top_k=2.0), TypeError, "top_k must be an int, got float"),
+    (dict(top_k=True), TypeError, "top_k must be an int, got bool"),
+    (dict(top_k=2, chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    (dict(top_k=2, causal="yes"), TypeError, "causal must be True or False"),
+    (dict(top_k=2, scale=-1.0), ValueError, "scale must be a positive finite float"),
+    (dict(top_k=2, q_offset=-3), ValueError, "q_offset must be a non-negative int"),
+])
+def test_topk_bad_arguments(kwargs, error, match):
+    q, k, v = qkv(1, 2, 8, 4)
+    with pytest.raises(error, match=match):
+        topk_attention(q, k, v, **kwargs)
+
+
+def test_topk_bad_tensors():
+    q, k, v = qkv(1, 3, 8, 4, hkv=2)
+    with pytest.raises(ValueError, match=r"q heads \(3\) must be a multiple of k/v heads \(2\)"):
+        topk_attention(q, k, v, 2)
+    with pytest.raises(ValueError, match=r"q must have 4 dims.*\(3, 8, 4\)"):
+        topk_attention(q[0], k, v, 2)
+    q, k, v = qkv(1, 2, 8, 4)
+    with pytest.raises(TypeError, match="q, k, v must share a dtype"):
+        topk_attention(q.float(), k, v, 2)
+    with pytest.raises(ValueError, match="q has more positions"):
+        topk_attention(q, k[:, :, :4], v[:, :, :4], 2)
+
+
+# ====================================================================== block top-k
+def test_select_picks_the_obvious_block():
+    """Every query points along u; kv block 2 (of 6) holds keys along 3u, the rest noise."""
+    bs, d = 8, 16
+    u = torch.zeros(d, dtype=F64)
+    u[0] = 1.0
+    q = u.expand(1, 1, 48, d).clone() + 0.01 * torch.randn(1, 1, 48, d, dtype=F64)
+    k = 0.1 * torch.randn(1, 1, 48, d, dtype=F64)
+    k[:, :, 16:24] += 3 * u
+    k[:, :, 40:48] += 2 * u  # second best
+    sel = select_kv_blocks(q, k, 1, bs)
+    assert sel.shape == (1, 1, 6, 6)
+    assert sel[0, 0].nonzero()[:, 1].tolist() == [2] * 6
+    sel = select_kv_blocks(q, k, 2, bs)
+    assert (sel[0, 0].nonzero()[:, 1].reshape(6, 2) == torch.tensor([2, 5])).all()
+    # causal: future blocks are not eligible, the own block always is (within k)
+    sel = select_kv_blocks(q, k, 1, bs, causal=True)
+    assert torch.equal(sel[0, 0], torch.eye(6, dtype=torch.bool))
+    sel = select_kv_blocks(q, k, 2, bs, causal=True)
+    expected = torch.eye(6, dtype=torch.bool)
+    expected[0, 0] = expected[1, 0] = expected[1, 1] = True  # block 1 only has blocks 0 and 1
+    expected[3:, 2] = True  # blocks after 2 pick it next to themselves
+    expected[2, 1] = bool(sel[0, 0, 2, 1])  # block 2: own block + the better of noise blocks 0, 1
+    expected[2, 0] = not expected[2, 1]
+    assert torch.equal(sel[0, 0], expected)
+
+
+def test_select_ragged_last_block_divides_by_its_length():
+    """The last kv block has 3 keys along 1.5u: its mean (1.5u) beats block 0's (1.0u) only
+    if divided by 3, not by the block size."""
+    bs, d = 16, 8
+    u = torch.zeros(d, dtype=F64)
+    u[0] = 1.0
+    q = u.expand(1, 1, 35, d).clone()
+    k = torch.zeros(1, 1, 35, d, dtype=F64)
+    k[:, :, :16] = u
+    k[:, :, 16:32] = -u
+    k[:, :, 32:] = 1.5 * u
+    sel = select_kv_blocks(q, k, 1, bs)
+    assert sel[0, 0, :, 2].all() and sel.sum() == 3
+
+
+def test_block_means_use_real_counts():
+    x = torch.randn(2, 3, 10, 4, dtype=F64)
+    means = _block_means(x, 3, 4, 4)  # slots 3..12 hold rows 0..9: blocks of 1, 4, 4, 1 rows
+    expected = torch.stack([x[:, :, :1].mean(2), x[:, :, 1:5].mean(2), x[:, :, 5:9].mean(2), x[:, :, 9:].mean(2)], 2)
+    assert torch.allclose(means, expected, rtol=1e-14, atol=0)
+
+
+# (B, Hq, Hkv, Nq, Nkv, D, top_k_blocks, block_size, q_offset)
+SELECT_CASES = [
+    (2, 4, 2, 113, 113, 8, 3, 16, None),
+    (1, 2, 1, 37, 203, 8, 2, 32, None),  # queries start mid-block (q_offset 166)
+    (1, 2, 2, 1, 70, 8, 3, 16, None),  # decoding one token
+    (1, 2, 1, 30, 50, 8, 2, 8, 40),  # queries running past the last key
+    (1, 1, 1, 1, 1, 8, 1, 16, None),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_select_matches_naive(case, causal):
+    b, hq, hkv, nq, nkv, d, top_k, bs, q_offset = case
+    q, k, _ = qkv(b, hq, nq, d, hkv=hkv, nkv=nkv)
+    sel = select_kv_blocks(q, k, top_k, bs, causal=causal, q_offset=q_offset)
+    assert torch.equal(sel, select_kv_blocks_naive(q, k, top_k, bs, causal=causal, q_offset=q_offset))
+    first = (nkv - nq if q_offset is None else q_offset) // bs
+    q_block = torch.arange(sel.shape[2])[:, None] + first
+    kv_block = torch.arange(sel.shape[3])[None, :]
+    eligible = (kv_block <= q_block) if causal else torch.ones_like(kv_block, dtype=torch.bool)
+    assert not (sel & ~eligible).any()
+    assert torch.equal(sel.sum(-1), torch.clamp(eligible.sum(-1), max=top_k).expand_as(sel[..., 0]))
+    if causal:  # the own block, where it holds keys
+        own = (kv_block == q_block) & (q_block < sel.shape[3])
+        assert (sel | ~own).all()
+
+
+ALWAYS = {
+    "none": None,
+    "streaming": P.streaming(2, 8),
+    "window_nc": P.sliding_window(9, causal=False),
+}
+
+
+@pytest.mark.parametrize("backend", ["blocked", "reference"])
+@pytest.mark.parametrize("always", list(ALWAYS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", [
+    (2, 4, 2, 113, 113, 8, 8, 3, 16, None),  # B = 2 folded into heads, GQA
+    (1, 2, 1, 37, 203, 8, 5, 2, 32, None),  # Nq < Nkv, q_offset not a block multiple, Dv != D
+    (1, 2, 2, 1, 1, 8, 8, 1, 16, None),  # N = 1
+    (2, 2, 1, 19, 45, 8, 8, 2, 8, 9),  # explicit q_offset
+], ids=lambda c: "x".join(map(str, c)))
+def test_block_topk_matches_naive(case, causal, always, backend):
+    b, hq, hkv, nq, nkv, d, dv, top_k, bs, q_offset = case
+    always = ALWAYS[always]
+    q, k, v = qkv(b, hq, nq, d, hkv=hkv, nkv=nkv, dv=dv)
+    out, sel = block_topk_attention(q, k, v, top_k, bs, causal=causal, always=always, backend=backend,
+                                    q_offset=q_offset, return_selection=True)
+    assert torch.equal(sel, select_kv_blocks(q, k, top_k, bs, causal=causal, q_offset=q_offset))
+    ref = block_topk_attention_naive(q, k, v, sel, bs, causal=causal, always=always, q_offset=q_offset)
+    assert out.shape == (b, hq, nq, dv)
+    assert_fp32_close(out, ref, rtol=1e-12)
+
+
+def test_block_topk_is_sparse():
+    """Keys in unselected blocks do not matter; keys in selected ones do."""
+    q, k, v = qkv(1, 1, 64, 8)
+    out, sel = block_topk_attention(q, k, v, 1, 16, backend="blocked", return_selection=True)
+    unused = ~sel[0, 0].any(0)  # kv blocks no query block picked
+    assert unused.any()
+    v2 = v.clone()
+    v2[:, :, unused.repeat_interleave(16)] += 100.0
+    assert_fp32_close(block_topk_attention(q, k, v2, 1, 16, backend="blocked"), out, rtol=1e-12)
+    used = sel[0, 0, 0].nonzero()[0, 0]
+    v2 = v.clone()
+    v2[:, :, used * 16] += 1.0
+    assert max_abs_err(block_topk_attention(q, k, v2, 1, 16, backend="blocked")[0, 0, :16], out[0, 0, :16]) > 1e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_topk_covering_every_block_is_dense(causal):
+    q, k, v = qkv(2, 4, 75, 16, hkv=2, nkv=75)
+    pattern = P.causal() if causal else P.full()
+    out = block_topk_attention(q, k, v, 5, 16, causal=causal, backend="blocked")  # 5 = ceil(75 / 16)
+    assert_fp32_close(out, reference_f64(q, k, v, pattern), rtol=1e-12)
+    out = block_topk_attention(q, k, v, 100, 16, causal=causal, always=P.sliding_window(4), backend="blocked")
+    assert_fp32_close(out, reference_f64(q, k, v, pattern), rtol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_topk_grads_match_naive(causal):
+    q, k, v = qkv(2, 4, 75, 8, hkv=2, dv=6)
+    dout = torch.randn(2, 4, 75, 6, dtype=F64)
+    always = P.streaming(1, 5)
+    sel = select_kv_blocks(q, k, 2, 16, causal=causal)
+    out, g = grads(lambda q, k, v: block_topk_attention(q, k, v, 2, 16, causal=causal, always=always,
+                                                        backend="blocked"), q, k, v, dout)
+    ref, g_ref = grads(lambda q, k, v: block_topk_attention_naive(q, k, v, sel, 16, causal=causal, always=always),
+                       q, k, v, dout)
+    assert_fp32_close(out, ref, rtol=1e-12)
+    for name, a, e in zip("qkv", g, g_ref):
+        assert_fp32_close(a, e, rtol=1e-10, what=f"d{name}")
+
+
+def test_block_topk_gradcheck():
+    q, k, v = qkv(2, 2, 7, 2, hkv=1, dv=2)
+    inputs = tuple(t.requires_grad_(True) for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: block_topk_attention(q, k, v, 1, 2, causal=True, always=P.streaming(1, 1),
+                                             backend="blocked"), inputs)
+
+
+def test_block_topk_per_head_always():
+    """A per-head `always` (Hq heads) with B = 2: one call per batch element."""
+    q, k, v = qkv(2, 2, 50, 8)
+    always = P.per_head([P.sliding_window(4), P.streaming(1, 9)])
+    out, sel = block_topk_attention(q, k, v, 1, 16, causal=True, always=always, backend="blocked",
+                                    return_selection=True)
+    assert_fp32_close(out, block_topk_attention_naive(q, k, v, sel, 16, causal=True, always=always), rtol=1e-12)
+
+
+def test_block_topk_float32():
+    q, k, v = qkv(2, 4, 130, 32, hkv=1, dtype=torch.float32)
+    out, sel = block_topk_attention(q, k, v, 2, 32, causal=True, always=P.streaming(4, 16), return_selection=True)
+    ref = block_topk_attention_naive(q.double(), k.double(), v.double(), sel, 32, causal=True,
+                                     always=P.streaming(4, 16))
+    assert_fp32_close(out, ref)
+
+
+def test_block_topk_no_keys():
+    q, k, v = qkv(1, 2, 4, 8, nkv=0)
+    out, sel = block_topk_attention(q, k, v, 2, 16, q_offset=0, return_selection=True)
+    assert torch.equal(out, torch.zeros_like(out)) and sel.shape == (1, 2, 1, 0)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((0,), {}, ValueError, r"top_k_blocks must be a positive int \(>= 1\), got 0"),
+    ((2, 0), {}, ValueError, r"block_size must be a positive int \(>= 1\), got 0"),
+    ((2, "16"), {}, TypeError, "block_size must be an int, got str"),
+    ((2,), dict(always="window"), TypeError, "always must be a sparse_attn Pattern or None, got str"),
+    ((2,), dict(always=P.per_head([P.causal()] * 3)), ValueError, "always is defined for 3 heads but q has 2"),
+    ((2,), dict(causal=1), TypeError, "causal must be True or False"),
+    ((2,), dict(return_selection="yes"), TypeError, "return_selection must be True or False"),
+    ((2,), dict(backend="nope"), ValueError, "backend must be 'auto' or one of"),
+])
+def test_block_topk_bad_arguments(args, kwargs, error, match):
+    q, k, v = qkv(1, 2, 32, 8)
+    with pytest.raises(error, match=match):
+        block_topk_attention(q, k, v, *args, **kwargs)
+
+
+def test_select_bad_arguments():
+    q, k, _ = qkv(1, 2, 32, 8)
+    with pytest.raises(ValueError, match="top_k_blocks must be a positive int"):
+        select_kv_blocks(q, k, -1, 16)
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        select_kv_blocks(q, k, 2, 0)
+    with pytest.raises(ValueError, match=r"q and k head dims differ"):
+        select_kv_blocks(q, k[..., :4], 2, 16)
+
+
+# ============================================================================== GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_topk_and_block_topk(causal):
+    """On CUDA: top-k, and block top-k on the default (triton) backend, fp32 and bf16 with grads."""
+    q, k, v = qkv(2, 8, 1000, 64, hkv=2, dtype=torch.float32, device=DEVICE)
+    out = topk_attention(q, k, v, 32, causal=causal, chunk_size=256)
+    assert_fp32_close(out, topk_attention_naive(q.double(), k.double(), v.double(), 32, causal=causal), rtol=1e-4)
+    always = P.streaming(4, 64)
+    dout = torch.randn(2, 8, 1000, 64, dtype=torch.float32, device=DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        ql, kl, vl = (t.to(dtype) for t in (q, k, v))
+        sel = select_kv_blocks(ql, kl, 4, 64, causal=causal)
+        fast, g = grads(lambda q, k, v: block_topk_attention(q, k, v, 4, 64, causal=causal, always=always),
+                        ql, kl, vl, dout.to(dtype))
+        q64, k64, v64 = (t.double() for t in (ql, kl, vl))
+        ref, g_ref = grads(lambda q, k, v: block_topk_attention_naive(q, k, v, sel, 64, causal=causal, always=always),
+                           q64, k64, v64, dout.double())
+        if dtype == torch.float32:
+            assert_fp32_close(fast, ref, rtol=2e-5)
+            for a, e in zip(g, g_ref):
+                assert_fp32_close(a, e, rtol=2e-5)
+        else:  # the same pattern on the dense reference backend, in bf16: the low-precision bar
+            low, g_low = grads(lambda q, k, v: block_topk_attention(q, k, v, 4, 64, causal=causal, always=always,
+                                                                    backend="reference"), ql, kl, vl, dout.to(dtype))
+            assert_low_precision_close(fast, low, ref)
+            for a, lo, e in zip(g, g_low, g_ref):
+                assert_low_precision_close(a, lo, e, factor=3.0)

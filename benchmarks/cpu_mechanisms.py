@@ -2,7 +2,8 @@
 dense SDPA and the sliding window as yardsticks, in one process.
 
     python benchmarks/cpu_mechanisms.py                       # N in 1K 4K 16K 64K, ~10 min on 2 cores
-    python benchmarks/cpu_mechanisms.py --lengths 1024 4096 --mechanisms linear performer
+    python benchmarks/cpu_mechanisms.py --lengths 1024 4096 --mechanisms linear performer_256
+    python benchmarks/cpu_mechanisms.py --update --mechanisms performer_256   # re-measure some rows in place
 
 B=1, H=4, D=64, fp32, forward only (torch.no_grad). Each row: median seconds of
 `common.time_cpu` (torch.utils.benchmark, after a warm-up call), peak torch allocation during one
@@ -15,6 +16,7 @@ complexity) are skipped and listed in `skipped`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -75,12 +77,21 @@ def main(argv=None) -> int:
     ap.add_argument("--max-call-s", type=float, default=60.0, help="skip calls estimated to take longer")
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     ap.add_argument("--out", type=Path, default=RESULTS / "cpu_mechanisms.json")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other rows of --out and replace only the (mechanism, N) rows run now")
     args = ap.parse_args(argv)
 
     result = {"env": environment("cpu"), "setup": f"B=1, H={args.heads}, D={args.dim}, fp32, forward, no_grad",
               "time": "median of torch.utils.benchmark Timer runs after one warm-up call",
               "peak": "torch.profiler(profile_memory=True): max running sum of torch CPU allocations in one call",
               "rows": [], "skipped": []}
+    if args.update and args.out.exists():
+        kept = json.loads(args.out.read_text())
+        ran = {(m, n) for m in args.mechanisms for n in args.lengths}
+        result["rows"] = [r for r in kept["rows"] if (r["mechanism"], r["N"]) not in ran]
+        result["skipped"] = [r for r in kept.get("skipped", []) if (r["mechanism"], r["N"]) not in ran]
+        result["updated"] = kept.get("updated", []) + [{"date": result["env"]["date"], "rows": sorted(ran)}]
+        result["env"]["first_run"] = kept["env"]
     last: dict[str, tuple[int, float]] = {}  # mechanism -> (N, seconds) of its last run
     jobs = [(n, name) for n in sorted(args.lengths) for name in args.mechanisms]
     for n, name in progress(jobs, desc="cpu_mechanisms", unit="call"):
@@ -112,6 +123,7 @@ def main(argv=None) -> int:
                   f"{(row.get('peak_bytes') or 0) / 2**20:8.1f} MiB", file=sys.stderr)
         result["rows"].append(row)
         write_json(args.out, result)
+    result["rows"].sort(key=lambda r: (r["N"], list(MECHANISMS).index(r["mechanism"])))
     result["goals"] = goals(result["rows"])
     write_json(args.out, result)
     return 0

@@ -275,8 +275,9 @@ def test_large_logits_stay_finite(causal, target):
 
 def test_small_denominators_are_not_floored():
     """D = 64 and logits up to ~30: with the usual row-max query stabiliser (and the global key
-    max) a few percent of the causal rows get denominators below eps = 1e-6 and collapse towards
-    0. The fast path normalises each row's denominator instead: it matches the reference."""
+    max) a few percent of the causal rows get denominators below 1e-6, exact but tiny: an
+    absolute eps = 1e-6 would floor them and shrink the rows towards 0. The softmax kernel
+    clamps only at the smallest normal float: the rows match the reference."""
     q, k, v = make_qkv(1, 2, 192, 64, dtype=torch.float64)
     q, k = q * 2.5, k * 2.5
     f = PerformerFeatures(64, 64, generator=0, dtype=torch.float64)
@@ -291,6 +292,8 @@ def test_small_denominators_are_not_floored():
     assert float((out.double() - ref).abs().max()) <= 1e-4 * float(v.abs().max())
     out64 = performer_attention(q, k, v, features=f, causal=True)
     assert_close64(out64, ref)
+    floored = performer_attention(q.float(), k.float(), v.float(), features=f, causal=True, eps=1e-6)
+    assert float((floored.double() - ref).abs().max()) > 1e-2 * float(v.abs().max())  # what the default avoids
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -8,18 +8,16 @@ memory are O(N·m) for m features.
 Stabilisation. Raw features exp(w·x - |x|^2/2) overflow for large inputs, so constants are
 taken out before exp; they cancel exactly in out_i = num_i / den_i:
 * keys: one max over all keys and features of each (batch, head). A single constant, so it
-  cancels for every query, causal or not. It is taken over all keys, also those a causal query
-  cannot see (this is what makes early causal rows tiny, see below).
-* queries: a per-row constant, which cancels in row i. Subtracting the row's max (the usual
-  choice) leaves den_i free to be very small, e.g. for early causal rows whose keys lie far
-  below the global key max, or for queries pointing away from every key; the eps guard of the
-  denominator then floors den_i and shrinks the row towards 0 (measured: a few percent of the
-  causal rows at D = 64 with logits ~30). So after the row max, each row is multiplied by
-  1 / den_i, with den_i = phi(q_i)·Z_i and Z_i the sum of phi(k_j) over the keys the row sees
-  (a cumulative sum over positions when causal): every denominator becomes 1. The factor is
-  capped at e^30 so that no query feature can overflow when a row's keys have all but
-  vanished (or there are none); only then can eps act. The stabilisers are computed without
-  gradient: they cancel, so none flows through them mathematically.
+  cancels for every query, causal or not.
+* queries: a per-row constant cancels in row i, so a query's features are exp(w·x - max_f w_f·x):
+  the |x|^2/2 and log(m)/2 terms of the estimator are per-row constants too and are dropped
+  (two passes over the (N, m) features fewer).
+Because of these factors a row's denominator has an arbitrary scale: rows whose keys all lie far
+below the global key max (early causal rows, queries pointing away from every key) have tiny but
+exact denominators (measured: a few percent of causal rows below 1e-6 at D = 64, logits ~30).
+An absolute eps = 1e-6 would floor them and shrink the row towards 0, so for the softmax kernel
+the denominator is clamped only at the smallest normal float of the accumulation dtype: only
+rows whose denominator underflows (they see no key, or every product underflows) return 0.
 """
 
 from __future__ import annotations
@@ -32,11 +30,6 @@ from ..linear.chunk import accumulation_dtype, check_chunk_size, check_eps, chec
 from .features import KERNELS, PerformerFeatures, _check_generator
 
 __all__ = ["performer_attention", "favor_features"]
-
-# Largest log-boost a query feature may get from the denominator normalisation (e^30 ~ 1e13):
-# keeps every product far from the float32 range limits.
-_MAX_QUERY_BOOST = 30.0
-
 
 def _check_scale(scale, head_dim) -> float:
     if scale is None:
@@ -75,7 +68,7 @@ def resolve_features(head_dim, *, num_features, kernel, orthogonal, generator, f
     return PerformerFeatures(head_dim, num_features, kernel, orthogonal, _check_generator(generator), device=device)
 
 
-def favor_features(q, k, features: PerformerFeatures, *, scale: float, causal: bool):
+def favor_features(q, k, features: PerformerFeatures, *, scale: float):
     """Stabilised features (phi_q (B, Hq, Nq, m), phi_k (B, Hkv, Nkv, m)) of q, k already in the
     accumulation dtype; see the module docstring for the stabilisers."""
     root = scale ** 0.5
@@ -83,30 +76,24 @@ def favor_features(q, k, features: PerformerFeatures, *, scale: float, causal: b
         inv_sqrt_m = 1.0 / math.sqrt(features.num_features)
         return (torch.relu(features.projected(q * root)) * inv_sqrt_m,
                 torch.relu(features.projected(k * root)) * inv_sqrt_m)
-    log_q = features.log_features(q * root)  # [B, Hq, Nq, m]
-    log_k = features.log_features(k * root)  # [B, Hkv, Nkv, m]
-    bsz, hq, q_len, m = log_q.shape
-    hkv, kv_len = k.shape[1], k.shape[2]
-    if kv_len:
-        phi_k = torch.exp(log_k - log_k.detach().amax(dim=(-2, -1), keepdim=True))  # global max per (b, h)
-    else:
-        phi_k = log_k.exp()
-    # row max first (no overflow, at least one feature of 1), then one factor per row making den = 1
-    phi_q = torch.exp(log_q - log_q.detach().amax(-1, keepdim=True))
-    with torch.no_grad():
-        grouped = phi_q.reshape(bsz, hkv, hq // hkv, q_len, m)  # [B, Hkv, G, Nq, m]
-        if causal:  # the keys each query sees: positions <= kv_len - q_len + i
-            seen = torch.cumsum(phi_k, dim=2)[:, :, kv_len - q_len:]  # [B, Hkv, Nq, m]
-            den = torch.einsum("bhgnf,bhnf->bhgn", grouped, seen)
-        else:
-            den = torch.einsum("bhgnf,bhf->bhgn", grouped, phi_k.sum(2))
-        # den == 0 (nothing seen, or every product underflowed) gives the largest boost
-        boost = torch.exp((-torch.log(den)).clamp_max(_MAX_QUERY_BOOST)).reshape(bsz, hq, q_len, 1)
-    return phi_q * boost, phi_k
+    w = features.projection.to(q.dtype)  # [m, D]
+    # in-place sub_/exp_ on fresh matmul outputs: no extra (N, m) buffers (matmul's backward
+    # needs its inputs, not its output, so autograd allows it)
+    phi_q = features.projected(q * root)  # [B, Hq, Nq, m]; per-row terms dropped (they cancel)
+    phi_q = phi_q.sub_(phi_q.detach().amax(-1, keepdim=True)).exp_()
+    # keys: log phi = w·x - |x|^2/2 (log(m)/2 is a constant: dropped), the row term folded into
+    # the matmul as one more input column, [x, -|x|^2/2] @ [w, 1]^T, instead of a pass over (N, m)
+    kx = k * root
+    kx = torch.cat([kx, -0.5 * kx.square().sum(-1, keepdim=True)], dim=-1)  # [B, Hkv, Nkv, D + 1]
+    log_k = kx @ torch.cat([w, w.new_ones(w.shape[0], 1)], dim=-1).T  # [B, Hkv, Nkv, m]
+    if log_k.numel() == 0:
+        return phi_q, log_k.exp()
+    phi_k = log_k.sub_(log_k.detach().amax(dim=(-2, -1), keepdim=True)).exp_()  # global max per (b, h)
+    return phi_q, phi_k
 
 
 def performer_attention(q, k, v, *, num_features=256, kernel="softmax", orthogonal=True, causal=False,
-                        generator=None, features=None, chunk_size=64, eps=1e-6, scale=None):
+                        generator=None, features=None, chunk_size=64, eps=None, scale=None):
     """Performer (FAVOR+) approximation of softmax(scale q k^T) v in O(N) time and memory.
 
     Args:
@@ -123,10 +110,10 @@ def performer_attention(q, k, v, *, num_features=256, kernel="softmax", orthogon
             redraws on a schedule). num_features/kernel/orthogonal, if not left at their
             defaults, must agree with it; generator must be None.
         chunk_size: positions per chunk of the causal form.
-        eps: the denominator is clamped to at least eps. The softmax kernel's stabilisation makes
-            every denominator 1 (see the module docstring) unless it would take a factor above
-            e^30, so eps only acts for rows that see (almost) nothing, and for relu rows whose
-            features are all zero (which give 0).
+        eps: the denominator is clamped to at least eps. None (default): 1e-6 for the relu
+            kernel; for the softmax kernel the smallest normal float of the accumulation dtype,
+            since its stabilised denominators have an arbitrary per-row scale (module
+            docstring), so only rows that see no key return 0.
         scale: score scale, default 1/sqrt(D).
 
     Returns:
@@ -134,10 +121,13 @@ def performer_attention(q, k, v, *, num_features=256, kernel="softmax", orthogon
     """
     check_qkv(q, k, v, causal=causal)
     scale = _check_scale(scale, q.shape[3])
-    chunk_size, eps = check_chunk_size(chunk_size), check_eps(eps)
+    chunk_size = check_chunk_size(chunk_size)
     features = resolve_features(q.shape[3], num_features=num_features, kernel=kernel, orthogonal=orthogonal,
                                 generator=generator, features=features, device=q.device)
     acc = accumulation_dtype(q.dtype)
-    phi_q, phi_k = favor_features(q.to(acc), k.to(acc), features, scale=scale, causal=causal)
+    if eps is None:
+        eps = torch.finfo(acc).tiny if features.kernel == "softmax" else 1e-6
+    eps = check_eps(eps)
+    phi_q, phi_k = favor_features(q.to(acc), k.to(acc), features, scale=scale)
     out, _ = linear_attention_features(phi_q, phi_k, v.to(acc), causal=causal, chunk_size=chunk_size, eps=eps)
     return out.to(q.dtype)

@@ -10,6 +10,10 @@ same semantics, averaged over --seeds draws (random features / rotations drawn a
 on both sides); time = median of torch.utils.benchmark runs.
 * Performer (softmax kernel, 256 orthogonal features): ref = softmax(q k^T / sqrt(D)),
   causal or not.
+  `performer_planted*`: the same on fidelity.py's planted inputs (a few keys carry most of each
+  query's softmax mass), where attention is far from uniform. performer-pytorch adds 1e-4 to
+  every feature before normalising (its `eps`), which pulls its output towards the uniform
+  average: close to the truth for random inputs (near-uniform attention), not for peaked ones.
 * LSH (shared-QK, bucket 64, 4 rounds): ref = softmax over keys k = q / |q| without the token
   itself (Reformer's attention), i.e. the dense attention LSH approximates; reformer-pytorch
   runs with its defaults (duplicates across rounds not corrected), ours corrects them.
@@ -26,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, progress, time_cpu, write_json  # noqa: E402
+
+from fidelity import make_inputs as planted_inputs  # noqa: E402
 
 from sparse_attn import lsh_attention, performer_attention  # noqa: E402
 
@@ -73,7 +79,8 @@ def main(argv=None) -> int:
     env["reformer_pytorch"] = getattr(reformer_pytorch, "__version__", None) or _dist_version("reformer-pytorch")
     result = {"env": env, "setup": f"B=1, H={args.heads}, D={args.dim}, fp32, CPU, {args.seeds} seeds", "rows": []}
     b, h, d = 1, args.heads, args.dim
-    jobs = [(n, what) for n in args.lengths for what in ("performer", "performer_causal", "lsh", "lsh_causal")]
+    jobs = [(n, what) for n in args.lengths for what in ("performer", "performer_causal", "performer_planted",
+                                                          "performer_planted_causal", "lsh", "lsh_causal")]
     for n, what in progress(jobs, desc="peers", unit="setting"):
         causal = what.endswith("causal")
         errs = {"sparse_attn": [], "peer": []}
@@ -81,6 +88,8 @@ def main(argv=None) -> int:
         for seed in range(args.seeds):
             gen = torch.Generator().manual_seed(1000 * n + seed)
             q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+            if "planted" in what:  # causal planted keys (every query's targets precede it)
+                q, k, v = (t.float() for t in planted_inputs("planted", n, h, d, 4, 4.0, seed=1000 * n + seed))
             if what.startswith("performer"):
                 ref = dense(q, k, v, causal)
                 torch.manual_seed(seed)

@@ -241,6 +241,94 @@ def cpu_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------- mechanisms
+def mechanisms_table(data: dict) -> str:
+    """cpu_mechanisms.json: ms and peak MiB per mechanism (rows) and N (columns), plus goals."""
+    env = data["env"]
+    rows = data["rows"]
+    lengths = sorted({r["N"] for r in rows})
+    names = list(dict.fromkeys(r["mechanism"] for r in rows))
+    by = {(r["mechanism"], r["N"]): r for r in rows}
+    skipped = {(r["mechanism"], r["N"]) for r in data.get("skipped", [])}
+    updated = "; rows re-measured with `--update` after the first run: " + ", ".join(
+        sorted({m for u in data.get("updated", []) for m, _ in u["rows"]})) if data.get("updated") else ""
+    lines = [
+        f"**CPU, mechanisms against length** (`python benchmarks/cpu_mechanisms.py`; {data['setup']}; torch "
+        f"{env['torch']}, {env['threads']} threads{updated}). ms = median time of one call; MiB = peak torch "
+        "allocation during one call (profiler); `skip` = not run (estimated over a minute from the previous "
+        "length). An N x N fp32 score matrix of one head is 4 MiB at 1K, 64 MiB at 4K, 1 GiB at 16K, 16 GiB at 64K.",
+        "",
+        "| mechanism | " + " | ".join(f"{n // 1024}K ms | {n // 1024}K MiB" for n in lengths) + " |",
+        "|---|" + "---|---|" * len(lengths),
+    ]
+    for name in names:
+        cells = []
+        for n in lengths:
+            r = by.get((name, n))
+            if r is None or "seconds" not in r:
+                cells += ["skip" if (name, n) in skipped else (_failure(r["error"]) if r and "error" in r else "-"), "-"]
+            else:
+                cells += [f"{r['seconds'] * 1e3:.0f}", _mib(r.get("peak_bytes"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    goals = data.get("goals", {})
+    lines.append("")
+    lines.append("| goal (issue #5) | " + " | ".join(k for k in goals if k != "peak_below_n2") + " |")
+    lines.append("|---|" + "---|" * (len(goals) - ("peak_below_n2" in goals)))
+    for key, label in (("time_64k_over_16k", "time 64K / time 16K (goal <= 5)"),
+                       ("speedup_vs_dense_at_16k", "dense SDPA time / time at 16K (goal >= 10; causal vs SDPA causal)")):
+        lines.append(f"| {label} | " + " | ".join(
+            "-" if v.get(key) is None else f"{v[key]:.1f}" for k, v in goals.items() if k != "peak_below_n2") + " |")
+    return "\n".join(lines)
+
+
+def fidelity_table(data: dict) -> str:
+    rows = data["rows"]
+    kinds = list(dict.fromkeys(r["inputs"] for r in rows))
+    lengths = sorted({r["N"] for r in rows})
+    names = list(dict.fromkeys(r["mechanism"] for r in rows))
+    by = {(r["inputs"], r["N"], r["mechanism"]): r for r in rows}
+    cols = [(kind, n) for kind in kinds for n in lengths]
+    lines = [
+        f"**Fidelity against dense softmax** (`python benchmarks/fidelity.py --plot benchmarks/results/fidelity.png`; "
+        f"{data['setup']}). Each cell: relative output error "
+        f"({data['formulas']['rel_err']}) / recall ({data['formulas']['recall']}; `-` where it does not apply or N "
+        "> 4096 for the N x N pair masks of LSH and routing).",
+        "",
+        "| mechanism | " + " | ".join(f"{kind} {n // 1024}K" for kind, n in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for name in names:
+        cells = []
+        for kind, n in cols:
+            r = by.get((kind, n, name))
+            if r is None:
+                cells.append("-")
+                continue
+            rec = "-" if r.get("recall") is None else f"{r['recall']:.2f}"
+            cells.append(f"{r['rel_err']:.3f} / {rec}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if (RESULTS / "fidelity.png").exists():
+        lines += ["", "![fidelity](benchmarks/results/fidelity.png)"]
+    return "\n".join(lines)
+
+
+def peers_table(data: dict) -> str:
+    env = data["env"]
+    lines = [
+        f"**Against performer-pytorch {env.get('performer_pytorch')} and reformer-pytorch "
+        f"{env.get('reformer_pytorch')}** (`python benchmarks/peers_cpu.py`; {data['setup']}; same inputs, same "
+        "process). Error = relative to dense float64 attention with the same semantics (Performer: softmax; "
+        "LSH: shared-QK softmax without self), mean over seeds.",
+        "",
+        "| setting | N | peer | error ours | error peer | ms ours | ms peer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(f"| {r['setting']} | {r['N']:,} | {r['peer']} | {r['rel_err_sparse_attn']:.3f} | "
+                     f"{r['rel_err_peer']:.3f} | {r['ms_sparse_attn']:.1f} | {r['ms_peer']:.1f} |")
+    return "\n".join(lines)
+
+
 def render(gpu_paths: Sequence[Path] = ()) -> str:
     parts = []
     for name, fn in (("layout_build.json", layout_table), ("cpu_patterns.json", cpu_table),
@@ -250,6 +338,11 @@ def render(gpu_paths: Sequence[Path] = ()) -> str:
             parts.append(fn(json.loads(path.read_text())))
     if gpu_paths:
         parts.append(gpu_table(gpu_paths))
+    for name, fn in (("cpu_mechanisms.json", mechanisms_table), ("fidelity.json", fidelity_table),
+                     ("peers_cpu.json", peers_table)):
+        path = RESULTS / name
+        if path.exists():
+            parts.append(fn(json.loads(path.read_text())))
     return "\n\n".join(parts)
 
 

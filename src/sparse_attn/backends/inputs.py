@@ -15,6 +15,15 @@ def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
+def check_scale(scale, head_dim: int) -> float:
+    """The score scale: 1/sqrt(head_dim) for None, else a positive finite float."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+    return float(scale)
+
+
 def check_tensor(name: str, t) -> None:
     """A 4-dim floating torch.Tensor (batch, heads, length, head_dim)."""
     if not isinstance(t, torch.Tensor):
@@ -49,10 +58,7 @@ def check_qkv(q, k, v) -> None:
 def check_inputs(q, k, v, pattern, scale, q_offset, backend):
     """Returns (pattern or layout, q_offset, scale) normalised; raises TypeError/ValueError."""
     check_qkv(q, k, v)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[3])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+    scale = check_scale(scale, q.shape[3])
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if q_offset is not None and (isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backends.inputs import check_qkv as check_sdpa_qkv
+from ..common import accumulation_dtype  # noqa: F401 (used by linear's naive/recurrent)
 
 
 class LinearState(NamedTuple):
@@ -58,9 +59,6 @@ def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; float32/float16/bfloat16 accumulate in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_qkv(q, k, v, *, causal) -> None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import (check_lsh_args, combine_rounds, compute_dtype, finish, group_heads, hash_and_sort,
+from .common import (accumulation_dtype, check_lsh_args, combine_rounds, finish, group_heads, hash_and_sort,
                      self_fallback, softmax_with_lse, window_hit)
 
 
@@ -65,7 +65,7 @@ def lsh_attention(q, k, v, *, bucket_size=64, n_hashes=4, causal=False, shared_q
     k, scale, generator = check_lsh_args(q, k, v, bucket_size=bucket_size, n_hashes=n_hashes, causal=causal,
                                          shared_qk=shared_qk, scale=scale, generator=generator, seed=seed)
     n = q.shape[2]
-    q5, k5, v5 = group_heads(q, k, v, shared_qk, compute_dtype(q.dtype), v.shape[1])
+    q5, k5, v5 = group_heads(q, k, v, shared_qk, accumulation_dtype(q.dtype), v.shape[1])
     plan = hash_and_sort(q5, None if shared_qk else k5, n_hashes=n_hashes, bucket_size=bucket_size,
                          generator=generator)
     n_chunks, chunk_len, padded = plan.n_chunks, plan.chunk_len, plan.padded_len

@@ -15,56 +15,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...backends.inputs import check_tensor
+from ..common import (accumulation_dtype, check_bool, check_int, check_scale,  # noqa: F401 (lsh's modules import them here)
+                      check_self_attention_qkv, softmax_with_lse)
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
 
 
-def check_scale(scale, head_dim):
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
-    return float(scale)
 
 
-def check_qkv(q, k, v):
-    """Self-attention shapes with GQA: q [B, Hq, N, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv].
-    k is None for shared-QK (keys from q), v is None where only the pairs are wanted."""
-    named = [(n, t) for n, t in (("q", q), ("k", k), ("v", v)) if t is not None]
-    for name, t in named:
-        check_tensor(name, t)
-    listed = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named)
-    if len({t.dtype for _, t in named}) != 1:
-        raise TypeError("q, k, v must share a dtype, got " + ", ".join(f"{n} {t.dtype}" for n, t in named))
-    if len({t.device for _, t in named}) != 1:
-        raise ValueError("q, k, v must be on one device, got " + ", ".join(f"{n} {t.device}" for n, t in named))
-    if len({t.shape[0] for _, t in named}) != 1:
-        raise ValueError(f"batch sizes differ: {listed}")
-    if len({t.shape[2] for _, t in named}) != 1:
-        raise ValueError(f"q, k, v must have the same length (self-attention), got {listed}")
-    if q.shape[2] == 0:
-        raise ValueError(f"sequence length must be >= 1, got q {tuple(q.shape)}")
-    if q.shape[3] == 0:
-        raise ValueError(f"head_dim must be >= 1, got q {tuple(q.shape)}")
-    if k is not None and q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if k is not None and v is not None and k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v must have the same number of heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    kv = k if k is not None else v
-    if kv is not None and (kv.shape[1] == 0 or q.shape[1] % kv.shape[1] != 0):
-        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({kv.shape[1]}) for GQA")
 
 
 def resolve_generator(generator, seed):
@@ -75,34 +36,31 @@ def resolve_generator(generator, seed):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if seed is not None:
-        _check_int("seed", seed, 0)
+        check_int("seed", seed, 0)
         return torch.Generator().manual_seed(seed)
     return generator
 
 
 def check_lsh_args(q, k, v, *, bucket_size, n_hashes, causal, shared_qk, scale, generator, seed):
     """Validates an LSH call; returns (k to use or None when shared, scale, generator)."""
-    _check_int("bucket_size", bucket_size, 1)
-    _check_int("n_hashes", n_hashes, 1)
-    _check_bool("causal", causal)
-    _check_bool("shared_qk", shared_qk)
+    check_int("bucket_size", bucket_size, 1)
+    check_int("n_hashes", n_hashes, 1)
+    check_bool("causal", causal)
+    check_bool("shared_qk", shared_qk)
     if shared_qk:
         if k is not None and k is not q:
             raise ValueError("shared_qk=True derives the keys from q (keys = q / |q|): pass k=None (or k=q), "
                              f"got a separate k of shape {tuple(k.shape) if isinstance(k, torch.Tensor) else k!r}")
         k = None
-        check_qkv(q, None, v)  # the keys share q's heads; v sets the kv heads
+        check_self_attention_qkv(q, None, v)  # the keys share q's heads; v sets the kv heads
     else:
         if k is None:
             raise ValueError("k is None but shared_qk=False: pass k, or shared_qk=True to use q as the keys")
-        check_qkv(q, k, v)
+        check_self_attention_qkv(q, k, v)
     return k, check_scale(scale, q.shape[3]), resolve_generator(generator, seed)
 
 
 # ----------------------------------------------------------------------------- hashing
-def compute_dtype(dtype):
-    """Scores, softmax and the round merge run in float32 for half inputs (float64 stays)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def lsh_geometry(seq_len, bucket_size):
@@ -232,20 +190,6 @@ def window_hit(key_chunk, query_chunk, n_chunks):
 
 
 # ----------------------------------------------------------------------------- softmax
-def softmax_with_lse(scores, allowed):
-    """Masked softmax along the last dim and its log-sum-exp (-inf, probs 0 for empty rows).
-
-    The shift is detached (the result does not depend on it) and empty rows never produce
-    inf/NaN in the backward."""
-    s = scores.masked_fill(~allowed, float("-inf"))
-    shift = s.detach().amax(dim=-1, keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    e = torch.exp(s - shift)
-    total = e.sum(dim=-1, keepdim=True)
-    seen = total > 0
-    safe_total = torch.where(seen, total, torch.ones_like(total))
-    lse = torch.where(seen, shift + torch.log(safe_total), torch.full_like(total, float("-inf")))
-    return e / safe_total, lse.squeeze(-1)
 
 
 def combine_rounds(out, lse, dim):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import (check_lsh_args, combine_rounds, compute_dtype, finish, group_heads, hash_and_sort,
+from .common import (accumulation_dtype, check_lsh_args, combine_rounds, finish, group_heads, hash_and_sort,
                      self_fallback, softmax_with_lse, window_hit)
 
 
@@ -21,7 +21,7 @@ def lsh_attention_naive(q, k, v, *, bucket_size=64, n_hashes=4, causal=False, sh
     """Same arguments and result as `lsh_attention`, computed densely per round."""
     k, scale, generator = check_lsh_args(q, k, v, bucket_size=bucket_size, n_hashes=n_hashes, causal=causal,
                                          shared_qk=shared_qk, scale=scale, generator=generator, seed=seed)
-    q5, k5, v5 = group_heads(q, k, v, shared_qk, compute_dtype(q.dtype), v.shape[1])
+    q5, k5, v5 = group_heads(q, k, v, shared_qk, accumulation_dtype(q.dtype), v.shape[1])
     plan = hash_and_sort(q5, None if shared_qk else k5, n_hashes=n_hashes, bucket_size=bucket_size,
                          generator=generator)
     masks = round_masks(plan, causal=causal, shared_qk=shared_qk)  # [B, Hkv, G, R, N, N]
@@ -61,7 +61,7 @@ def lsh_attended_pairs(q, k, *, bucket_size=64, n_hashes=4, causal=False, shared
                                      shared_qk=shared_qk, scale=None, generator=generator, seed=seed)
     kv_heads = q.shape[1] if shared_qk else k.shape[1]
     q5, k5, _ = group_heads(q.detach(), None if k is None else k.detach(), None, shared_qk,
-                            compute_dtype(q.dtype), kv_heads)
+                            accumulation_dtype(q.dtype), kv_heads)
     plan = hash_and_sort(q5, None if shared_qk else k5, n_hashes=n_hashes, bucket_size=bucket_size,
                          generator=generator)
     pairs = round_masks(plan, causal=causal, shared_qk=shared_qk).any(dim=3)  # [B, Hkv, G, N, N]

@@ -26,17 +26,12 @@ import math
 
 import torch
 
-from ..linear.chunk import accumulation_dtype, check_chunk_size, check_eps, check_qkv, linear_attention_features
+from ..common import accumulation_dtype, check_scale
+from ..linear.chunk import check_chunk_size, check_eps, check_qkv, linear_attention_features
 from .features import KERNELS, PerformerFeatures, _check_generator
 
 __all__ = ["performer_attention", "favor_features"]
 
-def _check_scale(scale, head_dim) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
-    return float(scale)
 
 
 def resolve_features(head_dim, *, num_features, kernel, orthogonal, generator, features, device) -> PerformerFeatures:
@@ -120,7 +115,7 @@ def performer_attention(q, k, v, *, num_features=256, kernel="softmax", orthogon
         out (B, Hq, Nq, Dv) in q's dtype (fp16/bf16 inputs accumulate in float32).
     """
     check_qkv(q, k, v, causal=causal)
-    scale = _check_scale(scale, q.shape[3])
+    scale = check_scale(scale, q.shape[3])
     chunk_size = check_chunk_size(chunk_size)
     features = resolve_features(q.shape[3], num_features=num_features, kernel=kernel, orthogonal=orthogonal,
                                 generator=generator, features=features, device=q.device)

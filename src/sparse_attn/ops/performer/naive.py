@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from ..linear.chunk import accumulation_dtype, check_eps, check_qkv
-from .favor import _check_scale
+from ..common import accumulation_dtype, check_scale
+from ..linear.chunk import check_eps, check_qkv
 from .features import PerformerFeatures
 
 __all__ = ["performer_attention_naive"]
@@ -28,7 +28,7 @@ def performer_attention_naive(q, k, v, features: PerformerFeatures, *, causal=Fa
         raise TypeError(f"features must be PerformerFeatures, got {type(features).__name__}")
     if features.head_dim != q.shape[3]:
         raise ValueError(f"features were drawn for head_dim={features.head_dim} but q has head_dim={q.shape[3]}")
-    scale = _check_scale(scale, q.shape[3])
+    scale = check_scale(scale, q.shape[3])
     eps = check_eps(eps)
     acc = accumulation_dtype(q.dtype)
     root = scale ** 0.5

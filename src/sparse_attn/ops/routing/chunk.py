@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lsh.common import compute_dtype, softmax_with_lse
+from ..common import accumulation_dtype, softmax_with_lse
 from .clusters import check_routing_args, cluster_members, member_masks
 
 
@@ -48,7 +48,7 @@ def routing_attention(q, k, v, *, num_clusters, window, causal=False, scale=None
     scale, centroids = check_routing_args(q, k, v, num_clusters=num_clusters, window=window, causal=causal,
                                           scale=scale, centroids=centroids)
     q_members, k_members = cluster_members(q, k, centroids, window)  # [B, Hq, C, W]
-    work = compute_dtype(q.dtype)
+    work = accumulation_dtype(q.dtype)
     group = q.shape[1] // k.shape[1]
     q_c = gather_members(q.to(work), q_members)  # [B, Hq, C, W, D]
     k_c = gather_members(k.to(work).repeat_interleave(group, dim=1), k_members)

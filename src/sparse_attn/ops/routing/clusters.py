@@ -13,16 +13,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..lsh.common import _check_bool, _check_int, check_qkv, check_scale
+from ..common import check_bool, check_int, check_scale, check_self_attention_qkv
 from .kmeans import RoutingCentroids, initial_centroids
 
 
 def check_routing_args(q, k, v, *, num_clusters, window, causal, scale, centroids):
     """Validates a routing call; returns (scale, centroids as float32 [B or 1, Hq, C, D])."""
-    check_qkv(q, k, v)
-    _check_int("num_clusters", num_clusters, 1)
-    _check_int("window", window, 1)
-    _check_bool("causal", causal)
+    check_self_attention_qkv(q, k, v)
+    check_int("num_clusters", num_clusters, 1)
+    check_int("window", window, 1)
+    check_bool("causal", causal)
     n = q.shape[2]
     if window > n:
         raise ValueError(f"window must be <= the sequence length {n}, got {window}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..lsh.common import _check_int
+from ..common import check_int
 
 
 class RoutingCentroids(torch.nn.Module):
@@ -38,9 +38,9 @@ class RoutingCentroids(torch.nn.Module):
 
     def __init__(self, num_clusters, head_dim, num_heads=1, decay=0.999, eps=1e-6, generator=None, device=None):
         super().__init__()
-        _check_int("num_clusters", num_clusters, 1)
-        _check_int("head_dim", head_dim, 1)
-        _check_int("num_heads", num_heads, 1)
+        check_int("num_clusters", num_clusters, 1)
+        check_int("head_dim", head_dim, 1)
+        check_int("num_heads", num_heads, 1)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be a float in [0, 1), got {decay!r}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:

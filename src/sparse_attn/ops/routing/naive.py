@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lsh.common import compute_dtype, softmax_with_lse
+from ..common import accumulation_dtype, softmax_with_lse
 from .clusters import check_routing_args, cluster_members, member_masks
 
 
@@ -20,7 +20,7 @@ def routing_attention_naive(q, k, v, *, num_clusters, window, causal=False, scal
     scale, centroids = check_routing_args(q, k, v, num_clusters=num_clusters, window=window, causal=causal,
                                           scale=scale, centroids=centroids)
     allowed = _pairs(q, k, centroids, window, causal)  # [B, Hq, N, N]
-    work = compute_dtype(q.dtype)
+    work = accumulation_dtype(q.dtype)
     group = q.shape[1] // k.shape[1]
     scores = torch.matmul(q.to(work), k.to(work).repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
     probs, lse = softmax_with_lse(scores, allowed)

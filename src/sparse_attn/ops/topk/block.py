@@ -38,8 +38,8 @@ from ...backends.inputs import check_inputs
 from ...patterns import BlockCells, Pattern, Segments
 from ...patterns import causal as causal_pattern
 from ...patterns import full as full_pattern
+from ..common import accumulation_dtype, check_bool, check_int
 from ..sparse import sparse_attention
-from .chunk import check_bool, check_positive_int, compute_dtype
 
 
 def _query_blocks(q_offset: int, q_len: int, block_size: int) -> tuple[int, int]:
@@ -76,15 +76,15 @@ def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, top_k_blocks: int, block_
     """
     _, q_offset, _ = check_inputs(q, k, k, causal_pattern() if check_bool("causal", causal) else full_pattern(),
                                   None, q_offset, "auto")
-    check_positive_int("top_k_blocks", top_k_blocks)
-    check_positive_int("block_size", block_size)
+    check_int("top_k_blocks", top_k_blocks)
+    check_int("block_size", block_size)
     bsz, hq, nq, d = q.shape
     hkv, nkv = k.shape[1], k.shape[2]
     group = hq // hkv
     num_kv_blocks = -(-nkv // block_size)
     first, num_q_blocks = _query_blocks(q_offset, nq, block_size)
     with torch.no_grad():
-        cdt = compute_dtype(q.dtype)
+        cdt = accumulation_dtype(q.dtype)
         key_means = _block_means(k.detach().to(cdt), 0, block_size, num_kv_blocks)  # [B, Hkv, NKB, D]
         query_means = _block_means(q.detach().to(cdt), q_offset - first * block_size, block_size,
                                    num_q_blocks)  # [B, Hq, NQB, D]

@@ -34,28 +34,16 @@ from torch.autograd.function import once_differentiable
 from ...backends.inputs import check_inputs
 from ...patterns import causal as causal_pattern
 from ...patterns import full as full_pattern
+from ..common import accumulation_dtype, check_bool, check_int
 
 # Elements of one chunk's score block (and of its gathered keys + values): 64 MiB in fp32.
 SCORE_BLOCK_ELEMENTS = 1 << 24
 
 
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int (>= 1), got {value}")
-    return value
 
 
-def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return value
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is scored and softmaxed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def default_chunk_size(batch: int, q_heads: int, kv_len: int, top_k: int, head_dim: int, v_head_dim: int,
@@ -125,7 +113,7 @@ class _Geometry:
 class _TopkAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, geo: _Geometry, scale: float):
-        cdt = compute_dtype(q.dtype)
+        cdt = accumulation_dtype(q.dtype)
         out = torch.zeros(q.shape[:3] + (geo.v_head_dim,), dtype=q.dtype, device=q.device)
         lse = torch.full(q.shape[:3] + (1,), float("-inf"), dtype=cdt, device=q.device)
         index_dtype = torch.int32 if geo.kv_len < 2**31 else torch.int64
@@ -161,7 +149,7 @@ class _TopkAttention(torch.autograd.Function):
         q, k, v, out, lse, index = ctx.saved_tensors
         geo, scale = ctx.geo, ctx.scale
         dout = dout.contiguous()  # often an expanded (stride 0) tensor: slicing it per chunk is slow
-        cdt = compute_dtype(q.dtype)
+        cdt = accumulation_dtype(q.dtype)
         k_c, v_c = k.to(cdt).contiguous(), v.to(cdt).contiguous()
         dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
         dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
@@ -210,7 +198,7 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int
     """
     pattern = causal_pattern() if check_bool("causal", causal) else full_pattern()
     _, q_offset, scale = check_inputs(q, k, v, pattern, scale, q_offset, "auto")
-    check_positive_int("top_k", top_k)
+    check_int("top_k", top_k)
     if chunk_size is not None:
-        check_positive_int("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size)
     return _TopkAttention.apply(q, k, v, _Geometry(q, k, v, top_k, causal, q_offset, chunk_size), scale)

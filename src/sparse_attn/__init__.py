@@ -7,7 +7,7 @@
     out = sparse_attn.attention(q, k, v, "performer", num_features=128)   # any mechanism by name
 """
 
-from . import backends, patterns
+from . import backends, nn, patterns
 from .backends import BackendError, explain
 from .ops import (Mechanism, PerformerFeatures, RoutingCentroids, attention, block_topk_attention,
                   linear_attention, linear_attention_step, lsh_attention, mechanisms, performer_attention,
@@ -17,7 +17,7 @@ from .patterns import BlockLayout, Pattern
 __version__ = "0.1.0"
 
 __all__ = [
-    "sparse_attention", "attention", "Mechanism", "mechanisms", "explain", "patterns", "backends", "Pattern",
+    "sparse_attention", "attention", "Mechanism", "mechanisms", "explain", "patterns", "backends", "nn", "Pattern",
     "BlockLayout", "BackendError", "linear_attention", "linear_attention_step", "performer_attention",
     "PerformerFeatures", "topk_attention", "block_topk_attention", "select_kv_blocks", "lsh_attention",
     "routing_attention", "RoutingCentroids",

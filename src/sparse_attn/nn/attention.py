@@ -1,0 +1,98 @@
+"""`SparseAttention`: a multi-head self-attention layer whose attention is any mechanism.
+
+    layer = SparseAttention(dim=512, num_heads=8, num_kv_heads=2, mechanism="sliding_window:window=256")
+    y = layer(x)                      # x, y: (B, N, dim)
+
+q/k/v/out projections, grouped-query attention (num_kv_heads divides num_heads; k/v are never
+repeated), rotary embeddings on q and k, and the attention itself through
+`sparse_attn.attention`, so the mechanism can be a Pattern (exact block-sparse attention on the
+`blocked` / `triton` / `flex` backends), a name with parameters, a spec string or a `Mechanism`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.common import check_bool, check_int
+from ..ops.mechanisms import Mechanism, as_mechanism, attention
+from ..patterns import BlockLayout
+from .rotary import RotaryEmbedding
+
+
+class SparseAttention(nn.Module):
+    """Multi-head self-attention with a chosen mechanism.
+
+    Args:
+        dim: model width (input and output features).
+        num_heads: query heads.
+        num_kv_heads: key/value heads (GQA), dividing num_heads; default num_heads.
+        mechanism: what `sparse_attn.attention` accepts except a BlockLayout (it is tied to one
+            length): a Pattern, "name", "name:key=value,...", or a Mechanism. Default "causal".
+        head_dim: per-head width; default dim // num_heads.
+        rope: rotary embeddings on q and k (positions 0..N-1 unless `positions` is given).
+        rope_base: the rotary base (10000 as in RoFormer / Llama).
+        dropout: dropout probability on the attention output of each head, before the output
+            projection, in training mode. (The sparse kernels do not drop individual attention
+            weights, so this is the attention-path dropout that works for every mechanism.)
+        bias: biases in the four projections.
+        backend: block backend for patterns and block_topk ("auto" picks per device).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, mechanism="causal", *,
+                 head_dim: int | None = None, rope: bool = True, rope_base: float = 10000.0, dropout: float = 0.0,
+                 bias: bool = False, backend: str = "auto"):
+        super().__init__()
+        check_int("dim", dim)
+        check_int("num_heads", num_heads)
+        num_kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads}), or pass head_dim")
+            head_dim = dim // num_heads
+        check_int("head_dim", head_dim)
+        check_bool("rope", rope)
+        check_bool("bias", bias)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        mechanism = as_mechanism(mechanism)
+        if isinstance(mechanism, BlockLayout):
+            raise TypeError("mechanism must not be a BlockLayout here (a layout is built for one length); pass its "
+                            "pattern (layout.pattern) or a mechanism name")
+        self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
+        self.mechanism = mechanism
+        self.dropout = float(dropout)
+        self.backend = backend
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
+        self.out_proj = nn.Linear(num_heads * head_dim, dim, bias=bias)
+        self.rotary = RotaryEmbedding(head_dim, rope_base) if rope else None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, dim) -> (B, N, dim). positions: (N,) or (B, N) ints for the rotary angles
+        (default 0..N-1); the mechanism itself sees the tokens as positions 0..N-1."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (batch, length, {self.dim}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        bsz, n, _ = x.shape
+        q = self.q_proj(x).view(bsz, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, N, Dh]
+        k = self.k_proj(x).view(bsz, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, N, Dh]
+        v = self.v_proj(x).view(bsz, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            if positions is None:
+                positions = torch.arange(n, device=x.device)
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        out = attention(q, k, v, self.mechanism, backend=self.backend)  # [B, Hq, N, Dh]
+        out = nn.functional.dropout(out, self.dropout, self.training)
+        return self.out_proj(out.transpose(1, 2).reshape(bsz, n, self.num_heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        m = str(self.mechanism) if isinstance(self.mechanism, Mechanism) else repr(self.mechanism)
+        return (f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, mechanism={m}, rope={self.rotary is not None}, dropout={self.dropout}, "
+                f"backend={self.backend!r}")

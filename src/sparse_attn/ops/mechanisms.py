@@ -148,6 +148,9 @@ class Mechanism:
         return cls(info.name, **params)
 
     def to_dict(self) -> dict:
+        """{"name", "params"}: JSON-ready when the parameters are scalars (numbers, bools,
+        strings, None); objects such as a generator, PerformerFeatures or an `always` Pattern are
+        kept as they are."""
         return {"name": self.name, "params": dict(self.params)}
 
     @classmethod

@@ -73,9 +73,13 @@ class SparseAttention(nn.Module):
         self.out_proj = nn.Linear(num_heads * head_dim, dim, bias=bias)
         self.rotary = RotaryEmbedding(head_dim, rope_base) if rope else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """x (B, N, dim) -> (B, N, dim). positions: (N,) or (B, N) ints for the rotary angles
-        (default 0..N-1); the mechanism itself sees the tokens as positions 0..N-1."""
+        (default 0..N-1); the mechanism itself sees the tokens as positions 0..N-1.
+
+        cache: a `KVCache` (nn/cache.py) for decoding: x holds the next tokens after those the
+        cache has seen (one at a time, or a chunk of a prefill); the cache stores their keys and
+        values, applies the rotary positions by its own rule and attends over what it keeps."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (batch, length, {self.dim}), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -83,11 +87,16 @@ class SparseAttention(nn.Module):
         q = self.q_proj(x).view(bsz, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, N, Dh]
         k = self.k_proj(x).view(bsz, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, N, Dh]
         v = self.v_proj(x).view(bsz, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.rotary is not None:
-            if positions is None:
-                positions = torch.arange(n, device=x.device)
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
-        out = attention(q, k, v, self.mechanism, backend=self.backend)  # [B, Hq, N, Dh]
+        if cache is not None:
+            if positions is not None:
+                raise ValueError("positions and cache exclude each other: the cache assigns the positions")
+            out = cache.attend(q, k, v, self)  # [B, Hq, N, Dh]
+        else:
+            if self.rotary is not None:
+                if positions is None:
+                    positions = torch.arange(n, device=x.device)
+                q, k = self.rotary(q, positions), self.rotary(k, positions)
+            out = attention(q, k, v, self.mechanism, backend=self.backend)  # [B, Hq, N, Dh]
         out = nn.functional.dropout(out, self.dropout, self.training)
         return self.out_proj(out.transpose(1, 2).reshape(bsz, n, self.num_heads * self.head_dim))
 

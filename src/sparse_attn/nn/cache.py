@@ -1,0 +1,193 @@
+"""KV caches for decoding with `SparseAttention(x, cache=...)`: one cache object per layer.
+
+A cache stores the keys/values of the tokens seen so far (what the mechanism can still reach)
+and answers `attend(q, k, v, layer)` for the new tokens: it appends their keys/values, applies the
+rotary embedding where its position rule says, and runs the layer's mechanism over what it keeps.
+
+* `FullCache`: every key, rotated at its absolute position; any causal pattern, and any mechanism
+  that takes fewer queries than keys (topk, linear, performer), exact: equals the full forward.
+  (block_topk runs too, but its selection scores the mean of a query block, of which a decoding
+  step holds one token, so it selects differently from a full forward.) Memory grows.
+* `WindowCache(window)`: the last `window` keys in a ring buffer (memory O(window)); exact for a
+  causal sliding window of at most `window` keys (the only keys such a pattern can still reach),
+  rotated at absolute positions.
+* `SinkCache(sinks, window)`: StreamingLLM (Xiao et al. 2023): the first `sinks` tokens plus a ring
+  of the last `window`; keys are stored unrotated and rotated at read time by their position
+  *inside the cache* (0..L-1), and the new queries take the positions that follow, as the paper
+  does, so positions never exceed sinks + window. Equals the full forward with
+  `patterns.streaming(sinks, window)` until the first eviction; after it, the re-indexed positions
+  are the method (not an approximation error of the cache).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.common import check_int
+from ..ops.mechanisms import Mechanism, attention
+from ..patterns import Band, Pattern
+from ..patterns import streaming as streaming_pattern
+
+
+class KVCache:
+    """Base: `position` = tokens seen so far; subclasses keep what they can still use."""
+
+    def __init__(self) -> None:
+        self.position = 0
+
+    def attend(self, q, k, v, layer):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def memory_bytes(self) -> int:
+        """Bytes of the tensors the cache holds now."""
+        return sum(t.numel() * t.element_size() for t in self._tensors() if t is not None)
+
+    def _tensors(self):
+        return ()
+
+
+def _layer_pattern(layer) -> Pattern:
+    m = layer.mechanism
+    pattern = m.pattern() if isinstance(m, Mechanism) else m
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"{type(layer).__name__} with mechanism {m} has no fixed pattern; this cache decodes "
+                        "pattern mechanisms (use linear_attention_step's state for linear attention)")
+    return pattern
+
+
+def _rotate(layer, x, positions):
+    return x if layer.rotary is None else layer.rotary(x, positions)
+
+
+class FullCache(KVCache):
+    """Every key and value (rotated at absolute positions): exact for any causal mechanism."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = self.v = None  # [B, Hkv, L, D]
+
+    def _tensors(self):
+        return (self.k, self.v)
+
+    def attend(self, q, k, v, layer):
+        n = q.shape[2]
+        pos = torch.arange(self.position, self.position + n, device=q.device)
+        q, k = _rotate(layer, q, pos), _rotate(layer, k, pos)
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        self.position += n
+        # queries are the last n of the cached positions 0..L-1 (every op's default offset)
+        return attention(q, self.k, self.v, layer.mechanism, backend=layer.backend)
+
+
+class _Ring:
+    """A fixed-size ring of the last `size` rows along dim 2, read back in order."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.data = None  # [B, H, size, D]
+        self.count = 0  # rows written so far
+
+    def write(self, x: torch.Tensor) -> None:
+        if self.data is None:
+            self.data = x.new_zeros(*x.shape[:2], self.size, x.shape[3])
+        x = x[:, :, -self.size:]  # rows older than the ring's size would be overwritten anyway
+        slots = (torch.arange(x.shape[2], device=x.device) + self.count) % self.size
+        self.data[:, :, slots] = x
+        self.count += x.shape[2]
+
+    def skip(self, n: int) -> None:
+        """Advance the count for rows that were written as a truncated block."""
+        self.count += n
+
+    def read(self) -> torch.Tensor:
+        """The kept rows, oldest first: [B, H, min(count, size), D]."""
+        if self.count <= self.size:
+            return self.data[:, :, :self.count]
+        order = (torch.arange(self.size, device=self.data.device) + self.count) % self.size
+        return self.data[:, :, order]
+
+
+def _write(ring: _Ring, x: torch.Tensor) -> None:
+    dropped = max(0, x.shape[2] - ring.size)
+    ring.skip(dropped)
+    ring.write(x)
+
+
+class WindowCache(KVCache):
+    """The last `window` keys/values (ring buffer, memory O(window)); for causal sliding windows
+    of at most `window` keys."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window = check_int("window", window)
+        self.k, self.v = _Ring(self.window), _Ring(self.window)
+
+    def _tensors(self):
+        return (self.k.data, self.v.data)
+
+    def _check(self, layer) -> Band:
+        pattern = _layer_pattern(layer)
+        # a causal band lo <= i - j <= hi (window, dilated window) reaches back hi positions
+        bounded = isinstance(pattern, Band) and pattern.lo >= 0 and pattern.hi < self.window
+        if not bounded:
+            raise ValueError(f"WindowCache({self.window}) keeps the last {self.window} keys: it decodes a causal "
+                             f"sliding window of at most {self.window} keys, not {pattern!r}")
+        return pattern
+
+    def attend(self, q, k, v, layer):
+        pattern = self._check(layer)
+        n = q.shape[2]
+        pos = torch.arange(self.position, self.position + n, device=q.device)
+        q, k = _rotate(layer, q, pos), _rotate(layer, k, pos)
+        # new queries may need keys from before this step that a block of n new rows would push
+        # out of the ring: attend over (kept rows + new rows), then store
+        keys = torch.cat([self.k.read(), k], dim=2) if self.k.data is not None else k
+        values = torch.cat([self.v.read(), v], dim=2) if self.v.data is not None else v
+        _write(self.k, k)
+        _write(self.v, v)
+        self.position += n
+        # the band is shift-invariant: local positions (first kept key = 0) give the same mask
+        return attention(q, keys, values, pattern, backend=layer.backend)
+
+
+class SinkCache(KVCache):
+    """StreamingLLM: the first `sinks` tokens + the last `window` (memory O(sinks + window)),
+    rotary positions re-indexed inside the cache (see the module docstring)."""
+
+    def __init__(self, sinks: int, window: int) -> None:
+        super().__init__()
+        self.sinks = check_int("sinks", sinks, minimum=0)
+        self.window = check_int("window", window)
+        self.sink_k = self.sink_v = None  # unrotated [B, Hkv, <= sinks, D]
+        self.k, self.v = _Ring(self.window), _Ring(self.window)
+
+    def _tensors(self):
+        return (self.sink_k, self.sink_v, self.k.data, self.v.data)
+
+    def attend(self, q, k, v, layer):
+        pattern = _layer_pattern(layer)
+        if repr(pattern) != repr(streaming_pattern(self.sinks, self.window)):
+            raise ValueError(f"SinkCache({self.sinks}, {self.window}) decodes patterns.streaming({self.sinks}, "
+                             f"{self.window}), not {pattern!r}")
+        n = q.shape[2]
+        take = min(n, max(0, self.sinks - self.position))  # new tokens that are still sinks
+        if take:
+            self.sink_k = k[:, :, :take] if self.sink_k is None else torch.cat([self.sink_k, k[:, :, :take]], 2)
+            self.sink_v = v[:, :, :take] if self.sink_v is None else torch.cat([self.sink_v, v[:, :, :take]], 2)
+        parts_k = [t for t in (self.sink_k, self.k.read() if self.k.data is not None else None) if t is not None]
+        parts_v = [t for t in (self.sink_v, self.v.read() if self.v.data is not None else None) if t is not None]
+        rest_k, rest_v = k[:, :, take:], v[:, :, take:]
+        keys = torch.cat(parts_k + [rest_k], dim=2)  # unrotated, in cache order
+        values = torch.cat(parts_v + [rest_v], dim=2)
+        length = keys.shape[2]
+        cache_pos = torch.arange(length, device=q.device)  # positions inside the cache
+        keys = _rotate(layer, keys, cache_pos)
+        q = _rotate(layer, q, cache_pos[length - n:])
+        if rest_k.shape[2]:
+            _write(self.k, rest_k)
+            _write(self.v, rest_v)
+        self.position += n
+        # in cache coordinates (sinks at 0..sinks-1, then the kept tokens in order) the same
+        # streaming pattern selects exactly the sinks and the last `window` tokens
+        return attention(q, keys, values, pattern, backend=layer.backend)

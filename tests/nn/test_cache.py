@@ -1,0 +1,109 @@
+"""KV caches: step-by-step decoding (and chunked prefill + decoding) equals one full forward
+with the same pattern; window and sink caches keep constant memory."""
+
+import pytest
+import torch
+
+from sparse_attn import patterns as P
+from sparse_attn.nn import FullCache, SinkCache, SparseAttention, WindowCache
+
+
+def decode(layer, x, cache, chunks):
+    """Feed x (B, N, dim) through the layer in pieces of the given sizes, with one cache."""
+    outs, start = [], 0
+    for size in chunks:
+        outs.append(layer(x[:, start:start + size], cache=cache))
+        start += size
+    assert start == x.shape[1]
+    return torch.cat(outs, dim=1)
+
+
+def make(mechanism, **kw):
+    torch.manual_seed(0)
+    return SparseAttention(32, 4, 2, mechanism, **kw).double().eval()
+
+
+@pytest.mark.parametrize("mechanism", ["causal", P.sliding_window(8), P.streaming(2, 8), P.dilated(4, 2),
+                                       P.longformer(8, 2, causal=True), "topk:top_k=5,causal=true",
+                                       "linear:causal=true"])
+def test_full_cache_decoding_equals_the_full_forward(mechanism):
+    """(Not block_topk: its selection scores the mean of a query block, which a decoding step
+    sees one token of, so decoding selects differently from a full forward by design.)"""
+    layer = make(mechanism)
+    x = torch.randn(2, 60, 32, dtype=torch.float64)
+    full = layer(x)
+    torch.testing.assert_close(decode(layer, x, FullCache(), [1] * 60), full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(decode(layer, x, FullCache(), [17, 1, 1, 5, 36]), full, rtol=1e-10, atol=1e-10)
+
+
+def test_window_cache_is_exact_for_windows_and_keeps_constant_memory():
+    layer = make(P.sliding_window(8))
+    x = torch.randn(1, 300, 32, dtype=torch.float64)
+    full = layer(x)
+    cache = WindowCache(8)
+    outs, sizes = [], []
+    for t in range(300):
+        outs.append(layer(x[:, t:t + 1], cache=cache))
+        sizes.append(cache.memory_bytes())
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+    assert len(set(sizes[8:])) == 1 and sizes[-1] == 2 * 1 * 2 * 8 * 8 * 8  # k and v: [1, 2, 8, 8] float64
+    # chunked prefill bigger than the window, then decoding
+    torch.testing.assert_close(decode(layer, x, WindowCache(8), [50, 1, 3, 246]), full, rtol=1e-10, atol=1e-10)
+    # a dilated window reaching back 6 positions fits a cache of 7
+    dil = make(P.dilated(4, 2))
+    torch.testing.assert_close(decode(dil, x[:, :40], WindowCache(7), [1] * 40), dil(x[:, :40]), rtol=1e-10,
+                               atol=1e-10)
+
+
+def test_sink_cache_equals_streaming_until_eviction_then_stays_flat():
+    layer = make(P.streaming(2, 8))
+    x = torch.randn(1, 200, 32, dtype=torch.float64)
+    full = layer(x)
+    cache = SinkCache(2, 8)
+    outs, sizes = [], []
+    for t in range(200):
+        outs.append(layer(x[:, t:t + 1], cache=cache))
+        sizes.append(cache.memory_bytes())
+    out = torch.cat(outs, 1)
+    # before any token leaves the cache, positions inside it are the absolute ones: exact
+    torch.testing.assert_close(out[:, :11], full[:, :11], rtol=1e-10, atol=1e-10)
+    assert len(set(sizes[12:])) == 1  # sinks + ring: constant
+    assert torch.isfinite(out).all()
+    # without rotary embeddings re-indexing changes nothing: exact all the way
+    plain = make(P.streaming(2, 8), rope=False)
+    torch.testing.assert_close(decode(plain, x, SinkCache(2, 8), [1] * 200), plain(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(decode(plain, x, SinkCache(2, 8), [5, 30, 1, 164]), plain(x), rtol=1e-10, atol=1e-10)
+
+
+def test_sink_cache_rotates_by_position_inside_the_cache():
+    """After eviction a query at cache position L-1 scores a key at cache position j with angle
+    differences (L-1-j), as StreamingLLM does: equal to a full forward over the kept tokens."""
+    layer = make(P.streaming(2, 8))
+    x = torch.randn(1, 40, 32, dtype=torch.float64)
+    cache = SinkCache(2, 8)
+    for t in range(39):
+        layer(x[:, t:t + 1], cache=cache)
+    last = layer(x[:, 39:40], cache=cache)
+    kept = torch.cat([x[:, :2], x[:, 31:40]], dim=1)  # 2 sinks + the 9 newest (the pattern uses the last 8)
+    torch.testing.assert_close(last, layer(kept)[:, -1:], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cache, mechanism, message", [
+    (WindowCache(8), "causal", "decodes a causal sliding window of at most 8 keys"),
+    (WindowCache(4), P.sliding_window(8), "at most 4 keys"),
+    (WindowCache(8), P.sliding_window(8, causal=False), "causal sliding window"),
+    (SinkCache(2, 8), P.sliding_window(8), r"decodes patterns.streaming\(2, 8\)"),
+    (WindowCache(8), "linear:causal=true", "has no fixed pattern"),
+    (FullCache(), "lsh:causal=true,bucket_size=4,seed=0", "same length"),
+])
+def test_cache_refuses_patterns_it_cannot_serve(cache, mechanism, message):
+    layer = make(mechanism)
+    with pytest.raises((ValueError, TypeError), match=message):
+        layer(torch.randn(1, 3, 32, dtype=torch.float64), cache=cache)
+        layer(torch.randn(1, 1, 32, dtype=torch.float64), cache=cache)  # LSH: 1 query, 4 keys
+
+
+def test_positions_and_cache_exclude_each_other():
+    layer = make("causal")
+    with pytest.raises(ValueError, match="exclude each other"):
+        layer(torch.randn(1, 3, 32, dtype=torch.float64), positions=torch.arange(3), cache=FullCache())

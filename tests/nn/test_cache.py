@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparse_attn import patterns as P
-from sparse_attn.nn import FullCache, SinkCache, SparseAttention, WindowCache
+from sparse_attn.nn import FullCache, LinearStateCache, SinkCache, SparseAttention, WindowCache
 
 
 def decode(layer, x, cache, chunks):
@@ -88,7 +88,21 @@ def test_sink_cache_rotates_by_position_inside_the_cache():
     torch.testing.assert_close(last, layer(kept)[:, -1:], rtol=1e-10, atol=1e-10)
 
 
+def test_linear_state_cache_is_exact_in_constant_memory():
+    layer = make("linear:causal=true,feature_map=relu")
+    x = torch.randn(2, 150, 32, dtype=torch.float64)
+    full = layer(x)
+    cache = LinearStateCache()
+    torch.testing.assert_close(decode(layer, x[:, :10], cache, [1] * 10), full[:, :10], rtol=1e-10, atol=1e-10)
+    size = cache.memory_bytes()
+    torch.testing.assert_close(decode(layer, x[:, 10:], cache, [37, 1, 1, 101]), full[:, 10:], rtol=1e-10,
+                               atol=1e-10)
+    assert cache.memory_bytes() == size == 8 * (2 * 2 * 8 * 8 + 2 * 2 * 8)  # S [2, 2, 8, 8] + z [2, 2, 8], float64
+
+
 @pytest.mark.parametrize("cache, mechanism, message", [
+    (LinearStateCache(), "linear", "causal linear attention"),
+    (LinearStateCache(), "causal", "causal linear attention"),
     (WindowCache(8), "causal", "decodes a causal sliding window of at most 8 keys"),
     (WindowCache(4), P.sliding_window(8), "at most 4 keys"),
     (WindowCache(8), P.sliding_window(8, causal=False), "causal sliding window"),

@@ -17,6 +17,8 @@ rotary embedding where its position rule says, and runs the layer's mechanism ov
   does, so positions never exceed sinks + window. Equals the full forward with
   `patterns.streaming(sinks, window)` until the first eviction; after it, the re-indexed positions
   are the method (not an approximation error of the cache).
+* `LinearStateCache`: linear attention's running state (S, z) (Katharopoulos et al.): O(1) memory
+  per layer whatever the length, exact (equals the full causal forward).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.common import check_int
+from ..ops.linear import linear_attention
 from ..ops.mechanisms import Mechanism, attention
 from ..patterns import Band, Pattern
 from ..patterns import streaming as streaming_pattern
@@ -191,3 +194,29 @@ class SinkCache(KVCache):
         # in cache coordinates (sinks at 0..sinks-1, then the kept tokens in order) the same
         # streaming pattern selects exactly the sinks and the last `window` tokens
         return attention(q, keys, values, pattern, backend=layer.backend)
+
+
+class LinearStateCache(KVCache):
+    """Causal linear attention's state (S, z): O(1) memory per layer; exact. The layer's mechanism
+    must be `linear` with causal=True (its feature map, chunk size and eps are used as given)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = None  # LinearState(S [B, Hkv, F, Dv], z [B, Hkv, F])
+
+    def _tensors(self):
+        return () if self.state is None else tuple(self.state)
+
+    def attend(self, q, k, v, layer):
+        m = layer.mechanism
+        if not (isinstance(m, Mechanism) and m.name == "linear" and m.params.get("causal") is True):
+            raise ValueError(f"LinearStateCache decodes causal linear attention (mechanism 'linear:causal=true'), "
+                             f"not {m}")
+        n = q.shape[2]
+        pos = torch.arange(self.position, self.position + n, device=q.device)
+        q, k = _rotate(layer, q, pos), _rotate(layer, k, pos)
+        params = {key: val for key, val in m.params.items() if key != "causal"}
+        out, self.state = linear_attention(q, k, v, causal=True, initial_state=self.state, return_state=True,
+                                           **params)
+        self.position += n
+        return out

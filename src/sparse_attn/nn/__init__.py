@@ -1,11 +1,12 @@
 """Modules built on the ops: `SparseAttention` (a self-attention layer with any mechanism) and
 `RotaryEmbedding`, and caches for decoding (`FullCache`, `WindowCache`, `SinkCache`,
 `LinearStateCache`).
-Models and generation come next (issue #6)."""
+`SparseCausalLM` (per-layer mechanism schedule, tied head, `generate`)."""
 
 from .attention import SparseAttention
 from .cache import FullCache, KVCache, LinearStateCache, SinkCache, WindowCache
+from .model import ModelConfig, SparseCausalLM
 from .rotary import RotaryEmbedding
 
 __all__ = ["SparseAttention", "RotaryEmbedding", "KVCache", "FullCache", "WindowCache", "SinkCache",
-           "LinearStateCache"]
+           "LinearStateCache", "ModelConfig", "SparseCausalLM"]

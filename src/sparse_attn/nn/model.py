@@ -1,0 +1,176 @@
+"""`SparseCausalLM`: a small decoder-only language model whose layers use any mechanism, with a
+per-layer schedule (e.g. dense attention every 4th layer and a sliding window elsewhere, as
+hybrid long-context models do) and decoding through per-layer caches.
+
+Read top to bottom: config -> block (pre-norm attention + MLP) -> model (embeddings, blocks,
+tied head) -> caches and generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..ops.common import check_int
+from ..ops.mechanisms import Mechanism, as_mechanism
+from ..patterns import Band, Pattern
+from ..patterns.grid import UNBOUNDED
+from .attention import SparseAttention
+from .cache import FullCache, KVCache, LinearStateCache, SinkCache, WindowCache
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a model; `to_dict()` / `from_dict()` keep it with a checkpoint.
+
+    `mechanisms` is one spec for every layer ("sliding_window:window=256") or a list with one
+    spec per layer (["causal", "sliding_window:window=256", ...]); specs are what
+    `sparse_attn.attention` accepts as strings, or Mechanism dicts.
+    """
+
+    vocab_size: int
+    dim: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    mlp_ratio: float = 4.0
+    mechanisms: str | list = "causal"
+    rope: bool = True
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    extra: dict = field(default_factory=dict)  # free-form notes kept with the config
+
+    def layer_mechanisms(self) -> list[Mechanism | Pattern]:
+        specs = self.mechanisms if isinstance(self.mechanisms, list) else [self.mechanisms] * self.num_layers
+        if len(specs) != self.num_layers:
+            raise ValueError(f"mechanisms lists {len(specs)} layers but num_layers is {self.num_layers}")
+        return [Mechanism.from_dict(s) if isinstance(s, dict) else as_mechanism(s) for s in specs]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        return cls(**data)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, mechanism):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = SparseAttention(cfg.dim, cfg.num_heads, cfg.num_kv_heads, mechanism, rope=cfg.rope,
+                                    dropout=cfg.dropout)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        hidden = int(cfg.mlp_ratio * cfg.dim)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, cfg.dim, bias=False))
+
+    def forward(self, x, cache: KVCache | None = None):
+        x = x + self.attn(self.attn_norm(x), cache=cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class SparseCausalLM(nn.Module):
+    """tokens (B, N) -> logits (B, N, vocab). The output head shares the embedding matrix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, m) for m in cfg.layer_mechanisms())
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+            raise ValueError(f"tokens must be an integer tensor (batch, length), got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=None if caches is None else caches[i])
+        return self.norm(x) @ self.embed.weight.T  # tied head
+
+    def make_caches(self, kind: str = "full", *, window: int | None = None, sinks: int = 4) -> list[KVCache]:
+        """One cache per layer: "full" (FullCache), "window" (WindowCache(window)), "sink"
+        (SinkCache(sinks, window)), "linear" (LinearStateCache), or "auto": per layer, the
+        smallest exact cache for its mechanism (linear state, a window ring, else full)."""
+        makers = {"full": FullCache, "window": lambda: WindowCache(_need(window, "window")),
+                  "sink": lambda: SinkCache(sinks, _need(window, "window")), "linear": LinearStateCache}
+        if kind == "auto":
+            return [_auto_cache(block.attn) for block in self.blocks]
+        if kind not in makers:
+            raise ValueError(f"cache kind must be one of {', '.join(list(makers) + ['auto'])}, got {kind!r}")
+        return [makers[kind]() for _ in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, caches: list[KVCache] | str = "auto",
+                 temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
+                 stream: bool = False):
+        """Sample `max_new_tokens` after `prompt` (B, N): prefill once, then one token per step
+        through the caches. temperature 0 = greedy. Returns (B, N + max_new_tokens), or with
+        stream=True an iterator over the new tokens (B, 1) as they are made."""
+        check_int("max_new_tokens", max_new_tokens, minimum=0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if top_k is not None:
+            check_int("top_k", top_k)
+        steps = self._generate(prompt, max_new_tokens, caches, temperature, top_k, generator)
+        if stream:
+            return steps
+        return torch.cat([prompt] + list(steps), dim=1)
+
+    @torch.no_grad()  # the generator body runs when iterated, outside generate()'s own no_grad
+    def _generate(self, prompt, max_new_tokens, caches, temperature, top_k, generator):
+        if isinstance(caches, str):
+            caches = self.make_caches(caches)
+        logits = self(prompt, caches)[:, -1]
+        for _ in range(max_new_tokens):
+            token = _sample(logits, temperature, top_k, generator)  # [B, 1]
+            yield token
+            logits = self(token, caches)[:, -1]
+
+
+def _need(value, name):
+    if value is None:
+        raise ValueError(f"this cache kind needs {name}=")
+    return value
+
+
+def _auto_cache(layer: SparseAttention) -> KVCache:
+    m = layer.mechanism
+    if isinstance(m, Mechanism) and m.name == "linear" and m.params.get("causal") is True:
+        return LinearStateCache()
+    pattern = m.pattern() if isinstance(m, Mechanism) else m
+    if isinstance(pattern, Band) and pattern.lo >= 0 and pattern.hi != UNBOUNDED:  # a causal (dilated) window
+        return WindowCache(pattern.hi + 1)
+    return FullCache()
+
+
+def _sample(logits, temperature, top_k, generator):
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)

@@ -1,0 +1,100 @@
+"""SparseCausalLM: per-layer schedules, config round trip, decoding through caches equals the
+full forward, generation."""
+
+import pytest
+import torch
+
+from sparse_attn import patterns as P
+from sparse_attn.nn import FullCache, LinearStateCache, ModelConfig, SparseCausalLM, WindowCache
+
+HYBRID = ["causal", "sliding_window:window=8", "linear:causal=true", "streaming:sinks=2,window=8"]
+
+
+def model(mechanisms=HYBRID, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, dim=32, num_layers=len(mechanisms) if isinstance(mechanisms, list) else 2,
+                      num_heads=4, num_kv_heads=2, mechanisms=mechanisms, **kw)
+    return SparseCausalLM(cfg).double().eval()
+
+
+def test_schedule_builds_one_mechanism_per_layer_and_config_round_trips():
+    m = model()
+    assert [str(b.attn.mechanism) for b in m.blocks] == HYBRID
+    cfg2 = ModelConfig.from_dict(m.cfg.to_dict())
+    assert cfg2 == m.cfg
+    m2 = SparseCausalLM(cfg2).double().eval()
+    m2.load_state_dict(m.state_dict())
+    tokens = torch.randint(0, 40, (2, 25))
+    torch.testing.assert_close(m2(tokens), m(tokens), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mechanisms lists 2 layers but num_layers is 3"):
+        ModelConfig(vocab_size=5, num_layers=3, mechanisms=["causal", "causal"]).layer_mechanisms()
+
+
+def test_auto_caches_pick_the_smallest_exact_cache_per_layer():
+    caches = model().make_caches("auto")
+    assert [type(c) for c in caches] == [FullCache, WindowCache, LinearStateCache, FullCache]
+    assert caches[1].window == 8
+
+
+@pytest.mark.parametrize("kind", ["auto", "full"])
+def test_decoding_logits_equal_the_full_forward(kind):
+    m = model()
+    tokens = torch.randint(0, 40, (2, 120))
+    full = m(tokens)
+    caches = m.make_caches(kind)
+    steps = [m(tokens[:, :30], caches)]  # chunked prefill
+    steps += [m(tokens[:, t:t + 1], caches) for t in range(30, 120)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_generate_greedy_matches_argmax_of_full_forwards_and_streams():
+    m = model()
+    prompt = torch.randint(0, 40, (1, 12))
+    out = m.generate(prompt, 10, temperature=0)
+    assert out.shape == (1, 22) and torch.equal(out[:, :12], prompt)
+    for t in range(12, 22):  # each generated token is the argmax after the tokens before it
+        assert int(m(out[:, :t])[:, -1].argmax()) == int(out[0, t])
+    streamed = torch.cat(list(m.generate(prompt, 10, temperature=0, stream=True)), 1)
+    torch.testing.assert_close(streamed, out[:, 12:], rtol=0, atol=0)
+
+
+def test_sampling_is_reproducible_with_a_generator_and_top_k_limits_choices():
+    m = model()
+    prompt = torch.randint(0, 40, (3, 5))
+    a = m.generate(prompt, 8, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    b = m.generate(prompt, 8, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    top1 = m.generate(prompt, 8, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(top1, m.generate(prompt, 8, temperature=0))
+
+
+def test_window_cache_memory_is_flat_during_generation():
+    m = model(["sliding_window:window=8"] * 2)
+    caches = m.make_caches("window", window=8)
+    m.generate(torch.randint(0, 40, (1, 4)), 20, caches=caches, temperature=0)
+    before = [c.memory_bytes() for c in caches]
+    for _ in range(30):
+        m(torch.randint(0, 40, (1, 1)), caches)
+    assert [c.memory_bytes() for c in caches] == before
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m: m(torch.zeros(2, 3)), ValueError, "integer tensor"),
+    (lambda m: m(torch.zeros(1, 3, dtype=torch.long), [FullCache()]), ValueError, "one cache per layer"),
+    (lambda m: m.make_caches("window"), ValueError, "needs window="),
+    (lambda m: m.make_caches("nope"), ValueError, "cache kind must be one of"),
+    (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.long), -1), ValueError, "max_new_tokens must be >= 0"),
+    (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.long), 2, temperature=-1), ValueError, "temperature"),
+])
+def test_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call(model())
+
+
+def test_pattern_objects_in_a_schedule():
+    m = model([P.sliding_window(6), "causal"])
+    tokens = torch.randint(0, 40, (1, 20))
+    caches = m.make_caches("auto")
+    assert isinstance(caches[0], WindowCache) and caches[0].window == 6
+    steps = torch.cat([m(tokens[:, t:t + 1], caches) for t in range(20)], 1)
+    torch.testing.assert_close(steps, m(tokens), rtol=1e-9, atol=1e-9)

@@ -98,3 +98,42 @@ def test_pattern_objects_in_a_schedule():
     assert isinstance(caches[0], WindowCache) and caches[0].window == 6
     steps = torch.cat([m(tokens[:, t:t + 1], caches) for t in range(20)], 1)
     torch.testing.assert_close(steps, m(tokens), rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------ encoder
+def encoder(**kw):
+    from sparse_attn.nn import SparseTransformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=30, dim=32, num_layers=2, num_heads=4,
+                      mechanisms=["sliding_window:window=6,causal=false", "longformer:window=6,global_tokens=1"])
+    return SparseTransformer(cfg, **kw).double().eval()
+
+
+def test_encoder_sees_both_directions_and_classifies():
+    enc = encoder(num_classes=3)
+    tokens = torch.randint(0, 30, (2, 40))
+    h = enc(tokens)
+    assert h.shape == (2, 40, 32)
+    changed = tokens.clone()
+    changed[:, 30] = (changed[:, 30] + 1) % 30
+    assert not torch.allclose(enc(changed)[:, 28], h[:, 28])  # a later token changes an earlier state
+    assert torch.allclose(enc(changed)[:, 10], h[:, 10])  # out of reach of both windows (token 0 is global)
+    logits = enc.classify(tokens)
+    assert logits.shape == (2, 3)
+    # mean pooling over real tokens only
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[:, 35:] = False
+    expected = enc.head(enc(tokens)[:, :35].mean(1))
+    torch.testing.assert_close(enc.classify(tokens, mask), expected)
+    first = encoder(num_classes=3, pooling="first")
+    torch.testing.assert_close(first.classify(tokens), first.head(first(tokens)[:, 0]))
+
+
+def test_encoder_errors():
+    with pytest.raises(ValueError, match="pooling must be"):
+        encoder(pooling="max")
+    with pytest.raises(ValueError, match="no classification head"):
+        encoder().classify(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="padding_mask must be a bool tensor"):
+        encoder(num_classes=2).classify(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4))

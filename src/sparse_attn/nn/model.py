@@ -1,9 +1,10 @@
-"""`SparseCausalLM`: a small decoder-only language model whose layers use any mechanism, with a
-per-layer schedule (e.g. dense attention every 4th layer and a sliding window elsewhere, as
-hybrid long-context models do) and decoding through per-layer caches.
+"""Models whose layers use any mechanism, with a per-layer schedule (e.g. dense attention every
+4th layer and a sliding window elsewhere, as hybrid long-context models do):
 
-Read top to bottom: config -> block (pre-norm attention + MLP) -> model (embeddings, blocks,
-tied head) -> caches and generation.
+* `SparseCausalLM`: decoder-only language model, tied head, decoding through per-layer caches;
+* `SparseTransformer`: encoder with mean or first-token pooling and a classification head.
+
+Read top to bottom: config -> block (pre-norm attention + MLP) -> models -> caches and generation.
 """
 
 from __future__ import annotations
@@ -83,6 +84,54 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class SparseTransformer(nn.Module):
+    """Encoder: tokens (B, N) -> hidden states (B, N, dim), and `classify` -> logits (B, classes)
+    from the pooled states. Mechanisms are usually non-causal here ("sliding_window:causal=false",
+    "longformer", "bigbird"). `padding_mask` (B, N) bool, True = real token: pooling ignores the
+    padding (the attention does not: give padded batches a pattern that is fine with that, or
+    batch documents of equal length)."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int = 0, pooling: str = "mean"):
+        super().__init__()
+        if pooling not in ("mean", "first"):
+            raise ValueError(f"pooling must be 'mean' or 'first', got {pooling!r}")
+        check_int("num_classes", num_classes, minimum=0)
+        self.cfg, self.pooling = cfg, pooling
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, m) for m in cfg.layer_mechanisms())
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, num_classes) if num_classes else None
+        self.apply(SparseCausalLM._init)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        _check_tokens(tokens)
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def classify(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.head is None:
+            raise ValueError("this encoder was built with num_classes=0: it has no classification head")
+        h = self(tokens)  # [B, N, dim]
+        if self.pooling == "first":
+            pooled = h[:, 0]
+        elif padding_mask is None:
+            pooled = h.mean(1)
+        else:
+            if padding_mask.shape != tokens.shape or padding_mask.dtype != torch.bool:
+                raise ValueError(f"padding_mask must be a bool tensor of shape {tuple(tokens.shape)}")
+            w = padding_mask.to(h.dtype)[..., None]
+            pooled = (h * w).sum(1) / w.sum(1).clamp_min(1)
+        return self.head(pooled)
+
+
+def _check_tokens(tokens) -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+        raise ValueError(f"tokens must be an integer tensor (batch, length), got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+
+
 class SparseCausalLM(nn.Module):
     """tokens (B, N) -> logits (B, N, vocab). The output head shares the embedding matrix."""
 
@@ -100,9 +149,7 @@ class SparseCausalLM(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
-            raise ValueError(f"tokens must be an integer tensor (batch, length), got "
-                             f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        _check_tokens(tokens)
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")
         x = self.embed(tokens)

@@ -137,3 +137,26 @@ def test_encoder_errors():
         encoder().classify(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="padding_mask must be a bool tensor"):
         encoder(num_classes=2).classify(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4))
+
+
+# ----------------------------------------------------------------- dense-to-sparse warm-up
+def test_warmup_blends_from_dense_to_the_schedule_and_is_saved_with_the_state_dict():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, dim=32, num_layers=2, num_heads=4, mechanisms="sliding_window:window=4",
+                      warmup_steps=10)
+    m = SparseCausalLM(cfg).double().eval()
+    dense = SparseCausalLM(ModelConfig(**{**cfg.to_dict(), "mechanisms": "causal", "warmup_steps": 0})).double().eval()
+    sparse = SparseCausalLM(ModelConfig(**{**cfg.to_dict(), "warmup_steps": 0})).double().eval()
+    dense.load_state_dict(m.state_dict())
+    sparse.load_state_dict(m.state_dict())
+    tokens = torch.randint(0, 40, (2, 30))
+    torch.testing.assert_close(m(tokens), dense(tokens))  # step 0: dense attention
+    m.advance(10)
+    torch.testing.assert_close(m(tokens), sparse(tokens))  # warm-up done: the schedule
+    assert cfg.sparse_weight(5) == 0.5 and cfg.sparse_weight(50) == 1.0
+    fresh = SparseCausalLM(cfg).double().eval()
+    fresh.load_state_dict(m.state_dict())  # the step count travels with the weights
+    assert int(fresh.train_step) == 10
+    torch.testing.assert_close(fresh(tokens), sparse(tokens))
+    with pytest.raises(ValueError, match="warm-up finished"):
+        SparseCausalLM(cfg)(tokens[:, :3], SparseCausalLM(cfg).make_caches("full"))

@@ -72,6 +72,18 @@ class SparseAttention(nn.Module):
         self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
         self.out_proj = nn.Linear(num_heads * head_dim, dim, bias=bias)
         self.rotary = RotaryEmbedding(head_dim, rope_base) if rope else None
+        # dense-to-sparse warm-up (set by the models' schedule): out = w * sparse + (1 - w) * dense
+        self.dense_mechanism = None
+        self.sparse_weight = 1.0
+
+    def set_warmup(self, dense, sparse_weight: float) -> None:
+        """Blend this layer's output with `dense` attention ("causal" or "full"): weight
+        `sparse_weight` in [0, 1] on the layer's own mechanism. 1 turns the blend off."""
+        if isinstance(sparse_weight, bool) or not isinstance(sparse_weight, (int, float)) or \
+                not 0.0 <= sparse_weight <= 1.0:
+            raise ValueError(f"sparse_weight must be in [0, 1], got {sparse_weight!r}")
+        self.dense_mechanism = as_mechanism(dense)
+        self.sparse_weight = float(sparse_weight)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """x (B, N, dim) -> (B, N, dim). positions: (N,) or (B, N) ints for the rotary angles
@@ -90,6 +102,8 @@ class SparseAttention(nn.Module):
         if cache is not None:
             if positions is not None:
                 raise ValueError("positions and cache exclude each other: the cache assigns the positions")
+            if self.sparse_weight < 1.0:
+                raise ValueError("decoding with a cache needs the dense-to-sparse warm-up finished (sparse_weight 1)")
             out = cache.attend(q, k, v, self)  # [B, Hq, N, Dh]
         else:
             if self.rotary is not None:
@@ -97,6 +111,9 @@ class SparseAttention(nn.Module):
                     positions = torch.arange(n, device=x.device)
                 q, k = self.rotary(q, positions), self.rotary(k, positions)
             out = attention(q, k, v, self.mechanism, backend=self.backend)  # [B, Hq, N, Dh]
+            if self.sparse_weight < 1.0:
+                dense = attention(q, k, v, self.dense_mechanism, backend=self.backend)
+                out = self.sparse_weight * out + (1.0 - self.sparse_weight) * dense
         out = nn.functional.dropout(out, self.dropout, self.training)
         return self.out_proj(out.transpose(1, 2).reshape(bsz, n, self.num_heads * self.head_dim))
 

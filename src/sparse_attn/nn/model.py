@@ -41,6 +41,7 @@ class ModelConfig:
     rope: bool = True
     dropout: float = 0.0
     norm_eps: float = 1e-5
+    warmup_steps: int = 0  # dense-to-sparse: blend from dense to the schedule over this many steps
     extra: dict = field(default_factory=dict)  # free-form notes kept with the config
 
     def layer_mechanisms(self) -> list[Mechanism | Pattern]:
@@ -48,6 +49,10 @@ class ModelConfig:
         if len(specs) != self.num_layers:
             raise ValueError(f"mechanisms lists {len(specs)} layers but num_layers is {self.num_layers}")
         return [Mechanism.from_dict(s) if isinstance(s, dict) else as_mechanism(s) for s in specs]
+
+    def sparse_weight(self, step: int) -> float:
+        """Weight of the sparse mechanisms at training step `step` (linear ramp 0 -> 1)."""
+        return 1.0 if self.warmup_steps <= 0 else min(1.0, step / self.warmup_steps)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +89,34 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class SparseTransformer(nn.Module):
+class _Stack(nn.Module):
+    """What both models share: embeddings, the scheduled blocks, the final norm, and the step
+    count of the dense-to-sparse warm-up (a buffer, so it is saved with the state dict)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, m) for m in cfg.layer_mechanisms())
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def _init(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def advance(self, steps: int = 1) -> None:
+        """Count optimizer steps (the warm-up schedule reads them)."""
+        self.train_step += check_int("steps", steps)
+
+    def _apply_warmup(self, dense: str) -> None:
+        weight = self.cfg.sparse_weight(int(self.train_step))
+        for block in self.blocks:
+            block.attn.set_warmup(dense, weight)
+
+
+class SparseTransformer(_Stack):
     """Encoder: tokens (B, N) -> hidden states (B, N, dim), and `classify` -> logits (B, classes)
     from the pooled states. Mechanisms are usually non-causal here ("sliding_window:causal=false",
     "longformer", "bigbird"). `padding_mask` (B, N) bool, True = real token: pooling ignores the
@@ -92,19 +124,17 @@ class SparseTransformer(nn.Module):
     batch documents of equal length)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int = 0, pooling: str = "mean"):
-        super().__init__()
         if pooling not in ("mean", "first"):
             raise ValueError(f"pooling must be 'mean' or 'first', got {pooling!r}")
         check_int("num_classes", num_classes, minimum=0)
-        self.cfg, self.pooling = cfg, pooling
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, m) for m in cfg.layer_mechanisms())
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        super().__init__(cfg)
+        self.pooling = pooling
         self.head = nn.Linear(cfg.dim, num_classes) if num_classes else None
-        self.apply(SparseCausalLM._init)
+        self.apply(self._init)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         _check_tokens(tokens)
+        self._apply_warmup("full")
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)
@@ -132,24 +162,16 @@ def _check_tokens(tokens) -> None:
                          f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
 
 
-class SparseCausalLM(nn.Module):
+class SparseCausalLM(_Stack):
     """tokens (B, N) -> logits (B, N, vocab). The output head shares the embedding matrix."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, m) for m in cfg.layer_mechanisms())
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        super().__init__(cfg)
         self.apply(self._init)
-
-    @staticmethod
-    def _init(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
         _check_tokens(tokens)
+        self._apply_warmup("causal")
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")
         x = self.embed(tokens)

@@ -2,12 +2,13 @@
 `RotaryEmbedding`, and caches for decoding (`FullCache`, `WindowCache`, `SinkCache`,
 `LinearStateCache`).
 `SparseCausalLM` (per-layer mechanism schedule, tied head, `generate`) and the
-`SparseTransformer` encoder."""
+`SparseTransformer` encoder; `chunked_forward` for documents longer than a model's length."""
 
 from .attention import SparseAttention
 from .cache import FullCache, KVCache, LinearStateCache, SinkCache, WindowCache
+from .long import chunked_forward
 from .model import ModelConfig, SparseCausalLM, SparseTransformer
 from .rotary import RotaryEmbedding
 
 __all__ = ["SparseAttention", "RotaryEmbedding", "KVCache", "FullCache", "WindowCache", "SinkCache",
-           "LinearStateCache", "ModelConfig", "SparseCausalLM", "SparseTransformer"]
+           "LinearStateCache", "ModelConfig", "SparseCausalLM", "SparseTransformer", "chunked_forward"]

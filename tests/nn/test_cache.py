@@ -121,3 +121,30 @@ def test_positions_and_cache_exclude_each_other():
     layer = make("causal")
     with pytest.raises(ValueError, match="exclude each other"):
         layer(torch.randn(1, 3, 32, dtype=torch.float64), positions=torch.arange(3), cache=FullCache())
+
+
+# -------------------------------------------------------------------------- PatternCache
+@pytest.mark.parametrize("pattern, kept", [
+    (P.longformer(8, 2, causal=True), 2 + 7),  # 2 globals + the window
+    (P.streaming(3, 8), 3 + 7),
+    (P.dilated(4, 3), 9),  # keys up to 9 back that a future query can still reach
+    (P.sliding_window(6) | P.dilated(5, 4), 16),
+])
+def test_pattern_cache_is_exact_and_keeps_only_reachable_keys(pattern, kept):
+    from sparse_attn.nn import PatternCache
+
+    layer = make(pattern)
+    x = torch.randn(2, 150, 32, dtype=torch.float64)
+    full = layer(x)
+    cache = PatternCache()
+    torch.testing.assert_close(decode(layer, x, cache, [1] * 150), full, rtol=1e-10, atol=1e-10)
+    assert cache.k.shape[2] == kept
+    torch.testing.assert_close(decode(layer, x, PatternCache(), [40, 1, 9, 100]), full, rtol=1e-10, atol=1e-10)
+
+
+def test_pattern_cache_per_head_patterns():
+    from sparse_attn.nn import PatternCache
+
+    layer = make(P.per_head([P.sliding_window(4), P.sliding_window(9), P.streaming(2, 3), P.causal()]))
+    x = torch.randn(1, 60, 32, dtype=torch.float64)
+    torch.testing.assert_close(decode(layer, x, PatternCache(), [1] * 60), layer(x), rtol=1e-10, atol=1e-10)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparse_attn import patterns as P
-from sparse_attn.nn import FullCache, LinearStateCache, ModelConfig, SparseCausalLM, WindowCache
+from sparse_attn.nn import FullCache, LinearStateCache, ModelConfig, PatternCache, SparseCausalLM, WindowCache
 
 HYBRID = ["causal", "sliding_window:window=8", "linear:causal=true", "streaming:sinks=2,window=8"]
 
@@ -32,16 +32,19 @@ def test_schedule_builds_one_mechanism_per_layer_and_config_round_trips():
 
 def test_auto_caches_pick_the_smallest_exact_cache_per_layer():
     caches = model().make_caches("auto")
-    assert [type(c) for c in caches] == [FullCache, WindowCache, LinearStateCache, FullCache]
+    assert [type(c) for c in caches] == [FullCache, WindowCache, LinearStateCache, PatternCache]
     assert caches[1].window == 8
 
 
-@pytest.mark.parametrize("kind", ["auto", "full"])
+@pytest.mark.parametrize("kind", ["auto", "full", "pattern_where_possible"])
 def test_decoding_logits_equal_the_full_forward(kind):
     m = model()
     tokens = torch.randint(0, 40, (2, 120))
     full = m(tokens)
-    caches = m.make_caches(kind)
+    if kind == "pattern_where_possible":  # every pattern layer through PatternCache
+        caches = [LinearStateCache() if i == 2 else PatternCache() for i in range(4)]
+    else:
+        caches = m.make_caches(kind)
     steps = [m(tokens[:, :30], caches)]  # chunked prefill
     steps += [m(tokens[:, t:t + 1], caches) for t in range(30, 120)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)

@@ -17,6 +17,9 @@ rotary embedding where its position rule says, and runs the layer's mechanism ov
   does, so positions never exceed sinks + window. Equals the full forward with
   `patterns.streaming(sinks, window)` until the first eviction; after it, the re-indexed positions
   are the method (not an approximation error of the cache).
+* `PatternCache`: for any causal pattern, the keys some future query can still reach
+  (`Pattern.reachable`: Longformer's globals + the window, sinks + window, dilated windows) and
+  nothing else; attends over them with the pattern evaluated at their absolute positions. Exact.
 * `LinearStateCache`: linear attention's running state (S, z) (Katharopoulos et al.): O(1) memory
   per layer whatever the length, exact (equals the full causal forward).
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.common import check_int
+from ..ops.common import check_int, softmax_with_lse
 from ..ops.linear import linear_attention
 from ..ops.mechanisms import Mechanism, attention
 from ..patterns import Band, Pattern
@@ -220,3 +223,47 @@ class LinearStateCache(KVCache):
                                            **params)
         self.position += n
         return out
+
+
+class PatternCache(KVCache):
+    """The keys a causal pattern can still reach, at their absolute positions (see the module
+    docstring); memory is what the pattern needs: constant for windows, sinks and globals."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = self.v = None  # [B, Hkv, L, D], rotated at their absolute positions
+        self.positions = None  # [L] absolute positions of the kept keys
+
+    def _tensors(self):
+        return (self.k, self.v, self.positions)
+
+    def attend(self, q, k, v, layer):
+        pattern = _layer_pattern(layer)
+        n = q.shape[2]
+        pos = torch.arange(self.position, self.position + n, device=q.device)
+        q, k = _rotate(layer, q, pos), _rotate(layer, k, pos)
+        keys = k if self.k is None else torch.cat([self.k, k], dim=2)
+        values = v if self.v is None else torch.cat([self.v, v], dim=2)
+        key_pos = pos if self.positions is None else torch.cat([self.positions, pos])
+        out = _masked_attention(q, keys, values, pattern, pos, key_pos)
+        self.position += n
+        keep = pattern.reachable(key_pos, self.position)  # evict what no future query can see
+        self.k, self.v, self.positions = keys[:, :, keep], values[:, :, keep], key_pos[keep]
+        return out
+
+
+def _masked_attention(q, k, v, pattern, q_pos, k_pos):
+    """Softmax attention of q [B, Hq, n, D] over k/v [B, Hkv, L, .] with the pattern evaluated at
+    the absolute positions; rows with nothing allowed give 0. Dense over the kept keys only."""
+    bsz, hq, n, d = q.shape
+    hkv = k.shape[1]
+    heads = pattern.num_heads
+    head = None if heads is None else torch.arange(hq, device=q.device)[:, None, None]
+    allowed = pattern.allowed(q_pos[:, None], k_pos[None, :], head)  # [n, L] or [Hq, n, L]
+    if heads is not None:
+        allowed = allowed.reshape(hkv, hq // hkv, n, -1)  # query head h = kv head h // G
+    scale = d ** -0.5  # the layer always uses the default scale
+    qg = q.reshape(bsz, hkv, hq // hkv, n, d)  # [B, Hkv, G, n, D]
+    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, n, L]
+    probs, _ = softmax_with_lse(scores, allowed.expand_as(scores))
+    return torch.matmul(probs.to(v.dtype), v.unsqueeze(2)).reshape(bsz, hq, n, -1)

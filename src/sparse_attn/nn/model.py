@@ -19,7 +19,7 @@ from ..ops.mechanisms import Mechanism, as_mechanism
 from ..patterns import Band, Pattern
 from ..patterns.grid import UNBOUNDED
 from .attention import SparseAttention
-from .cache import FullCache, KVCache, LinearStateCache, SinkCache, WindowCache
+from .cache import FullCache, KVCache, LinearStateCache, PatternCache, SinkCache, WindowCache
 
 
 @dataclass
@@ -181,10 +181,12 @@ class SparseCausalLM(_Stack):
 
     def make_caches(self, kind: str = "full", *, window: int | None = None, sinks: int = 4) -> list[KVCache]:
         """One cache per layer: "full" (FullCache), "window" (WindowCache(window)), "sink"
-        (SinkCache(sinks, window)), "linear" (LinearStateCache), or "auto": per layer, the
-        smallest exact cache for its mechanism (linear state, a window ring, else full)."""
+        (SinkCache(sinks, window)), "linear" (LinearStateCache), "pattern" (PatternCache), or
+        "auto": per layer, the smallest exact cache for its mechanism (linear state, a window
+        ring, the pattern's reachable keys, else full)."""
         makers = {"full": FullCache, "window": lambda: WindowCache(_need(window, "window")),
-                  "sink": lambda: SinkCache(sinks, _need(window, "window")), "linear": LinearStateCache}
+                  "sink": lambda: SinkCache(sinks, _need(window, "window")), "linear": LinearStateCache,
+                  "pattern": PatternCache}
         if kind == "auto":
             return [_auto_cache(block.attn) for block in self.blocks]
         if kind not in makers:
@@ -232,7 +234,9 @@ def _auto_cache(layer: SparseAttention) -> KVCache:
     pattern = m.pattern() if isinstance(m, Mechanism) else m
     if isinstance(pattern, Band) and pattern.lo >= 0 and pattern.hi != UNBOUNDED:  # a causal (dilated) window
         return WindowCache(pattern.hi + 1)
-    return FullCache()
+    if pattern is None or isinstance(pattern, Band):  # topk, performer, ...; plain causal: SDPA over all
+        return FullCache()
+    return PatternCache()  # globals + window, sinks + window, unions: only the reachable keys
 
 
 def _sample(logits, temperature, top_k, generator):

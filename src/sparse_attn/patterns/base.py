@@ -51,6 +51,14 @@ class Pattern(ABC):
         self._layouts: OrderedDict = OrderedDict()
 
     # ----------------------------------------------------------------- element level
+    def reachable(self, kv_idx: torch.Tensor, next_q: int) -> torch.Tensor:
+        """Bool per key position: may some query at a position >= next_q still attend to it?
+
+        What a decoding cache must keep. Never wrong in the unsafe direction: a pattern that
+        cannot tell answers True (keep). Bands, column sets, row sets and their unions and
+        intersections answer exactly or, for intersections, conservatively."""
+        return torch.ones_like(kv_idx, dtype=torch.bool)
+
     @abstractmethod
     def allowed(self, q_idx: torch.Tensor, kv_idx: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean tensor: may the query at absolute position q_idx attend to key kv_idx?
@@ -268,6 +276,12 @@ class Union(_Combination):
 
     symbol = "|"
 
+    def reachable(self, kv_idx, next_q):
+        out = self.parts[0].reachable(kv_idx, next_q)
+        for p in self.parts[1:]:
+            out = out | p.reachable(kv_idx, next_q)
+        return out
+
     def allowed(self, q_idx, kv_idx, head=None):
         out = self.parts[0].allowed(q_idx, kv_idx, head)
         for p in self.parts[1:]:
@@ -318,6 +332,14 @@ class Intersection(_Combination):
     window's blocks, not the causal triangle's)."""
 
     symbol = "&"
+
+    def reachable(self, kv_idx, next_q):
+        # each part must still reach the key (possibly through different queries): a superset
+        # of the truth, so a cache that keeps these keys loses nothing
+        out = self.parts[0].reachable(kv_idx, next_q)
+        for p in self.parts[1:]:
+            out = out & p.reachable(kv_idx, next_q)
+        return out
 
     def allowed(self, q_idx, kv_idx, head=None):
         out = self.parts[0].allowed(q_idx, kv_idx, head)
@@ -370,6 +392,13 @@ class PerHead(Pattern):
                                  "head-independent patterns")
         self.parts = tuple(patterns)
         self.num_heads = len(self.parts)
+
+    def reachable(self, kv_idx, next_q):
+        # one key store serves every head: keep what any head can still reach
+        out = self.parts[0].reachable(kv_idx, next_q)
+        for p in self.parts[1:]:
+            out = out | p.reachable(kv_idx, next_q)
+        return out
 
     def allowed(self, q_idx, kv_idx, head=None):
         if head is None:

@@ -85,6 +85,16 @@ class Band(_KvRangePattern):
         self.dilation = int(dilation)
         self.name = name
 
+    def reachable(self, kv_idx, next_q):
+        # query i >= next_q reaches j when lo <= i - j <= hi: some such i exists iff j >= next_q - hi
+        # (with dilation r, i = j + hi' for the largest multiple hi' of r in [max(lo, next_q - j), hi])
+        if self.hi == UNBOUNDED:
+            return torch.ones_like(kv_idx, dtype=torch.bool)
+        if self.dilation == 1:
+            return kv_idx >= next_q - self.hi
+        first = torch.clamp(next_q - kv_idx, min=self.lo)  # smallest useful distance i - j
+        return -(-first // self.dilation) * self.dilation <= self.hi
+
     def allowed(self, q_idx, kv_idx, head=None):
         d = q_idx - kv_idx
         # Unbounded sides are left out, not compared with a huge constant: FlexAttention's GPU
@@ -205,6 +215,9 @@ class Columns(Pattern):
         super().__init__()
         self.keys = keys
 
+    def reachable(self, kv_idx, next_q):
+        return self.keys.contains(kv_idx)  # every future query sees a global key
+
     def allowed(self, q_idx, kv_idx, head=None):
         return self.keys.contains(kv_idx) & (q_idx == q_idx)  # broadcast against q_idx
 
@@ -246,6 +259,12 @@ class Rows(Pattern):
     def __init__(self, queries: IndexSet) -> None:
         super().__init__()
         self.queries = queries
+
+    def reachable(self, kv_idx, next_q):
+        q = self.queries
+        future_row = (q.prefix is not None and q.prefix > next_q) or q.period is not None or \
+            (q.indices is not None and q.indices.numel() > 0 and int(q.indices[-1]) >= next_q)
+        return torch.full_like(kv_idx, future_row, dtype=torch.bool)  # a future global row sees all
 
     def allowed(self, q_idx, kv_idx, head=None):
         return self.queries.contains(q_idx) & (kv_idx == kv_idx)

@@ -329,6 +329,27 @@ def peers_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def decode_table(data: dict) -> str:
+    env, setup = data["env"], data["setup"]
+    lines = [
+        f"**Decoding with caches** (`python benchmarks/decode.py --plot benchmarks/results/decode.png`; "
+        f"{setup['tokens']:,} tokens, greedy, 2 layers, dim 64, 4 heads, window {setup['window']}, "
+        f"{setup['sinks']} sinks; {env['device']}, torch {env['torch']}, {env['threads']} threads). Latency = median "
+        f"ms per token over a block of {setup['block']}; memory = bytes held by the caches.",
+        "",
+        "| cache (pattern) | first block ms/token | last block ms/token | last / first | cache MiB after 1 block | "
+        "cache MiB at the end |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(f"| {r['cache']} ({r['mechanism']}) | {r['block_median_ms'][0]:.2f} | "
+                     f"{r['block_median_ms'][-1]:.2f} | {r['last_over_first']:.2f}x | "
+                     f"{r['memory_bytes'][0] / 2**20:.2f} | {r['final_memory_bytes'] / 2**20:.2f} |")
+    if (RESULTS / "decode.png").exists():
+        lines += ["", "![decode](benchmarks/results/decode.png)"]
+    return "\n".join(lines)
+
+
 def render(gpu_paths: Sequence[Path] = ()) -> str:
     parts = []
     for name, fn in (("layout_build.json", layout_table), ("cpu_patterns.json", cpu_table),
@@ -339,7 +360,7 @@ def render(gpu_paths: Sequence[Path] = ()) -> str:
     if gpu_paths:
         parts.append(gpu_table(gpu_paths))
     for name, fn in (("cpu_mechanisms.json", mechanisms_table), ("fidelity.json", fidelity_table),
-                     ("peers_cpu.json", peers_table)):
+                     ("peers_cpu.json", peers_table), ("decode.json", decode_table)):
         path = RESULTS / name
         if path.exists():
             parts.append(fn(json.loads(path.read_text())))

@@ -26,6 +26,8 @@ rotary embedding where its position rule says, and runs the layer's mechanism ov
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from ..ops.common import check_int, softmax_with_lse
@@ -35,14 +37,15 @@ from ..patterns import Band, Pattern
 from ..patterns import streaming as streaming_pattern
 
 
-class KVCache:
+class KVCache(ABC):
     """Base: `position` = tokens seen so far; subclasses keep what they can still use."""
 
     def __init__(self) -> None:
         self.position = 0
 
-    def attend(self, q, k, v, layer):  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def attend(self, q, k, v, layer):
+        """Store the new tokens' keys/values and return their attention output [B, Hq, n, Dv]."""
 
     def memory_bytes(self) -> int:
         """Bytes of the tensors the cache holds now."""
@@ -95,16 +98,15 @@ class _Ring:
         self.count = 0  # rows written so far
 
     def write(self, x: torch.Tensor) -> None:
+        """Append rows x [B, H, n, D]; of a block longer than the ring only the last `size` stay."""
         if self.data is None:
             self.data = x.new_zeros(*x.shape[:2], self.size, x.shape[3])
-        x = x[:, :, -self.size:]  # rows older than the ring's size would be overwritten anyway
+        dropped = max(0, x.shape[2] - self.size)  # would be overwritten within this write anyway
+        self.count += dropped
+        x = x[:, :, dropped:]
         slots = (torch.arange(x.shape[2], device=x.device) + self.count) % self.size
         self.data[:, :, slots] = x
         self.count += x.shape[2]
-
-    def skip(self, n: int) -> None:
-        """Advance the count for rows that were written as a truncated block."""
-        self.count += n
 
     def read(self) -> torch.Tensor:
         """The kept rows, oldest first: [B, H, min(count, size), D]."""
@@ -112,12 +114,6 @@ class _Ring:
             return self.data[:, :, :self.count]
         order = (torch.arange(self.size, device=self.data.device) + self.count) % self.size
         return self.data[:, :, order]
-
-
-def _write(ring: _Ring, x: torch.Tensor) -> None:
-    dropped = max(0, x.shape[2] - ring.size)
-    ring.skip(dropped)
-    ring.write(x)
 
 
 class WindowCache(KVCache):
@@ -150,8 +146,8 @@ class WindowCache(KVCache):
         # out of the ring: attend over (kept rows + new rows), then store
         keys = torch.cat([self.k.read(), k], dim=2) if self.k.data is not None else k
         values = torch.cat([self.v.read(), v], dim=2) if self.v.data is not None else v
-        _write(self.k, k)
-        _write(self.v, v)
+        self.k.write(k)
+        self.v.write(v)
         self.position += n
         # the band is shift-invariant: local positions (first kept key = 0) give the same mask
         return attention(q, keys, values, pattern, backend=layer.backend)
@@ -191,8 +187,8 @@ class SinkCache(KVCache):
         keys = _rotate(layer, keys, cache_pos)
         q = _rotate(layer, q, cache_pos[length - n:])
         if rest_k.shape[2]:
-            _write(self.k, rest_k)
-            _write(self.v, rest_v)
+            self.k.write(rest_k)
+            self.v.write(rest_v)
         self.position += n
         # in cache coordinates (sinks at 0..sinks-1, then the kept tokens in order) the same
         # streaming pattern selects exactly the sinks and the last `window` tokens

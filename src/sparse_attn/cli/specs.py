@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import patterns as P
-from ..ops.mechanisms import Mechanism
-from ..ops.mechanisms import _convert as _convert_mechanism_value
+from ..ops.mechanisms import Mechanism, parse_params
 from ..patterns import Pattern
 
 # Lengths at or above this get the full default sizes; shorter ones get them scaled down.
@@ -202,18 +201,10 @@ def parse_spec(text: str, length: int) -> Spec:
 
 def _parse_mechanism(text: str, name: str, rest: str, length: int) -> Spec:
     params = MECHANISM_REGISTRY[name].defaults(length)
-    valid_keys = ", ".join(params)
-    for item in filter(str.strip, rest.split(",")):
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise SpecError(f"{name}: expected key=value, got {item.strip()!r} in {text!r}; valid keys: {valid_keys}")
-        if key not in params:
-            raise SpecError(f"{name} has no parameter {key!r} here; valid keys: {valid_keys}")
-        try:
-            params[key] = _convert_mechanism_value(name, key, raw, params[key])
-        except ValueError as exc:
-            raise SpecError(str(exc)) from None
+    try:
+        params.update(parse_params(name, text, rest, params))
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
     try:
         mechanism = Mechanism(name, **params)
     except (ValueError, TypeError) as exc:

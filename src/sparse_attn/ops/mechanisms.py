@@ -108,6 +108,21 @@ def _convert(name: str, key: str, raw: str, default: Any) -> Any:
     return text
 
 
+def parse_params(name: str, text: str, rest: str, defaults: Mapping) -> dict:
+    """The `key=value,...` part of a spec: {key: value}, each value of its default's type.
+    Only keys of `defaults` are accepted; errors (ValueError) name the bad part."""
+    params = {}
+    for item in filter(str.strip, rest.split(",")):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"{name}: expected key=value, got {item.strip()!r} in {text!r}")
+        if key not in defaults:
+            raise ValueError(f"{name} has no parameter {key!r}; valid: {', '.join(defaults) or '(none)'}")
+        params[key] = _convert(name, key, raw, defaults[key])
+    return params
+
+
 class Mechanism:
     """A mechanism name and its parameters: serialisable (`to_dict`, `str`), callable on q, k, v.
 
@@ -134,18 +149,9 @@ class Mechanism:
             raise ValueError(f"mechanism spec must be a non-empty string like 'linear:causal=true', got {text!r}")
         name, _, rest = text.strip().partition(":")
         info = mechanism_info(name)
-        valid = info.parameters()
-        params = {}
-        for item in filter(str.strip, rest.split(",")):
-            key, sep, raw = item.partition("=")
-            key = key.strip()
-            if not sep or not key:
-                raise ValueError(f"{info.name}: expected key=value, got {item.strip()!r} in {text!r}")
-            if key not in valid:
-                raise ValueError(f"{info.name} has no parameter {key!r}; valid: {', '.join(valid) or '(none)'}")
-            default = valid[key].default
-            params[key] = _convert(info.name, key, raw, None if default is inspect.Parameter.empty else default)
-        return cls(info.name, **params)
+        defaults = {key: None if p.default is inspect.Parameter.empty else p.default
+                    for key, p in info.parameters().items()}
+        return cls(info.name, **parse_params(info.name, text, rest, defaults))
 
     def to_dict(self) -> dict:
         """{"name", "params"}: JSON-ready when the parameters are scalars (numbers, bools,

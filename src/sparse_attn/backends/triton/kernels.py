@@ -54,6 +54,19 @@ def _load_rows(base, offs_n, stride_n, offs_d, n_len, D: tl.constexpr, BD: tl.co
 
 
 @triton.jit
+def _load_row_stats(Lse2, Delta, offsets, offs_m, q_len, EVEN_Q: tl.constexpr):
+    """The backward's per-row (lse2, delta) at `offsets`; rows past q_len read as (+inf, 0), so
+    their P = exp2(s - lse2) is 0."""
+    if EVEN_Q:
+        lse2 = tl.load(Lse2 + offsets)
+        delta = tl.load(Delta + offsets)
+    else:
+        lse2 = tl.load(Lse2 + offsets, mask=offs_m < q_len, other=float("inf"))
+        delta = tl.load(Delta + offsets, mask=offs_m < q_len, other=0.0)
+    return lse2, delta  # one return: compiled Triton handles no early return from a branch
+
+
+@triton.jit
 def _mask_bits(mask_ptr, rows, cols, WORDS: tl.constexpr):
     """Bit (col % 32) of word (col // 32) of row `row` of a partial block's packed mask.
     `rows`/`cols` are block-local and broadcast against each other."""
@@ -268,12 +281,7 @@ def block_sparse_bwd_dq_kernel(
     do = _load_rows(DO + b * stride_dob + h64 * stride_doh, offs_m, stride_don, offs_dv, q_len, DV, BDV, EVEN_Q,
                     UPCAST)
     stat = b * stride_lb + h64 * stride_lh + offs_m
-    if EVEN_Q:
-        lse2 = tl.load(Lse2 + stat)
-        delta = tl.load(Delta + stat)
-    else:
-        lse2 = tl.load(Lse2 + stat, mask=offs_m < q_len, other=float("inf"))
-        delta = tl.load(Delta + stat, mask=offs_m < q_len, other=0.0)
+    lse2, delta = _load_row_stats(Lse2, Delta, stat, offs_m, q_len, EVEN_Q)
     k_base = K + b * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b * stride_vb + hk.to(tl.int64) * stride_vh
     q_row_in_block = q0 % LBQ + tl.arange(0, BM)
@@ -309,12 +317,7 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
         offs_m = qb * LBQ + row0 + tl.arange(0, BM)
         q = _load_rows(q_base, offs_m, stride_qn, offs_d, q_len, D, BD, EVEN_Q, UPCAST)  # [BM, BD]
         do = _load_rows(do_base, offs_m, stride_don, offs_dv, q_len, DV, BDV, EVEN_Q, UPCAST)  # [BM, BDV]
-        if EVEN_Q:
-            lse2 = tl.load(Lse2 + stat_base + offs_m)
-            delta = tl.load(Delta + stat_base + offs_m)
-        else:
-            lse2 = tl.load(Lse2 + stat_base + offs_m, mask=offs_m < q_len, other=float("inf"))
-            delta = tl.load(Delta + stat_base + offs_m, mask=offs_m < q_len, other=0.0)
+        lse2, delta = _load_row_stats(Lse2, Delta, stat_base + offs_m, offs_m, q_len, EVEN_Q)
         st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM] = S^T
         pt = tl.exp2(st - lse2[None, :])
         if IS_PARTIAL:

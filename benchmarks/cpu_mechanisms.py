@@ -28,15 +28,10 @@ from common import RESULTS, environment, progress, time_cpu, write_json  # noqa:
 
 import sparse_attn  # noqa: E402
 from sparse_attn import patterns as P  # noqa: E402
+from sparse_attn.ops.routing import routing_sizes  # noqa: E402
 from sparse_attn.eval.measure import peak_memory  # noqa: E402
 
 F = torch.nn.functional
-
-
-def routing_params(n: int) -> dict:
-    """Roy et al.: about sqrt(N) clusters of N / clusters tokens each."""
-    clusters = max(1, round(n ** 0.5 / 2))
-    return {"num_clusters": clusters, "window": -(-n // clusters)}
 
 
 # name -> (complexity exponent in N for the time estimate, call builder)
@@ -53,7 +48,7 @@ MECHANISMS = {
     "block_topk_8x64_causal": (2, lambda n: _mech("block_topk", top_k_blocks=8, block_size=64, causal=True)),
     "lsh_b64_h4": (1, lambda n: _mech("lsh", bucket_size=64, n_hashes=4, seed=0)),
     "lsh_b64_h4_causal": (1, lambda n: _mech("lsh", bucket_size=64, n_hashes=4, causal=True, seed=0)),
-    "routing_causal": (1.5, lambda n: _mech("routing", causal=True, **routing_params(n))),
+    "routing_causal": (1.5, lambda n: _mech("routing", causal=True, **routing_sizes(n))),
 }
 LINEAR_GOAL = ("linear", "linear_causal", "performer_256", "performer_256_causal")
 

@@ -32,16 +32,12 @@ from common import RESULTS, environment, progress, write_json  # noqa: E402
 import sparse_attn  # noqa: E402
 from sparse_attn import Mechanism  # noqa: E402
 from sparse_attn import patterns as P  # noqa: E402
+from sparse_attn.ops.routing import routing_sizes  # noqa: E402
 from sparse_attn.eval.measure import error_segments  # noqa: E402
 from sparse_attn.ops.lsh import lsh_attended_pairs  # noqa: E402
 from sparse_attn.ops.routing import routing_attended_pairs  # noqa: E402
 
 PAIRS_MAX_N = 4096  # LSH / routing pair masks are N x N
-
-
-def routing_params(n: int) -> dict:
-    clusters = max(1, round(n ** 0.5 / 2))
-    return {"num_clusters": clusters, "window": -(-n // clusters)}
 
 
 def settings(n: int) -> dict[str, Mechanism | P.Pattern]:
@@ -56,7 +52,7 @@ def settings(n: int) -> dict[str, Mechanism | P.Pattern]:
         out[f"block_topk_{kb}x64"] = Mechanism("block_topk", top_k_blocks=kb, block_size=64, causal=True)
     for h in (1, 2, 4, 8):
         out[f"lsh_b64_h{h}"] = Mechanism("lsh", bucket_size=64, n_hashes=h, causal=True, seed=0)
-    out["routing"] = Mechanism("routing", causal=True, **routing_params(n))
+    out["routing"] = Mechanism("routing", causal=True, **routing_sizes(n))
     return out
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from .. import patterns as P
 from ..ops.mechanisms import Mechanism, parse_params
+from ..ops.routing import routing_sizes
 from ..patterns import Pattern
 
 # Lengths at or above this get the full default sizes; shorter ones get them scaled down.
@@ -84,8 +85,7 @@ DEFAULT_PATTERNS = ["causal", "sliding_window", "longformer", "bigbird", "dilate
 
 
 def _routing_defaults(n: int) -> dict:
-    clusters = max(1, round(n ** 0.5 / 2))  # Roy et al.: ~sqrt(N) clusters of N / clusters tokens
-    return {"num_clusters": clusters, "window": -(-n // clusters), "causal": False}
+    return {**routing_sizes(n), "causal": False}
 
 
 @dataclass(frozen=True)

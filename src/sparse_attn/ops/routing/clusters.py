@@ -81,3 +81,10 @@ def member_masks(members, seq_len):
     """[B, H, C, W] positions -> bool [B, H, C, N]: is token n a member of cluster c."""
     mask = torch.zeros(*members.shape[:-1], seq_len, dtype=torch.bool, device=members.device)
     return mask.scatter_(-1, members, True)
+
+
+def routing_sizes(seq_len: int) -> dict:
+    """Roy et al.'s sizing for a sequence of seq_len tokens: about sqrt(N) / 2 clusters of
+    N / clusters tokens each: {"num_clusters", "window"} for routing_attention."""
+    clusters = max(1, round(check_int("seq_len", seq_len) ** 0.5 / 2))
+    return {"num_clusters": clusters, "window": -(-seq_len // clusters)}

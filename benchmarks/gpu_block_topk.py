@@ -6,11 +6,14 @@ against dense SDPA causal and FlexAttention on the same selection, in one proces
 B=1, H=16, D=128, bf16, causal, selection blocks of 128, top_k_blocks = --fraction (5%) of
 the kv blocks. Per length, medians (common.time_gpu) of:
 * select: `select_kv_blocks` alone (mean-pooling, scores, top-k);
-* layout: the selection's pattern -> BlockLayout on the GPU (what each call rebuilds);
+* layout: the selection -> BlockLayout on the GPU (`selection_layout`, what each call
+  rebuilds), and layout_via_pattern: the same layout classified from the selection's pattern
+  (the generic path, which block top-k took before selection_layout);
+* plan: the triton kernel plan (CSR, transposed CSR, one bitmask per mask class) of a fresh
+  layout;
 * triton_kernel / flex_kernel: `sparse_attention(q, k, v, layout, backend=...)` on that layout
   (our flex backend is FlexAttention fed a BlockMask made from the layout);
-* triton_end_to_end: `block_topk_attention(q, k, v, ..., backend="triton")`: all of the above
-  plus the kernel plan (CSR, transposed CSR, bitmasks) built for the fresh layout;
+* triton_end_to_end: `block_topk_attention(q, k, v, ..., backend="triton")`: all of the above;
 * sdpa_causal: dense causal SDPA;
 forward, and forward+backward (`torch.autograd.grad`) for triton_end_to_end and sdpa_causal.
 """
@@ -28,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, progress, time_gpu, write_json  # noqa: E402
 
 from sparse_attn import block_topk_attention, select_kv_blocks, sparse_attention  # noqa: E402
-from sparse_attn.ops.topk.block import selection_pattern  # noqa: E402
+from sparse_attn.backends.triton.plan import TritonPlan  # noqa: E402
+from sparse_attn.ops.topk.block import selection_layout, selection_pattern  # noqa: E402
+from sparse_attn.patterns.grid import BlockGrid  # noqa: E402
 
 F = torch.nn.functional
 BLOCK = 128
@@ -64,6 +69,10 @@ def main(argv=None) -> int:
 
         def build_layout():
             pattern = selection_pattern(selection, BLOCK, n, n, 0, causal=True)
+            return selection_layout(selection, pattern, BLOCK, BlockGrid(n, n, 0, BLOCK, BLOCK, dev), causal=True)
+
+        def build_layout_via_pattern():
+            pattern = selection_pattern(selection, BLOCK, n, n, 0, causal=True)
             return pattern.layout(n, n, block_q=BLOCK, block_kv=BLOCK, device=dev)
 
         layout = build_layout()
@@ -71,6 +80,8 @@ def main(argv=None) -> int:
         timings = {
             "select": select,
             "layout": build_layout,
+            "layout_via_pattern": build_layout_via_pattern,
+            "plan": lambda: TritonPlan(layout),
             "triton_kernel": lambda: sparse_attention(q, k, v, layout, backend="triton"),
             "flex_kernel": lambda: sparse_attention(q, k, v, layout, backend="flex"),
             "triton_end_to_end": lambda: block_topk_attention(q, k, v, top_k, BLOCK, causal=True, backend="triton"),

@@ -4,6 +4,8 @@ argument errors."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,9 @@ from sa_testing import LargestTensor, assert_fp32_close, assert_low_precision_cl
 from sparse_attn import patterns as P
 from sparse_attn.ops.topk import block_topk_attention, select_kv_blocks, topk_attention
 from sparse_attn.ops.topk import chunk as topk_chunk
-from sparse_attn.ops.topk.block import _block_means
+from sparse_attn.ops.topk import block as block_module
+from sparse_attn.ops.topk.block import _block_means, selection_layout, selection_pattern
+from sparse_attn.patterns.grid import BlockGrid
 from sparse_attn.ops.topk.naive import (
     block_topk_attention_naive,
     select_kv_blocks_naive,
@@ -291,6 +295,11 @@ ALWAYS = {
     (1, 2, 1, 37, 203, 8, 5, 2, 32, None),  # Nq < Nkv, q_offset not a block multiple, Dv != D
     (1, 2, 2, 1, 1, 8, 8, 1, 16, None),  # N = 1
     (2, 2, 1, 19, 45, 8, 8, 2, 8, 9),  # explicit q_offset
+    # aligned (selection blocks a multiple of the backend's blocks, q_offset too): the layout
+    # comes straight from the selection (selection_layout)
+    (2, 2, 1, 128, 128, 8, 8, 3, 64, None),
+    (1, 2, 2, 72, 200, 8, 8, 2, 64, None),  # q_offset 128, ragged last kv block
+    (1, 2, 1, 100, 100, 8, 8, 2, 32, None),
 ], ids=lambda c: "x".join(map(str, c)))
 def test_block_topk_matches_naive(case, causal, always, backend):
     b, hq, hkv, nq, nkv, d, dv, top_k, bs, q_offset = case
@@ -302,6 +311,47 @@ def test_block_topk_matches_naive(case, causal, always, backend):
     ref = block_topk_attention_naive(q, k, v, sel, bs, causal=causal, always=always, q_offset=q_offset)
     assert out.shape == (b, hq, nq, dv)
     assert_fp32_close(out, ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_selection_layout_equals_the_patterns_layout(causal):
+    """The layout built straight from a selection has the blocks and elements the selection's
+    pattern classifies to, for selection blocks that are 1, 2 or 4 layout blocks, ragged edges,
+    Nq < Nkv and B * Hq folded heads; and its mask classes only join equal masks."""
+    torch.manual_seed(0)
+    for nq, nkv, bs, block, top_k in itertools.product([1, 37, 64, 200], [64, 200, 256], [32, 64], [16, 32],
+                                                       [1, 3]):
+        q_offset = nkv - nq
+        if nq > nkv or q_offset % block:
+            continue
+        q, k, _ = qkv(2, 2, nq, 8, hkv=1, nkv=nkv)
+        sel = select_kv_blocks(q, k, top_k, bs, causal=causal)
+        pattern = selection_pattern(sel, bs, nq, nkv, q_offset, causal=causal)
+        expected = pattern.layout(nq, nkv, block_q=block, block_kv=block, q_offset=q_offset)
+        layout = selection_layout(sel, pattern, bs, BlockGrid(nq, nkv, q_offset, block, block, torch.device("cpu")),
+                                  causal=causal)
+        assert torch.equal(layout.block_states(), expected.block_states()), (nq, nkv, bs, block, top_k)
+        assert torch.equal(layout.to_dense(), expected.to_dense()), (nq, nkv, bs, block, top_k)
+        part = layout.partial
+        if part.indices.numel():
+            g = layout.grid
+            masks = layout.element_masks(torch.div(part.rows, g.num_q_blocks, rounding_mode="floor"),
+                                         part.rows % g.num_q_blocks, part.indices.long())
+            for c in layout.partial_mask_class.unique():
+                same = masks[layout.partial_mask_class == c]
+                assert (same == same[0]).all()
+
+
+def test_block_topk_takes_the_selection_layout_when_aligned(monkeypatch):
+    calls = []
+    real = block_module.selection_layout
+    monkeypatch.setattr(block_module, "selection_layout", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = qkv(1, 2, 128, 8)
+    block_topk_attention(q, k, v, 2, 64, causal=True, backend="blocked")  # blocked picks 64-blocks here
+    assert calls
+    calls.clear()
+    block_topk_attention(q[:, :, 1:], k, v, 2, 64, causal=True, backend="blocked")  # q_offset 1
+    assert not calls
 
 
 def test_block_topk_is_sparse():

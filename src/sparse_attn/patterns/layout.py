@@ -45,12 +45,16 @@ class BlockLayout:
     (1 when every head shares the layout), `num_q_blocks`, `num_kv_blocks`, `device`.
     """
 
-    def __init__(self, pattern: "Pattern | None", grid: BlockGrid, num_heads: int, full: _Csr, partial: _Csr) -> None:
+    def __init__(self, pattern: "Pattern | None", grid: BlockGrid, num_heads: int, full: _Csr, partial: _Csr,
+                 partial_mask_class: torch.Tensor | None = None) -> None:
         self.pattern = pattern
         self.grid = grid
         self.num_heads = num_heads
         self.full = full
         self.partial = partial
+        # Optional [n_partial] int64: partial blocks with equal class have equal element masks,
+        # so kernels may evaluate the pattern once per class (None: every block its own).
+        self.partial_mask_class = partial_mask_class
         self.cache: dict = {}  # per-backend plans derived from this layout (e.g. gathered masks)
 
     @classmethod
@@ -60,6 +64,32 @@ class BlockLayout:
         f = blocks.full
         return cls(pattern, grid, blocks.num_heads,
                    _Csr(rows[f], blocks.kv_block[f], num_rows), _Csr(rows[~f], blocks.kv_block[~f], num_rows))
+
+    @classmethod
+    def from_block_tables(cls, pattern: "Pattern", grid: BlockGrid, full: torch.Tensor, partial: torch.Tensor,
+                          partial_mask_class: torch.Tensor | None = None) -> "BlockLayout":
+        """A layout from dense block tables, bool [H, NQB, NKB] each (disjoint), for callers that
+        already know the blocks (block top-k's selection): no pattern classification.
+
+        `pattern` must allow exactly the pairs the tables imply (every element of a full block;
+        in partial blocks, its predicate decides). `partial_mask_class`, if given, is an int
+        table [H, NQB, NKB] read at the partial blocks: blocks of equal class have equal
+        element masks (see `partial_mask_class` on the instance).
+        """
+        heads, nqb, nkb = full.shape
+        if partial.shape != full.shape or (nqb, nkb) != (grid.num_q_blocks, grid.num_kv_blocks):
+            raise ValueError(f"block tables must both be [H, {grid.num_q_blocks}, {grid.num_kv_blocks}], "
+                             f"got {tuple(full.shape)} and {tuple(partial.shape)}")
+
+        def csr(table):  # nonzero is row-major: rows ascending, kv blocks ascending in a row
+            row, col = table.reshape(heads * nqb, nkb).nonzero(as_tuple=True)
+            return _Csr(row, col, heads * nqb)
+
+        part = csr(partial)
+        cls_of = None
+        if partial_mask_class is not None:
+            cls_of = partial_mask_class.reshape(heads * nqb, nkb)[part.rows, part.indices.long()].long()
+        return cls(pattern, grid, heads, csr(full), part, cls_of)
 
     def cached(self, key: str, build):
         """`self.cache[key]`, built by `build()` on first use (backends' per-layout plans)."""

@@ -392,15 +392,14 @@ class BlockCells(Pattern):
         self._table = None
 
     def table(self, device) -> torch.Tensor:
-        if self._table is None:
-            t = torch.zeros(self.shape, dtype=torch.bool)
+        if self._table is None:  # built where the coordinates live
+            t = torch.zeros(self.shape, dtype=torch.bool, device=self._col.device)
             t[self._head, self._row, self._col] = True
             self._table = _PerDevice(t)
         return self._table.on(device)
 
     def prepare(self, device) -> None:
-        self.table("cpu")
-        self._table.prepare(device)
+        self.table(device)
 
     def allowed(self, q_idx, kv_idx, head=None):
         t = self.table(q_idx.device)

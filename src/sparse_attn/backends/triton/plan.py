@@ -101,21 +101,29 @@ def pack_partial_masks(layout, words: int) -> torch.Tensor:
     if n == 0:
         return out
     layout._require_pattern().prepare(dev)
+    entries = None  # the CSR entries whose masks are evaluated (None: all of them)
+    if layout.partial_mask_class is not None:  # one evaluation per class, then a gather
+        classes, inverse = torch.unique(layout.partial_mask_class, return_inverse=True)
+        first = torch.full((classes.numel(),), n, dtype=torch.int64, device=dev)
+        entries = first.scatter_reduce_(0, inverse, torch.arange(n, device=dev), "amin")
+        out = out[: classes.numel()]
+        n = classes.numel()
     bq, bk = g.block_q, g.block_kv
     # weights of the 32 bits of a word, as int64 so the sum does not overflow
     weights = torch.ones(1, dtype=torch.int64, device=dev) << torch.arange(32, device=dev)
     chunk = max(1, _MASK_CHUNK_ELEMENTS // (bq * bk))
     for e0 in range(0, n, chunk):
         e1 = min(n, e0 + chunk)
-        r = csr.rows[e0:e1]
+        pick = slice(e0, e1) if entries is None else entries[e0:e1]
+        r = csr.rows[pick]
         ok = layout.element_masks(torch.div(r, g.num_q_blocks, rounding_mode="floor"), r % g.num_q_blocks,
-                                  csr.indices[e0:e1].long())  # [c, LBQ, LBK]
+                                  csr.indices[pick].long())  # [c, LBQ, LBK]
         if bk < words * 32:
             ok = torch.nn.functional.pad(ok, (0, words * 32 - bk))
         packed = (ok.reshape(e1 - e0, bq, words, 32).long() * weights).sum(-1)  # [c, LBQ, words] in [0, 2^32)
         packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed)  # two's complement int32
         out[e0:e1] = packed.to(torch.int32)
-    return out
+    return out if entries is None else out[inverse].contiguous()
 
 
 def get_plan(layout) -> TritonPlan:

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import torch
 
+from ...backends import AttentionCall, select
 from ...backends.inputs import check_inputs
-from ...patterns import BlockCells, Pattern, Segments
+from ...patterns import BlockCells, BlockLayout, Pattern, Segments
+from ...patterns.grid import BlockGrid
 from ...patterns import causal as causal_pattern
 from ...patterns import full as full_pattern
 from ..common import accumulation_dtype, check_bool, check_int
@@ -112,7 +114,7 @@ def selection_pattern(selection: torch.Tensor, block_size: int, q_len: int, kv_l
     if causal:  # own blocks come from the shared causal part; the past ones need no mask
         q_block = torch.arange(num_q_blocks, device=cells.device)[:, None] + first
         cells = cells & (torch.arange(num_kv_blocks, device=cells.device)[None, :] < q_block)
-    head, row, col = cells.cpu().nonzero(as_tuple=True)
+    head, row, col = cells.nonzero(as_tuple=True)  # stays on the selection's device
     rows = -(-max(q_offset + q_len, kv_len) // block_size)  # BlockCells' rows cover every position
     pattern: Pattern = BlockCells(head, row + first, col, shape=(heads, rows, num_kv_blocks), cell_q=block_size,
                                   cell_kv=block_size, per_head=True, name="block_topk")
@@ -123,17 +125,58 @@ def selection_pattern(selection: torch.Tensor, block_size: int, q_len: int, kv_l
     return pattern
 
 
+def selection_layout(selection: torch.Tensor, pattern: Pattern, block_size: int, grid: BlockGrid, *,
+                     causal: bool) -> BlockLayout:
+    """The BlockLayout of `selection_pattern(selection, ...)` (passed as `pattern`) on `grid`,
+    built from the selection table on its device with no pattern classification.
+
+    Needs layout blocks B = grid.block_q = grid.block_kv dividing block_size and
+    grid.q_offset % B == 0, so every layout block lies in one selection cell. Then a block is
+    full when its cell is a selected past cell (causal) or selected (not causal), or lies
+    wholly below the diagonal of its query's own cell (causal); the diagonal blocks of own
+    cells are partial. Partial blocks get the mask class (query start - key start, ragged
+    last kv block or not): the pattern is causal there, so equal classes have equal masks
+    and the kernel plan evaluates one block per class.
+    """
+    b = grid.block_q
+    heads = selection.shape[0] * selection.shape[1]
+    first, _ = _query_blocks(grid.q_offset, grid.q_len, block_size)
+    p0, p1 = grid.q_block_bounds(grid.arange(grid.num_q_blocks))  # absolute query positions [NQB]
+    k0, k1 = grid.kv_block_bounds(grid.arange(grid.num_kv_blocks))  # [NKB]
+    cell_row = torch.div(p0, block_size, rounding_mode="floor")  # absolute selection row
+    cell_col = torch.div(k0, block_size, rounding_mode="floor")
+    picked = selection.reshape(heads, -1, selection.shape[3])[:, cell_row - first][:, :, cell_col]  # [H', NQB, NKB]
+    ragged = (k1 - k0 < grid.block_kv)[None, :]  # [1, NKB]: only the last kv block can be
+    if causal:
+        own = cell_col[None, :] == cell_row[:, None]
+        below = (k1 - 1)[None, :] <= p0[:, None]  # every key of the block precedes every query
+        crosses = ~below & (k0[None, :] < p1[:, None])  # some but not all pairs causal
+        allowed_whole = picked & ((cell_col[None, :] < cell_row[:, None]) | (own & below))
+        touched = allowed_whole | (picked & own & crosses)
+    else:
+        allowed_whole = touched = picked
+    full = allowed_whole  # a ragged last kv block can be full: kernels mask keys >= kv_len themselves
+    partial = touched & ~full
+    mask_class = (p0[:, None] - k0[None, :]) * 2 + ragged.long()  # [NQB, NKB]
+    return BlockLayout.from_block_tables(pattern, grid, full, partial, mask_class.expand(heads, -1, -1))
+
+
 def _attend_folded(q, k, v, selection, block_size, causal, always, scale, backend, q_offset):
     """Batch folded into heads: one sparse_attention call with a (B * Hq)-head pattern."""
     bsz, hq, nq, d = q.shape
     hkv, nkv = k.shape[1], k.shape[2]
+    q, k, v = (q.reshape(1, bsz * hq, nq, d), k.reshape(1, bsz * hkv, nkv, d),
+               v.reshape(1, bsz * hkv, nkv, v.shape[3]))
     if nq == 0 or nkv == 0:  # nothing to select from: full() gives the empty / zero rows
-        pattern = full_pattern()
+        target = full_pattern()
     else:
-        pattern = selection_pattern(selection, block_size, nq, nkv, q_offset, causal=causal, always=always)
-    out = sparse_attention(q.reshape(1, bsz * hq, nq, d), k.reshape(1, bsz * hkv, nkv, d),
-                           v.reshape(1, bsz * hkv, nkv, v.shape[3]), pattern, scale=scale, backend=backend,
-                           q_offset=q_offset)
+        target = selection_pattern(selection, block_size, nq, nkv, q_offset, causal=causal, always=always)
+        call = AttentionCall.of(q, k, v, target, q_offset, False)
+        block_q, block_kv = select(call, backend).block_sizes(call)
+        if always is None and block_q == block_kv and block_size % block_q == 0 and q_offset % block_q == 0:
+            grid = BlockGrid(nq, nkv, q_offset, block_q, block_kv, q.device)
+            target = selection_layout(selection, target, block_size, grid, causal=causal)
+    out = sparse_attention(q, k, v, target, scale=scale, backend=backend, q_offset=q_offset)
     return out.reshape(bsz, hq, nq, v.shape[3])
 
 

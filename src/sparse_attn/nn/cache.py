@@ -56,12 +56,29 @@ class KVCache(ABC):
 
 
 def _layer_pattern(layer) -> Pattern:
-    m = layer.mechanism
-    pattern = m.pattern() if isinstance(m, Mechanism) else m
-    if not isinstance(pattern, Pattern):
-        raise TypeError(f"{type(layer).__name__} with mechanism {m} has no fixed pattern; this cache decodes "
+    pattern = _pattern_or_none(layer)
+    if pattern is None:
+        raise TypeError(f"{type(layer).__name__} with mechanism {layer.mechanism} has no fixed pattern; this cache decodes "
                         "pattern mechanisms (use linear_attention_step's state for linear attention)")
     return pattern
+
+
+def _pattern_or_none(layer) -> Pattern | None:
+    m = layer.mechanism
+    pattern = m.pattern() if isinstance(m, Mechanism) else m
+    return pattern if isinstance(pattern, Pattern) else None
+
+
+def _attend_cached(q, keys, values, layer, pattern, q_pos, k_pos):
+    """The layer's attention of new queries over cached keys (queries are the last rows).
+
+    One new token (the decoding step) with a pattern mechanism takes the direct path: the
+    pattern's row evaluated at the cached positions and one dense product over the cached keys,
+    O(cached keys) with a handful of ops, instead of building a block layout for a single row.
+    Longer blocks (prefill) go through the layer's mechanism and backend as in a full forward."""
+    if q.shape[2] == 1 and pattern is not None:
+        return _masked_attention(q, keys, values, pattern, q_pos, k_pos)
+    return attention(q, keys, values, layer.mechanism, backend=layer.backend)
 
 
 def _rotate(layer, x, positions):
@@ -86,7 +103,8 @@ class FullCache(KVCache):
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
         self.position += n
         # queries are the last n of the cached positions 0..L-1 (every op's default offset)
-        return attention(q, self.k, self.v, layer.mechanism, backend=layer.backend)
+        return _attend_cached(q, self.k, self.v, layer, _pattern_or_none(layer), pos,
+                              torch.arange(self.position, device=q.device))
 
 
 class _Ring:
@@ -150,7 +168,8 @@ class WindowCache(KVCache):
         self.v.write(v)
         self.position += n
         # the band is shift-invariant: local positions (first kept key = 0) give the same mask
-        return attention(q, keys, values, pattern, backend=layer.backend)
+        local = torch.arange(keys.shape[2], device=q.device)
+        return _attend_cached(q, keys, values, layer, pattern, local[keys.shape[2] - n:], local)
 
 
 class SinkCache(KVCache):
@@ -192,7 +211,7 @@ class SinkCache(KVCache):
         self.position += n
         # in cache coordinates (sinks at 0..sinks-1, then the kept tokens in order) the same
         # streaming pattern selects exactly the sinks and the last `window` tokens
-        return attention(q, keys, values, pattern, backend=layer.backend)
+        return _attend_cached(q, keys, values, layer, pattern, cache_pos[length - n:], cache_pos)
 
 
 class LinearStateCache(KVCache):

@@ -174,9 +174,7 @@ class Pattern(ABC):
                 )
             q_offset = kv_len - q_len
         q_offset = _check_positive_int("q_offset", q_offset, allow_zero=True)
-        device = torch.device("cpu") if device is None else torch.device(device)
-        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cpu") if device is None else device
         return BlockGrid(q_len, kv_len, q_offset, block_q, block_kv, device)
 
     # ------------------------------------------------------------------ combinators

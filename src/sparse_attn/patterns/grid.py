@@ -30,6 +30,12 @@ class BlockGrid:
     block_kv: int
     device: torch.device
 
+    def __post_init__(self) -> None:
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device
+            device = torch.device("cuda", torch.cuda.current_device())
+        object.__setattr__(self, "device", device)
+
     @property
     def num_q_blocks(self) -> int:
         return -(-self.q_len // self.block_q)

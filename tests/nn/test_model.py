@@ -163,3 +163,22 @@ def test_warmup_blends_from_dense_to_the_schedule_and_is_saved_with_the_state_di
     torch.testing.assert_close(fresh(tokens), sparse(tokens))
     with pytest.raises(ValueError, match="warm-up finished"):
         SparseCausalLM(cfg)(tokens[:, :3], SparseCausalLM(cfg).make_caches("full"))
+
+
+@pytest.mark.parametrize("mechanism", ["full", "sliding_window:window=8,causal=false", "bigbird:block=4",
+                                       "longformer:window=8", "linear", "topk:top_k=4"])
+def test_causal_lm_refuses_mechanisms_that_see_the_future(mechanism):
+    with pytest.raises(ValueError, match="layer 1"):
+        SparseCausalLM(ModelConfig(vocab_size=16, dim=16, num_layers=2, num_heads=2, mechanisms=["causal", mechanism]))
+
+
+def test_causal_lm_takes_causal_bigbird_and_longformer():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, dim=16, num_layers=2, num_heads=2,
+                      mechanisms=["bigbird:block=4,causal=true", "longformer:window=8,global_tokens=2,causal=true"])
+    model = SparseCausalLM(cfg).double()
+    tokens = torch.randint(0, 16, (1, 40))
+    out = model(tokens)
+    changed = tokens.clone()
+    changed[0, 30:] = (changed[0, 30:] + 1) % 16
+    assert torch.equal(model(changed)[0, :30], out[0, :30])  # no position sees a later token

@@ -439,3 +439,48 @@ def test_from_block_mask_without_pattern_with_q_offset(pattern, nq, nkv, off):
     layout = pattern.layout(nq, nkv, q_offset=off, block_q=4, block_kv=8)
     plain = P.BlockLayout.from_block_mask(layout.to_block_mask(), q_offset=layout.q_offset)
     assert torch.equal(plain.to_dense(), layout.to_dense())
+
+
+@pytest.mark.parametrize("nw,ng,nr", [(3, 2, 3), (1, 0, 2), (2, 1, 1), (4, 3, 2), (3, 2, 0)])
+def test_bigbird_causal_structure(nw, ng, nr):
+    """causal=True: the window is the nw blocks ending at the own block, the first ceil(g/2)
+    blocks are global columns, random blocks are drawn among the earlier blocks before the
+    window, and nothing after a query is allowed (inside the own block too)."""
+    block, nb = 2, 20
+    pattern = P.bigbird(block, num_window_blocks=nw, num_global_blocks=ng, num_random_blocks=nr, seed=3,
+                        causal=True)
+    assert pattern.is_causal()
+    n = block * nb
+    d = pattern.to_dense(n)[0]
+    assert not torch.triu(d, 1).any()
+    layout = pattern.layout(n, block_q=4, block_kv=4)
+    assert torch.equal(layout.to_dense()[0], d)
+    g_first = -(-ng // 2)
+    for r in range(nb):
+        rows = d[r * block:(r + 1) * block]
+        cols = {c for c in range(nb) if rows[:, c * block:(c + 1) * block].any()}
+        assert torch.equal(rows[:, r * block:(r + 1) * block], torch.ones(block, block).tril().bool())
+        window = set(range(max(0, r - nw + 1), r + 1))
+        globals_ = set(range(min(g_first, r + 1)))
+        assert window | globals_ <= cols, f"row {r} misses window or global blocks"
+        if r < g_first:
+            assert cols == set(range(r + 1)), f"global row {r} sees every earlier block"
+            continue
+        random = cols - window - globals_
+        free = len(set(range(g_first, max(g_first, r - nw + 1))))
+        assert len(random) == min(nr, free) and all(g_first <= c < r - nw + 1 for c in random), r
+
+
+def test_is_causal():
+    causal = [P.causal(), P.sliding_window(8), P.dilated(4, 2), P.strided(4), P.streaming(2, 4),
+              P.longformer(8, 2, causal=True), P.bigbird(4, causal=True), P.sliding_window(8, causal=False) & P.causal(),
+              P.per_head([P.causal(), P.sliding_window(3)])]
+    not_causal = [P.full(), P.sliding_window(8, causal=False), P.longformer(8, 2), P.bigbird(4),
+                  P.causal() | P.sliding_window(3, causal=False), P.predicate(lambda b, h, q, kv: kv <= q)]
+    assert all(p.is_causal() for p in causal)
+    assert not any(p.is_causal() for p in not_causal)
+    cells = torch.zeros(1, 4, 4, dtype=torch.bool)
+    cells[0, 2, :2] = True
+    assert P.block_sparse(cells, 8).is_causal()
+    cells[0, 2, 2] = True  # a diagonal cell lets its first query see later keys
+    assert not P.block_sparse(cells, 8).is_causal()

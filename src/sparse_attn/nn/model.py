@@ -167,6 +167,8 @@ class SparseCausalLM(_Stack):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
+        for i, block in enumerate(self.blocks):
+            _check_causal(i, block.attn.mechanism)
         self.apply(self._init)
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
@@ -219,6 +221,21 @@ class SparseCausalLM(_Stack):
             token = _sample(logits, temperature, top_k, generator)  # [B, 1]
             yield token
             logits = self(token, caches)[:, -1]
+
+
+def _check_causal(layer: int, mechanism) -> None:
+    """A language model must not see the future: every layer's pattern must be provably causal
+    (`Pattern.is_causal`) and every other mechanism must run with causal=True. Refused, not
+    silently restricted, so the model runs the pattern its config names."""
+    pattern = mechanism.pattern() if isinstance(mechanism, Mechanism) else mechanism
+    if isinstance(pattern, Pattern):
+        if not pattern.is_causal():
+            raise ValueError(f"layer {layer}: {mechanism} lets queries see later keys; a causal LM needs a causal "
+                             "pattern (e.g. sliding_window:causal=true, longformer:causal=true, bigbird:causal=true, "
+                             "or pattern & patterns.causal())")
+    elif isinstance(mechanism, Mechanism) and mechanism.params.get("causal") is not True:
+        raise ValueError(f"layer {layer}: {mechanism} must run with causal=true in a causal LM "
+                         f"(e.g. '{mechanism.name}:causal=true')")
 
 
 def _need(value, name):

@@ -51,6 +51,11 @@ class Pattern(ABC):
         self._layouts: OrderedDict = OrderedDict()
 
     # ----------------------------------------------------------------- element level
+    def is_causal(self) -> bool:
+        """True when provably no query sees a key after it (j <= i for every allowed pair).
+        False means "not known to be causal": a predicate may be causal without saying so."""
+        return False
+
     def reachable(self, kv_idx: torch.Tensor, next_q: int) -> torch.Tensor:
         """Bool per key position: may some query at a position >= next_q still attend to it?
 
@@ -274,6 +279,9 @@ class Union(_Combination):
 
     symbol = "|"
 
+    def is_causal(self):
+        return all(p.is_causal() for p in self.parts)
+
     def reachable(self, kv_idx, next_q):
         out = self.parts[0].reachable(kv_idx, next_q)
         for p in self.parts[1:]:
@@ -330,6 +338,9 @@ class Intersection(_Combination):
     window's blocks, not the causal triangle's)."""
 
     symbol = "&"
+
+    def is_causal(self):
+        return any(p.is_causal() for p in self.parts)
 
     def reachable(self, kv_idx, next_q):
         # each part must still reach the key (possibly through different queries): a superset
@@ -390,6 +401,9 @@ class PerHead(Pattern):
                                  "head-independent patterns")
         self.parts = tuple(patterns)
         self.num_heads = len(self.parts)
+
+    def is_causal(self):
+        return all(p.is_causal() for p in self.parts)
 
     def reachable(self, kv_idx, next_q):
         # one key store serves every head: keep what any head can still reach

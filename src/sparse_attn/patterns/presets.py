@@ -153,7 +153,7 @@ def block_sparse(layout, block_size: int | tuple[int, int]) -> Pattern:
 
 
 def bigbird(block: int, num_window_blocks: int = 3, num_global_blocks: int = 2, num_random_blocks: int = 3,
-            seed: int = 0, num_heads: int | None = None) -> Pattern:
+            seed: int = 0, num_heads: int | None = None, causal: bool = False) -> Pattern:
     """BigBird ITC (Zaheer et al. 2020), at the granularity of `block` tokens.
 
     * window: each query block sees `num_window_blocks` blocks centred on itself;
@@ -163,13 +163,21 @@ def bigbird(block: int, num_window_blocks: int = 3, num_global_blocks: int = 2, 
       not already in its window or among the globals.
     Random blocks are drawn from `seed` (reproducible); with `num_heads` each head draws its own.
     The block map depends on the sequence length, so it is drawn per length and cached.
+
+    causal=True (for decoders; the paper and HF define BigBird for encoders only): the window
+    is the `num_window_blocks` blocks ending at the query's own block, globals are the first
+    ceil(g/2) blocks (seen by every later query), random blocks are drawn among the earlier
+    blocks before the window, and inside its own block a query sees keys <= itself.
     """
-    return BigBird(block, num_window_blocks, num_global_blocks, num_random_blocks, seed, num_heads)
+    return BigBird(block, num_window_blocks, num_global_blocks, num_random_blocks, seed, num_heads,
+                   _check_bool("causal", causal))
 
 
 class BigBird(Pattern):
-    def __init__(self, block, num_window_blocks, num_global_blocks, num_random_blocks, seed, num_heads):
+    def __init__(self, block, num_window_blocks, num_global_blocks, num_random_blocks, seed, num_heads,
+                 causal=False):
         super().__init__()
+        self.causal = causal
         self.block = _check_positive_int("block", block)
         self.num_window_blocks = _check_positive_int("num_window_blocks", num_window_blocks)
         self.num_global_blocks = _check_positive_int("num_global_blocks", num_global_blocks, allow_zero=True)
@@ -178,20 +186,22 @@ class BigBird(Pattern):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = seed
         self.num_heads = None if num_heads is None else _check_positive_int("num_heads", num_heads)
-        self._cells: dict[int, BlockCells] = {}
+        self._cells: dict[int, Pattern] = {}
 
-    def cells(self, length: int) -> BlockCells:
-        """The block map for a sequence of `length` tokens (drawn once per length)."""
+    def cells(self, length: int) -> Pattern:
+        """The block map for a sequence of `length` tokens (drawn once per length): BlockCells,
+        or with causal, the earlier cells | causal own blocks."""
         if length not in self._cells:
             self._cells[length] = self._draw(length)
         return self._cells[length]
 
-    def _draw(self, length: int) -> BlockCells:
+    def _draw(self, length: int) -> Pattern:
         n = -(-length // self.block)
         heads = self.num_heads or 1
         g_first = -(-self.num_global_blocks // 2)
-        g_last = self.num_global_blocks // 2
-        half = self.num_window_blocks // 2
+        g_last = 0 if self.causal else self.num_global_blocks // 2
+        # causal: the window's blocks all precede or are the own block
+        half = self.num_window_blocks - 1 if self.causal else self.num_window_blocks // 2
         blocks = torch.arange(n)
         is_global = (blocks < g_first) | (blocks >= n - g_last)
         parts_h, parts_r, parts_c = [], [], []
@@ -215,8 +225,16 @@ class BigBird(Pattern):
             for h in range(heads):
                 r, c = self._draw_random(rows, n, g_first, g_last, half, gen)
                 add(torch.full_like(r, h), r, c)
-        return BlockCells(torch.cat(parts_h), torch.cat(parts_r), torch.cat(parts_c), shape=(heads, n, n),
-                          cell_q=self.block, cell_kv=self.block, per_head=self.num_heads is not None, name="bigbird")
+        head, row, col = torch.cat(parts_h), torch.cat(parts_r), torch.cat(parts_c)
+        if not self.causal:
+            return BlockCells(head, row, col, shape=(heads, n, n), cell_q=self.block, cell_kv=self.block,
+                              per_head=self.num_heads is not None, name="bigbird")
+        # strictly earlier cells need no mask; the own block is causal inside (block top-k's form:
+        # no per-head part is intersected with causal(), which would classify element by element)
+        past = col < row
+        cells = BlockCells(head[past], row[past], col[past], shape=(heads, n, n), cell_q=self.block,
+                           cell_kv=self.block, per_head=self.num_heads is not None, name="bigbird")
+        return cells | (Segments(size=self.block) & Band(0, None, name="causal()"))
 
     def _draw_random(self, rows, n, g_first, g_last, half, gen):
         """For each row, num_random_blocks distinct blocks outside its window and the globals.
@@ -224,7 +242,9 @@ class BigBird(Pattern):
         Candidate u in [0, free) is mapped onto the u-th allowed block, so every draw is valid;
         duplicates within a row are redrawn. O(rows * num_random_blocks) expected."""
         lo = torch.clamp(rows - half, min=g_first)  # window range, clipped to the non-global span
-        hi = torch.clamp(rows + (self.num_window_blocks - half), max=n - g_last)
+        # causal: nothing after the window is eligible (hi = n - g_last with g_last = 0 removes it)
+        hi = torch.full_like(rows, n) if self.causal else torch.clamp(rows + (self.num_window_blocks - half),
+                                                                         max=n - g_last)
         free = (n - g_first - g_last) - torch.clamp(hi - lo, min=0)  # [R]
         take = torch.clamp(free, max=self.num_random_blocks)
         picks = torch.full((rows.numel(), self.num_random_blocks), -1, dtype=torch.int64)
@@ -248,7 +268,10 @@ class BigBird(Pattern):
     def natural_block(self):
         return self.block
 
-    def bind(self, grid) -> BlockCells:
+    def is_causal(self) -> bool:
+        return self.causal
+
+    def bind(self, grid) -> Pattern:
         if grid.q_end > grid.kv_len:
             raise ValueError(f"bigbird is self-attention over the keys: queries must lie within the {grid.kv_len} "
                              f"key positions, but q_offset + q_len = {grid.q_end}")
@@ -269,8 +292,9 @@ class BigBird(Pattern):
 
     def __repr__(self):
         heads = "" if self.num_heads is None else f", num_heads={self.num_heads}"
+        causal = ", causal=True" if self.causal else ""
         return (f"bigbird(block={self.block}, window={self.num_window_blocks}, global={self.num_global_blocks}, "
-                f"random={self.num_random_blocks}, seed={self.seed}{heads})")
+                f"random={self.num_random_blocks}, seed={self.seed}{heads}{causal})")
 
 
 def per_head(patterns: Sequence[Pattern]) -> Pattern:

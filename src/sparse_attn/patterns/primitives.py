@@ -85,6 +85,9 @@ class Band(_KvRangePattern):
         self.dilation = int(dilation)
         self.name = name
 
+    def is_causal(self):
+        return self.lo >= 0
+
     def reachable(self, kv_idx, next_q):
         # query i >= next_q reaches j when lo <= i - j <= hi: some such i exists iff j >= next_q - hi
         # (with dilation r, i = j + hi' for the largest multiple hi' of r in [max(lo, next_q - j), hi])
@@ -409,6 +412,10 @@ class BlockCells(Pattern):
         inside = (r >= 0) & (r < self.shape[1]) & (c >= 0) & (c < self.shape[2])
         r, c = torch.clamp(r, 0, self.shape[1] - 1), torch.clamp(c, 0, self.shape[2] - 1)
         return (t[r, c] if t.dim() == 2 else t[head, r, c]) & inside
+
+    def is_causal(self):
+        # every pair of every set cell: the cell's last key precedes (or is) its first query
+        return bool(((self._col + 1) * self.cell_kv - 1 <= self._row * self.cell_q).all())
 
     def natural_block(self):
         return min(self.cell_q, self.cell_kv)

@@ -30,7 +30,8 @@ instead of the iteration order of an unseeded `set`.
 from __future__ import annotations
 
 import random
-from typing import NamedTuple, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -62,7 +63,7 @@ LISTOPS_SPLIT_SIZES = {"train": 96_000, "val": 2_000, "test": 2_000}
 _STREAM_ORDER = ("test", "val", "train")
 
 # A leaf is an int 0..9; an operator node is (operator, arguments).
-ListOpsTree = Union[int, Tuple[str, Tuple["ListOpsTree", ...]]]
+ListOpsTree = int | tuple[str, tuple["ListOpsTree", ...]]
 
 
 class ListOpsVocab:

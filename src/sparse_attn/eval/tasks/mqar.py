@@ -74,9 +74,14 @@ def mqar_dataset(
     """
     num_examples = check_int(num_examples, "num_examples", 1)
     num_kv_pairs = check_int(num_kv_pairs, "num_kv_pairs", 1)
-    input_seq_len = check_int(input_seq_len, "input_seq_len", 4 * num_kv_pairs)
+    input_seq_len = check_int(input_seq_len, "input_seq_len", 2)
+    if input_seq_len < 4 * num_kv_pairs:
+        raise ValueError(
+            f"input_seq_len must be >= 4 * num_kv_pairs = {4 * num_kv_pairs} (the pairs, then a distinct "
+            f"even slot per query), got {input_seq_len}"
+        )
     if input_seq_len % 2:
-        raise ValueError(f"input_seq_len must be even (keys and queries sit on even slots), got {input_seq_len}")
+        raise ValueError(f"input_seq_len must be even (queries sit on even slots), got {input_seq_len}")
     vocab_size = check_int(vocab_size, "vocab_size", 2)
     key_range, value_range = mqar_vocab_ranges(vocab_size)
     if len(key_range) < num_kv_pairs:

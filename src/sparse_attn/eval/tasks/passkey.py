@@ -123,7 +123,12 @@ def passkey_batch(
     """
     num_examples = check_int(num_examples, "num_examples", 1)
     digits = check_int(digits, "digits", 1, _MAX_DIGITS)
-    length_tokens = check_int(length_tokens, "length_tokens", _fixed_length(digits))
+    length_tokens = check_int(length_tokens, "length_tokens", 1)
+    if length_tokens < _fixed_length(digits):
+        raise ValueError(
+            f"length_tokens must be >= {_fixed_length(digits)} (the prompt with no filler and a "
+            f"{digits}-digit answer), got {length_tokens}"
+        )
     if depth is not None:
         depth = check_fraction(depth, "depth")
     generator = torch_generator(seed)
@@ -156,7 +161,9 @@ def passkey_example(
     seed: int | torch.Generator = 0,
 ) -> PasskeyExample:
     """One passkey sequence of exactly `length_tokens` bytes: the first row of any
-    `passkey_batch` with the same arguments. Returns `(tokens [L], answer_start, answer [digits], key_position)`.
+    `passkey_batch` with the same arguments.
+
+    Returns `(tokens [L], answer_start, answer [digits], key_position)`.
     """
     batch = passkey_batch(1, length_tokens, depth=depth, digits=digits, seed=seed)
     return PasskeyExample(batch.tokens[0], batch.answer_start, batch.answer[0], int(batch.key_positions[0]))

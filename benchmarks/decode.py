@@ -30,7 +30,16 @@ from common import RESULTS, environment, progress, write_json  # noqa: E402
 from sparse_attn.nn import FullCache, ModelConfig, SinkCache, SparseCausalLM, WindowCache  # noqa: E402
 
 
-def run(kind: str, args, device) -> dict:
+def _summary(kind, mech, latencies, memory, block, tokens) -> dict:
+    blocks = [latencies[i:i + block] for i in range(0, len(latencies) - len(latencies) % block, block)]
+    medians = [statistics.median(b) * 1e3 for b in blocks]
+    return {"cache": kind, "mechanism": mech, "block_median_ms": medians,
+            "memory_bytes": memory[block - 1::block], "tokens_done": len(latencies), "tokens_asked": tokens,
+            "last_over_first": medians[-1] / medians[0] if medians else None,
+            "final_memory_bytes": memory[-1] if memory else 0}
+
+
+def run(kind: str, args, device, save_partial=None) -> dict:
     mech = {"full": "causal", "window": f"sliding_window:window={args.window}",
             "sink": f"streaming:sinks={args.sinks},window={args.window}"}[kind]
     torch.manual_seed(0)
@@ -49,11 +58,9 @@ def run(kind: str, args, device) -> dict:
                 torch.cuda.synchronize()
             latencies.append(time.perf_counter() - t0)
             memory.append(sum(c.memory_bytes() for c in caches))
-    blocks = [latencies[i:i + args.block] for i in range(0, len(latencies), args.block)]
-    medians = [statistics.median(b) * 1e3 for b in blocks]
-    return {"cache": kind, "mechanism": mech, "block_median_ms": medians,
-            "memory_bytes": memory[args.block - 1::args.block],
-            "last_over_first": medians[-1] / medians[0], "final_memory_bytes": memory[-1]}
+            if save_partial is not None and len(latencies) % (8 * args.block) == 0:  # survives a time limit
+                save_partial(_summary(kind, mech, latencies, memory, args.block, args.tokens))
+    return _summary(kind, mech, latencies, memory, args.block, args.tokens)
 
 
 def main(argv=None) -> int:
@@ -73,7 +80,7 @@ def main(argv=None) -> int:
     result = {"env": environment(device.type), "setup": vars(args) | {"out": str(args.out), "plot": str(args.plot)},
               "rows": []}
     for kind in args.caches:
-        row = run(kind, args, device)
+        row = run(kind, args, device, lambda partial: write_json(args.out, result | {"rows": result["rows"] + [partial]}))
         print(f"{kind}: first block {row['block_median_ms'][0]:.2f} ms/token, last {row['block_median_ms'][-1]:.2f} "
               f"({row['last_over_first']:.2f}x), cache {row['final_memory_bytes'] / 2**20:.2f} MiB", file=sys.stderr)
         result["rows"].append(row)

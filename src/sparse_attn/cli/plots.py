@@ -8,19 +8,7 @@ from __future__ import annotations
 
 import textwrap
 
-
-class MissingExtra(RuntimeError):
-    """An optional dependency is not installed."""
-
-
-def _figure(**kw):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise MissingExtra("writing pictures needs matplotlib: pip install 'sparse_attn[viz]' "
-                           f"(or pip install matplotlib) ({exc})") from None
-    return Figure(**kw)
-
+from .._extras import figure
 
 def plot_compare(rows, env: dict, path: str) -> None:
     """Two panels of horizontal bars: time per call and peak memory per row."""
@@ -28,7 +16,7 @@ def plot_compare(rows, env: dict, path: str) -> None:
     times = [r.time_ms for r in rows]
     peaks = [(r.peak_memory_bytes or 0) / 2**20 for r in rows]
     colors = ["tab:gray" if r.kind == "dense" else "tab:blue" for r in rows]
-    fig = _figure(figsize=(11, 0.45 * len(rows) + 1.8), layout="constrained")
+    fig = figure(figsize=(11, 0.45 * len(rows) + 1.8), layout="constrained")
     ax_t, ax_m = fig.subplots(1, 2, sharey=True)
     y = list(range(len(rows)))
     ax_t.barh(y, times, color=colors)
@@ -54,7 +42,7 @@ def plot_mask(mask, title: str, path: str, q_offset: int = 0) -> None:
     q_len, kv_len = mask.shape
     side = 7.0
     aspect = q_len / max(kv_len, 1)
-    fig = _figure(figsize=(side, max(2.5, side * aspect) + 0.8), layout="constrained")
+    fig = figure(figsize=(side, max(2.5, side * aspect) + 0.8), layout="constrained")
     ax = fig.subplots()
     ax.imshow(mask.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest",
               extent=(-0.5, kv_len - 0.5, q_offset + q_len - 0.5, q_offset - 0.5))

@@ -6,6 +6,7 @@ is a path j = p0 -> p1 -> ... -> pd = i in which every step p(l-1) -> p(l) is th
 matrices: reach_d = (I | A_d) o ... o (I | A_1), where A_l is the OR over layer l's heads (a
 position reaches through any head). Reach only grows with depth (the residual keeps it).
 
+    from sparse_attn import patterns as P
     from sparse_attn.eval.reach import receptive_field, plot_receptive_field
     rf = receptive_field(["sliding_window:window=512"] * 6 + ["full"], 32768)
     print(rf)                                    # coverage per depth, min_depth_full, ...
@@ -37,19 +38,27 @@ Two methods, both exact:
   blocks are resolved element by element (the pattern's predicate on the block, through
   `layout.element_masks`), only for (output, block) pairs whose query block is in the set and
   whose key block is not already covered - so the result is exact, not a block superset.
+  Semi-naive: a layer applied again in the same pass looks only at the positions added since
+  its last application (what the older ones reach is in the set already), so a window's
+  step costs its new edge, not the whole set.
   Memory O(T * n / block) for the block flags, plus `block` bits per partially covered block
   (at most O(T * n) bits, for sets that never fill a block, e.g. one residue class of a
-  dilated window), plus the layers' layouts (O(non-empty blocks)); bounded temporaries.
-  Time per layer step: O(non-empty blocks * T / 64) for the block level, plus
-  O(block^2) per partial block met (a pattern whose layout is all partial blocks, such as
-  `strided`, costs up to n^2 / 2 predicate evaluations per step once the set is wide, the
-  same as one mask pass of the blocked attention). `full()` / `causal()` and the stand-ins
-  for non-pattern mechanisms are done in O(T * n / block) without a layout.
+  dilated window), per distinct layer one earlier copy of the set (semi-naive), plus the
+  layers' layouts (O(non-empty blocks)); temporaries are bounded (about 2^22 elements).
+  Time per layer step: one sparse product over the layout's full blocks, plus O(block^2)
+  per (output, partial block) pair whose query block gained positions and whose key block
+  is not covered yet (a layout of partial blocks only, such as `strided`, can cost up to
+  n^2 / 2 predicate evaluations in one step while the set is wide and sparse, the same as
+  one mask pass of the blocked attention). `full()` / `causal()` and the stand-ins for
+  non-pattern mechanisms take O(T * n / block), with no layout.
   Per-depth results for depths 1..L (L = schedule length) cost L(L+1)/2 layer steps (one
   backward pass per depth), or L steps when every layer is the same mechanism.
 
 `min_depth_full` is the first depth d at which every tracked output i sees every input it
-could in principle (j <= i when every layer is causal, all j otherwise); beyond the schedule
+could in principle (j <= i when every layer is causal at this length, checked element by
+element, else all j). It speaks for the tracked outputs: all of them with the dense method
+by default, 9 evenly spaced ones (the last included) with the frontier unless `queries`
+says otherwise. Beyond the schedule
 (`max_depth`) the schedule repeats. In the frontier method it is searched by doubling then
 bisection (reach is monotone in depth) or, for a homogeneous schedule, in one pass.
 """
@@ -64,10 +73,10 @@ import torch
 
 from ..ops.mechanisms import DYNAMIC, KERNELIZED, Mechanism, as_mechanism
 from ..patterns import BlockLayout, Pattern
-from ..patterns.grid import UNBOUNDED
+from ..patterns.grid import UNBOUNDED, expand_ranges
 from ..patterns.primitives import Band
 
-__all__ = ["ReceptiveField", "receptive_field", "plot_receptive_field"]
+__all__ = ["ReceptiveField", "plot_receptive_field", "receptive_field"]
 
 # Longest sequence the dense method is chosen for by default, and the longest it accepts.
 _DENSE_AUTO_MAX = 1024
@@ -79,7 +88,7 @@ _DEFAULT_QUERIES = 9
 
 
 # --------------------------------------------------------------------------- the result
-@dataclass
+@dataclass(eq=False, repr=False)
 class ReceptiveField:
     """What `receptive_field` found. Depth d means layers 1..d of the schedule.
 
@@ -190,6 +199,12 @@ class ReceptiveField:
 
     __str__ = summary
 
+    def __repr__(self) -> str:
+        cov = self.coverage[-1].item()
+        return (f"ReceptiveField(length={self.length}, layers={len(self.layers)}, outputs={self.queries.numel()}, "
+                f"coverage={cov:.4f}, min_depth_full={self.min_depth_full}, causal={self.causal}, "
+                f"method={self.method!r}, upper_bound={self.upper_bound})")
+
 
 # -------------------------------------------------------------------- argument checks
 def _check_int(name: str, value, minimum: int) -> int:
@@ -217,10 +232,10 @@ def _check_queries(queries, n: int) -> torch.Tensor:
         q = torch.as_tensor(queries).reshape(-1)
     except (TypeError, ValueError, RuntimeError):
         raise bad from None
-    if q.dtype == torch.bool or q.dtype.is_floating_point or q.dtype.is_complex:
-        raise TypeError(f"queries must hold integer positions, got dtype {q.dtype}")
     if q.numel() == 0:
         raise ValueError("queries must name at least one output position")
+    if q.dtype == torch.bool or q.dtype.is_floating_point or q.dtype.is_complex:
+        raise TypeError(f"queries must hold integer positions, got dtype {q.dtype}")
     q = q.long().cpu()
     if int(q.min()) < 0 or int(q.max()) >= n:
         raise ValueError(f"queries must lie in [0, {n}) (the length), got values from {int(q.min())} to {int(q.max())}")
@@ -319,7 +334,10 @@ class _Plan:
         if self.band is not None:
             self._causal = self.band[0] >= 0
             return
-        layout = layer.layout or layer.pattern.layout(n, block_q=block, block_kv=block)
+        pattern = layer.layout.pattern if layer.layout is not None else layer.pattern
+        if pattern is not None and pattern.is_causal():  # provably causal: no need to look
+            self._causal = True
+        layout = layer.layout if layer.layout is not None else layer.pattern.layout(n, block_q=block, block_kv=block)
         self.layout = layout
         nqb, nkb = layout.num_q_blocks, layout.num_kv_blocks
         self.nqb, self.nkb = nqb, nkb
@@ -333,8 +351,11 @@ class _Plan:
         p_head = torch.div(p.rows, nqb, rounding_mode="floor")
         p_qb, p_kb = p.rows % nqb, p.indices.long()
         # a block full in one head is covered whatever the other heads allow in it
-        drop = torch.isin(p_qb * nkb + p_kb, f_qb * nkb + f_kb)
-        self.p_head, self.p_qb, self.p_kb = p_head[~drop], p_qb[~drop], p_kb[~drop]
+        keep = ~torch.isin(p_qb * nkb + p_kb, f_qb * nkb + f_kb)
+        order = torch.argsort(p_qb[keep], stable=True)  # grouped by query block: [p_off[b], p_off[b+1])
+        self.p_head, self.p_qb, self.p_kb = p_head[keep][order], p_qb[keep][order], p_kb[keep][order]
+        self.p_off = torch.cat([torch.zeros(1, dtype=torch.long),
+                                torch.cumsum(torch.bincount(self.p_qb, minlength=nqb), 0)])
 
     def causal(self) -> bool:
         """Does the layer allow only j <= i? (block level, element level on diagonal blocks)."""
@@ -362,8 +383,8 @@ class _Schedule:
         self.n = n
         self.block = block
         self.homogeneous = all(layer.key == layers[0].key for layer in layers)
-        self._plans: dict[int, _Plan] = {}
-        self._dense: dict[int, torch.Tensor] = {}
+        self._plans: dict[Any, _Plan] = {}  # per layer key: layers that attend alike share one
+        self._dense: dict[Any, torch.Tensor] = {}
 
     def layer_at(self, depth: int) -> int:
         """Index of the layer used at depth `depth` (1-based; the schedule repeats)."""
@@ -372,7 +393,8 @@ class _Schedule:
     # ---------------------------------------------------------------- dense method
     def dense_mask(self, i: int) -> torch.Tensor:
         """bool [n, n]: I | (OR over heads of layer i's allowed pairs)."""
-        if i not in self._dense:
+        key = self.layers[i].key
+        if key not in self._dense:
             layer, n = self.layers[i], self.n
             out = torch.zeros(n, n, dtype=torch.bool)
             if layer.layout is not None:
@@ -387,10 +409,11 @@ class _Schedule:
                     e = min(n, s + rows)
                     out[s:e] = pattern.to_dense(e - s, n, q_offset=s).any(0)
             out.fill_diagonal_(True)
-            self._dense[i] = out
-        return self._dense[i]
+            self._dense[key] = out
+        return self._dense[key]
 
     def dense_layer_causal(self, i: int) -> bool:
+        """Exact at this length (`Pattern.is_causal` is only a proof, False when unknown)."""
         return not bool(self.dense_mask(i).triu(1).any())
 
     def dense_reach(self, depth: int) -> torch.Tensor:
@@ -401,18 +424,40 @@ class _Schedule:
 
     # ------------------------------------------------------------- frontier method
     def plan(self, i: int) -> _Plan:
-        if i not in self._plans:
-            self._plans[i] = _Plan(self.layers[i], self.n, self.block)
-        return self._plans[i]
+        key = self.layers[i].key
+        if key not in self._plans:
+            self._plans[key] = _Plan(self.layers[i], self.n, self.block)
+        return self._plans[key]
 
-    def frontier(self, queries: torch.Tensor, depth: int) -> "_Frontier":
+    def frontier(self, queries: torch.Tensor, depth: int) -> _Frontier:
         """The inputs feeding each of `queries` through layers 1..depth: a backward pass."""
-        front = _Frontier.of_positions(self.n, self.block, queries)
+        walk = _Pass(self, queries)
         for d in range(depth, 0, -1):
-            if bool(front.full.all()):
+            if bool(walk.front.full.all()):
                 break
-            _step(front, self.plan(self.layer_at(d)))
-        return front
+            walk.apply(self.layer_at(d))
+        return walk.front
+
+
+class _Pass:
+    """A backward pass from some outputs. Semi-naive: a layer applied to a set F that it was
+    already applied to as a subset G (the set only grows) adds only the keys of F minus G,
+    since what G reaches through the layer is in the set already. So each layer keeps the set
+    as it was at its last application, and later applications look at the difference only."""
+
+    def __init__(self, sched: _Schedule, queries: torch.Tensor) -> None:
+        self.sched = sched
+        self.front = _Frontier.of_positions(sched.n, sched.block, queries)
+        self._seen: dict[Any, _Frontier] = {}
+
+    def apply(self, i: int) -> None:
+        plan, key = self.sched.plan(i), self.sched.layers[i].key
+        if plan.band is not None:
+            _band_step(self.front, plan.band)
+            return
+        before = self.front.copy()
+        _step(self.front, plan, self.front.delta(self._seen.get(key)))
+        self._seen[key] = before
 
 
 def _bool_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -432,7 +477,7 @@ class _Frontier:
         self.full, self.cell, self.mask = full, cell, mask
 
     @classmethod
-    def of_positions(cls, n: int, block: int, pos: torch.Tensor) -> "_Frontier":
+    def of_positions(cls, n: int, block: int, pos: torch.Tensor) -> _Frontier:
         t, nb = pos.numel(), -(-n // block)
         cell = torch.arange(t) * nb + torch.div(pos, block, rounding_mode="floor")
         mask = torch.zeros(t, block, dtype=torch.bool)
@@ -441,6 +486,32 @@ class _Frontier:
                     torch.zeros(0, block, dtype=torch.bool))
         front.merge(cell, mask)
         return front
+
+    def copy(self) -> _Frontier:
+        return _Frontier(self.n, self.B, self.full.clone(), self.cell, self.mask)
+
+    def delta(self, prev: _Frontier | None):
+        """What this set holds beyond `prev` (a subset of it, or None for nothing), per block:
+        (new_full bool [T, NB]: blocks wholly new; cell [m] sorted; rows bool [m, B]: the new
+        positions of blocks new in part)."""
+        if prev is None:
+            return self.full.clone(), self.cell, self.mask
+        new_full = self.full & ~prev.any_blocks()
+        # blocks full now, partial before: the rest of the block is new
+        was_part = self.full.view(-1)[prev.cell]
+        a_cell, a_rows = prev.cell[was_part], ~prev.mask[was_part] & self._valid(prev.cell[was_part])
+        # blocks partial now: positions not in the block's old mask
+        old = torch.zeros_like(self.mask)
+        if prev.cell.numel() and self.cell.numel():
+            at = torch.searchsorted(prev.cell, self.cell).clamp(max=prev.cell.numel() - 1)
+            hit = prev.cell[at] == self.cell
+            old[hit] = prev.mask[at[hit]]
+        b_rows = self.mask & ~old
+        some = b_rows.any(1)
+        cell = torch.cat([a_cell, self.cell[some]])
+        rows = torch.cat([a_rows, b_rows[some]])
+        order = torch.argsort(cell)
+        return new_full, cell[order], rows[order]
 
     def _valid(self, cell: torch.Tensor) -> torch.Tensor:
         """bool [m, B]: which slots of each cell's block are positions < n."""
@@ -488,7 +559,8 @@ class _Frontier:
         mask = (pos >= lo[owner, None]) & (pos <= hi[owner, None])
         self.merge(owner * self.nb + edges, mask)
 
-    def _per_set(self, value_full: torch.Tensor, value_cell: torch.Tensor, reduce: str, fill: int) -> torch.Tensor:
+    def _per_set(self, value_full: torch.Tensor, value_cell: torch.Tensor, reduce: str) -> torch.Tensor:
+        """Min or max (`reduce`) per set of a value per full block [T, NB] and per cell [m]."""
         best = value_full.amin(1) if reduce == "amin" else value_full.amax(1)
         owner = torch.div(self.cell, self.nb, rounding_mode="floor")
         return best.scatter_reduce(0, owner, value_cell, reduce=reduce, include_self=True) if owner.numel() else best
@@ -498,13 +570,13 @@ class _Frontier:
         starts = torch.arange(self.nb) * self.B
         value_full = torch.where(self.full, starts[None, :], big)
         slot = torch.where(self.mask, torch.arange(self.B)[None, :], self.B).amin(1)
-        return self._per_set(value_full, (self.cell % self.nb) * self.B + slot, "amin", big)
+        return self._per_set(value_full, (self.cell % self.nb) * self.B + slot, "amin")
 
     def max_pos(self) -> torch.Tensor:
         ends = torch.arange(self.nb) * self.B + self.block_sizes() - 1
         value_full = torch.where(self.full, ends[None, :], -1)
         slot = torch.where(self.mask, torch.arange(self.B)[None, :], -1).amax(1)
-        return self._per_set(value_full, (self.cell % self.nb) * self.B + slot, "amax", -1)
+        return self._per_set(value_full, (self.cell % self.nb) * self.B + slot, "amax")
 
     def counts(self) -> torch.Tensor:
         out = (self.full.long() * self.block_sizes()[None, :]).sum(1)
@@ -521,57 +593,73 @@ class _Frontier:
         return out[:, : self.n]
 
 
-def _step(front: _Frontier, plan: _Plan) -> None:
-    """front <- front | {keys that some query in front may attend in this layer}."""
-    if plan.band is not None:
-        lo, hi = plan.band
-        t = front.full.shape[0]
-        if lo == -UNBOUNDED and hi == UNBOUNDED:
-            a, b = torch.zeros(t, dtype=torch.long), torch.full((t,), front.n - 1)
-        elif hi == UNBOUNDED:  # keys j <= i - lo
-            a, b = torch.zeros(t, dtype=torch.long), front.max_pos() - lo
-        else:  # keys j >= i - hi
-            a, b = front.min_pos() - hi, torch.full((t,), front.n - 1)
-        front.add_interval(a, b)
-        return
-    B, nb = front.B, front.nb
+def _band_step(front: _Frontier, band: tuple[int, int]) -> None:
+    """A dilation-1 band with an unbounded side maps a set to an interval of keys."""
+    lo, hi = band
     t = front.full.shape[0]
-    anyq = front.any_blocks()  # [T, NQB]
-    new_full = front.full.clone()
-    if plan.full_adj is not None:
-        hit = torch.sparse.mm(plan.full_adj, anyq.T.float().contiguous())  # [NKB, T]
-        new_full |= (hit > 0).T
-    cells, masks = [], []
-    n_part = plan.p_qb.numel()
-    chunk = max(1, _BUDGET // max(1, t))
+    if lo == -UNBOUNDED and hi == UNBOUNDED:
+        a, b = torch.zeros(t, dtype=torch.long), torch.full((t,), front.n - 1)
+    elif hi == UNBOUNDED:  # keys j <= i - lo
+        a, b = torch.zeros(t, dtype=torch.long), front.max_pos() - lo
+    else:  # keys j >= i - hi
+        a, b = front.min_pos() - hi, torch.full((t,), front.n - 1)
+    front.add_interval(a, b)
+
+
+def _step(front: _Frontier, plan: _Plan, delta) -> None:
+    """front <- front | {keys some query of `delta` (positions of front) may attend in this layer}."""
+    new_full, d_cell, d_rows = delta
+    B, nb = front.B, front.nb
+    touched = new_full.clone()  # [T, NQB] query blocks holding new positions
+    touched.view(-1)[d_cell] = True
+    if plan.full_adj is not None:  # full blocks of the layout: block level
+        hit = torch.sparse.mm(plan.full_adj, touched.T.float().contiguous())  # [NKB, T]
+        front.full |= (hit > 0).T
+    ti, qb = touched.nonzero(as_tuple=True)
+    starts, stops = plan.p_off[qb], plan.p_off[qb + 1]
+    # blocks with the most new rows first: they cover key blocks soonest, so later pairs are
+    # more often skipped as already covered
+    width = torch.where(new_full[ti, qb], B, 0)
+    if d_cell.numel():
+        at = torch.searchsorted(d_cell, ti * nb + qb).clamp(max=d_cell.numel() - 1)
+        in_cell = d_cell[at] == ti * nb + qb
+        width = torch.where(in_cell, d_rows[at].sum(1), width)
+    order = torch.argsort(width, descending=True, stable=True)
+    ti, qb, starts, stops = ti[order], qb[order], starts[order], stops[order]
+    n_entries = stops - starts
     pairs_per = max(1, _BUDGET // (B * B))
     nqb, nkb = plan.nqb, plan.nkb
-    for s in range(0, n_part, chunk):
-        qb, kb, hd = plan.p_qb[s:s + chunk], plan.p_kb[s:s + chunk], plan.p_head[s:s + chunk]
-        active = anyq[:, qb] & ~new_full[:, kb]  # [T, chunk]: query block in the set, key block not yet covered
-        ti, ei = active.nonzero(as_tuple=True)
-        for u in range(0, ti.numel(), pairs_per):
-            tj, ej = ti[u:u + pairs_per], ei[u:u + pairs_per]
-            q, k, h = qb[ej], kb[ej], hd[ej]
-            whole = front.full[tj, q]
-            # [P, B] the set's query rows in block q (a whole block: its rows < n)
+    cum = torch.cumsum(n_entries, 0)
+    front.merge(torch.zeros(0, dtype=torch.long), torch.zeros(0, B, dtype=torch.bool))  # drop cells now full
+    g0 = 0
+    while g0 < qb.numel():  # groups of query blocks whose (block, partial entry) pairs fit the budget
+        base = int(cum[g0 - 1]) if g0 else 0
+        g1 = max(g0 + 1, int(torch.searchsorted(cum, base + _BUDGET, right=True)))
+        owner, entry = expand_ranges(starts[g0:g1], stops[g0:g1] - 1)
+        g_t = ti[g0:g1]
+        g0 = g1
+        t_of, e_of = g_t[owner], entry
+        for u in range(0, e_of.numel(), pairs_per):
+            tj, ej = t_of[u:u + pairs_per], e_of[u:u + pairs_per]
+            k = plan.p_kb[ej]
+            open_ = ~front.full[tj, k]  # key blocks already covered need no work
+            tj, ej, k = tj[open_], ej[open_], k[open_]
+            if not tj.numel():
+                continue
+            q, h = plan.p_qb[ej], plan.p_head[ej]
+            whole = new_full[tj, q]
+            # [P, B] the new query rows in block q (a wholly new block: its rows < n)
             rows = whole[:, None] & ((q[:, None] * B + torch.arange(B)[None, :]) < front.n)
-            part = ~whole
-            if bool(part.any()):
-                rows[part] = front.mask[torch.searchsorted(front.cell, tj[part] * nb + q[part])]
+            if bool((~whole).any()):
+                part = (~whole).nonzero().squeeze(1)
+                rows[part] = d_rows[torch.searchsorted(d_cell, tj[part] * nb + q[part])]
             key, inv = torch.unique((h * nqb + q) * nkb + k, return_inverse=True)
             uh = torch.div(key, nqb * nkb, rounding_mode="floor")
             uq = torch.div(key, nkb, rounding_mode="floor") % nqb
             elem = plan.layout.element_masks(uh, uq, key % nkb)  # [U, B, B]
             got = torch.bmm(rows.float()[:, None, :], elem[inv].float())[:, 0] > 0  # [P, B]
             keep = got.any(1)
-            cells.append((tj * nb + k)[keep])
-            masks.append(got[keep])
-    front.full = new_full
-    if cells:
-        front.merge(torch.cat(cells), torch.cat(masks))
-    else:
-        front.merge(torch.zeros(0, dtype=torch.long), torch.zeros(0, B, dtype=torch.bool))
+            front.merge((tj * nb + k)[keep], got[keep])
 
 
 # ---------------------------------------------------------------------- entry point
@@ -697,11 +785,11 @@ def _run_frontier(sched: _Schedule, q, causal: bool, max_depth: int):
         ahead[d - 1, idx] = front.max_pos() - q[idx]
 
     if sched.homogeneous:  # the same layer everywhere: one backward pass gives every depth
-        front = _Frontier.of_positions(n, sched.block, q)
-        plan = sched.plan(0)
+        walk = _Pass(sched, q)
+        front = walk.front
         before = front.counts()
         for d in range(1, max_depth + 1):
-            _step(front, plan)
+            walk.apply(0)
             if d <= L:
                 record(d, torch.arange(T), front)
             now = front.counts()
@@ -762,7 +850,8 @@ def _search_depth(sched: _Schedule, q, possible, lo: int, max_depth: int) -> int
 # -------------------------------------------------------------------------- picture
 def plot_receptive_field(result: ReceptiveField, path, *, outputs: int = 4, width: int = 512) -> None:
     """Coverage against depth, and a reach map (depth x input position, shade = fraction of
-    the positions in a bin that feed the output) for up to `outputs` tracked outputs.
+    the positions in a bin that feed the output, any at all visibly shaded; `width` bins) for
+    up to `outputs` tracked outputs, evenly picked. Writes the picture to `path`.
 
     Needs matplotlib (the `viz` extra); draws on a bare Figure (no pyplot state)."""
     if not isinstance(result, ReceptiveField):
@@ -784,7 +873,8 @@ def plot_receptive_field(result: ReceptiveField, path, *, outputs: int = 4, widt
     for d in range(1, L + 1):
         rows = result.reach(d, picks)  # [P, n]
         for p in range(picks.numel()):
-            maps[p, d - 1] = torch.bincount(owner[rows[p]], minlength=bins).double() / per_bin
+            frac = torch.bincount(owner[rows[p]], minlength=bins).double() / per_bin
+            maps[p, d - 1] = torch.where(frac > 0, 0.15 + 0.85 * frac, 0.0)  # a single reached position shows
 
     fig = Figure(figsize=(5 + 3.2 * picks.numel(), 3.8), layout="constrained")
     axes = fig.subplots(1, 1 + picks.numel(), squeeze=False)[0]

@@ -222,12 +222,13 @@ class _TooLong(Exception):
 def _sample_token_ids(rng: random.Random, max_depth: int, max_args: int, max_tokens: int):
     """Yield `(token_ids as bytes, label)` per tree, or None for a tree abandoned as too long.
 
-    Fuses generation, tokenisation and evaluation into one pass over the tree (three passes
-    cost about twice as much at 96K x ~1000 tokens). Trees are drawn exactly as
-    `generate_listops_tree` draws them, except that a tree is abandoned as soon as it has more
-    than `max_tokens` tokens: LRA would reject it anyway, so the kept trees have the same
-    distribution while the rare huge trees (the depth-10 branching process has 1.5 expected
-    children per node) cost nothing. Ids fit in a byte, hence bytes: cheap to hash.
+    Fuses generation, tokenisation and evaluation into one pass over the tree (separate
+    passes through `generate_listops_tree`, `listops_tokens` and `evaluate_listops` cost
+    1.5x as much). Trees are drawn exactly as `generate_listops_tree` draws them, except that
+    a tree is abandoned as soon as it has more than `max_tokens` tokens: LRA would reject it
+    anyway, so the kept trees have the same distribution while the rare huge trees (the
+    depth-10 branching process has 1.5 expected children per node) cost nothing. Ids fit in
+    a byte, hence bytes: cheap to hash.
     """
     draw_float, draw_choice, draw_int = rng.random, rng.choice, rng.randint
     operator_ids, close_id = LISTOPS_VOCAB.operator_ids, LISTOPS_VOCAB.close_id
@@ -299,7 +300,8 @@ def listops_dataset(
     Cost: trees are drawn until enough fall in the length window (rejection sampling, as in
     LRA). With the defaults about 8% of draws are kept and each kept example costs about
     1.5 kept-sized trees of sampling, ~1 us per token in pure Python: the 96K training
-    split takes about 3 minutes on one core, val/test a few seconds.
+    split took 3 minutes on one CPU core (2 GB peak, most of it the [96000, 1999] output),
+    val/test a few seconds each.
 
     `tokens` is padded with `LISTOPS_VOCAB.pad_id` (0) to the longest example; with
     `prepend_cls` each row starts with `LISTOPS_VOCAB.cls_id` (counted in `lengths`).

@@ -329,24 +329,79 @@ def peers_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def decode_table(data: dict) -> str:
+def decode_table(data: dict, name: str = "decode") -> str:
     env, setup = data["env"], data["setup"]
+    where = f"{env.get('gpu', env['device'])}" if env["device"] == "cuda" else f"{env['device']}, {env['threads']} threads"
+    command = ("python benchmarks/decode.py --plot benchmarks/results/decode.png" if env["device"] != "cuda" else
+               f"PYTHONPATH=src python3 benchmarks/decode.py --device cuda --tokens {setup['tokens']} "
+               f"--block {setup['block']} [--caches ...]")
     lines = [
-        f"**Decoding with caches** (`python benchmarks/decode.py --plot benchmarks/results/decode.png`; "
-        f"{setup['tokens']:,} tokens, greedy, 2 layers, dim 64, 4 heads, window {setup['window']}, "
-        f"{setup['sinks']} sinks; {env['device']}, torch {env['torch']}, {env['threads']} threads). Latency = median "
+        f"**Decoding with caches** (`{command}`; {setup['tokens']:,} tokens asked, greedy, 2 layers, dim 64, 4 heads, "
+        f"window {setup['window']}, {setup['sinks']} sinks; {where}, torch {env['torch']}). Latency = median "
         f"ms per token over a block of {setup['block']}; memory = bytes held by the caches.",
         "",
-        "| cache (pattern) | first block ms/token | last block ms/token | last / first | cache MiB after 1 block | "
-        "cache MiB at the end |",
-        "|---|---|---|---|---|---|",
+        "| cache (pattern) | tokens done | first block ms/token | last block ms/token | last / first | "
+        "cache MiB after 1 block | cache MiB at the end |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
-        lines.append(f"| {r['cache']} ({r['mechanism']}) | {r['block_median_ms'][0]:.2f} | "
+        done = r.get("tokens_done", setup["tokens"])
+        lines.append(f"| {r['cache']} ({r['mechanism']}) | {done:,} | {r['block_median_ms'][0]:.2f} | "
                      f"{r['block_median_ms'][-1]:.2f} | {r['last_over_first']:.2f}x | "
                      f"{r['memory_bytes'][0] / 2**20:.2f} | {r['final_memory_bytes'] / 2**20:.2f} |")
-    if (RESULTS / "decode.png").exists():
-        lines += ["", "![decode](benchmarks/results/decode.png)"]
+    for note in data.get("notes", []):
+        lines += ["", f"_{note}_"]
+    if (RESULTS / f"{name}.png").exists():
+        lines += ["", f"![{name}](benchmarks/results/{name}.png)"]
+    return "\n".join(lines)
+
+
+def block_topk_gpu_table(data: dict) -> str:
+    env = data["env"]
+    lines = [
+        f"**Block top-k on the GPU** (`PYTHONPATH=src python3 benchmarks/gpu_block_topk.py`; {data['setup']}; "
+        f"{env.get('gpu', env['device'])}, torch {env['torch']}, triton {env.get('triton', '-')}). ms per call "
+        "(median); end to end = selection + layout + plan + triton kernel, what `block_topk_attention` costs.",
+        "",
+        "| N | blocks kept | select | layout (from selection) | layout (via pattern) | plan | end to end fwd | "
+        "SDPA causal fwd | speed-up | end to end fwd+bwd | SDPA causal fwd+bwd | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        def ms(key, r=r):  # the file holds milliseconds
+            return "-" if r.get(key) is None else f"{r[key]:.2f}"
+
+        lines.append(
+            f"| {r['N']:,} | {r['top_k_blocks']}/{r['kv_blocks']} ({100 * r['selected_pairs_fraction']:.1f}% of pairs) "
+            f"| {ms('select_ms')} | {ms('layout_ms')} | {ms('layout_via_pattern_ms')} | {ms('plan_ms')} | "
+            f"{ms('triton_end_to_end_ms')} | {ms('sdpa_causal_ms')} | "
+            f"{r.get('speedup_vs_sdpa_causal', float('nan')):.2f}x | {ms('triton_end_to_end_fwd_bwd_ms')} | "
+            f"{ms('sdpa_causal_fwd_bwd_ms')} | {r.get('speedup_vs_sdpa_causal_fwd_bwd', float('nan')):.2f}x |")
+    return "\n".join(lines)
+
+
+def train_compare_table(data: dict, name: str) -> str:
+    env, p = data["env"], data["setup"]
+    where = env.get("gpu", env["device"]) if env["device"] == "cuda" else f"{env['device']}, {env['threads']} threads"
+    command = f"python benchmarks/train_compare.py --preset {data['preset']}"
+    if env["device"] == "cuda":
+        command = "PYTHONPATH=src python3 " + command.removeprefix("python ") + " --device cuda"
+    lines = [
+        f"**Validation loss at equal steps** (`{command}`"
+        f"; byte-level causal LM, dim {p['dim']}, {p['layers']} layers, {p['heads']} heads, seq {p['seq_len']}, "
+        f"batch {p['batch']}, {p['steps']} steps, {p['dtype']}; {data['corpus']}; {where}, torch {env['torch']}). "
+        "Loss in nats per byte on the same validation windows; lower is better.",
+        "",
+        "| attention | per-layer mechanisms | val loss | vs dense | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    dense = next((r["final_val_loss"] for r in data["rows"] if r["name"] == "dense"), None)
+    for r in data["rows"]:
+        mech = r["mechanisms"] if isinstance(r["mechanisms"], str) else " / ".join(r["mechanisms"])
+        delta = f"{r['final_val_loss'] - dense:+.4f}" if dense is not None else "-"
+        lines.append(f"| {r['name']} | `{mech}` | {r['final_val_loss']:.4f} | {delta} | {r['seconds']:.0f} |")
+    if (RESULTS / f"{name}.png").exists():
+        lines += ["", f"![{name}](benchmarks/results/{name}.png)"]
     return "\n".join(lines)
 
 
@@ -360,7 +415,11 @@ def render(gpu_paths: Sequence[Path] = ()) -> str:
     if gpu_paths:
         parts.append(gpu_table(gpu_paths))
     for name, fn in (("cpu_mechanisms.json", mechanisms_table), ("fidelity.json", fidelity_table),
-                     ("peers_cpu.json", peers_table), ("decode.json", decode_table)):
+                     ("peers_cpu.json", peers_table), ("gpu_block_topk.json", block_topk_gpu_table),
+                     ("decode.json", decode_table),
+                     ("decode_gpu.json", lambda d: decode_table(d, "decode_gpu")),
+                     ("train_compare_cpu.json", lambda d: train_compare_table(d, "train_compare_cpu")),
+                     ("train_compare_gpu.json", lambda d: train_compare_table(d, "train_compare_gpu"))):
         path = RESULTS / name
         if path.exists():
             parts.append(fn(json.loads(path.read_text())))

@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after training, generate N bytes continuing the start of the validation text")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a tty)")
     p.set_defaults(handler=cmd_train, parser=p)
+    # eval -------------------------------------------------------------------------------
+    from .evaluate import add_eval_parser  # here, not at the top: evaluate imports helpers from this module
+
+    add_eval_parser(sub, _Formatter)
     return parser
 
 

@@ -1,0 +1,214 @@
+"""`sparse-attn eval TASK`: the long-context evaluations of `sparse_attn.eval`, one subcommand
+each, with small defaults that finish on a CPU in minutes and flags for full-size runs.
+
+    needle    attention-level needle in a haystack, every mechanism, lengths x depths heatmaps
+    reach     receptive field of a per-layer schedule: coverage per depth, depth to see everything
+    passkey   small trained LMs retrieving a passkey at the train length and longer
+    mqar      small trained LMs on multi-query associative recall, accuracy vs pairs
+    listops   an encoder trained on LRA ListOps with a chosen mechanism
+
+Each prints a summary, writes --json and --plot on request, and exits 0 / 1 (run-time failure)
+/ 2 (bad arguments) like every sparse-attn command. Thin on purpose: the work is in eval/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from .main import _check_output, _non_negative_int, _positive_int, _require_matplotlib
+
+TASKS = ("needle", "reach", "passkey", "mqar", "listops")
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+    if device:
+        p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write a picture (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_eval_parser(sub, formatter) -> None:
+    p = sub.add_parser("eval", help="long-context evaluations: needle, reach, passkey, mqar, listops",
+                       description=__doc__, formatter_class=formatter)
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+
+    t = tasks.add_parser("needle", help="attention-level needle in a haystack for every mechanism",
+                         description="Plant a key at a depth of a random context, query for it from the last position,\n"
+                                     "and read the attention mass each mechanism puts on it (exactly: a marked value\n"
+                                     "channel). Missing mechanism parameters are set per length (about N/16 keys per\n"
+                                     "query): see sparse_attn.eval.needle.needle_defaults.",
+                         formatter_class=formatter)
+    t.add_argument("--mechanisms", nargs="+", default=None, metavar="SPEC",
+                   help="mechanisms (default: dense causal and every sparse mechanism)")
+    t.add_argument("--lengths", nargs="+", type=_positive_int, default=[256, 1024, 4096], metavar="N")
+    t.add_argument("--depths", nargs="+", type=_probability, default=None, metavar="D",
+                   help="needle depths in [0, 1] (default: 0, 0.1, ..., 1)")
+    t.add_argument("--heads", type=_positive_int, default=4)
+    t.add_argument("--dim", type=_positive_int, default=64)
+    t.add_argument("--trials", type=_positive_int, default=4, help="independent haystacks (default: %(default)s)")
+    t.add_argument("--strength", type=float, default=3.0, help="query-needle match strength (default: %(default)s)")
+    t.add_argument("--non-causal", action="store_true", help="bidirectional attention (encoder) instead of causal")
+    _common(t)
+    t.set_defaults(handler=cmd_needle, parser=t)
+
+    t = tasks.add_parser("reach", help="receptive field of a per-layer schedule of patterns",
+                         description="Which inputs can influence each output after 1..L layers of a schedule (residual\n"
+                                     "paths included), the fraction covered, and the smallest depth at which every\n"
+                                     "output sees every input it could. Exact: token level for short sequences, a block\n"
+                                     "frontier (memory O(outputs x N / block)) for long ones.",
+                         formatter_class=formatter)
+    t.add_argument("--mechanisms", nargs="+", required=True, metavar="SPEC",
+                   help="one spec per layer, or one spec repeated --layers times")
+    t.add_argument("--length", type=_positive_int, required=True, metavar="N")
+    t.add_argument("--layers", type=_positive_int, default=None,
+                   help="repeat a single spec this many times (default: one layer per spec)")
+    t.add_argument("--max-depth", type=_positive_int, default=None,
+                   help="search the depth to full coverage up to this many layers, repeating the schedule")
+    t.add_argument("--all-queries", action="store_true", help="track every output (default: 9 evenly spaced "
+                                                              "for long sequences, all for short ones)")
+    _common(t, device=False)
+    t.set_defaults(handler=cmd_reach, parser=t)
+
+    for name, help_text in (("passkey", "passkey retrieval with small trained causal LMs"),
+                            ("mqar", "multi-query associative recall with small trained models"),
+                            ("listops", "LRA ListOps with an encoder")):
+        t = tasks.add_parser(name, help=help_text, formatter_class=formatter)
+        _task_arguments(name, t)
+        _common(t)
+        t.set_defaults(handler=cmd_trained_task, parser=t)
+
+
+def _task_arguments(name: str, t: argparse.ArgumentParser) -> None:
+    t.add_argument("--mechanisms", nargs="+", default=None, metavar="NAME=SPEC",
+                   help="schedules to train, each NAME=SPEC[;SPEC...] (one spec per layer separated by ';', or one "
+                        "for every layer); default: the task's own set")
+    t.add_argument("--steps", type=_positive_int, default=None, help="training steps per model (default: task's)")
+    t.add_argument("--dim", type=_positive_int, default=None)
+    t.add_argument("--layers", type=_positive_int, default=None)
+    t.add_argument("--heads", type=_positive_int, default=None)
+    t.add_argument("--batch", type=_positive_int, default=None)
+    if name == "passkey":
+        t.add_argument("--train-length", type=_positive_int, default=None)
+        t.add_argument("--test-lengths", nargs="+", type=_positive_int, default=None)
+    elif name == "mqar":
+        t.add_argument("--seq-len", type=_positive_int, default=None)
+        t.add_argument("--pairs", nargs="+", type=_positive_int, default=None, help="numbers of key-value pairs")
+    else:
+        t.add_argument("--train-examples", type=_positive_int, default=None)
+        t.add_argument("--min-length", type=_non_negative_int, default=None)
+        t.add_argument("--max-length", type=_positive_int, default=None)
+
+
+def _check_device(parser, text: str) -> None:
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        parser.error(f"--device {text!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available here")
+
+
+def _prepare_outputs(args) -> None:
+    _check_output(args.parser, "--json", args.json)
+    _check_output(args.parser, "--plot", args.plot)
+    if args.plot:
+        _require_matplotlib()
+
+
+def _write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {path}")
+
+
+def cmd_needle(args) -> int:
+    from ..eval.needle import DEFAULT_DEPTHS, needle_grid, needle_mechanism, plot_needle_heatmaps
+
+    parser = args.parser
+    if len(set(args.lengths)) != len(args.lengths):
+        parser.error(f"--lengths must be distinct, got {args.lengths}")
+    _check_device(parser, args.device)
+    _prepare_outputs(args)
+    if args.mechanisms:
+        for spec in args.mechanisms:  # resolve once at the smallest length: bad specs exit 2 before running
+            try:
+                needle_mechanism(spec, min(args.lengths), causal=not args.non_causal, seed=args.seed)
+            except (ValueError, TypeError) as exc:
+                parser.error(f"--mechanisms {spec}: {exc}")
+    started = time.perf_counter()
+    result = needle_grid(args.mechanisms, args.lengths, args.depths or DEFAULT_DEPTHS, causal=not args.non_causal,
+                         heads=args.heads, dim=args.dim, strength=args.strength, seed=args.seed, device=args.device,
+                         trials=args.trials, progress=not args.no_progress)
+    print(result.summary())
+    print(f"{len(result.mechanisms)} mechanisms x {len(result.lengths)} lengths x {len(result.depths)} depths in "
+          f"{time.perf_counter() - started:.1f} s")
+    if args.json:
+        _write_json(args.json, result.to_dict())
+    if args.plot:
+        plot_needle_heatmaps(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_reach(args) -> int:
+    from ..eval.reach import plot_receptive_field, receptive_field
+
+    parser = args.parser
+    schedule = list(args.mechanisms)
+    if args.layers is not None:
+        if len(schedule) != 1:
+            parser.error(f"--layers repeats a single spec; got {len(schedule)} specs (give one per layer instead)")
+        schedule = schedule * args.layers
+    if args.max_depth is not None and args.max_depth < len(schedule):
+        parser.error(f"--max-depth ({args.max_depth}) must be >= the schedule's {len(schedule)} layers")
+    _prepare_outputs(args)
+    try:
+        result = receptive_field(schedule, args.length, max_depth=args.max_depth,
+                                 queries="all" if args.all_queries else None)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    print(result.summary())
+    if args.json:
+        _write_json(args.json, result.to_dict())
+    if args.plot:
+        plot_receptive_field(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def parse_schedules(parser, texts: list[str] | None) -> dict | None:
+    """NAME=SPEC[;SPEC...] -> {NAME: spec or [spec per layer]}."""
+    if texts is None:
+        return None
+    out = {}
+    for text in texts:
+        name, sep, specs = text.partition("=")
+        if not sep or not name or not specs:
+            parser.error(f"--mechanisms takes NAME=SPEC[;SPEC...], got {text!r}")
+        parts = [s for s in specs.split(";") if s]
+        out[name] = parts[0] if len(parts) == 1 else parts
+    return out
+
+
+def cmd_trained_task(args) -> int:
+    from . import evaluate_tasks
+
+    _check_device(args.parser, args.device)
+    _prepare_outputs(args)
+    return evaluate_tasks.run(args, parse_schedules(args.parser, args.mechanisms))

@@ -1,0 +1,58 @@
+"""`sparse-attn eval needle|reach|...`: in-process runs at tiny sizes, outputs, exit codes."""
+
+import json
+
+import pytest
+
+from sparse_attn.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_needle_json_and_plot(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    js, png = tmp_path / "needle.json", tmp_path / "needle.png"
+    code, out, err = run(capsys, "eval", "needle", "--mechanisms", "causal", "sliding_window:window=16",
+                         "--lengths", "64", "128", "--depths", "0", "1", "--trials", "1", "--no-progress",
+                         "--json", str(js), "--plot", str(png))
+    assert code == 0, err
+    data = json.loads(js.read_text())
+    assert data["lengths"] == [64, 128] and png.stat().st_size > 0
+    # the window misses the needle at depth 0 and finds it at depth 1; dense finds both
+    assert "sliding_window:window=16" in out and "wrote" in out
+    masses = data["mass"]
+    assert min(min(row) for row in masses["causal"]) > 0.9
+    assert [row[0] for row in masses["sliding_window:window=16"]] == [0.0, 0.0]
+
+
+def test_eval_reach_summary_and_json(capsys, tmp_path):
+    js = tmp_path / "reach.json"
+    code, out, err = run(capsys, "eval", "reach", "--mechanisms", "sliding_window:window=8", "--layers", "3",
+                         "--length", "64", "--max-depth", "20", "--json", str(js))
+    assert code == 0, err
+    data = json.loads(js.read_text())
+    assert data["min_depth_full"] == 9  # 7 keys back per layer: position 63 reaches 0 after 9 layers
+    assert "min_depth_full: 9" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "reach", "--mechanisms", "bogus", "--length", "10"], "unknown mechanism"),
+    (["eval", "reach", "--mechanisms", "causal", "full", "--layers", "2", "--length", "10"], "--layers repeats"),
+    (["eval", "reach", "--mechanisms", "causal", "--length", "10", "--layers", "3", "--max-depth", "2"], "--max-depth"),
+    (["eval", "needle", "--lengths", "64", "64"], "distinct"),
+    (["eval", "needle", "--depths", "1.5"], "[0, 1]"),
+    (["eval", "needle", "--mechanisms", "sliding_window:windw=3", "--lengths", "64"], "windw"),
+    (["eval"], "TASK"),
+])
+def test_eval_bad_arguments_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and message in err and out == ""
+
+
+def test_eval_help(capsys):
+    code, out, _ = run(capsys, "eval", "--help")
+    assert code == 0 and "needle" in out and "listops" in out

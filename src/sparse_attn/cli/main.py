@@ -5,6 +5,9 @@
     sparse-attn backends                         # what each backend supports, what auto picks
     sparse-attn train --mechanisms sliding_window:window=64 --steps 300 --plot loss.png --sample 200
                                                  # train a small byte-level LM, plot its loss, sample
+    sparse-attn eval needle --plot needle.png       # needle in a haystack, every mechanism, heatmaps
+    sparse-attn eval reach --mechanisms sliding_window:window=512 --layers 12 --length 32768
+    sparse-attn report --out report.md               # one page: benchmarks, fidelity, evaluations
 
 Exit codes: 0 success, 1 failure at run time (the message says why), 2 bad arguments.
 """
@@ -228,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_eval_parser  # here, not at the top: evaluate imports helpers from this module
 
     add_eval_parser(sub, _Formatter)
+
+    # report -----------------------------------------------------------------------------
+    from .report import add_report_parser
+
+    add_report_parser(sub, _Formatter)
     return parser
 
 

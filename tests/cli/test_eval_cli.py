@@ -56,3 +56,23 @@ def test_eval_bad_arguments_exit_2(capsys, argv, message):
 def test_eval_help(capsys):
     code, out, _ = run(capsys, "eval", "--help")
     assert code == 0 and "needle" in out and "listops" in out
+
+
+def test_eval_listops_tiny(capsys, tmp_path):
+    js = tmp_path / "listops.json"
+    code, out, err = run(capsys, "eval", "listops", "--mechanisms", "win=sliding_window:window=8,causal=false",
+                         "--steps", "3", "--train-examples", "64", "--dim", "16", "--layers", "1", "--no-progress",
+                         "--json", str(js))
+    assert code == 0, err
+    data = json.loads(js.read_text())
+    assert "win" in data["runs"] and 0.0 <= data["runs"]["win"]["test_accuracy"] <= 1.0
+    assert "majority class" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "listops", "--mechanisms", "nospec"], "NAME=SPEC"),
+    (["eval", "listops", "--min-length", "50", "--max-length", "40"], "--min-length"),
+])
+def test_eval_listops_bad_arguments(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and message in err

@@ -110,9 +110,14 @@ def _task_arguments(name: str, t: argparse.ArgumentParser) -> None:
         t.add_argument("--seq-len", type=_positive_int, default=None)
         t.add_argument("--pairs", nargs="+", type=_positive_int, default=None, help="numbers of key-value pairs")
     else:
+        t.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
+                       help="settings to start from (benchmarks/listops.py explains them; gpu = LRA's data and "
+                            "schedule); the flags below override them (default: %(default)s)")
         t.add_argument("--train-examples", type=_positive_int, default=None)
         t.add_argument("--min-length", type=_non_negative_int, default=None)
         t.add_argument("--max-length", type=_positive_int, default=None)
+        t.add_argument("--checkpoint", metavar="DIR", default=None, help="per-mechanism checkpoints (with --resume)")
+        t.add_argument("--resume", action="store_true", help="continue from --checkpoint; finished ones are kept")
 
 
 def _check_device(parser, text: str) -> None:
@@ -206,9 +211,40 @@ def parse_schedules(parser, texts: list[str] | None) -> dict | None:
     return out
 
 
-def cmd_trained_task(args) -> int:
-    from . import evaluate_tasks
+def _overrides(args, names: dict[str, str]) -> dict:
+    """{setting: value} for the flags given (flag attribute -> setting name)."""
+    return {setting: getattr(args, flag) for flag, setting in names.items() if getattr(args, flag, None) is not None}
 
+
+def cmd_trained_task(args) -> int:
     _check_device(args.parser, args.device)
     _prepare_outputs(args)
-    return evaluate_tasks.run(args, parse_schedules(args.parser, args.mechanisms))
+    schedules = parse_schedules(args.parser, args.mechanisms)
+    runner = _run_listops if args.task == "listops" else _run_recall
+    return runner(args, schedules)
+
+
+def _run_listops(args, schedules) -> int:
+    from ..eval.listops_train import LISTOPS_PRESETS, listops_mechanisms, plot_listops, train_listops
+
+    settings = dict(LISTOPS_PRESETS[args.preset])
+    mechanism_args = settings.pop("mechanisms")
+    settings.update(_overrides(args, {"steps": "steps", "dim": "dim", "layers": "layers", "heads": "heads",
+                                      "batch": "batch", "train_examples": "train_examples",
+                                      "min_length": "min_length", "max_length": "max_length"}))
+    settings["device"] = args.device
+    if torch.device(args.device).type != "cuda":
+        settings["dtype"] = "float32"
+    if settings["min_length"] >= settings["max_length"] - 1:
+        args.parser.error(f"--min-length ({settings['min_length']}) must be below --max-length - 1 "
+                          f"({settings['max_length'] - 1}): lengths are strictly between them")
+    mechanisms = schedules or listops_mechanisms(**mechanism_args, seed=args.seed)
+    result = train_listops(mechanisms, **settings, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,
+                           progress=not args.no_progress)
+    print(result.summary())
+    if args.json:
+        _write_json(args.json, result.to_dict())
+    if args.plot:
+        plot_listops(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0

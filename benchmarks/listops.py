@@ -1,0 +1,127 @@
+"""ListOps accuracy (LRA's task, generated here) of encoders that differ only in their attention:
+dense, sliding window, Longformer, BigBird, linear, Performer, LSH (Reformer). Same data, model
+size, batch order and schedule for every mechanism; writes JSON after each mechanism and a
+picture (validation curves, test accuracy beside LRA's Table 1 and the majority class).
+
+    python benchmarks/listops.py --preset cpu            # 11 min on one core of this CPU
+    python benchmarks/listops.py --preset gpu --checkpoint /tmp/listops_ckpt --resume   # GPU machine
+
+Presets:
+
+* cpu: trees of 20 < length < 100 (mean 44 tokens), 4000 train / 500 val / 500 test, dim 64,
+  2 layers, 4 heads, batch 32, 400 steps; 11 min in all on one core of this 2-core machine
+  (7.7 min of it training). Shorter trees than LRA's because here the block-sparse patterns
+  (blocked backend, which loops over batch x heads) cost 4-10x dense SDPA per step, and with
+  50 < length < 200 a dense model needed ~600 steps to leave the majority baseline (measured:
+  17% after 400 steps at lr 3e-3, 30% after 600 at 2e-3). The window (16: 8 keys each side)
+  sees ~40% of a mean-length tree; BigBird's 8 blocks of 4 see ~70% of it (in LRA's setting,
+  8 x 64 of ~1000 tokens: ~50%), so BigBird is close to dense here.
+* gpu: LRA's data (96K train trees of 500 < length < 2000, mean ~1045 tokens; 2K val, 2K test)
+  and schedule (batch 32, 5000 steps, 1000 warm-up steps), a smaller encoder than LRA's 512 x 6
+  (dim 256, 4 layers, 4 heads, MLP x4), bfloat16 autocast; window 256 (~25% of a mean tree),
+  BigBird blocks of 64 (as LRA), Performer 128 features, LSH buckets of 64. Meant to take
+  ~10 min per mechanism on an H100: an estimate, not yet measured (train_compare's dim-256,
+  6-layer LM ran 20 steps/s at 32 x 1024 tokens; the exact-length sub-batches and LSH /
+  Performer in pure torch will be slower). One command may run 10 min, so pass --checkpoint
+  (and --resume on the next command): each mechanism saves at every evaluation and a finished
+  one is not rerun; --only picks mechanisms. Generating the 96K trees takes ~3 CPU-minutes;
+  they are kept in --data-cache for the next command.
+
+Every number is to be read against the majority class (14-17% per split here, "~17%" in LRA): the JSON
+has it per split, the table prints it as a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, write_json
+
+from sparse_attn.eval.listops_train import (
+    LISTOPS_PRESETS as PRESETS,
+)
+from sparse_attn.eval.listops_train import (
+    ListOpsResult,
+    listops_mechanisms,
+    plot_listops,
+    train_listops,
+)
+
+# Per-step history points kept in the JSON (evaluation steps are always kept).
+HISTORY_POINTS = 500
+
+
+def thin(history: list[dict], steps: int) -> list[dict]:
+    every = max(1, steps // HISTORY_POINTS)
+    return [h for h in history if "val_accuracy" in h or h["step"] % every == 0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--device", default=None, help="default: the preset's (cpu / cuda)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the preset's")
+    ap.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    ap.add_argument("--only", nargs="+", default=None, help="run only these mechanisms")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on CPU: a shared machine)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="directory for per-mechanism checkpoints")
+    ap.add_argument("--resume", action="store_true", help="continue from --checkpoint (finished ones are kept)")
+    ap.add_argument("--data-cache", type=Path, default=Path(tempfile.gettempdir()) / "sparse_attn_listops_data",
+                    help="where the generated splits are kept between runs")
+    ap.add_argument("--out", type=Path, default=None, help="default: results/listops_<preset>.json")
+    ap.add_argument("--plot", type=Path, default=None, help="default: beside --out, .png")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    p = dict(PRESETS[args.preset])
+    mechanism_args = p.pop("mechanisms")
+    if args.steps:
+        p["steps"] = args.steps
+    p["device"] = args.device or p["device"]
+    p["dtype"] = args.dtype or p["dtype"]
+    if p["device"] == "cpu" or args.threads:
+        torch.set_num_threads(args.threads or 1)
+    table = listops_mechanisms(**mechanism_args, seed=args.seed)
+    if args.only:
+        unknown = set(args.only) - set(table)
+        if unknown:
+            ap.error(f"--only: unknown mechanisms {sorted(unknown)}; choose from {sorted(table)}")
+        table = {k: v for k, v in table.items() if k in args.only}
+    out = args.out or RESULTS / f"listops_{args.preset}.json"
+    plot = args.plot or out.with_suffix(".png")
+    device = torch.device(p["device"])
+
+    merged: ListOpsResult | None = None
+    for name, spec in table.items():
+        result = train_listops({name: spec}, **p, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,
+                               data_cache=args.data_cache, progress=not args.no_progress)
+        run = result.runs[name]
+        run.history = thin(run.history, p["steps"])
+        if merged is None:
+            merged = result
+        else:
+            merged.runs[name] = run
+            merged.settings["mechanisms"][name] = spec
+        maj = merged.majority_accuracy
+        print(f"{name}: val {100 * run.val_accuracy:.2f}%, test {100 * run.test_accuracy:.2f}% (majority "
+              f"{100 * maj['test']:.2f}%), {run.train_seconds:.0f} s training, {run.steps_per_s:.2f} steps/s",
+              file=sys.stderr)
+        payload = {"env": environment(device.type), "preset": args.preset,
+                   "mechanism_settings": mechanism_args | {"seed": args.seed}, **merged.to_dict()}
+        write_json(out, payload)
+        plot_listops(merged, plot, title=f"ListOps ({args.preset} preset): {merged.settings['min_length']} < length < "
+                                         f"{merged.settings['max_length']}, {p['train_examples']} train trees, dim "
+                                         f"{p['dim']} x {p['layers']} layers, {p['steps']} steps, batch {p['batch']}")
+    print(merged.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

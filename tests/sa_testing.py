@@ -12,7 +12,9 @@ folder on sys.path).
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode  # private, but what FlopCounterMode is built on
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,  # private, but what FlopCounterMode is built on
+)
 
 import sparse_attn
 from sparse_attn import patterns as P
@@ -199,3 +201,12 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+def run_cli(capsys, *argv):
+    """`sparse-attn ARGV` in-process: (exit code, stdout, stderr)."""
+    from sparse_attn.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from sa_testing import run_cli
 import torch
 
 from sparse_attn.cli import main
@@ -15,10 +16,7 @@ from sparse_attn.eval import measure
 from sparse_attn.cli.specs import DEFAULT_PATTERNS, REGISTRY, SpecError, parse_spec
 
 
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 # ------------------------------------------------------------------------------ compare

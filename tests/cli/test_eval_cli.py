@@ -3,14 +3,9 @@
 import json
 
 import pytest
+from sa_testing import run_cli
 
-from sparse_attn.cli import main
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def test_eval_needle_json_and_plot(capsys, tmp_path):
@@ -74,5 +69,5 @@ def test_eval_listops_tiny(capsys, tmp_path):
     (["eval", "listops", "--min-length", "50", "--max-length", "40"], "--min-length"),
 ])
 def test_eval_listops_bad_arguments(capsys, argv, message):
-    code, out, err = run(capsys, *argv)
+    code, _, err = run(capsys, *argv)
     assert code == 2 and message in err

@@ -9,8 +9,8 @@ import re
 
 import pytest
 import torch
+from sa_testing import run_cli
 
-from sparse_attn.cli import main
 from sparse_attn.nn import ModelConfig, SparseCausalLM
 from sparse_attn.train import (
     TokenData,
@@ -195,10 +195,7 @@ TINY_CLI = ["train", "--layers", "2", "--dim", "32", "--heads", "2", "--seq-len"
             "--no-progress"]
 
 
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def test_cli_train_end_to_end_and_resume(capsys, tmp_path):

@@ -71,3 +71,20 @@ def test_eval_listops_tiny(capsys, tmp_path):
 def test_eval_listops_bad_arguments(capsys, argv, message):
     code, _, err = run(capsys, *argv)
     assert code == 2 and message in err
+
+
+def test_eval_mqar_and_passkey_tiny(capsys, tmp_path):
+    js = tmp_path / "mqar.json"
+    code, out, err = run(capsys, "eval", "mqar", "--mechanisms", "win=sliding_window:window=4", "--steps", "2",
+                         "--dim", "16", "--layers", "1", "--pairs", "2", "4", "--seq-len", "32", "--no-progress",
+                         "--json", str(js))
+    assert code == 0, err
+    assert js.exists() and "win" in out
+    js = tmp_path / "passkey.json"
+    code, out, err = run(capsys, "eval", "passkey", "--mechanisms", "dense=causal", "--steps", "2", "--dim", "16",
+                         "--layers", "1", "--train-length", "256", "--test-lengths", "256", "--no-progress",
+                         "--json", str(js))
+    assert code == 0, err
+    assert js.exists() and "exact-match accuracy" in out
+    code, _, err = run(capsys, "eval", "passkey", "--train-length", "16", "--steps", "1", "--no-progress")
+    assert code == 1 and "train_length" in err  # too short for the prompt: a run-time check in eval/recall

@@ -224,6 +224,31 @@ def cmd_trained_task(args) -> int:
     return runner(args, schedules)
 
 
+def _run_recall(args, schedules) -> int:
+    """passkey / mqar: one small model per schedule, trained and tested by eval/recall.py."""
+    from ..eval import recall
+
+    common = _overrides(args, {"steps": "steps", "dim": "dim", "layers": "layers", "heads": "heads",
+                               "batch": "batch"})
+    if args.task == "passkey":
+        extra = _overrides(args, {"train_length": "train_length", "test_lengths": "test_lengths"})
+        result = recall.passkey_experiment(schedules, **common, **extra, seed=args.seed, device=args.device,
+                                           progress=not args.no_progress)
+        plot = recall.plot_passkey
+    else:
+        extra = _overrides(args, {"seq_len": "seq_len", "pairs": "num_kv_pairs_list"})
+        result = recall.mqar_experiment(schedules, **common, **extra, seed=args.seed, device=args.device,
+                                        progress=not args.no_progress)
+        plot = recall.plot_mqar
+    print(result.summary())
+    if args.json:
+        _write_json(args.json, result.to_dict())
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def _run_listops(args, schedules) -> int:
     from ..eval.listops_train import LISTOPS_PRESETS, listops_mechanisms, plot_listops, train_listops
 

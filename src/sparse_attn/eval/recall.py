@@ -1,0 +1,641 @@
+"""Recall with small trained causal LMs, one model per attention schedule: passkey retrieval
+and multi-query associative recall (MQAR). These measure what the schedules let a *trained*
+model do, beside the attention-level needle test (`needle`) and the structural bound
+(`reach`): a layer schedule that cannot connect the answer to the key cannot learn the task,
+and one that can may still fail to learn it.
+
+    from sparse_attn.eval.recall import passkey_experiment, mqar_experiment, plot_passkey
+    res = passkey_experiment(None, train_length=384, test_lengths=[384, 768, 1536])
+    print(res.summary())                          # accuracy per schedule and length, reach bounds
+    plot_passkey(res, "passkey.png")              # needs the `viz` extra (matplotlib)
+    json.dump(res.to_dict(), open("passkey.json", "w"))
+
+Schedules are `{name: mechanisms}`, `mechanisms` being what `ModelConfig.mechanisms` takes: one
+spec for every layer ("sliding_window:window=32"), a list with one spec per layer, or a
+Mechanism dict. Every layer must be causal (`SparseCausalLM` refuses the others).
+`default_schedules` gives dense, a sliding window, StreamingLLM sinks + window, causal linear
+attention, and a hybrid (window layers, then one dense layer on top).
+
+Passkey (`passkey_experiment`). Each model is trained on fresh `passkey_batch`es of
+`train_length` bytes with the key at a random depth (a new batch every step, never a test
+one), by next-token cross-entropy on the answer digits only, plus `lm_weight` times the mean
+cross-entropy over all positions (`passkey_loss`). It is then tested on fixed seeded sets at
+each test length and at fixed depths (`depths`, the share of filler before the key).
+Accuracy is exact match of all digits (`passkey_accuracy`): the argmax of the logits at every
+answer position under teacher forcing. That equals greedy decoding's exact match: if every
+teacher-forced argmax is right, greedy decoding makes the same context at every step and
+writes the same digits; if one is wrong, the first wrong one is also greedy's first wrong
+digit. Per-digit accuracy is reported too (teacher forced).
+Test lengths beyond `train_length` put tokens at rotary positions the model never saw in
+training (RoPE extrapolation) and give dense attention relative distances it never saw:
+dense models typically lose accuracy there for that reason alone, while a sliding window
+only ever sees the distances it was trained on.
+
+The reach analysis (`reach`) says, for each schedule and test length, what the last token can
+structurally see through the model's layers (`eval.reach.receptive_field` at the model's depth,
+from the first answer-predicting position, `length - digits - 1`): `span`, the distance back
+to which it sees every position; `farthest_back`, the farthest position it sees at all (sinks
+make this the start of the sequence while the span stays the window's); and `key_reachable`,
+the fraction of test sequences in which every answer position reaches one of the two copies of
+its digit in the key line ("The pass key is N. Remember it. N is ..."). The digits are random,
+so a model cannot beat chance on sequences whose key it cannot reach: `key_reachable` is an
+upper bound on the accuracy above chance. Attention sinks are the first tokens (the task's
+instructions), before the key, so in a causal model they carry nothing about it: sinks reach no
+further than the window for this task.
+
+MQAR (`mqar_experiment`, Zoology: Arora et al., 2023). One model per schedule is trained on a
+mixture of pair counts, as Zoology trains one model on several (length, pairs) configurations:
+each batch holds `batch / len(num_kv_pairs_list)` rows of every pair count (the sequence length
+is fixed), and the loss is cross-entropy at the query positions only (labels -100 elsewhere).
+Accuracy is the fraction of query positions whose argmax is the paired value, per pair count,
+on fixed seeded test sets. `reach` gives, per pair count, the fraction of queries whose value
+position is structurally reachable (an upper bound on the accuracy above chance, as above).
+Expected (Zoology): dense attention solves it; a fixed window loses the pairs that fall out of
+its reach as the context grows, and linear attention loses accuracy as the pairs outgrow its
+state (a `head_dim x head_dim` matrix per head).
+
+Training reuses `train.lm`'s AdamW groups (`_optimizer`), warm-up + cosine learning rate
+(`lr_at`) and bf16 autocast (`_autocast`); the batch of step s is drawn from a seed made of
+(seed, s), test sets from seeds no training batch uses.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .._extras import figure
+from .._extras import progress as _progress
+from ..nn import ModelConfig, SparseCausalLM
+from ..ops.mechanisms import Mechanism
+from ..patterns import Pattern
+from ..train.lm import TrainConfig, _autocast, _optimizer, lr_at
+from .reach import receptive_field
+from .tasks import MQAR_IGNORE_INDEX, mqar_dataset, passkey_batch, passkey_min_length
+from .tasks._common import check_fraction, check_int
+
+__all__ = [
+    "MQARResult",
+    "PasskeyResult",
+    "default_schedules",
+    "mqar_accuracy",
+    "mqar_experiment",
+    "passkey_accuracy",
+    "passkey_experiment",
+    "passkey_loss",
+    "plot_mqar",
+    "plot_passkey",
+]
+
+_DIGIT_LO, _DIGIT_HI = ord("0"), ord("9")
+
+
+# ------------------------------------------------------------------------ schedules
+def default_schedules(num_layers: int = 2, window: int = 32, *, sinks: int = 4) -> dict[str, Any]:
+    """Causal schedules to compare: `dense` ("causal"), `sliding_window` (causal, `window`
+    keys), `streaming` (StreamingLLM: `sinks` first tokens + the window), `linear` (causal
+    linear attention) and, with 2+ layers, `hybrid` (window layers, one dense layer on top)."""
+    num_layers = check_int(num_layers, "num_layers", 1)
+    window = check_int(window, "window", 1)
+    sinks = check_int(sinks, "sinks", 0)
+    local = f"sliding_window:window={window}"
+    schedules: dict[str, Any] = {
+        "dense": "causal",
+        "sliding_window": local,
+        "streaming": f"streaming:sinks={sinks},window={window}",
+        "linear": "linear:causal=true",
+    }
+    if num_layers >= 2:
+        schedules["hybrid"] = [local] * (num_layers - 1) + ["causal"]
+    return schedules
+
+
+def _jsonable(mechanisms) -> Any:
+    if isinstance(mechanisms, (list, tuple)):
+        return [_jsonable(m) for m in mechanisms]
+    if isinstance(mechanisms, Mechanism):
+        return str(mechanisms)
+    if isinstance(mechanisms, Pattern):
+        return repr(mechanisms)
+    if isinstance(mechanisms, Mapping):
+        return {str(k): _jsonable(v) if isinstance(v, (list, tuple, Mechanism, Pattern, Mapping)) else v
+                for k, v in mechanisms.items()}
+    return mechanisms
+
+
+def _model_configs(schedules, vocab_size: int, dim: int, layers: int, heads: int) -> dict[str, ModelConfig]:
+    """A ModelConfig per schedule, each checked now (a causal LM is built once on CPU) so that a
+    bad schedule fails before any training."""
+    if schedules is None:
+        raise ValueError("schedules must be a dict {name: mechanisms}, got None")
+    if not isinstance(schedules, Mapping):
+        raise TypeError(f"schedules must be a dict {{name: mechanisms}}, got {type(schedules).__name__}")
+    if not schedules:
+        raise ValueError("schedules is empty: give at least one {name: mechanisms}")
+    configs = {}
+    for name, mechanisms in schedules.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"schedule names must be non-empty strings, got {name!r}")
+        cfg = ModelConfig(vocab_size=vocab_size, dim=dim, num_layers=layers, num_heads=heads,
+                          mechanisms=list(mechanisms) if isinstance(mechanisms, tuple) else mechanisms)
+        try:
+            SparseCausalLM(cfg)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"schedule {name!r}: {exc}") from None
+        configs[name] = cfg
+    return configs
+
+
+def _check_common(dim, layers, heads, batch, steps, lr, weight_decay, device, dtype):
+    dim = check_int(dim, "dim", 1)
+    layers = check_int(layers, "layers", 1)
+    heads = check_int(heads, "heads", 1)
+    if dim % heads:
+        raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
+    if (dim // heads) % 2:
+        raise ValueError(f"dim // heads must be even for rotary embeddings, got {dim} // {heads} = {dim // heads}")
+    batch = check_int(batch, "batch", 1)
+    steps = check_int(steps, "steps", 1)
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
+        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must name a torch device, got {device!r} ({exc})") from None
+    return dim, layers, heads, batch, steps, float(lr), float(weight_decay)
+
+
+def _train_config(seq_len, batch, steps, lr, weight_decay, seed, device, dtype) -> TrainConfig:
+    return TrainConfig(seq_len=seq_len, batch_size=batch, steps=steps, lr=lr, min_lr=lr / 10,
+                       lr_warmup=max(1, min(50, steps // 10)), weight_decay=weight_decay, grad_clip=1.0,
+                       eval_every=steps, seed=seed, device=str(device), dtype=dtype)
+
+
+def _seed(*parts: int) -> int:
+    """A non-negative int seed from ints (a polynomial hash, deterministic across runs)."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 1) % (1 << 61)
+    return h
+
+
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, batch_fn, loss_fn, *, label: str, show: bool):
+    """Train a fresh SparseCausalLM: batch_fn(step) -> batch (tensors on the device),
+    loss_fn(model, batch) -> scalar loss. Returns (model, training record)."""
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = SparseCausalLM(model_cfg).to(device)
+    optimizer = _optimizer(model, cfg)
+    model.train()
+    every = max(1, cfg.steps // 50)
+    curve, losses = [], []
+    began = time.perf_counter()
+    bar = _progress(range(cfg.steps), enabled=show, desc=label, unit="step", mininterval=1.0)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = batch_fn(step)
+        with _autocast(cfg):
+            loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        model.advance()
+        value = float(loss.detach())
+        losses.append(value)
+        if (step + 1) % every == 0 or step + 1 == cfg.steps:
+            curve.append([step + 1, sum(losses[-every:]) / len(losses[-every:])])
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+    model.eval()
+    tail = losses[-max(1, cfg.steps // 10):]
+    return model, {"seconds": time.perf_counter() - began, "parameters": sum(p.numel() for p in model.parameters()),
+                   "final_loss": sum(tail) / len(tail), "loss_curve": curve}
+
+
+def _logits(model, tokens: torch.Tensor, chunk: int, cfg: TrainConfig) -> torch.Tensor:
+    outs = []
+    with torch.no_grad():
+        for part in tokens.split(chunk):
+            with _autocast(cfg):
+                outs.append(model(part.to(cfg.device)).float().cpu())
+    return torch.cat(outs)
+
+
+# -------------------------------------------------------------------------- metrics
+def _check_logits(logits, name="logits") -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or not logits.dtype.is_floating_point:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"{name} must be a float tensor (batch, length, vocab), got {shape}")
+
+
+def _answer_slice(logits: torch.Tensor, length: int, answer_start: int, digits: int) -> torch.Tensor:
+    """[N, D, V]: the logits predicting the answer digits (position t predicts token t + 1)."""
+    if logits.shape[1] not in (length - 1, length):
+        raise ValueError(f"logits must cover the sequence (length {length}: model(tokens) or model(tokens[:, :-1])), "
+                         f"got length {logits.shape[1]}")
+    return logits[:, answer_start - 1: answer_start - 1 + digits]
+
+
+def passkey_loss(logits: torch.Tensor, tokens: torch.Tensor, answer_start: int, *,
+                 lm_weight: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy on the answer digits (mean over digits and rows), plus
+    `lm_weight` times the mean next-token cross-entropy over every position.
+
+    logits: [N, L-1, V] from `model(tokens[:, :-1])` (or [N, L, V] from `model(tokens)`: the
+    last position, which predicts nothing, is ignored); tokens: [N, L]; the answer is
+    `tokens[:, answer_start:]`. With lm_weight=0 only the answer positions get a gradient.
+    """
+    _check_logits(logits)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+        raise ValueError(f"tokens must be an integer tensor (batch, length), got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+    n, length = tokens.shape
+    answer_start = check_int(answer_start, "answer_start", 1, length - 1)
+    if logits.shape[0] != n:
+        raise ValueError(f"logits has {logits.shape[0]} rows but tokens has {n}")
+    if isinstance(lm_weight, bool) or not isinstance(lm_weight, numbers.Real) or lm_weight < 0:
+        raise ValueError(f"lm_weight must be a number >= 0, got {lm_weight!r}")
+    logits = logits[:, : length - 1].float()  # [N, L-1, V]: position t predicts token t + 1
+    targets = tokens[:, 1:]
+    answer = F.cross_entropy(logits[:, answer_start - 1:].flatten(0, 1), targets[:, answer_start - 1:].flatten())
+    if lm_weight == 0:
+        return answer
+    return answer + lm_weight * F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def passkey_accuracy(logits: torch.Tensor, answer: torch.Tensor, answer_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact [N] bool, per digit [N, D] bool): argmax of the logits at the answer positions
+    (teacher forced) against `answer` [N, D]. Exact match here equals greedy decoding's.
+
+    logits: [N, L-1, V] or [N, L, V] over the whole sequence of length L = answer_start + D
+    (position t predicts token t + 1)."""
+    _check_logits(logits)
+    if not isinstance(answer, torch.Tensor) or answer.dim() != 2 or answer.dtype.is_floating_point:
+        raise ValueError("answer must be an integer tensor (batch, digits)")
+    n, digits = answer.shape
+    if logits.shape[0] != n:
+        raise ValueError(f"logits has {logits.shape[0]} rows but answer has {n}")
+    answer_start = check_int(answer_start, "answer_start", 1)
+    pred = _answer_slice(logits, answer_start + digits, answer_start, digits).argmax(-1)  # [N, D]
+    per_digit = pred == answer.to(pred.device)
+    return per_digit.all(1), per_digit
+
+
+def mqar_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct, labelled): query positions (labels != -100) whose argmax is the label.
+    logits [N, L, V] from `model(inputs)`; labels [N, L] (already shifted, as `mqar_dataset`
+    makes them: the label at t is the target of the output at t)."""
+    _check_logits(logits)
+    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:2])} (logits' batch, length), got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    mask = labels != MQAR_IGNORE_INDEX
+    correct = (logits.argmax(-1) == labels.to(logits.device)) & mask.to(logits.device)
+    return int(correct.sum()), int(mask.sum())
+
+
+# --------------------------------------------------------------------------- passkey
+@dataclass
+class PasskeyResult:
+    """What `passkey_experiment` measured. Lists run over `lengths` (and `depths`)."""
+
+    settings: dict
+    schedules: dict[str, Any]  # name -> mechanisms (JSON form)
+    lengths: list[int]
+    depths: list[float]
+    accuracy: dict[str, list[float]] = field(default_factory=dict)  # exact match, per length
+    digit_accuracy: dict[str, list[float]] = field(default_factory=dict)  # per length
+    depth_accuracy: dict[str, list[list[float]]] = field(default_factory=dict)  # [length][depth]
+    reach: dict[str, list[dict]] = field(default_factory=dict)  # per length: span, farthest_back, key_reachable
+    training: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"task": "passkey", "settings": self.settings, "schedules": self.schedules, "lengths": self.lengths,
+                "depths": self.depths, "accuracy": self.accuracy, "digit_accuracy": self.digit_accuracy,
+                "depth_accuracy": self.depth_accuracy, "reach": self.reach, "training": self.training,
+                "seconds": self.seconds}
+
+    def summary(self) -> str:
+        s = self.settings
+        lines = [(f"passkey: trained at {s['train_length']} bytes, {s['steps']} steps, dim {s['dim']}, "
+                 f"{s['layers']} layers, {s['heads']} heads, {s['digits']}-digit keys; "
+                 f"{s['test_examples']} test sequences per (length, depth)")]
+        width = max(len(n) for n in self.schedules) + 2
+        head = "".ljust(width) + "".join(f"{n:>10}" for n in self.lengths)
+        for title, table, fmt in (("exact-match accuracy", self.accuracy, "{:>10.2f}"),
+                                  ("per-digit accuracy", self.digit_accuracy, "{:>10.2f}")):
+            lines += ["", title, head]
+            lines += [name.ljust(width) + "".join(fmt.format(v) for v in row) for name, row in table.items()]
+        lines += ["", ("reach of the first answer position at the model's depth: span (every position "
+                  "this far back) / key reachable (fraction of test sequences)"), head]
+        for name, rows in self.reach.items():
+            lines.append(name.ljust(width) + "".join(f"{r['span']:>5}/{r['key_reachable']:.2f}" for r in rows))
+        lines += ["", "exact-match accuracy by key depth (0 = key at the start, 1 = just before the question)"]
+        for li, length in enumerate(self.lengths):
+            lines.append(f"  length {length}: depths " + " ".join(f"{d:g}" for d in self.depths))
+            for name, per in self.depth_accuracy.items():
+                lines.append("    " + name.ljust(width) + " ".join(f"{v:.2f}" for v in per[li]))
+        lines += ["", "training: " + ", ".join(f"{n} {t['seconds']:.0f} s (final loss {t['final_loss']:.3f})"
+                                               for n, t in self.training.items())]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _digit_positions(tokens: torch.Tensor, answer_start: int, digits: int) -> torch.Tensor:
+    """[N, 2, D]: positions of the key's two copies in the key line (the only digits before the
+    answer: the instructions, filler and question have none)."""
+    prompt = tokens[:, :answer_start]
+    is_digit = (prompt >= _DIGIT_LO) & (prompt <= _DIGIT_HI)
+    counts = is_digit.sum(1)
+    if not bool((counts == 2 * digits).all()):
+        raise RuntimeError(f"expected {2 * digits} digits before the answer, found {counts.tolist()}")
+    pos = is_digit.nonzero()[:, 1].view(tokens.shape[0], 2, digits)
+    return pos
+
+
+def _passkey_reach(model_cfg: ModelConfig, length: int, digits: int, batches: list) -> dict:
+    answer_start = length - digits
+    queries = torch.arange(answer_start - 1, length - 1)  # the positions predicting the digits
+    rf = receptive_field(model_cfg, length, queries=queries)
+    rows = rf.reach(None, queries)  # [D, L] bool
+    first = int(queries[0])
+    unreached = (~rows[0, : first + 1]).nonzero()
+    span = first if unreached.numel() == 0 else first - int(unreached.max()) - 1
+    by_depth = []
+    for batch in batches:
+        pos = _digit_positions(batch.tokens, answer_start, digits)  # [N, 2, D]
+        d_idx = torch.arange(digits)[None, None, :].expand_as(pos)
+        ok = rows[d_idx, pos]  # [N, 2, D]: answer position i reaches copy c of digit i
+        by_depth.append(float(ok.any(1).all(1).float().mean()))
+    return {"span": span, "farthest_back": int(rf.farthest_back[-1, 0]),
+            "key_reachable": sum(by_depth) / len(by_depth), "key_reachable_by_depth": by_depth,
+            "upper_bound": rf.upper_bound}
+
+
+def passkey_experiment(schedules: Mapping[str, Any] | None = None, train_length: int = 384,
+                       test_lengths: Sequence[int] = (384, 768, 1536), *, steps: int = 600, dim: int = 64,
+                       layers: int = 2, heads: int = 4, batch: int = 16, lr: float = 1e-2, digits: int = 1,
+                       lm_weight: float = 0.1, window: int = 32, depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+                       test_examples: int = 32, weight_decay: float = 0.0, seed: int = 0, device: str = "cpu",
+                       dtype: str = "float32", progress: bool = True) -> PasskeyResult:
+    """Train one byte-level `SparseCausalLM` per schedule on passkey retrieval at
+    `train_length`, then test at each of `test_lengths` (see the module docstring).
+
+    schedules: {name: mechanisms}; None gives `default_schedules(layers, window)`.
+    steps, batch, lr, weight_decay: AdamW with warm-up and cosine decay to lr / 10.
+    digits: passkey digits (1 by default: the CPU-sized models here learn to find one digit in a
+        few hundred steps, while copying several digits needs an induction circuit that takes
+        them thousands of steps; see the benchmark's notes).
+    lm_weight: weight of the all-position next-token loss beside the answer loss.
+    depths: key depths of the test sets (share of filler before the key); test_examples per
+        (length, depth). Test lengths beyond train_length exercise RoPE extrapolation.
+    dtype: "float32", or "bfloat16" autocast (CUDA). progress: tqdm bars when installed.
+    """
+    dim, layers, heads, batch, steps, lr, weight_decay = _check_common(dim, layers, heads, batch, steps, lr,
+                                                                       weight_decay, device, dtype)
+    digits = check_int(digits, "digits", 1, 18)
+    minimum = passkey_min_length(digits)
+    train_length = check_int(train_length, "train_length", minimum)
+    if isinstance(test_lengths, (str, bytes)) or not isinstance(test_lengths, Sequence) or not test_lengths:
+        raise ValueError(f"test_lengths must be a non-empty sequence of ints, got {test_lengths!r}")
+    lengths = [check_int(n, "test_lengths entry", minimum) for n in test_lengths]
+    if isinstance(depths, (str, bytes)) or not isinstance(depths, Sequence) or not depths:
+        raise ValueError(f"depths must be a non-empty sequence of floats in [0, 1], got {depths!r}")
+    depth_list = [check_fraction(d, "depths entry") for d in depths]
+    test_examples = check_int(test_examples, "test_examples", 1)
+    seed = check_int(seed, "seed", 0)
+    if isinstance(lm_weight, bool) or not isinstance(lm_weight, numbers.Real) or lm_weight < 0:
+        raise ValueError(f"lm_weight must be a number >= 0, got {lm_weight!r}")
+    lm_weight = float(lm_weight)
+    if schedules is None:
+        schedules = default_schedules(layers, window)
+    configs = _model_configs(schedules, 256, dim, layers, heads)
+    cfg = _train_config(train_length, batch, steps, lr, weight_decay, seed, device, dtype)
+
+    began = time.perf_counter()
+    tests = {n: [passkey_batch(test_examples, n, depth=d, digits=digits, seed=_seed(seed, 2, n, i))
+                 for i, d in enumerate(depth_list)] for n in lengths}
+    result = PasskeyResult(
+        settings={"train_length": train_length, "test_lengths": lengths, "steps": steps, "dim": dim, "layers": layers,
+                  "heads": heads, "batch": batch, "lr": lr, "min_lr": cfg.min_lr, "lr_warmup": cfg.lr_warmup,
+                  "weight_decay": weight_decay, "digits": digits, "lm_weight": lm_weight, "depths": depth_list,
+                  "test_examples": test_examples, "seed": seed, "device": str(device), "dtype": dtype,
+                  "train_depth": "random per example (passkey_batch depth=None)",
+                  "metric": "exact match of all digits, argmax under teacher forcing (= greedy decoding)"},
+        schedules={name: _jsonable(m) for name, m in schedules.items()}, lengths=lengths, depths=depth_list)
+
+    def batch_fn(step):
+        b = passkey_batch(batch, train_length, digits=digits, seed=_seed(seed, 1, step))
+        return b.tokens.to(cfg.device), b.answer_start
+
+    def loss_fn(model, b):
+        tokens, answer_start = b
+        return passkey_loss(model(tokens[:, :-1]), tokens, answer_start, lm_weight=lm_weight)
+
+    for name, model_cfg in configs.items():
+        model, record = _train(model_cfg, cfg, batch_fn, loss_fn, label=f"passkey {name}", show=progress)
+        result.training[name] = record
+        acc, dig, per_depth, reach = [], [], [], []
+        for n in lengths:
+            exact_d, digit_d = [], []
+            for b in tests[n]:
+                logits = _logits(model, b.tokens[:, :-1], batch, cfg)
+                exact, per_digit = passkey_accuracy(logits, b.answer, b.answer_start)
+                exact_d.append(float(exact.float().mean()))
+                digit_d.append(float(per_digit.float().mean()))
+            acc.append(sum(exact_d) / len(exact_d))
+            dig.append(sum(digit_d) / len(digit_d))
+            per_depth.append(exact_d)
+            reach.append(_passkey_reach(model_cfg, n, digits, tests[n]))
+        result.accuracy[name], result.digit_accuracy[name] = acc, dig
+        result.depth_accuracy[name], result.reach[name] = per_depth, reach
+        del model
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+# ------------------------------------------------------------------------------ MQAR
+@dataclass
+class MQARResult:
+    """What `mqar_experiment` measured. Lists run over `num_kv_pairs`."""
+
+    settings: dict
+    schedules: dict[str, Any]
+    num_kv_pairs: list[int]
+    accuracy: dict[str, list[float]] = field(default_factory=dict)  # per pair count
+    reach: dict[str, list[float]] = field(default_factory=dict)  # fraction of queries whose value is reachable
+    training: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"task": "mqar", "settings": self.settings, "schedules": self.schedules,
+                "num_kv_pairs": self.num_kv_pairs, "accuracy": self.accuracy, "reach": self.reach,
+                "training": self.training, "seconds": self.seconds}
+
+    def summary(self) -> str:
+        s = self.settings
+        lines = [(f"MQAR: sequence {s['seq_len']}, vocabulary {s['vocab_size']}, {s['steps']} steps, dim {s['dim']}, "
+                 f"{s['layers']} layers, {s['heads']} heads; one model per schedule on mixed pair counts")]
+        width = max(len(n) for n in self.schedules) + 2
+        head = "pairs".ljust(width) + "".join(f"{p:>8}" for p in self.num_kv_pairs)
+        for title, table in (("accuracy at query positions", self.accuracy),
+                             ("queries whose value is reachable (upper bound)", self.reach)):
+            lines += ["", title, head]
+            lines += [name.ljust(width) + "".join(f"{v:>8.2f}" for v in row) for name, row in table.items()]
+        lines += ["", "training: " + ", ".join(f"{n} {t['seconds']:.0f} s (final loss {t['final_loss']:.3f})"
+                                               for n, t in self.training.items())]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _mqar_reach(model_cfg: ModelConfig, data, pairs: int) -> float:
+    n = data.inputs.shape[1]
+    reach = receptive_field(model_cfg, n, exact=True).matrix()  # [n, n]
+    rows, cols = (data.labels != MQAR_IGNORE_INDEX).nonzero(as_tuple=True)
+    keys = data.inputs[:, 0: 2 * pairs: 2]  # [N, pairs]
+    j = (keys[rows] == data.inputs[rows, cols][:, None]).float().argmax(1)  # which pair is queried
+    return float(reach[cols, 2 * j + 1].float().mean())
+
+
+def mqar_experiment(schedules: Mapping[str, Any] | None = None, num_kv_pairs_list: Sequence[int] = (4, 8, 16), *,
+                    seq_len: int = 64, vocab_size: int = 128, steps: int = 600, dim: int = 64, layers: int = 2,
+                    heads: int = 4, batch: int = 48, lr: float = 1e-2, window: int = 8, power_a: float = 0.01,
+                    test_examples: int = 256, weight_decay: float = 0.0, seed: int = 0, device: str = "cpu",
+                    dtype: str = "float32", progress: bool = True) -> MQARResult:
+    """Train one `SparseCausalLM` per schedule on MQAR with the pair counts of
+    `num_kv_pairs_list` mixed in every batch, then report accuracy per pair count (see the
+    module docstring). schedules: {name: mechanisms}; None gives
+    `default_schedules(layers, window)`. seq_len, vocab_size, power_a: as `mqar_dataset`
+    (every pair count must fit: 4 * pairs <= seq_len, pairs < vocab_size // 2)."""
+    dim, layers, heads, batch, steps, lr, weight_decay = _check_common(dim, layers, heads, batch, steps, lr,
+                                                                       weight_decay, device, dtype)
+    if isinstance(num_kv_pairs_list, (str, bytes)) or not isinstance(num_kv_pairs_list, Sequence) \
+            or not num_kv_pairs_list:
+        raise ValueError(f"num_kv_pairs_list must be a non-empty sequence of ints, got {num_kv_pairs_list!r}")
+    pair_counts = [check_int(p, "num_kv_pairs_list entry", 1) for p in num_kv_pairs_list]
+    if batch < len(pair_counts):
+        raise ValueError(f"batch ({batch}) must be >= len(num_kv_pairs_list) ({len(pair_counts)}): every batch "
+                         "holds every pair count")
+    test_examples = check_int(test_examples, "test_examples", 1)
+    seed = check_int(seed, "seed", 0)
+    seq_len = check_int(seq_len, "seq_len", 2)
+    vocab_size = check_int(vocab_size, "vocab_size", 2)
+    tests = {p: mqar_dataset(test_examples, vocab_size=vocab_size, input_seq_len=seq_len, num_kv_pairs=p,
+                             power_a=power_a, seed=_seed(seed, 4, p)) for p in pair_counts}  # also checks them
+    if schedules is None:
+        schedules = default_schedules(layers, window)
+    configs = _model_configs(schedules, vocab_size, dim, layers, heads)
+    cfg = _train_config(seq_len, batch, steps, lr, weight_decay, seed, device, dtype)
+    rows_per = [batch // len(pair_counts) + (i < batch % len(pair_counts)) for i in range(len(pair_counts))]
+
+    began = time.perf_counter()
+    result = MQARResult(
+        settings={"seq_len": seq_len, "vocab_size": vocab_size, "num_kv_pairs": pair_counts, "steps": steps,
+                  "dim": dim, "layers": layers, "heads": heads, "batch": batch, "rows_per_pair_count": rows_per,
+                  "lr": lr, "min_lr": cfg.min_lr, "lr_warmup": cfg.lr_warmup, "weight_decay": weight_decay,
+                  "power_a": power_a, "test_examples": test_examples, "seed": seed, "device": str(device),
+                  "dtype": dtype, "training_mix": "every batch holds every pair count (Zoology-style mixed training)"},
+        schedules={name: _jsonable(m) for name, m in schedules.items()}, num_kv_pairs=pair_counts)
+
+    def batch_fn(step):
+        parts = [mqar_dataset(r, vocab_size=vocab_size, input_seq_len=seq_len, num_kv_pairs=p, power_a=power_a,
+                              seed=_seed(seed, 3, step, i)) for i, (p, r) in enumerate(zip(pair_counts, rows_per))]
+        return (torch.cat([d.inputs for d in parts]).to(cfg.device),
+                torch.cat([d.labels for d in parts]).to(cfg.device))
+
+    def loss_fn(model, b):
+        inputs, labels = b
+        logits = model(inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=MQAR_IGNORE_INDEX)
+
+    for name, model_cfg in configs.items():
+        model, record = _train(model_cfg, cfg, batch_fn, loss_fn, label=f"mqar {name}", show=progress)
+        result.training[name] = record
+        acc, reach = [], []
+        for p in pair_counts:
+            data = tests[p]
+            correct, total = mqar_accuracy(_logits(model, data.inputs, batch, cfg), data.labels)
+            acc.append(correct / total)
+            reach.append(_mqar_reach(model_cfg, data, p))
+        result.accuracy[name], result.reach[name] = acc, reach
+        del model
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+# ---------------------------------------------------------------------------- plots
+def _check_result(result, kind, name):
+    if not isinstance(result, kind):
+        raise TypeError(f"result must be a {kind.__name__} (from {name}), got {type(result).__name__}")
+
+
+def plot_passkey(result: PasskeyResult, path) -> None:
+    """Exact-match accuracy against test length, one line per schedule (dashed: the reach
+    bound, the fraction of test sequences whose key the answer can reach), and accuracy
+    against key depth at the first test length. Needs matplotlib (the `viz` extra)."""
+    _check_result(result, PasskeyResult, "passkey_experiment")
+    fig = figure(figsize=(11, 4.2), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2)
+    for i, name in enumerate(result.accuracy):
+        color = f"C{i % 10}"
+        ax.plot(result.lengths, result.accuracy[name], marker="o", color=color, label=name)
+        ax.plot(result.lengths, [r["key_reachable"] for r in result.reach[name]], ls="--", lw=1, color=color,
+                alpha=0.6)
+        ax2.plot(result.depths, result.depth_accuracy[name][0], marker="o", color=color, label=name)
+    ax.axvline(result.settings["train_length"], color="gray", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(result.lengths, [str(n) for n in result.lengths])
+    ax.set_xlabel("test length (bytes); dotted: train length")
+    ax.set_ylabel("exact-match accuracy (dashed: key reachable)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax2.set_xlabel("key depth (0 = start of the filler, 1 = just before the question)")
+    ax2.set_ylabel(f"exact-match accuracy at length {result.lengths[0]}")
+    ax2.set_ylim(-0.03, 1.03)
+    ax2.grid(alpha=0.3)
+    s = result.settings
+    fig.suptitle(f"passkey retrieval ({s['digits']}-digit key): trained at {s['train_length']} bytes, "
+                 f"{s['steps']} steps, dim {s['dim']}, {s['layers']} layers", fontsize=10)
+    fig.savefig(path, dpi=110)
+
+
+def plot_mqar(result: MQARResult, path) -> None:
+    """Accuracy at the query positions against the number of key-value pairs, one line per
+    schedule (dashed: queries whose value is reachable). Needs matplotlib (the `viz` extra)."""
+    _check_result(result, MQARResult, "mqar_experiment")
+    fig = figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for i, name in enumerate(result.accuracy):
+        color = f"C{i % 10}"
+        ax.plot(result.num_kv_pairs, result.accuracy[name], marker="o", color=color, label=name)
+        ax.plot(result.num_kv_pairs, result.reach[name], ls="--", lw=1, color=color, alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(result.num_kv_pairs, [str(p) for p in result.num_kv_pairs])
+    ax.set_xlabel("key-value pairs")
+    ax.set_ylabel("accuracy (dashed: value reachable)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    s = result.settings
+    fig.suptitle(f"MQAR: sequence {s['seq_len']}, vocabulary {s['vocab_size']}, {s['steps']} steps, "
+                 f"dim {s['dim']}, {s['layers']} layers", fontsize=10)
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,214 @@
+"""Passkey and MQAR experiments with small trained causal LMs (`eval.recall`): the loss and
+the metrics on hand-made tensors, a tiny end-to-end run, the reach bounds, argument errors."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from sparse_attn.eval.recall import (
+    MQARResult,
+    PasskeyResult,
+    default_schedules,
+    mqar_accuracy,
+    mqar_experiment,
+    passkey_accuracy,
+    passkey_experiment,
+    passkey_loss,
+    plot_mqar,
+    plot_passkey,
+)
+from sparse_attn.eval.tasks import mqar_dataset, passkey_batch, passkey_min_length
+
+TINY = dict(steps=2, dim=16, layers=2, heads=2, batch=4, test_examples=3, progress=False)
+
+
+# ---------------------------------------------------------------- loss and metrics
+def test_passkey_loss_masks_all_but_the_answer():
+    b = passkey_batch(3, 300, digits=4, seed=1)
+    logits = torch.randn(3, 299, 256, requires_grad=True)
+    passkey_loss(logits, b.tokens, b.answer_start).backward()
+    touched = logits.grad.abs().sum(-1) > 0  # [N, L-1]
+    expected = torch.zeros_like(touched)
+    expected[:, b.answer_start - 1:] = True  # positions predicting the 4 digits
+    assert torch.equal(touched, expected)
+
+
+def test_passkey_loss_value_and_lm_weight():
+    b = passkey_batch(2, 280, digits=2, seed=0)
+    logits = torch.randn(2, 279, 256)
+    targets = b.tokens[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [N, L-1]
+    answer = ce[:, b.answer_start - 1:].mean()
+    assert torch.allclose(passkey_loss(logits, b.tokens, b.answer_start), answer)
+    got = passkey_loss(logits, b.tokens, b.answer_start, lm_weight=0.5)
+    assert torch.allclose(got, answer + 0.5 * ce.mean())
+    # logits of model(tokens) (length L) give the same loss: the last position is ignored
+    full = torch.cat([logits, torch.randn(2, 1, 256)], 1)
+    assert torch.allclose(passkey_loss(full, b.tokens, b.answer_start), answer)
+
+
+def test_passkey_accuracy_on_hand_made_logits():
+    # sequences of length 10, answer = positions 7..9 (3 digits), predicted by logits 6..8
+    answer = torch.tensor([[ord("1"), ord("2"), ord("3")], [ord("4"), ord("5"), ord("6")]])
+    logits = torch.zeros(2, 9, 256)
+    for row in range(2):
+        for i in range(3):
+            logits[row, 6 + i, answer[row, i]] = 5.0
+    logits[1, 7, ord("0")] = 9.0  # row 1 gets its second digit wrong
+    logits[:, :6, ord("9")] = 100.0  # positions before the answer do not count
+    exact, per_digit = passkey_accuracy(logits, answer, 7)
+    assert exact.tolist() == [True, False]
+    assert per_digit.tolist() == [[True, True, True], [True, False, True]]
+    # the same with logits over the whole sequence (length 10)
+    exact2, _ = passkey_accuracy(torch.cat([logits, torch.zeros(2, 1, 256)], 1), answer, 7)
+    assert torch.equal(exact, exact2)
+
+
+def test_mqar_accuracy_on_hand_made_logits():
+    labels = torch.full((2, 6), -100)
+    labels[0, 3], labels[0, 5], labels[1, 4] = 7, 8, 9
+    logits = torch.zeros(2, 6, 10)
+    logits[0, 3, 7] = 1  # right
+    logits[0, 5, 2] = 1  # wrong
+    logits[1, 4, 9] = 1  # right
+    logits[1, 0, 3] = 1  # unlabelled: ignored
+    assert mqar_accuracy(logits, labels) == (2, 3)
+
+
+def test_metric_argument_errors():
+    with pytest.raises(ValueError, match="logits"):
+        passkey_accuracy(torch.zeros(2, 9), torch.zeros(2, 3, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match="rows"):
+        passkey_accuracy(torch.zeros(3, 9, 256), torch.zeros(2, 3, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match="length"):
+        passkey_accuracy(torch.zeros(2, 20, 256), torch.zeros(2, 3, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match="labels"):
+        mqar_accuracy(torch.zeros(2, 6, 10), torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="lm_weight"):
+        passkey_loss(torch.zeros(1, 9, 256), torch.zeros(1, 10, dtype=torch.long), 7, lm_weight=-1)
+
+
+# ----------------------------------------------------------------------- end to end
+def test_passkey_experiment_end_to_end(tmp_path):
+    n0 = passkey_min_length(2)
+    lengths = [n0 + 20, n0 + 100]
+    res = passkey_experiment({"dense": "causal", "window": "sliding_window:window=8"}, n0 + 20, lengths,
+                             digits=2, depths=[0.0, 1.0], **TINY)
+    assert isinstance(res, PasskeyResult)
+    assert res.lengths == lengths and list(res.accuracy) == ["dense", "window"]
+    for name in res.accuracy:
+        assert len(res.accuracy[name]) == 2 and all(0 <= a <= 1 for a in res.accuracy[name])
+        assert len(res.depth_accuracy[name]) == 2 and all(len(row) == 2 for row in res.depth_accuracy[name])
+        assert res.training[name]["loss_curve"][-1][0] == TINY["steps"]
+    # reach: dense sees everything; a window of 8 over 2 layers spans 2 * 7 = 14 positions and
+    # reaches no key (the key line ends more than 14 positions before the answer)
+    assert [r["span"] for r in res.reach["dense"]] == [n - 3 for n in lengths]
+    assert all(r["key_reachable"] == 1.0 for r in res.reach["dense"])
+    assert [r["span"] for r in res.reach["window"]] == [14, 14]
+    assert all(r["key_reachable"] == 0.0 for r in res.reach["window"])
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["task"] == "passkey" and d["settings"]["digits"] == 2
+    text = res.summary()
+    assert "dense" in text and str(lengths[1]) in text
+    pytest.importorskip("matplotlib")
+    plot_passkey(res, tmp_path / "passkey.png")
+    assert (tmp_path / "passkey.png").stat().st_size > 0
+
+
+def test_mqar_experiment_end_to_end(tmp_path):
+    res = mqar_experiment({"dense": "causal", "window": "sliding_window:window=4", "linear": "linear:causal=true"},
+                          [2, 4], seq_len=32, vocab_size=32, **TINY)
+    assert isinstance(res, MQARResult)
+    assert res.num_kv_pairs == [2, 4]
+    for name in ("dense", "window", "linear"):
+        assert len(res.accuracy[name]) == 2 and all(0 <= a <= 1 for a in res.accuracy[name])
+    assert res.reach["dense"] == [1.0, 1.0] and res.reach["linear"] == [1.0, 1.0]
+    assert all(r < 1.0 for r in res.reach["window"])
+    assert res.settings["rows_per_pair_count"] == [2, 2]
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["task"] == "mqar"
+    assert "pairs" in res.summary()
+    pytest.importorskip("matplotlib")
+    plot_mqar(res, tmp_path / "mqar.png")
+    assert (tmp_path / "mqar.png").stat().st_size > 0
+
+
+def test_mqar_reach_matches_brute_force():
+    """The reach bound counts a query when its value position is within the window's reach."""
+    res = mqar_experiment({"w": "sliding_window:window=3"}, [4], seq_len=32, vocab_size=32, steps=1, dim=16,
+                          heads=2, batch=4, test_examples=16, progress=False, layers=1)
+    from sparse_attn.eval.recall import _seed
+
+    data = mqar_dataset(16, vocab_size=32, input_seq_len=32, num_kv_pairs=4, seed=_seed(0, 4, 4))
+    hits = total = 0
+    for r, t in (data.labels != -100).nonzero().tolist():
+        j = data.inputs[r, 0:8:2].tolist().index(int(data.inputs[r, t]))
+        hits += (t - (2 * j + 1)) <= 2  # one causal window of 3: keys t-2..t
+        total += 1
+    assert res.reach["w"] == [pytest.approx(hits / total)]
+
+
+def test_default_schedules():
+    s = default_schedules(3, 16, sinks=2)
+    assert s["dense"] == "causal" and s["sliding_window"] == "sliding_window:window=16"
+    assert s["streaming"] == "streaming:sinks=2,window=16" and s["linear"] == "linear:causal=true"
+    assert s["hybrid"] == ["sliding_window:window=16"] * 2 + ["causal"]
+    assert "hybrid" not in default_schedules(1)
+
+
+def test_dense_learns_a_short_passkey():
+    """A dense model finds a 1-digit key in a short sequence. Skipped when this machine would
+    take more than about 20 s to train it (timed on a few steps first); the benchmark
+    (benchmarks/recall.py) shows the same at scale."""
+    n = passkey_min_length(1) + 24
+    args = dict(dim=64, layers=2, heads=4, batch=16, lr=1e-2, digits=1, depths=[0.0, 0.5, 1.0], test_examples=32,
+                progress=False)
+    steps = 200
+    start = time.perf_counter()
+    passkey_experiment({"dense": "causal"}, n, [n], steps=4, **args)
+    projected = (time.perf_counter() - start) / 4 * steps
+    if projected > 20:
+        pytest.skip(f"too slow here to train in time (about {projected:.0f} s projected)")
+    res = passkey_experiment({"dense": "causal"}, n, [n], steps=steps, **args)
+    assert res.accuracy["dense"][0] >= 0.9
+
+
+# ------------------------------------------------------------------- argument errors
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(schedules={}), ValueError, "schedules is empty"),
+    (dict(schedules=["causal"]), TypeError, "schedules must be a dict"),
+    (dict(schedules={"bi": "sliding_window:window=8,causal=false"}), ValueError, "schedule 'bi'"),
+    (dict(schedules={"lin": "linear"}), ValueError, "causal=true"),
+    (dict(train_length=100), ValueError, "train_length"),
+    (dict(test_lengths=[]), ValueError, "test_lengths"),
+    (dict(test_lengths=[100]), ValueError, "test_lengths entry"),
+    (dict(depths=[1.5]), ValueError, "depths entry"),
+    (dict(digits=0), ValueError, "digits"),
+    (dict(steps=0), ValueError, "steps"),
+    (dict(lr=0), ValueError, "lr"),
+    (dict(dim=30, heads=4), ValueError, "multiple of heads"),
+    (dict(dtype="float16"), ValueError, "dtype"),
+    (dict(lm_weight=-0.1), ValueError, "lm_weight"),
+])
+def test_passkey_argument_errors(kwargs, error, match):
+    args = dict(schedules={"dense": "causal"}, train_length=300, test_lengths=[300], steps=1, progress=False)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        passkey_experiment(args.pop("schedules"), args.pop("train_length"), args.pop("test_lengths"), **args)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_kv_pairs_list=[]), ValueError, "num_kv_pairs_list"),
+    (dict(num_kv_pairs_list=[20]), ValueError, "input_seq_len"),
+    (dict(vocab_size=8), ValueError, "vocab_size"),
+    (dict(batch=1), ValueError, "batch"),
+    (dict(schedules={"bi": "full"}), ValueError, "schedule 'bi'"),
+])
+def test_mqar_argument_errors(kwargs, error, match):
+    args = dict(schedules={"dense": "causal"}, num_kv_pairs_list=[2, 4], seq_len=32, vocab_size=32, steps=1,
+                progress=False)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        mqar_experiment(args.pop("schedules"), args.pop("num_kv_pairs_list"), **args)

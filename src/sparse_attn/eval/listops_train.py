@@ -47,7 +47,7 @@ import torch
 from .._extras import figure, progress
 from ..nn import ModelConfig, SparseTransformer
 from ..ops.common import check_bool, check_int
-from ..train.lm import TrainConfig, _autocast, _optimizer, lr_at
+from ..train.lm import TrainConfig, _autocast, _optimizer, lr_at, optimizer_step
 from .tasks.listops import (
     LISTOPS_SPLIT_SIZES,
     LISTOPS_VOCAB,
@@ -536,12 +536,7 @@ def _train_one(name, spec, splits, settings, cfg: TrainConfig, pooling, sort_chu
         with _autocast(cfg):
             logits = listops_logits(model, x, lengths).float()
         loss = torch.nn.functional.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        model.advance()
+        optimizer_step(model, optimizer, loss, cfg.grad_clip)
         entry = {"step": step + 1, "train_loss": float(loss.detach()),
                  "train_accuracy": float((logits.detach().argmax(-1) == y).double().mean()), "lr": lr}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:

@@ -80,7 +80,7 @@ from .._extras import progress as _progress
 from ..nn import ModelConfig, SparseCausalLM
 from ..ops.mechanisms import PATTERN, Mechanism
 from ..patterns import Pattern
-from ..train.lm import TrainConfig, _autocast, _optimizer, lr_at
+from ..train.lm import TrainConfig, _autocast, _optimizer, lr_at, optimizer_step
 from .reach import receptive_field
 from .tasks import MQAR_IGNORE_INDEX, mqar_dataset, passkey_batch, passkey_min_length
 from .tasks._common import check_fraction, check_int
@@ -267,12 +267,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, batch_fn, loss_fn, *, label
         batch = batch_fn(step)
         with _autocast(cfg):
             loss = loss_fn(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        model.advance()
+        optimizer_step(model, optimizer, loss, cfg.grad_clip)
         value = float(loss.detach())
         losses.append(value)
         if (step + 1) % every == 0 or step + 1 == cfg.steps:

@@ -114,6 +114,17 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                               {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
+def optimizer_step(model, optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """One update: backward, clip the gradient norm at grad_clip (0: no clipping), step, and count
+    the step (the dense-to-sparse warm-up reads the count). Shared by every training loop."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    model.advance()
+
+
 def save_checkpoint(path: str | os.PathLike, model: SparseCausalLM, optimizer, step: int, train_cfg: TrainConfig,
                     history: list[dict]) -> None:
     """Everything a resume needs, written to a temporary file and renamed (a crash mid-write
@@ -169,12 +180,7 @@ def train_lm(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, *, check
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: the same masks after a resume
         with _autocast(cfg):
             loss = _loss(model, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        model.advance()  # the dense-to-sparse warm-up counts optimizer steps
+        optimizer_step(model, optimizer, loss, cfg.grad_clip)
         entry = {"step": step + 1, "train_loss": float(loss.detach()), "lr": lr_at(step, cfg)}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             entry["val_loss"] = evaluate(model, data, cfg)

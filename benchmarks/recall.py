@@ -24,6 +24,7 @@ measured. Notes on the presets:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from common import RESULTS, environment, write_json
 
 from sparse_attn.eval.recall import (
     MQAR_FIRST_LAYER,
+    MQARResult,
+    PasskeyResult,
     default_schedules,
     mqar_experiment,
     passkey_experiment,
@@ -74,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG files")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="redraw the PNGs from the JSON files, train nothing")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,6 +85,13 @@ def main(argv=None) -> int:
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     suffix = "" if args.preset == "cpu" else f"_{args.preset}"
     tasks = ["passkey", "mqar"] if args.task == "both" else [args.task]
+    if args.replot:
+        for task in tasks:
+            out = args.out / f"{task}{suffix}.json"
+            kind, plot = (PasskeyResult, plot_passkey) if task == "passkey" else (MQARResult, plot_mqar)
+            plot(kind.from_dict(json.loads(out.read_text())), out.with_suffix(".png"))
+            print(f"wrote {out.with_suffix('.png')}", file=sys.stderr)
+        return 0
     for task in tasks:
         p = dict(PRESETS[args.preset][task])
         if args.steps:

@@ -110,6 +110,7 @@ def test_passkey_experiment_end_to_end(tmp_path):
     assert all(r["key_reachable"] == 0.0 for r in res.reach["window"])
     d = json.loads(json.dumps(res.to_dict()))
     assert d["task"] == "passkey" and d["settings"]["digits"] == 2
+    assert PasskeyResult.from_dict(d).to_dict() == d
     text = res.summary()
     assert "dense" in text and str(lengths[1]) in text
     pytest.importorskip("matplotlib")
@@ -129,6 +130,7 @@ def test_mqar_experiment_end_to_end(tmp_path):
     assert res.settings["rows_per_pair_count"] == [2, 2]
     d = json.loads(json.dumps(res.to_dict()))
     assert d["task"] == "mqar"
+    assert MQARResult.from_dict(d).to_dict() == d
     assert "pairs" in res.summary()
     pytest.importorskip("matplotlib")
     plot_mqar(res, tmp_path / "mqar.png")

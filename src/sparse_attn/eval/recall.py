@@ -54,7 +54,8 @@ on fixed seeded test sets. `reach` gives, per pair count, the fraction of querie
 position is structurally reachable (an upper bound on the accuracy above chance, as above).
 Expected (Zoology): dense attention solves it; a fixed window loses the pairs that fall out of
 its reach as the context grows, and linear attention loses accuracy as the pairs outgrow its
-state (a `head_dim x head_dim` matrix per head).
+state (a `head_dim x head_dim` matrix per head). Here, unlike in the passkey task, attention
+sinks do hold something: the first `sinks` tokens are the first key-value pairs.
 
 Training reuses `train.lm`'s AdamW groups (`_optimizer`), warm-up + cosine learning rate
 (`lr_at`) and bf16 autocast (`_autocast`); the batch of step s is drawn from a seed made of
@@ -386,6 +387,12 @@ class PasskeyResult:
                 "depth_accuracy": self.depth_accuracy, "reach": self.reach, "training": self.training,
                 "seconds": self.seconds}
 
+    @classmethod
+    def from_dict(cls, data: Mapping) -> PasskeyResult:
+        """The result back from `to_dict()` (e.g. read from JSON, to plot it again)."""
+        return cls(**{k: data[k] for k in ("settings", "schedules", "lengths", "depths", "accuracy", "digit_accuracy",
+                                           "depth_accuracy", "reach", "training", "seconds")})
+
     def summary(self) -> str:
         s = self.settings
         lines = [(f"passkey: trained at {s['train_length']} bytes, {s['steps']} steps, dim {s['dim']}, "
@@ -556,6 +563,12 @@ class MQARResult:
                 "num_kv_pairs": self.num_kv_pairs, "accuracy": self.accuracy, "reach": self.reach,
                 "training": self.training, "seconds": self.seconds}
 
+    @classmethod
+    def from_dict(cls, data: Mapping) -> MQARResult:
+        """The result back from `to_dict()` (e.g. read from JSON, to plot it again)."""
+        return cls(**{k: data[k] for k in ("settings", "schedules", "num_kv_pairs", "accuracy", "reach", "training",
+                                           "seconds")})
+
     def summary(self) -> str:
         s = self.settings
         lines = [(f"MQAR: sequence {s['seq_len']}, vocabulary {s['vocab_size']}, {s['steps']} steps, dim {s['dim']}, "
@@ -670,6 +683,9 @@ def _check_result(result, kind, name):
         raise TypeError(f"result must be a {kind.__name__} (from {name}), got {type(result).__name__}")
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
 def plot_passkey(result: PasskeyResult, path) -> None:
     """Exact-match accuracy against test length, one line per schedule (dashed: the reach
     bound, the fraction of test sequences whose key the answer can reach), and accuracy
@@ -678,15 +694,19 @@ def plot_passkey(result: PasskeyResult, path) -> None:
     fig = figure(figsize=(11, 4.2), layout="constrained")
     ax, ax2 = fig.subplots(1, 2)
     for i, name in enumerate(result.accuracy):
-        color = f"C{i % 10}"
-        ax.plot(result.lengths, result.accuracy[name], marker="o", color=color, label=name)
-        ax.plot(result.lengths, [r["key_reachable"] for r in result.reach[name]], ls="--", lw=1, color=color,
-                alpha=0.6)
-        ax2.plot(result.depths, result.depth_accuracy[name][0], marker="o", color=color, label=name)
+        style = {"color": f"C{i % 10}", "marker": _MARKERS[i % len(_MARKERS)], "markersize": 7 - i % 3,
+                 "alpha": 0.85}
+        ax.plot(result.lengths, result.accuracy[name], label=name, **style)
+        ax.plot(result.lengths, [r["key_reachable"] for r in result.reach[name]], ls="--", lw=1,
+                color=style["color"], alpha=0.6)
+        ax2.plot(result.depths, result.depth_accuracy[name][0], label=name, **style)
+    chance = 1 / (9 * 10 ** (result.settings["digits"] - 1))  # first digit non-zero
+    for a in (ax, ax2):
+        a.axhline(chance, color="gray", ls="-.", lw=0.8)
     ax.axvline(result.settings["train_length"], color="gray", ls=":", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xticks(result.lengths, [str(n) for n in result.lengths])
-    ax.set_xlabel("test length (bytes); dotted: train length")
+    ax.set_xlabel("test length (bytes); dotted: train length, dash-dot: chance")
     ax.set_ylabel("exact-match accuracy (dashed: key reachable)")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
@@ -709,7 +729,8 @@ def plot_mqar(result: MQARResult, path) -> None:
     ax = fig.subplots()
     for i, name in enumerate(result.accuracy):
         color = f"C{i % 10}"
-        ax.plot(result.num_kv_pairs, result.accuracy[name], marker="o", color=color, label=name)
+        ax.plot(result.num_kv_pairs, result.accuracy[name], marker=_MARKERS[i % len(_MARKERS)],
+                markersize=7 - i % 3, color=color, alpha=0.85, label=name)
         ax.plot(result.num_kv_pairs, result.reach[name], ls="--", lw=1, color=color, alpha=0.6)
     ax.set_xscale("log", base=2)
     ax.set_xticks(result.num_kv_pairs, [str(p) for p in result.num_kv_pairs])

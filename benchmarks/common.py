@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -96,6 +97,57 @@ def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path`.lock (POSIX), so that processes sharing one result file
+    read and write it in turn."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no concurrent writers supported
+            yield
+            return
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def merge_json(path: Path, payload: dict, merge) -> dict:
+    """Write `payload` to `path`, merged with what `path` already holds: `merge(old, new)`
+    returns the dict to write (`old` is None when there is no file). Read, merge and the
+    atomic replace happen under one lock, so several processes each running some of a
+    benchmark's entries (`--only`) fill one file without losing each other's entries.
+    Returns what was written."""
+    with _locked(path):
+        old = json.loads(path.read_text()) if path.is_file() else None
+        merged = merge(old, payload)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=2) + "\n")
+        os.replace(tmp, path)
+    print(f"wrote {path}", file=sys.stderr)
+    return merged
+
+
+def merge_entries(old: dict | None, new: dict, keys: tuple[str, ...], same: tuple[str, ...]) -> dict:
+    """`new` with the per-entry dicts under each of `keys` completed from `old` (entries of
+    `new` win), when `old` has equal values under every one of `same` (the settings that make
+    two runs comparable); otherwise `new` alone, with a note on stderr of what differed."""
+    if old is None:
+        return new
+    differ = [k for k in same if old.get(k) != new.get(k)]
+    if differ:
+        print(f"note: replacing the earlier results: their {', '.join(differ)} differ from this run's",
+              file=sys.stderr)
+        return new
+    merged = dict(new)
+    for key in keys:
+        merged[key] = {**old.get(key, {}), **new.get(key, {})}
+    return merged
 
 
 def fmt_ms(seconds) -> str:

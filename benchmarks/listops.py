@@ -24,7 +24,8 @@ Presets:
   6-layer LM ran 20 steps/s at 32 x 1024 tokens; the exact-length sub-batches and LSH /
   Performer in pure torch will be slower). One command may run 10 min, so pass --checkpoint
   (and --resume on the next command): each mechanism saves at every evaluation and a finished
-  one is not rerun; --only picks mechanisms. Generating the 96K trees takes ~3 CPU-minutes;
+  one is not rerun; --only picks mechanisms, and processes running different ones at once (or
+  one after another) fill the same JSON: runs made with the same preset and data are kept. Generating the 96K trees takes ~3 CPU-minutes;
   they are kept in --data-cache for the next command.
 
 Every number is to be read against the majority class (14-17% per split here, "~17%" in LRA): the JSON
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, write_json
+from common import RESULTS, environment, merge_entries, merge_json
 
 from sparse_attn.eval.listops_train import (
     LISTOPS_PRESETS as PRESETS,
@@ -49,6 +50,7 @@ from sparse_attn.eval.listops_train import (
 from sparse_attn.eval.listops_train import (
     ListOpsResult,
     listops_mechanisms,
+    load_listops_splits,
     plot_listops,
     train_listops,
 )
@@ -60,6 +62,27 @@ HISTORY_POINTS = 500
 def thin(history: list[dict], steps: int) -> list[dict]:
     every = max(1, steps // HISTORY_POINTS)
     return [h for h in history if "val_accuracy" in h or h["step"] % every == 0]
+
+
+def merge_runs(old: dict | None, new: dict, order: list[str]) -> dict:
+    """The result file's content after `new` (one mechanism's run): the runs of `old` are kept
+    when it was made with the same preset, data and settings, so that processes running
+    different `--only` mechanisms at once, or one after another, fill one file. Runs are
+    listed in `order` (the benchmark's table), any others after them."""
+    def view(d):
+        return {**d, "core_settings": {k: v for k, v in d["settings"].items() if k != "mechanisms"}}
+
+    same = ("preset", "mechanism_settings", "core_settings", "data")
+    merged = merge_entries(None if old is None else view(old), view(new), ("runs",), same)
+    merged.pop("core_settings")
+    if len(merged["runs"]) > len(new["runs"]):  # old runs kept: their mechanisms' specs too
+        merged["settings"] = {**new["settings"], "mechanisms": {**old["settings"]["mechanisms"],
+                                                                 **new["settings"]["mechanisms"]}}
+    rank = {name: i for i, name in enumerate(order)}
+    merged["runs"] = dict(sorted(merged["runs"].items(), key=lambda kv: rank.get(kv[0], len(rank))))
+    merged["settings"]["mechanisms"] = dict(sorted(merged["settings"]["mechanisms"].items(),
+                                                   key=lambda kv: rank.get(kv[0], len(rank))))
+    return merged
 
 
 def main(argv=None) -> int:
@@ -75,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from --checkpoint (finished ones are kept)")
     ap.add_argument("--data-cache", type=Path, default=Path(tempfile.gettempdir()) / "sparse_attn_listops_data",
                     help="where the generated splits are kept between runs")
+    ap.add_argument("--data-only", action="store_true",
+                    help="generate the preset's splits into --data-cache (for processes started after it) and exit")
     ap.add_argument("--out", type=Path, default=None, help="default: results/listops_<preset>.json")
     ap.add_argument("--plot", type=Path, default=None, help="default: beside --out, .png")
     ap.add_argument("--no-progress", action="store_true")
@@ -88,6 +113,12 @@ def main(argv=None) -> int:
     p["dtype"] = args.dtype or p["dtype"]
     if p["device"] == "cpu" or args.threads:
         torch.set_num_threads(args.threads or 1)
+    if args.data_only:
+        splits = {"train": p["train_examples"], "val": p["val_examples"], "test": p["test_examples"]}
+        data = load_listops_splits(splits, args.seed, p["min_length"], p["max_length"], args.data_cache)
+        print(", ".join(f"{k}: {len(v.labels)} trees" for k, v in data.items()) + f" in {args.data_cache}",
+              file=sys.stderr)
+        return 0
     table = listops_mechanisms(**mechanism_args, seed=args.seed)
     if args.only:
         unknown = set(args.only) - set(table)
@@ -98,24 +129,20 @@ def main(argv=None) -> int:
     plot = args.plot or out.with_suffix(".png")
     device = torch.device(p["device"])
 
+    order = list(listops_mechanisms(**mechanism_args, seed=args.seed))
     merged: ListOpsResult | None = None
     for name, spec in table.items():
         result = train_listops({name: spec}, **p, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,
                                data_cache=args.data_cache, progress=not args.no_progress)
         run = result.runs[name]
         run.history = thin(run.history, p["steps"])
-        if merged is None:
-            merged = result
-        else:
-            merged.runs[name] = run
-            merged.settings["mechanisms"][name] = spec
-        maj = merged.majority_accuracy
+        maj = result.majority_accuracy
         print(f"{name}: val {100 * run.val_accuracy:.2f}%, test {100 * run.test_accuracy:.2f}% (majority "
               f"{100 * maj['test']:.2f}%), {run.train_seconds:.0f} s training, {run.steps_per_s:.2f} steps/s",
               file=sys.stderr)
         payload = {"env": environment(device.type), "preset": args.preset,
-                   "mechanism_settings": mechanism_args | {"seed": args.seed}, **merged.to_dict()}
-        write_json(out, payload)
+                   "mechanism_settings": mechanism_args | {"seed": args.seed}, **result.to_dict()}
+        merged = ListOpsResult.from_dict(merge_json(out, payload, lambda old, new: merge_runs(old, new, order)))
         plot_listops(merged, plot, title=f"ListOps ({args.preset} preset): {merged.settings['min_length']} < length < "
                                          f"{merged.settings['max_length']}, {p['train_examples']} train trees, dim "
                                          f"{p['dim']} x {p['layers']} layers, {p['steps']} steps, batch {p['batch']}")

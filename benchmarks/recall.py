@@ -7,7 +7,9 @@ hybrid (window layers, one dense layer on top). One model per schedule and task.
 
 Writes results/passkey.json + .png and results/mqar.json + .png (the gpu preset:
 passkey_gpu.*, mqar_gpu.*), each JSON with the environment, the settings and, per schedule,
-accuracy, the reach bound and the training record. See `sparse_attn.eval.recall` for what is
+accuracy, the reach bound and the training record. The files are rewritten after each
+schedule; schedules already there from a run with the same preset and settings are kept, so
+`--only` runs (at once, in several processes, or one after another) fill one file. See `sparse_attn.eval.recall` for what is
 measured. Notes on the presets:
 
 * Models are re-initialised for their width (`scaled_init_`); with the models' own N(0, 0.02)
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, write_json
+from common import RESULTS, environment, merge_entries, merge_json
 
 from sparse_attn.eval.recall import (
     MQAR_FIRST_LAYER,
@@ -63,6 +65,41 @@ PRESETS = {
 }
 
 
+# Per-schedule entries of the result JSONs, and what must be equal for two runs to share a file.
+SCHEDULE_KEYS = ("schedules", "accuracy", "digit_accuracy", "depth_accuracy", "reach", "training")
+SAME_KEYS = ("preset", "task", "settings", "lengths", "depths", "num_kv_pairs")
+
+
+def without(d: dict, *keys: str) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def merge_schedules(old: dict | None, new: dict, order: list[str]) -> dict:
+    """The result file's content after `new` (one schedule's run): the schedules of `old` are
+    kept when it was made with the same preset and settings (so `--only` runs, at once or one
+    after another, fill one file), listed in `order`; `seconds` is then their sum."""
+    merged = merge_entries(old, new, tuple(k for k in SCHEDULE_KEYS if k in new), SAME_KEYS)
+    if len(merged["schedules"]) > len(new["schedules"]):
+        merged["seconds"] = old["seconds"] + new["seconds"]
+    rank = {name: i for i, name in enumerate(order)}
+    for key in SCHEDULE_KEYS:
+        if key in merged:
+            merged[key] = dict(sorted(merged[key].items(), key=lambda kv: rank.get(kv[0], len(rank))))
+    return merged
+
+
+def finished_schedules(path: Path, preset: str, wanted: dict) -> list[str]:
+    """Schedules `path` already holds from a run of `preset` whose settings agree with
+    `wanted` (this run's preset values and overrides) on every key both have."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    settings = old.get("settings", {})
+    if old.get("preset") != preset or any(settings[k] != v for k, v in wanted.items() if k in settings):
+        return []
+    return list(old.get("schedules", {}))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -77,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG files")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip the schedules that --out already holds from a run with the same settings")
     ap.add_argument("--replot", action="store_true", help="redraw the PNGs from the JSON files, train nothing")
     args = ap.parse_args(argv)
     if args.threads:
@@ -100,24 +139,34 @@ def main(argv=None) -> int:
             p["digits"] = args.digits
         first = MQAR_FIRST_LAYER if task == "mqar" else None  # Zoology's short local layer first
         schedules = default_schedules(p["layers"], p.pop("window"), first=first)
+        order = list(schedules)
         if args.only:
             unknown = set(args.only) - set(schedules)
             if unknown:
                 ap.error(f"--only: unknown schedules {sorted(unknown)}; choose from {sorted(schedules)}")
             schedules = {k: v for k, v in schedules.items() if k in args.only}
         common = {"seed": args.seed, "device": args.device, "dtype": dtype, "progress": not args.no_progress}
-        if task == "passkey":
-            res = passkey_experiment(schedules, p.pop("train_length"), p.pop("test_lengths"), **p, **common)
-            plot = plot_passkey
-        else:
-            res = mqar_experiment(schedules, p.pop("num_kv_pairs_list"), **p, **common)
-            plot = plot_mqar
-        print(res.summary(), file=sys.stderr)
         out = args.out / f"{task}{suffix}.json"
-        write_json(out, {"env": environment(device.type), "preset": args.preset,
-                         "command": "python benchmarks/recall.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                         **res.to_dict()})
-        plot(res, out.with_suffix(".png"))
+        kind, plot = (PasskeyResult, plot_passkey) if task == "passkey" else (MQARResult, plot_mqar)
+        if args.resume:
+            done = finished_schedules(out, args.preset, {**p, **common})
+            if done:
+                print(f"{task}: kept from {out}: {', '.join(done)}", file=sys.stderr)
+            schedules = {k: v for k, v in schedules.items() if k not in done}
+        for name, mechanisms in schedules.items():  # one at a time: the JSON grows after each
+            if task == "passkey":
+                res = passkey_experiment({name: mechanisms}, p["train_length"], p["test_lengths"],
+                                         **without(p, "train_length", "test_lengths"), **common)
+            else:
+                res = mqar_experiment({name: mechanisms}, p["num_kv_pairs_list"],
+                                      **without(p, "num_kv_pairs_list"), **common)
+            payload = {"env": environment(device.type), "preset": args.preset,
+                       "command": "python benchmarks/recall.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                       **res.to_dict()}
+            merged = kind.from_dict(merge_json(out, payload, lambda old, new: merge_schedules(old, new, order)))
+            plot(merged, out.with_suffix(".png"))
+        if schedules:
+            print(merged.summary(), file=sys.stderr)
     return 0
 
 

@@ -63,6 +63,7 @@ __all__ = [
     "evaluate_listops_model",
     "listops_logits",
     "listops_mechanisms",
+    "load_listops_splits",
     "plot_listops",
     "train_listops",
 ]
@@ -292,10 +293,12 @@ def _split_stats(data: ListOpsData) -> dict:
             "label_counts": torch.bincount(data.labels, minlength=NUM_CLASSES).tolist()}
 
 
-def _load_data(splits: dict[str, int], seed: int, min_length: int, max_length: int,
-               cache: str | None) -> dict[str, ListOpsData]:
-    """The three splits (with `<cls>` prepended), from `cache` when it has them. Tokens are kept
-    as uint8 (17 ids) on the CPU; batches are widened and moved when used."""
+def load_listops_splits(splits: dict[str, int], seed: int, min_length: int, max_length: int,
+                        cache: str | os.PathLike | None) -> dict[str, ListOpsData]:
+    """The splits {name: examples} of `listops_dataset` (with `<cls>` prepended) that
+    `train_listops` trains and tests on, read from the directory `cache` when it holds them and
+    written there when not (None: generated every time). Tokens are kept as uint8 (17 ids) on
+    the CPU; batches are widened and moved when used."""
     out = {}
     for split, n in splits.items():
         path = None
@@ -460,8 +463,8 @@ def train_listops(mechanisms, *, train_examples: int, val_examples: int, test_ex
                 "sort_chunk": sort_chunk, "vocab_size": len(LISTOPS_VOCAB), "prepend_cls": True,
                 "mechanisms": {name: spec for name, spec in table.items()}}
 
-    splits = _load_data({"train": train_examples, "val": val_examples, "test": test_examples}, seed, min_length,
-                        max_length, None if data_cache is None else str(data_cache))
+    splits = load_listops_splits({"train": train_examples, "val": val_examples, "test": test_examples}, seed,
+                                 min_length, max_length, data_cache)
     majority = int(torch.bincount(splits["train"].labels, minlength=NUM_CLASSES).argmax())
     data_info = {split: _split_stats(d) for split, d in splits.items()}
     data_info["majority_class"] = majority

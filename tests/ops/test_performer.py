@@ -442,3 +442,16 @@ def test_feature_object_errors():
         softmax_kernel_estimate(torch.randn(2, 8), torch.randn(2, 8), None)
     with pytest.raises(TypeError, match="features must be PerformerFeatures"):
         performer_attention_naive(*qkv(), features=None)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_under_autocast_matches_float32(causal):
+    """Models train under bf16 autocast: the feature matmuls must not come out in bf16 beside a
+    float32 v (this raised a dtype TypeError in the LRA ListOps run on the GPU)."""
+    torch.manual_seed(3)
+    q, k, v = make_qkv(1, 2, 96, 16)
+    expected = performer_attention(q, k, v, num_features=32, causal=causal, generator=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = performer_attention(q, k, v, num_features=32, causal=causal, generator=0)
+    assert got.dtype == q.dtype
+    torch.testing.assert_close(got, expected)

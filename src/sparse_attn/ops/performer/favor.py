@@ -123,6 +123,9 @@ def performer_attention(q, k, v, *, num_features=256, kernel="softmax", orthogon
     if eps is None:
         eps = torch.finfo(acc).tiny if features.kernel == "softmax" else 1e-6
     eps = check_eps(eps)
-    phi_q, phi_k = favor_features(q.to(acc), k.to(acc), features, scale=scale)
-    out, _ = linear_attention_features(phi_q, phi_k, v.to(acc), causal=causal, chunk_size=chunk_size, eps=eps)
+    # The precision is chosen here (features and sums in `acc`): under autocast the feature
+    # matmuls would otherwise come out in bf16/fp16 beside a float32 v.
+    with torch.autocast(q.device.type, enabled=False):
+        phi_q, phi_k = favor_features(q.to(acc), k.to(acc), features, scale=scale)
+        out, _ = linear_attention_features(phi_q, phi_k, v.to(acc), causal=causal, chunk_size=chunk_size, eps=eps)
     return out.to(q.dtype)

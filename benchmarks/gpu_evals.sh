@@ -15,8 +15,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/sparse_attn_gpu_evals}
 LIMIT=${LIMIT:-560}
-LISTOPS=${LISTOPS:-dense sliding_window longformer bigbird linear performer lsh}
-RECALL=${RECALL:-passkey mqar}
+LISTOPS=${LISTOPS-dense sliding_window longformer bigbird linear performer lsh}
+RECALL=${RECALL-passkey mqar}
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 mkdir -p "$WORK/logs"
 began=$(date +%s)
@@ -26,7 +26,19 @@ for task in $RECALL; do
     timeout "$(left)" python3 benchmarks/recall.py --preset gpu --task "$task" --device cuda --resume \
         --out "$WORK" >>"$WORK/logs/$task.log" 2>&1 &
 done
-# The 96K training trees take minutes to generate: once, before the encoders start.
+# The 96K training trees take minutes to generate: once, before the encoders start. Splits
+# generated elsewhere may come along xz-compressed in $DATA_XZ (same file names, .pt.xz; made
+# with `listops.py --data-only` and `xz`) and are unpacked instead.
+if [ -n "${DATA_XZ:-}" ]; then
+    mkdir -p "$WORK/data"
+    for f in "$DATA_XZ"/*.pt.xz; do
+        target="$WORK/data/$(basename "${f%.xz}")"
+        if [ ! -f "$target" ]; then
+            python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+                "$f" "$target.tmp" && mv "$target.tmp" "$target"
+        fi
+    done
+fi
 timeout "$(left)" python3 benchmarks/listops.py --preset gpu --data-only --data-cache "$WORK/data" \
     >>"$WORK/logs/listops_data.log" 2>&1
 for name in $LISTOPS; do

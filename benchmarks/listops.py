@@ -19,14 +19,15 @@ Presets:
 * gpu: LRA's data (96K train trees of 500 < length < 2000, mean ~1045 tokens; 2K val, 2K test)
   and schedule (batch 32, 5000 steps, 1000 warm-up steps), a smaller encoder than LRA's 512 x 6
   (dim 256, 4 layers, 4 heads, MLP x4), bfloat16 autocast; window 256 (~25% of a mean tree),
-  BigBird blocks of 64 (as LRA), Performer 128 features, LSH buckets of 64. Meant to take
-  ~10 min per mechanism on an H100: an estimate, not yet measured (train_compare's dim-256,
-  6-layer LM ran 20 steps/s at 32 x 1024 tokens; the exact-length sub-batches and LSH /
-  Performer in pure torch will be slower). One command may run 10 min, so pass --checkpoint
-  (and --resume on the next command): each mechanism saves at every evaluation and a finished
-  one is not rerun; --only picks mechanisms, and processes running different ones at once (or
-  one after another) fill the same JSON: runs made with the same preset and data are kept. Generating the 96K trees takes ~3 CPU-minutes;
-  they are kept in --data-cache for the next command.
+  BigBird blocks of 64 (as LRA), Performer 128 features, LSH buckets of 64. Measured on one
+  H100 with the seven encoders sharing it (benchmarks/gpu_evals.sh): 5000 steps took linear
+  442 s, Performer 479 s, LSH 706 s of training; the pattern encoders ran at 3-7 steps/s in
+  that company (dense ~3, window and BigBird ~6), so ~15-25 min each. One command may run
+  10 min, so pass --checkpoint (and --resume on the next command): each mechanism saves at
+  every evaluation and a finished one is not rerun. --only picks mechanisms; processes running
+  different ones at once (or one after another) fill the same JSON: runs made with the same
+  preset and data are kept. Generating the 96K trees takes ~2 CPU-minutes (--data-only does
+  just that); they are kept in --data-cache for the next command.
 
 Every number is to be read against the majority class (14-17% per split here, "~17%" in LRA): the JSON
 has it per split, the table prints it as a row.

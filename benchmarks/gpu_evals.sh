@@ -11,6 +11,9 @@
 # recall skips the schedules it has finished. Results are written to WORK (listops_gpu.json,
 # passkey_gpu.json, mqar_gpu.json and their .png), and copied to $OUT when that is set, with
 # the last lines of every log.
+#
+# Environment: WORK (checkpoints, data, logs, results), LIMIT (seconds), LISTOPS (encoders to
+# train; empty: none), RECALL (passkey and/or mqar; empty: none), DATA_XZ (see below), OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/sparse_attn_gpu_evals}
@@ -29,7 +32,7 @@ done
 # The 96K training trees take minutes to generate: once, before the encoders start. Splits
 # generated elsewhere may come along xz-compressed in $DATA_XZ (same file names, .pt.xz; made
 # with `listops.py --data-only` and `xz`) and are unpacked instead.
-if [ -n "${DATA_XZ:-}" ]; then
+if [ -n "$LISTOPS" ] && [ -n "${DATA_XZ:-}" ]; then
     mkdir -p "$WORK/data"
     for f in "$DATA_XZ"/*.pt.xz; do
         target="$WORK/data/$(basename "${f%.xz}")"
@@ -39,8 +42,10 @@ if [ -n "${DATA_XZ:-}" ]; then
         fi
     done
 fi
-timeout "$(left)" python3 benchmarks/listops.py --preset gpu --data-only --data-cache "$WORK/data" \
-    >>"$WORK/logs/listops_data.log" 2>&1
+if [ -n "$LISTOPS" ]; then
+    timeout "$(left)" python3 benchmarks/listops.py --preset gpu --data-only --data-cache "$WORK/data" \
+        >>"$WORK/logs/listops_data.log" 2>&1
+fi
 for name in $LISTOPS; do
     timeout "$(left)" python3 benchmarks/listops.py --preset gpu --only "$name" --checkpoint "$WORK/checkpoints" \
         --resume --data-cache "$WORK/data" --out "$WORK/listops_gpu.json" >>"$WORK/logs/listops_$name.log" 2>&1 &

@@ -77,9 +77,13 @@ def test_eval_mqar_and_passkey_tiny(capsys, tmp_path):
     js = tmp_path / "mqar.json"
     code, out, err = run(capsys, "eval", "mqar", "--mechanisms", "win=sliding_window:window=4", "--steps", "2",
                          "--dim", "16", "--layers", "1", "--pairs", "2", "4", "--seq-len", "32", "--no-progress",
-                         "--json", str(js))
+                         "--vocab-size", "300", "--lr", "0.01", "--init", "model", "--json", str(js))
     assert code == 0, err
     assert js.exists() and "win" in out
+    settings = json.loads(js.read_text())["settings"]
+    assert (settings["vocab_size"], settings["lr"], settings["init"]) == (300, 0.01, "model")
+    code, _, err = run(capsys, "eval", "mqar", "--lr", "0", "--no-progress")
+    assert code == 2 and "--lr" in err
     js = tmp_path / "passkey.json"
     code, out, err = run(capsys, "eval", "passkey", "--mechanisms", "dense=causal", "--steps", "2", "--dim", "16",
                          "--layers", "1", "--train-length", "256", "--test-lengths", "256", "--no-progress",

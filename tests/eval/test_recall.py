@@ -18,8 +18,10 @@ from sparse_attn.eval.recall import (
     passkey_loss,
     plot_mqar,
     plot_passkey,
+    scaled_init_,
 )
 from sparse_attn.eval.tasks import mqar_dataset, passkey_batch, passkey_min_length
+from sparse_attn.nn import ModelConfig, SparseCausalLM
 
 TINY = {"steps": 2, "dim": 16, "layers": 2, "heads": 2, "batch": 4, "test_examples": 3, "progress": False}
 
@@ -218,3 +220,22 @@ def test_mqar_argument_errors(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         mqar_experiment(args.pop("schedules"), args.pop("num_kv_pairs_list"), **args)
+
+
+def test_scaled_init_scales_every_weight_by_its_fan_in():
+    """Linear N(0, 1/fan_in); the tied embedding N(0, 1/dim) ("fan_in", so the first logits are
+    O(1) whatever the vocabulary) or N(0, 1) ("unit", the earlier default)."""
+    cfg = ModelConfig(vocab_size=4096, dim=64, num_layers=1, num_heads=4, mechanisms="causal")
+    torch.manual_seed(0)
+    model = scaled_init_(SparseCausalLM(cfg))
+    assert abs(model.embed.weight.std().item() - 64 ** -0.5) < 0.005
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            assert abs(module.weight.std().item() - module.in_features ** -0.5) < 0.1 * module.in_features ** -0.5
+    logits = model(torch.randint(0, 4096, (2, 32)))
+    assert logits.std().item() < 3  # a unit embedding under the tied head gives ~sqrt(64) = 8
+    unit = scaled_init_(SparseCausalLM(cfg), embedding="unit")
+    assert abs(unit.embed.weight.std().item() - 1.0) < 0.01
+    assert unit(torch.randint(0, 4096, (2, 32))).std().item() > 5
+    with pytest.raises(ValueError, match="embedding must be 'fan_in' or 'unit'"):
+        scaled_init_(SparseCausalLM(cfg), embedding="normal")

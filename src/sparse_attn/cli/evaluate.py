@@ -24,6 +24,16 @@ from .main import _check_output, _non_negative_int, _positive_int, _require_matp
 TASKS = ("needle", "reach", "passkey", "mqar", "listops")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def _probability(text: str) -> float:
     try:
         value = float(text)
@@ -103,12 +113,18 @@ def _task_arguments(name: str, t: argparse.ArgumentParser) -> None:
     t.add_argument("--layers", type=_positive_int, default=None)
     t.add_argument("--heads", type=_positive_int, default=None)
     t.add_argument("--batch", type=_positive_int, default=None)
+    if name in ("passkey", "mqar"):
+        t.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: task's)")
+        t.add_argument("--init", choices=["fan_in", "scaled", "model"], default=None,
+                       help="weight init (eval.recall.scaled_init_; default: fan_in)")
     if name == "passkey":
         t.add_argument("--train-length", type=_positive_int, default=None)
         t.add_argument("--test-lengths", nargs="+", type=_positive_int, default=None)
     elif name == "mqar":
         t.add_argument("--seq-len", type=_positive_int, default=None)
         t.add_argument("--pairs", nargs="+", type=_positive_int, default=None, help="numbers of key-value pairs")
+        t.add_argument("--vocab-size", type=_positive_int, default=None,
+                       help="token ids, keys and values included (default: task's; Zoology uses 8192)")
     else:
         t.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
                        help="settings to start from (benchmarks/listops.py explains them; gpu = LRA's data and "
@@ -143,7 +159,12 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 def cmd_needle(args) -> int:
-    from ..eval.needle import DEFAULT_DEPTHS, needle_grid, needle_mechanism, plot_needle_heatmaps
+    from ..eval.needle import (
+        DEFAULT_DEPTHS,
+        needle_grid,
+        needle_mechanism,
+        plot_needle_heatmaps,
+    )
 
     parser = args.parser
     if len(set(args.lengths)) != len(args.lengths):
@@ -229,14 +250,14 @@ def _run_recall(args, schedules) -> int:
     from ..eval import recall
 
     common = _overrides(args, {"steps": "steps", "dim": "dim", "layers": "layers", "heads": "heads",
-                               "batch": "batch"})
+                               "batch": "batch", "lr": "lr", "init": "init"})
     if args.task == "passkey":
         extra = _overrides(args, {"train_length": "train_length", "test_lengths": "test_lengths"})
         result = recall.passkey_experiment(schedules, **common, **extra, seed=args.seed, device=args.device,
                                            progress=not args.no_progress)
         plot = recall.plot_passkey
     else:
-        extra = _overrides(args, {"seq_len": "seq_len", "pairs": "num_kv_pairs_list"})
+        extra = _overrides(args, {"seq_len": "seq_len", "pairs": "num_kv_pairs_list", "vocab_size": "vocab_size"})
         result = recall.mqar_experiment(schedules, **common, **extra, seed=args.seed, device=args.device,
                                         progress=not args.no_progress)
         plot = recall.plot_mqar
@@ -250,7 +271,12 @@ def _run_recall(args, schedules) -> int:
 
 
 def _run_listops(args, schedules) -> int:
-    from ..eval.listops_train import LISTOPS_PRESETS, listops_mechanisms, plot_listops, train_listops
+    from ..eval.listops_train import (
+        LISTOPS_PRESETS,
+        listops_mechanisms,
+        plot_listops,
+        train_listops,
+    )
 
     settings = dict(LISTOPS_PRESETS[args.preset])
     mechanism_args = settings.pop("mechanisms")

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from sparse_attn import patterns as P
-from sparse_attn.nn import FullCache, LinearStateCache, ModelConfig, PatternCache, SparseCausalLM, WindowCache
+from sparse_attn.nn import (
+    FullCache,
+    LinearStateCache,
+    ModelConfig,
+    PatternCache,
+    SparseCausalLM,
+    WindowCache,
+)
 
 HYBRID = ["causal", "sliding_window:window=8", "linear:causal=true", "streaming:sinks=2,window=8"]
 
@@ -28,6 +35,25 @@ def test_schedule_builds_one_mechanism_per_layer_and_config_round_trips():
     torch.testing.assert_close(m2(tokens), m(tokens), rtol=0, atol=0)
     with pytest.raises(ValueError, match="mechanisms lists 2 layers but num_layers is 3"):
         ModelConfig(vocab_size=5, num_layers=3, mechanisms=["causal", "causal"]).layer_mechanisms()
+
+
+def test_layers_with_one_spec_share_its_layouts():
+    """Equal spec strings share one Mechanism (so one Pattern and its layout cache): a new
+    length builds one layout for the model, not one per layer, with the same results."""
+    spec = "sliding_window:window=8"
+    m = model([spec, "causal", spec, spec])
+    mechs = [b.attn.mechanism for b in m.blocks]
+    assert mechs[0] is mechs[2] is mechs[3] and mechs[1] is not mechs[0]
+    pattern = mechs[0].pattern()
+    tokens = torch.randint(0, 40, (2, 37))
+    logits = m(tokens)
+    assert sum(key[0] == 37 for key in pattern._layouts) == 1
+    torch.manual_seed(0)
+    unshared = SparseCausalLM(m.cfg).double().eval()
+    for block in unshared.blocks[1:]:  # each layer its own parse, as before sharing
+        block.attn.mechanism = type(block.attn.mechanism).parse(str(block.attn.mechanism))
+    unshared.load_state_dict(m.state_dict())
+    torch.testing.assert_close(unshared(tokens), logits, rtol=0, atol=0)
 
 
 def test_auto_caches_pick_the_smallest_exact_cache_per_layer():

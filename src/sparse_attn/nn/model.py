@@ -19,7 +19,14 @@ from ..ops.mechanisms import Mechanism, as_mechanism
 from ..patterns import Band, Pattern
 from ..patterns.grid import UNBOUNDED
 from .attention import SparseAttention
-from .cache import FullCache, KVCache, LinearStateCache, PatternCache, SinkCache, WindowCache
+from .cache import (
+    FullCache,
+    KVCache,
+    LinearStateCache,
+    PatternCache,
+    SinkCache,
+    WindowCache,
+)
 
 
 @dataclass
@@ -48,7 +55,22 @@ class ModelConfig:
         specs = self.mechanisms if isinstance(self.mechanisms, list) else [self.mechanisms] * self.num_layers
         if len(specs) != self.num_layers:
             raise ValueError(f"mechanisms lists {len(specs)} layers but num_layers is {self.num_layers}")
-        return [Mechanism.from_dict(s) if isinstance(s, dict) else as_mechanism(s) for s in specs]
+        # Layers with the same spec string share one Mechanism, hence one Pattern and its cached
+        # layouts (and the backends' plans on them): a new sequence length builds one layout for
+        # the model instead of one per layer. Mechanisms and patterns are immutable, so sharing
+        # them changes nothing else.
+        shared: dict[str, Mechanism | Pattern] = {}
+        built = []
+        for s in specs:
+            if isinstance(s, dict):
+                built.append(Mechanism.from_dict(s))
+            elif isinstance(s, str):
+                if s not in shared:
+                    shared[s] = as_mechanism(s)
+                built.append(shared[s])
+            else:
+                built.append(as_mechanism(s))
+        return built
 
     def sparse_weight(self, step: int) -> float:
         """Weight of the sparse mechanisms at training step `step` (linear ramp 0 -> 1)."""
@@ -58,7 +80,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         return cls(**data)
 
 

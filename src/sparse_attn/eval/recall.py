@@ -696,6 +696,22 @@ def _check_result(result, kind, name):
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
+def _style(i: int) -> dict:
+    """Line style of the i-th schedule, the same in every recall plot."""
+    return {"color": f"C{i % 10}", "marker": _MARKERS[i % len(_MARKERS)], "markersize": 7 - i % 3, "alpha": 0.85}
+
+
+def _accuracy_axis(ax, xlabel: str, ylabel: str, ticks: Sequence[int] | None = None) -> None:
+    """Accuracy in [0, 1] against `xlabel`; `ticks`: a log2 x axis labelled at these values."""
+    if ticks is not None:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+
+
 def plot_passkey(result: PasskeyResult, path) -> None:
     """Exact-match accuracy against test length, one line per schedule (dashed: the reach
     bound, the fraction of test sequences whose key the answer can reach), and accuracy
@@ -704,8 +720,7 @@ def plot_passkey(result: PasskeyResult, path) -> None:
     fig = figure(figsize=(11, 4.2), layout="constrained")
     ax, ax2 = fig.subplots(1, 2)
     for i, name in enumerate(result.accuracy):
-        style = {"color": f"C{i % 10}", "marker": _MARKERS[i % len(_MARKERS)], "markersize": 7 - i % 3,
-                 "alpha": 0.85}
+        style = _style(i)
         ax.plot(result.lengths, result.accuracy[name], label=name, **style)
         ax.plot(result.lengths, [r["key_reachable"] for r in result.reach[name]], ls="--", lw=1,
                 color=style["color"], alpha=0.6)
@@ -714,17 +729,11 @@ def plot_passkey(result: PasskeyResult, path) -> None:
     for a in (ax, ax2):
         a.axhline(chance, color="gray", ls="-.", lw=0.8)
     ax.axvline(result.settings["train_length"], color="gray", ls=":", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(result.lengths, [str(n) for n in result.lengths])
-    ax.set_xlabel("test length (bytes); dotted: train length, dash-dot: chance")
-    ax.set_ylabel("exact-match accuracy (dashed: key reachable)")
-    ax.set_ylim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
+    _accuracy_axis(ax, "test length (bytes); dotted: train length, dash-dot: chance",
+                   "exact-match accuracy (dashed: key reachable)", ticks=result.lengths)
     ax.legend(fontsize=8)
-    ax2.set_xlabel("key depth (0 = start of the filler, 1 = just before the question)")
-    ax2.set_ylabel(f"exact-match accuracy at length {result.lengths[0]}")
-    ax2.set_ylim(-0.03, 1.03)
-    ax2.grid(alpha=0.3)
+    _accuracy_axis(ax2, "key depth (0 = start of the filler, 1 = just before the question)",
+                   f"exact-match accuracy at length {result.lengths[0]}")
     s = result.settings
     fig.suptitle(f"passkey retrieval ({s['digits']}-digit key): trained at {s['train_length']} bytes, "
                  f"{s['steps']} steps, dim {s['dim']}, {s['layers']} layers", fontsize=10)
@@ -738,16 +747,10 @@ def plot_mqar(result: MQARResult, path) -> None:
     fig = figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.subplots()
     for i, name in enumerate(result.accuracy):
-        color = f"C{i % 10}"
-        ax.plot(result.num_kv_pairs, result.accuracy[name], marker=_MARKERS[i % len(_MARKERS)],
-                markersize=7 - i % 3, color=color, alpha=0.85, label=name)
-        ax.plot(result.num_kv_pairs, result.reach[name], ls="--", lw=1, color=color, alpha=0.6)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(result.num_kv_pairs, [str(p) for p in result.num_kv_pairs])
-    ax.set_xlabel("key-value pairs")
-    ax.set_ylabel("accuracy (dashed: value reachable)")
-    ax.set_ylim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
+        style = _style(i)
+        ax.plot(result.num_kv_pairs, result.accuracy[name], label=name, **style)
+        ax.plot(result.num_kv_pairs, result.reach[name], ls="--", lw=1, color=style["color"], alpha=0.6)
+    _accuracy_axis(ax, "key-value pairs", "accuracy (dashed: value reachable)", ticks=result.num_kv_pairs)
     ax.legend(fontsize=8)
     s = result.settings
     fig.suptitle(f"MQAR: sequence {s['seq_len']}, vocabulary {s['vocab_size']}, {s['steps']} steps, "

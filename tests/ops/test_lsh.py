@@ -338,3 +338,15 @@ def test_bad_tensors():
         lsh_attention(q, k[..., :4], v)
     with pytest.raises(ValueError, match="shared_qk=True derives the keys from q"):
         lsh_attended_pairs(q, k, shared_qk=True)
+
+
+def test_hash_is_float32_under_autocast():
+    """lsh_hash promises float32 buckets whatever the caller's precision: under bf16 autocast
+    the rotation matmul must not be rounded (it moved ~0.5% of the buckets before)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 500, 64)
+    rotations = random_rotations(64, 16, 2, generator=torch.Generator().manual_seed(1))
+    expected = lsh_hash(x, 16, 2, rotations=rotations)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lsh_hash(x, 16, 2, rotations=rotations)
+    assert torch.equal(got, expected)

@@ -105,10 +105,11 @@ def lsh_hash(x, n_buckets, n_hashes, generator=None, *, rotations=None):
     # the rotated vectors are [.., R, N, n_buckets / 2]: hash a slice of tokens at a time so that
     # this temporary stays small when n_buckets grows with N
     step = max(1, (1 << 22) // max(1, n_hashes * n_buckets * math.prod(x.shape[:-2])))
-    for start in range(0, n, step):
-        part = x[..., start:start + step, :]
-        rotated = torch.einsum("...nd,rdk->...rnk", part, rotations)  # [.., R, n, n_buckets / 2]
-        buckets[..., start:start + step] = torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    with torch.autocast(x.device.type, enabled=False):  # autocast would round the rotations to bf16
+        for start in range(0, n, step):
+            part = x[..., start:start + step, :]
+            rotated = torch.einsum("...nd,rdk->...rnk", part, rotations.float())  # [.., R, n, n_buckets / 2]
+            buckets[..., start:start + step] = torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
     return buckets
 
 

@@ -150,6 +150,12 @@ def merge_entries(old: dict | None, new: dict, keys: tuple[str, ...], same: tupl
     return merged
 
 
+def in_order(entries: dict, order: list[str]) -> dict:
+    """`entries` with its keys listed as in `order`, any others after them."""
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(entries.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
 def fmt_ms(seconds) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, merge_entries, merge_json
+from common import RESULTS, environment, in_order, merge_entries, merge_json
 
 from sparse_attn.eval.listops_train import (
     LISTOPS_PRESETS as PRESETS,
@@ -79,10 +79,8 @@ def merge_runs(old: dict | None, new: dict, order: list[str]) -> dict:
     if len(merged["runs"]) > len(new["runs"]):  # old runs kept: their mechanisms' specs too
         merged["settings"] = {**new["settings"], "mechanisms": {**old["settings"]["mechanisms"],
                                                                  **new["settings"]["mechanisms"]}}
-    rank = {name: i for i, name in enumerate(order)}
-    merged["runs"] = dict(sorted(merged["runs"].items(), key=lambda kv: rank.get(kv[0], len(rank))))
-    merged["settings"]["mechanisms"] = dict(sorted(merged["settings"]["mechanisms"].items(),
-                                                   key=lambda kv: rank.get(kv[0], len(rank))))
+    merged["runs"] = in_order(merged["runs"], order)
+    merged["settings"]["mechanisms"] = in_order(merged["settings"]["mechanisms"], order)
     return merged
 
 
@@ -121,6 +119,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 0
     table = listops_mechanisms(**mechanism_args, seed=args.seed)
+    order = list(table)  # the result file lists runs in this order, whichever --only ran
     if args.only:
         unknown = set(args.only) - set(table)
         if unknown:
@@ -130,7 +129,6 @@ def main(argv=None) -> int:
     plot = args.plot or out.with_suffix(".png")
     device = torch.device(p["device"])
 
-    order = list(listops_mechanisms(**mechanism_args, seed=args.seed))
     merged: ListOpsResult | None = None
     for name, spec in table.items():
         result = train_listops({name: spec}, **p, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,

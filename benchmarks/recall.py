@@ -9,8 +9,8 @@ Writes results/passkey.json + .png and results/mqar.json + .png (the gpu preset:
 passkey_gpu.*, mqar_gpu.*), each JSON with the environment, the settings and, per schedule,
 accuracy, the reach bound and the training record. The files are rewritten after each
 schedule; schedules already there from a run with the same preset and settings are kept, so
-`--only` runs (at once, in several processes, or one after another) fill one file. See `sparse_attn.eval.recall` for what is
-measured. Notes on the presets:
+`--only` runs (at once, in several processes, or one after another) fill one file. See
+`sparse_attn.eval.recall` for what is measured. Notes on the presets:
 
 * Models are re-initialised for their width (`scaled_init_`); with the models' own N(0, 0.02)
   init, width-64 models did not learn MQAR in 3000 steps and found a passkey only sometimes.
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, merge_entries, merge_json
+from common import RESULTS, environment, in_order, merge_entries, merge_json
 
 from sparse_attn.eval.recall import (
     MQAR_FIRST_LAYER,
@@ -85,10 +85,9 @@ def merge_schedules(old: dict | None, new: dict, order: list[str]) -> dict:
     merged = merge_entries(old, new, tuple(k for k in SCHEDULE_KEYS if k in new), SAME_KEYS)
     if len(merged["schedules"]) > len(new["schedules"]):
         merged["seconds"] = old["seconds"] + new["seconds"]
-    rank = {name: i for i, name in enumerate(order)}
     for key in SCHEDULE_KEYS:
         if key in merged:
-            merged[key] = dict(sorted(merged[key].items(), key=lambda kv: rank.get(kv[0], len(rank))))
+            merged[key] = in_order(merged[key], order)
     return merged
 
 

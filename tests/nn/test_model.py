@@ -5,14 +5,7 @@ import pytest
 import torch
 
 from sparse_attn import patterns as P
-from sparse_attn.nn import (
-    FullCache,
-    LinearStateCache,
-    ModelConfig,
-    PatternCache,
-    SparseCausalLM,
-    WindowCache,
-)
+from sparse_attn.nn import FullCache, LinearStateCache, ModelConfig, PatternCache, SparseCausalLM, WindowCache
 
 HYBRID = ["causal", "sliding_window:window=8", "linear:causal=true", "streaming:sinks=2,window=8"]
 

@@ -159,12 +159,7 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 def cmd_needle(args) -> int:
-    from ..eval.needle import (
-        DEFAULT_DEPTHS,
-        needle_grid,
-        needle_mechanism,
-        plot_needle_heatmaps,
-    )
+    from ..eval.needle import DEFAULT_DEPTHS, needle_grid, needle_mechanism, plot_needle_heatmaps
 
     parser = args.parser
     if len(set(args.lengths)) != len(args.lengths):
@@ -271,12 +266,7 @@ def _run_recall(args, schedules) -> int:
 
 
 def _run_listops(args, schedules) -> int:
-    from ..eval.listops_train import (
-        LISTOPS_PRESETS,
-        listops_mechanisms,
-        plot_listops,
-        train_listops,
-    )
+    from ..eval.listops_train import LISTOPS_PRESETS, listops_mechanisms, plot_listops, train_listops
 
     settings = dict(LISTOPS_PRESETS[args.preset])
     mechanism_args = settings.pop("mechanisms")

@@ -19,14 +19,7 @@ from ..ops.mechanisms import Mechanism, as_mechanism
 from ..patterns import Band, Pattern
 from ..patterns.grid import UNBOUNDED
 from .attention import SparseAttention
-from .cache import (
-    FullCache,
-    KVCache,
-    LinearStateCache,
-    PatternCache,
-    SinkCache,
-    WindowCache,
-)
+from .cache import FullCache, KVCache, LinearStateCache, PatternCache, SinkCache, WindowCache
 
 
 @dataclass
@@ -80,7 +73,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
+    def from_dict(cls, data: dict) -> "ModelConfig":
         return cls(**data)
 
 

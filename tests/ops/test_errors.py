@@ -130,6 +130,68 @@ def test_q_len_greater_than_kv_len_needs_q_offset():
     assert call(q, k, v, q_offset=0).shape == (1, 2, 20, 8)  # with it, fine
 
 
+def test_q_offset_past_every_key_raises():
+    """Queries after a gap of key-less positions are an offset mistake, not a request for zeros."""
+    q, _, _ = qkv()
+    _, k, v = make_qkv(1, 2, 64, 8)
+    with pytest.raises(ValueError, match=r"q_offset=1000 .*gap of 936 positions.*q_offset must be <= kv_len"):
+        call(q, k, v, P.sliding_window(16), q_offset=1000)
+    with pytest.raises(ValueError, match=r"q_offset=65"):
+        sparse_attn.attention(q, k, v, "topk", top_k=4, q_offset=65)
+    # right after the keys (new tokens attending a cache without their own keys) is allowed
+    out = call(q, k, v, P.causal(), q_offset=64, backend="blocked")
+    ref = sparse_attn.sparse_attention(q.double(), k.double(), v.double(), P.causal(), q_offset=64,
+                                       backend="reference")
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+def test_global_token_count_beyond_the_sequence_raises_like_the_list_form():
+    q, k, v = make_qkv(1, 2, 64, 8)
+    for pattern in (P.longformer(8, global_tokens=100), P.longformer(8, [100])):
+        with pytest.raises(ValueError, match=r"global token index (99|100) is out of range .*64"):
+            call(q, k, v, pattern)
+    assert call(q, k, v, P.longformer(8, global_tokens=64)).shape == (1, 2, 64, 8)
+
+
+def test_counts_that_may_exceed_a_growing_sequence_mean_up_to_n():
+    """Sinks, and a causal Longformer's global count, are "the first min(n, length)" tokens, so a
+    decoder can start from a prompt shorter than n (documented in the presets)."""
+    q, k, v = make_qkv(1, 2, 64, 8, dtype=torch.float64)
+    for pattern in (P.streaming(100, 8), P.longformer(8, global_tokens=100, causal=True)):
+        out = call(q, k, v, pattern, backend="blocked")
+        ref = call(q, k, v, P.causal(), backend="reference")  # every token is a sink / global
+        assert torch.allclose(out, ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("pattern", [P.dilated(4, 2), P.dilated(4, 3, causal=False), P.strided(4),
+                                     P.strided(3, causal=False), P.sliding_window(4), P.fixed(4)])
+@pytest.mark.parametrize("nq, nkv", [(0, 0), (0, 8), (5, 0)])
+def test_empty_sequences_return_empty_or_zero_rows(pattern, nq, nkv):
+    q = torch.randn(1, 2, nq, 8)
+    k, v = torch.randn(1, 2, nkv, 8), torch.randn(1, 2, nkv, 6)
+    out, lse = call(q, k, v, pattern, q_offset=0 if nq > nkv else None, return_lse=True)
+    assert out.shape == (1, 2, nq, 6) and lse.shape == (1, 2, nq)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
+@pytest.mark.parametrize("name", ["topk", "block_topk", "routing"])
+def test_dynamic_mechanisms_have_defaults(name):
+    q, k, v = make_qkv(1, 2, 40, 8, dtype=torch.float64)
+    out = sparse_attn.attention(q, k, v, name)
+    assert out.shape == (1, 2, 40, 8) and torch.isfinite(out).all()
+
+
+def test_routing_defaults_follow_the_paper_and_the_centroids():
+    from sparse_attn.ops.routing import route_tokens, routing_sizes
+
+    q, k, _ = make_qkv(1, 2, 100, 8)
+    members, _ = route_tokens(q, k)
+    sizes = routing_sizes(100)
+    assert members.shape[-2:] == (sizes["num_clusters"], sizes["window"])
+    members, _ = route_tokens(q, k, centroids=torch.randn(7, 8))
+    assert members.shape[-2:] == (7, 15)  # 7 clusters from the centroids, ceil(100 / 7) members
+
+
 def test_backend_not_a_string():
     with pytest.raises(TypeError, match="backend must be a string"):
         call(*qkv(), backend=None)

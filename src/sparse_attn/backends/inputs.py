@@ -79,6 +79,11 @@ def check_inputs(q, k, v, pattern, scale, q_offset, backend):
                 raise ValueError(f"q has more positions ({q_len}) than k ({kv_len}): pass q_offset (the position "
                                  "of the first query) explicitly")
             q_offset = kv_len - q_len
+        elif q_offset > kv_len:
+            # keys are positions 0..kv_len-1: queries starting after a gap of positions that
+            # have no keys is a caller's mistake (an off-by-cache offset), not a request
+            raise ValueError(f"q_offset={q_offset} puts the queries after a gap of {q_offset - kv_len} positions "
+                             f"beyond the last key (keys sit at positions 0..{kv_len - 1}); q_offset must be <= kv_len")
         heads = pattern.num_heads
     else:
         raise TypeError(f"pattern must be a sparse_attn Pattern or BlockLayout, got {type(pattern).__name__}")

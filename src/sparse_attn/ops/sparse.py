@@ -62,6 +62,8 @@ def sparse_attention(
                                 device=q.device)
     elif layout.device != q.device:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}; build it with device={q.device}")
+    if layout.pattern is not None:
+        layout.pattern.check_batch(q.shape[0], q.device)
     out, lse = chosen.forward(q, k, v, layout, scale, return_lse)
     return (out, lse) if return_lse else out
 
@@ -80,7 +82,8 @@ def _residue_classes(q, k, v, pattern: Band, scale, backend, return_lse, q_offse
 
         o, l = sparse_attention(fold(q), fold(k), fold(v), inner, scale=scale, backend=backend, return_lse=True,
                                 q_offset=q_offset // r)
-        out = o.reshape(r, bsz, hq, nq // r, -1).permute(1, 2, 3, 0, 4).reshape(bsz, hq, nq, -1)
+        dv = v.shape[3]  # explicit: a -1 is ambiguous for empty sequences
+        out = o.reshape(r, bsz, hq, nq // r, dv).permute(1, 2, 3, 0, 4).reshape(bsz, hq, nq, dv)
         lse = l.reshape(r, bsz, hq, nq // r).permute(1, 2, 3, 0).reshape(bsz, hq, nq)
         return (out, lse) if return_lse else out
     out = q.new_zeros(bsz, hq, nq, v.shape[3])

@@ -56,6 +56,22 @@ class Pattern(ABC):
         False means "not known to be causal": a predicate may be causal without saying so."""
         return False
 
+    def band_bounds(self) -> tuple[int, int, int] | None:
+        """(lo, hi, dilation) when this is a `Band` (lo <= i - j <= hi, (i - j) % dilation == 0)."""
+        return None
+
+    def reads_batch(self, device=None) -> bool:
+        """True when the predicate depends on the batch row (a user's mask_mod reading `b`).
+        One layout serves every row, so such a pattern can only run on a batch of one row."""
+        return False
+
+    def check_batch(self, batch: int, device=None) -> None:
+        """Raise if this pattern cannot serve a batch of `batch` rows (see `reads_batch`)."""
+        if batch > 1 and self.reads_batch(device):
+            raise ValueError(f"pattern {self!r} reads the batch index b of its mask_mod, but one layout serves every "
+                             f"row of the batch, so a batch of {batch} rows cannot be honoured (b would always be "
+                             "0): call once per row")
+
     def reachable(self, kv_idx: torch.Tensor, next_q: int) -> torch.Tensor:
         """Bool per key position: may some query at a position >= next_q still attend to it?
 
@@ -141,6 +157,12 @@ class Pattern(ABC):
         count, area = count_allowed(self, grid, head, qb, kb)
         return state_from_count(count, area)
 
+    def _count(self, grid: BlockGrid, head, qb, kb) -> torch.Tensor:
+        """Allowed elements in each block (int64 [n]). Default: element by element,
+        O(block area); primitives with a closed form override it (O(1) per block), so that
+        `BlockLayout.density()` costs O(non-empty blocks)."""
+        return count_allowed(self, grid, head, qb, kb)[0]
+
     def _validate(self, grid: BlockGrid) -> None:
         """Raise ValueError if this pattern cannot describe the given lengths."""
 
@@ -222,6 +244,10 @@ def count_allowed(pattern: Pattern, grid: BlockGrid, head, qb, kb) -> tuple[torc
         q = p0[sl, None, None] + rows[None, :, None]  # [n, BQ, 1]
         kv = k0[sl, None, None] + cols[None, None, :]  # [n, 1, BK]
         inside = (q < p1[sl, None, None]) & (kv < k1[sl, None, None])
+        # positions past the block's end are clamped into it (and masked): a user's predicate
+        # may index tables of exactly the sequence's length, as FlexAttention allows
+        q = torch.minimum(q, p1[sl, None, None] - 1)
+        kv = torch.minimum(kv, k1[sl, None, None] - 1)
         ok = pattern.allowed(q, kv, head[sl, None, None]) & inside
         count[sl] = ok.sum(dim=(1, 2))
     return count, area
@@ -254,6 +280,9 @@ class _Combination(Pattern):
     def _validate(self, grid):
         for p in self.parts:
             p._validate(grid)
+
+    def reads_batch(self, device=None):
+        return any(p.reads_batch(device) for p in self.parts)
 
     def bind(self, grid):
         bound = [p.bind(grid) for p in self.parts]
@@ -310,6 +339,23 @@ class Union(_Combination):
     def _candidate_count(self, grid):
         return sum(p._candidate_count(grid) for p in self.parts)
 
+    def _count(self, grid, head, qb, kb):
+        # a block that only one part touches counts as that part; where a part is full the
+        # block is full; overlaps of two partial parts are counted element by element
+        states = self._part_states(grid, head, qb, kb)  # [P, n]
+        p0, p1 = grid.q_block_bounds(qb)
+        k0, k1 = grid.kv_block_bounds(kb)
+        count = torch.where((states == FULL).any(0), (p1 - p0) * (k1 - k0), 0)
+        touching = (states != EMPTY).sum(0)
+        for i, part in enumerate(self.parts):
+            alone = ((states[i] == PARTIAL) & (touching == 1)).nonzero().squeeze(1)
+            if alone.numel():
+                count[alone] = part._count(grid, head[alone], qb[alone], kb[alone])
+        mixed = ((touching >= 2) & ~(states == FULL).any(0)).nonzero().squeeze(1)
+        if mixed.numel():
+            count[mixed] = count_allowed(self, grid, head[mixed], qb[mixed], kb[mixed])[0]
+        return count
+
     def _blocks(self, grid):
         heads = self.num_heads or 1
         sets = [p._blocks(grid).broadcast_heads(heads, grid) for p in self.parts]
@@ -330,6 +376,9 @@ class DisjointUnion(Union):
     separately (each in its cheapest form, e.g. a dilated band by residue classes) and merge."""
 
     symbol = "+"
+
+    def _count(self, grid, head, qb, kb):
+        return sum(p._count(grid, head, qb, kb) for p in self.parts)  # disjoint: counts add up
 
 
 class Intersection(_Combination):
@@ -372,6 +421,35 @@ class Intersection(_Combination):
 
     def _candidate_count(self, grid):
         return min(p._candidate_count(grid) for p in self.parts)
+
+    def _counting_parts(self) -> list[Pattern]:
+        """The parts, with every band merged into one (bands intersect to a band: the tightest
+        bounds, dilations' lcm), so `window & causal` counts in closed form on the diagonal."""
+        bands = [p for p in self.parts if p.band_bounds() is not None]
+        if len(bands) < 2:
+            return list(self.parts)
+        bounds = [p.band_bounds() for p in bands]
+        merged = type(bands[0]).intersect(bounds)
+        return [merged] + [p for p in self.parts if p.band_bounds() is None]
+
+    def _count(self, grid, head, qb, kb):
+        # where every part but one is full, the block counts as that part
+        parts = self._counting_parts()
+        states = torch.stack([p._classify(grid, head, qb, kb) for p in parts])  # [P, n]
+        count = torch.zeros(qb.shape, dtype=torch.int64, device=grid.device)
+        not_full = (states != FULL).sum(0)
+        p0, p1 = grid.q_block_bounds(qb)
+        k0, k1 = grid.kv_block_bounds(kb)
+        count = torch.where(not_full == 0, (p1 - p0) * (k1 - k0), count)
+        live = ~(states == EMPTY).any(0)
+        for i, part in enumerate(parts):
+            only = (live & (not_full == 1) & (states[i] != FULL)).nonzero().squeeze(1)
+            if only.numel():
+                count[only] = part._count(grid, head[only], qb[only], kb[only])
+        mixed = (live & (not_full >= 2)).nonzero().squeeze(1)
+        if mixed.numel():
+            count[mixed] = count_allowed(self, grid, head[mixed], qb[mixed], kb[mixed])[0]
+        return count
 
     def _blocks(self, grid):
         heads = self.num_heads or 1
@@ -426,6 +504,9 @@ class PerHead(Pattern):
         for p in self.parts:
             p._validate(grid)
 
+    def reads_batch(self, device=None):
+        return any(p.reads_batch(device) for p in self.parts)
+
     def bind(self, grid):
         bound = [p.bind(grid) for p in self.parts]
         return self if all(b is p for b, p in zip(bound, self.parts)) else PerHead(bound)
@@ -440,13 +521,19 @@ class PerHead(Pattern):
     def _candidate_count(self, grid):
         return sum(p._candidate_count(grid) for p in self.parts)
 
-    def _classify(self, grid, head, qb, kb):
-        state = torch.zeros(qb.shape, dtype=torch.int8, device=grid.device)
+    def _per_head(self, method: str, dtype, grid, head, qb, kb):
+        out = torch.zeros(qb.shape, dtype=dtype, device=grid.device)
         for h, p in enumerate(self.parts):
             sel = (head == h).nonzero().squeeze(1)
             if sel.numel():
-                state[sel] = p._classify(grid, head[sel], qb[sel], kb[sel])
-        return state
+                out[sel] = getattr(p, method)(grid, head[sel], qb[sel], kb[sel])
+        return out
+
+    def _classify(self, grid, head, qb, kb):
+        return self._per_head("_classify", torch.int8, grid, head, qb, kb)
+
+    def _count(self, grid, head, qb, kb):
+        return self._per_head("_count", torch.int64, grid, head, qb, kb)
 
     def _blocks(self, grid):
         sets = [p._blocks(grid) for p in self.parts]

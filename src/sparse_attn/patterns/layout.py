@@ -144,8 +144,6 @@ class BlockLayout:
 
     @cached_property
     def _allowed_pairs(self) -> torch.Tensor:
-        from .base import count_allowed
-
         g = self.grid
         per_head = torch.zeros(self.num_heads, dtype=torch.int64, device=g.device)
         for csr, is_full in ((self.full, True), (self.partial, False)):
@@ -157,14 +155,16 @@ class BlockLayout:
                 k0, k1 = g.kv_block_bounds(kb)
                 count = (p1 - p0) * (k1 - k0)
             else:
-                count, _ = count_allowed(self._require_pattern(), g, head, qb, kb)
+                count = self._require_pattern()._count(g, head, qb, kb)
             per_head.index_add_(0, head, count)
         return per_head
 
     def allowed_pairs(self) -> torch.Tensor:
         """[H] number of allowed (query, key) pairs per head (H = 1 for a shared layout).
 
-        Exact: partial blocks are counted element by element, O(partial blocks * block area).
+        Exact. Partial blocks are counted in closed form where the pattern's parts allow it
+        (bands, column/row sets, segments: O(1) or O(block_q) per block), else element by
+        element (user predicates, overlaps of two partial parts: O(block area) per block).
         """
         return self._allowed_pairs.clone()
 
@@ -202,7 +202,11 @@ class BlockLayout:
         g = self.grid
         q = q_block[:, None, None] * g.block_q + torch.arange(g.block_q, device=g.device)[None, :, None]
         kv = kv_block[:, None, None] * g.block_kv + torch.arange(g.block_kv, device=g.device)[None, None, :]
-        ok = self._require_pattern().allowed(q + g.q_offset, kv, head[:, None, None]) & (kv < g.kv_len)
+        # padding past the ends is evaluated at the last real position (a user's mask_mod may
+        # index tables of the sequence's length); padded keys are masked, padded rows unused
+        q = torch.clamp(q, max=g.q_len - 1) + g.q_offset
+        ok = self._require_pattern().allowed(q, torch.clamp(kv, max=g.kv_len - 1), head[:, None, None])
+        ok = ok & (kv < g.kv_len)
         return ok.expand(q_block.numel(), g.block_q, g.block_kv)
 
     def __str__(self) -> str:

@@ -88,12 +88,14 @@ def fixed(block: int, summary: int = 1, causal: bool = True) -> Pattern:
     return pattern & Band(0, None, name="causal()") if causal else pattern
 
 
-def _global_index_set(global_tokens) -> IndexSet:
+def _global_index_set(global_tokens, causal: bool = False) -> IndexSet:
     if isinstance(global_tokens, bool):
         raise TypeError("global_tokens must be an int (the first n tokens) or a sequence of indices, got bool")
     if isinstance(global_tokens, int):
         _check_positive_int("global_tokens", global_tokens, allow_zero=True)
-        return IndexSet(prefix=global_tokens)
+        # encoder: like the list form, the positions must exist; causal: a sequence that is
+        # still growing (a short prompt) has the first min(n, length) as globals, as sinks do
+        return IndexSet(prefix=global_tokens, named=not causal)
     idx = torch.as_tensor(global_tokens)
     if idx.numel() == 0:
         return IndexSet(prefix=0)  # an empty list: no global tokens
@@ -109,10 +111,13 @@ def longformer(window: int, global_tokens=0, causal: bool = False) -> Pattern:
     plus global tokens, which attend to every key and are attended by every query.
 
     `global_tokens`: an int n (the first n positions, e.g. [CLS]) or a sequence of positions.
+    Positions must exist in the sequence (a layout for fewer than n, or than the largest
+    index, raises), except that with causal=True a count n means the first min(n, length)
+    tokens, as attention sinks do, so a decoder can start from a short prompt.
     With causal=True the window is causal (W keys up to i) and everything is clipped to j <= i.
     """
     _check_bool("causal", causal)
-    globals_ = _global_index_set(global_tokens)
+    globals_ = _global_index_set(global_tokens, causal)
     local = sliding_window(window, causal=causal)
     pattern = local | Rows(globals_) | Columns(globals_)
     return pattern & Band(0, None, name="causal()") if causal else pattern
@@ -120,7 +125,11 @@ def longformer(window: int, global_tokens=0, causal: bool = False) -> Pattern:
 
 def streaming(sinks: int, window: int) -> Pattern:
     """StreamingLLM: each query sees the first `sinks` tokens and the last `window` keys
-    (itself included), causally."""
+    (itself included), causally.
+
+    A sequence shorter than `sinks` is all sinks (as StreamingLLM's cache, which keeps the
+    first min(sinks, seen) tokens): a short prompt must decode with the same pattern as a long
+    one, so this is accepted, unlike Longformer's global count, which names positions."""
     sinks = _check_positive_int("sinks", sinks, allow_zero=True)
     window = _check_positive_int("window", window)
     return (Columns(IndexSet(prefix=sinks)) & Band(0, None, name="causal()")) | sliding_window(window, causal=True)
@@ -307,6 +316,9 @@ def predicate(fn: Callable, num_heads: int | None = None) -> Pattern:
 
     Layouts are found by evaluating fn block by block: exact, bounded memory, but O(N^2) time
     (cached per length). Prefer a preset or a combination of presets where one fits.
-    `b` is always 0; pass `num_heads` if fn depends on `h`.
+    One layout serves every row of a batch, so fn may not read `b` (refused with a
+    ValueError when the layout is built); pass `num_heads` if fn depends on `h` (reading
+    `h` without it is refused too). fn is only evaluated at in-range positions, so lookup
+    tables of the sequence's length work, as with FlexAttention.
     """
     return Predicate(fn, num_heads=num_heads)

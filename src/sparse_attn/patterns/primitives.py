@@ -13,6 +13,7 @@ block classifier:
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from typing import Callable
 
@@ -88,6 +89,17 @@ class Band(_KvRangePattern):
     def is_causal(self):
         return self.lo >= 0
 
+    def band_bounds(self):
+        return self.lo, self.hi, self.dilation
+
+    @staticmethod
+    def intersect(bounds) -> "Band":
+        """The band allowed by every one of `bounds` [(lo, hi, dilation), ...]."""
+        lo = max(b[0] for b in bounds)
+        hi = min(b[1] for b in bounds)
+        dilation = math.lcm(*(b[2] for b in bounds))
+        return Band(None if lo == -UNBOUNDED else lo, None if hi == UNBOUNDED else hi, dilation)
+
     def reachable(self, kv_idx, next_q):
         # query i >= next_q reaches j when lo <= i - j <= hi: some such i exists iff j >= next_q - hi
         # (with dilation r, i = j + hi' for the largest multiple hi' of r in [max(lo, next_q - j), hi])
@@ -142,6 +154,22 @@ class Band(_KvRangePattern):
             full = full & (dmin == dmax) & (torch.remainder(dmin, r) == 0)
         return _states(nonempty, full)
 
+    def _count(self, grid, head, qb, kb):
+        # For a difference u = i - j the pairs in the block number
+        # L(u) = max(0, min(A, D, B - u, C + u)): a trapezoid in u (A, D the block's sides).
+        # Sum it over the allowed u (multiples of r in [lo, hi]) piece by piece in closed form.
+        a, b = grid.q_block_bounds(qb)
+        c, e = grid.kv_block_bounds(kb)
+        big_b, big_c, m = b - c, e - a, torch.minimum(b - a, e - c)
+        lo = torch.clamp(1 - big_c, min=self.lo)  # L > 0 needs C + u >= 1 and B - u >= 1
+        hi = torch.clamp(big_b - 1, max=self.hi)
+        rise_end, fall_start = m - big_c, big_b - m  # rise_end <= fall_start
+        r = self.dilation
+        rise = _progression_sum(lo, torch.minimum(hi, rise_end), r, big_c, 1)
+        flat = _progression_sum(torch.maximum(lo, rise_end + 1), torch.minimum(hi, fall_start - 1), r, m, 0)
+        fall = _progression_sum(torch.maximum(lo, torch.maximum(fall_start, rise_end + 1)), hi, r, big_b, -1)
+        return rise + flat + fall
+
     def __repr__(self):
         if self.name:
             return self.name
@@ -150,17 +178,28 @@ class Band(_KvRangePattern):
         return f"Band(lo={lo}, hi={hi}, dilation={self.dilation})"
 
 
+def _progression_sum(x: torch.Tensor, y: torch.Tensor, r: int, alpha, beta: int) -> torch.Tensor:
+    """Sum of alpha + beta * u over the multiples u of r in [x, y] (0 where there are none)."""
+    u0 = -_floor_div(-x, r) * r  # first multiple >= x
+    u1 = _floor_div(y, r) * r  # last multiple <= y
+    n = torch.clamp(_floor_div(u1 - u0, r) + 1, min=0)
+    return n * alpha + beta * _floor_div(n * (u0 + u1), 2)  # n * (u0 + u1) is even
+
+
 class IndexSet:
     """A set of non-negative positions with O(1) membership and range counts.
 
     Either explicit sorted indices, a prefix [0, n), or a periodic set
-    {p : p mod period >= period - width}.
+    {p : p mod period >= period - width}. Explicit indices, and a prefix made with
+    `named=True` (Longformer's "the first n tokens"), name positions that must exist: a layout
+    for a shorter sequence is refused. A plain prefix (StreamingLLM's sinks) is "up to n".
     """
 
     def __init__(self, *, indices: torch.Tensor | None = None, prefix: int | None = None,
-                 period: int | None = None, width: int | None = None) -> None:
+                 period: int | None = None, width: int | None = None, named: bool = False) -> None:
         self.indices = None
         self.prefix = prefix
+        self.named = named
         self.period, self.width = period, width
         if indices is not None:
             idx = torch.unique(torch.as_tensor(indices, dtype=torch.int64).reshape(-1).cpu())
@@ -177,8 +216,11 @@ class IndexSet:
             self._cumulative.prepare(device)
 
     def max_index(self) -> int | None:
+        """The largest position that must exist in the sequence (None: no such requirement)."""
         if self.indices is not None:
             return int(self.indices[-1]) if self.indices.numel() else None
+        if self.named and self.prefix:
+            return self.prefix - 1
         return None
 
     def contains(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,10 +289,16 @@ class Columns(Pattern):
         k0, k1 = grid.kv_block_bounds(kb)
         return state_from_count(self.keys.count(k0, k1), k1 - k0)
 
+    def _count(self, grid, head, qb, kb):
+        p0, p1 = grid.q_block_bounds(qb)
+        k0, k1 = grid.kv_block_bounds(kb)
+        return self.keys.count(k0, k1) * (p1 - p0)
+
     def _validate(self, grid):
         m = self.keys.max_index()
         if m is not None and m >= grid.kv_len:
-            raise ValueError(f"global token index {m} is out of range for a sequence of {grid.kv_len} keys")
+            raise ValueError(f"global token index {m} is out of range for a sequence of {grid.kv_len} keys "
+                             f"(global tokens {self.keys!r})")
 
     def __repr__(self):
         return f"Columns({self.keys!r})"
@@ -295,10 +343,16 @@ class Rows(Pattern):
         count = self.queries.count(p0, p1)
         return _states((count > 0) & (k1 > k0), (count == p1 - p0) & (k1 > k0))
 
+    def _count(self, grid, head, qb, kb):
+        p0, p1 = grid.q_block_bounds(qb)
+        k0, k1 = grid.kv_block_bounds(kb)
+        return self.queries.count(p0, p1) * (k1 - k0)
+
     def _validate(self, grid):
         m = self.queries.max_index()
         if m is not None and m >= max(grid.kv_len, grid.q_end):
-            raise ValueError(f"global token index {m} is out of range for a sequence of {grid.kv_len} positions")
+            raise ValueError(f"global token index {m} is out of range for a sequence of "
+                             f"{max(grid.kv_len, grid.q_end)} positions (global tokens {self.queries!r})")
 
     def __repr__(self):
         return f"Rows({self.queries!r})"
@@ -362,6 +416,21 @@ class Segments(_KvRangePattern):
         nonempty = (q_first <= k_last) & (k_first <= q_last)
         full = (q_first == q_last) & (k_first == k_last) & (q_first == k_first)
         return _states(nonempty, full)
+
+    def _count(self, grid, head, qb, kb):
+        # per query row: the overlap of its segment with the kv block, O(block_q) per block
+        p0, p1 = grid.q_block_bounds(qb)
+        k0, k1 = grid.kv_block_bounds(kb)
+        q = p0[:, None] + grid.arange(grid.block_q)[None, :]  # [n, BQ]
+        inside = q < p1[:, None]
+        q = torch.minimum(q, p1[:, None] - 1)
+        seg = self.segment_of(q)
+        if self.size is not None:
+            lo, hi = seg * self.size, (seg + 1) * self.size
+        else:
+            lo, hi = self._start.to(grid.device)[seg], self._end.to(grid.device)[seg]
+        overlap = torch.minimum(hi, k1[:, None]) - torch.maximum(lo, k0[:, None])
+        return (torch.clamp(overlap, min=0) * inside).sum(1)
 
     def _validate(self, grid):
         if self.length is not None and (grid.kv_len > self.length or grid.q_end > self.length):
@@ -461,12 +530,47 @@ class BlockCells(Pattern):
         return f"{self.name}({self.shape[1]}x{self.shape[2]} blocks of {self.cell_q}, {self._col.numel()} set)"
 
 
+class _IndexRead(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class _UnusedIndex(torch.Tensor):
+    """A 0-dim index tensor that raises `_IndexRead` when anything reads it (indexing, compares,
+    arithmetic, int()): how `Predicate` finds out whether a mask_mod depends on b or h."""
+
+    @staticmethod
+    def make(name: str, device) -> "_UnusedIndex":
+        t = torch.zeros((), dtype=torch.int64, device=device).as_subclass(_UnusedIndex)
+        t._index_name = name
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        for a in list(args) + list((kwargs or {}).values()):
+            if isinstance(a, _UnusedIndex):
+                raise _IndexRead(a._index_name)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def _reads_index(fn, b, h, q, kv) -> bool:
+    try:
+        fn(b, h, q, kv)
+    except _IndexRead:
+        return True
+    return False
+
+
 class Predicate(Pattern):
     """A user's FlexAttention-style `mask_mod(b, h, q_idx, kv_idx) -> bool`.
 
     Its block layout is found by evaluating the function on every element, a few query blocks
     at a time: O(q_len * kv_len) time but bounded memory. Layouts are cached on the pattern.
-    The function must be head-independent unless `num_heads` is given; `b` is always 0.
+    The function must be head-independent unless `num_heads` is given; it is called with
+    b = 0 and one layout serves the whole batch, so a function that reads `b` is refused for
+    batches of more than one row (both checked when a layout is built / the call is made).
     """
 
     def __init__(self, fn: Callable, num_heads: int | None = None, name: str | None = None) -> None:
@@ -476,6 +580,7 @@ class Predicate(Pattern):
         self.fn = fn
         self.num_heads = num_heads
         self.name = name or getattr(fn, "__name__", "predicate")
+        self._reads_batch: bool | None = None  # found by the probe in _validate
 
     def allowed(self, q_idx, kv_idx, head=None):
         h = torch.zeros((), dtype=torch.int64, device=q_idx.device) if head is None else torch.as_tensor(head)
@@ -484,6 +589,30 @@ class Predicate(Pattern):
             raise TypeError(f"predicate {self.name} must return a bool tensor, got "
                             f"{out.dtype if isinstance(out, torch.Tensor) else type(out).__name__}")
         return out.expand(torch.broadcast_shapes(q_idx.shape, kv_idx.shape, h.shape))
+
+    def _validate(self, grid):
+        """Probe the function on the first positions with tracer indices. Without num_heads a
+        layout is shared by every head, so a mask that reads `h` would be applied from head 0
+        to all of them: refused. Reading `b` is recorded (`reads_batch`): one layout serves the
+        whole batch, so such a predicate is refused for batches of more than one row."""
+        if grid.q_len == 0 or grid.kv_len == 0:
+            return
+        q = grid.arange(min(grid.q_len, 16))[:, None] + grid.q_offset
+        kv = grid.arange(min(grid.kv_len, 16))[None, :]
+        zero = torch.zeros((), dtype=torch.int64, device=grid.device)
+        h = grid.arange(self.num_heads)[:, None, None] if self.num_heads else zero
+        if self.num_heads is None and _reads_index(self.fn, zero, _UnusedIndex.make("h", grid.device), q, kv):
+            raise ValueError(f"predicate {self.name} reads its head index h: pass num_heads=<query heads> so "
+                             "each head gets its own layout (without it h would always be 0)")
+        if self._reads_batch is None:
+            self._reads_batch = _reads_index(self.fn, _UnusedIndex.make("b", grid.device), h, q, kv)
+
+    def reads_batch(self, device=None) -> bool:
+        if self._reads_batch is None:  # no layout built yet: probe at position 0
+            zero = torch.zeros((1, 1), dtype=torch.int64, device=device)
+            h = zero[0, 0] if self.num_heads is None else torch.arange(self.num_heads, device=device)[:, None, None]
+            self._reads_batch = _reads_index(self.fn, _UnusedIndex.make("b", device), h, zero, zero)
+        return self._reads_batch
 
     def _blocks(self, grid):
         heads = self.num_heads or 1
@@ -496,8 +625,12 @@ class Predicate(Pattern):
             qbs = grid.arange(min(step, grid.num_q_blocks - s)) + s
             rows = qbs[:, None] * grid.block_q + grid.arange(grid.block_q)[None, :]  # [n, BQ]
             h = grid.arange(heads)[:, None, None]
-            ok = self.allowed(rows.reshape(-1)[None, :, None] + grid.q_offset, kv[None, None, :], h)
-            ok = ok & (rows.reshape(-1) < grid.q_len)[None, :, None] & (kv < grid.kv_len)[None, None, :]
+            rows = rows.reshape(-1)
+            # the last blocks' padding is evaluated at the last real position and masked, so
+            # a mask_mod indexing tables of the sequence's length works (as in FlexAttention)
+            q_pos = torch.clamp(rows, max=grid.q_len - 1) + grid.q_offset
+            ok = self.allowed(q_pos[None, :, None], torch.clamp(kv, max=grid.kv_len - 1)[None, None, :], h)
+            ok = ok & (rows < grid.q_len)[None, :, None] & (kv < grid.kv_len)[None, None, :]
             count = ok.reshape(heads, qbs.numel(), grid.block_q, nkb, grid.block_kv).sum(dim=(2, 4))
             states.append(count)  # [H, n, NKB]
         count = torch.cat(states, dim=1) if states else torch.zeros(heads, 0, nkb, dtype=torch.int64)

@@ -27,14 +27,15 @@ from ..common import accumulation_dtype, softmax_with_lse
 from .clusters import check_routing_args, cluster_members, member_masks
 
 
-def routing_attention(q, k, v, *, num_clusters, window, causal=False, scale=None, centroids=None,
+def routing_attention(q, k, v, *, num_clusters=None, window=None, causal=False, scale=None, centroids=None,
                       return_lse=False):
     """Attention within balanced k-means clusters.
 
     Args:
         q: [B, Hq, N, D]; k: [B, Hkv, N, D]; v: [B, Hkv, N, Dv]; Hq % Hkv == 0 (GQA).
-        num_clusters: C.
-        window: members (queries and keys) per cluster, 1 <= window <= N.
+        num_clusters: C; default: the centroids' count if given, else about sqrt(N) / 2
+            (Roy et al.'s sizing, `routing_sizes(N)`).
+        window: members (queries and keys) per cluster, 1 <= window <= N; default ceil(N / C).
         causal: queries see keys at their position or before.
         scale: score scale, default 1 / sqrt(D).
         centroids: a `RoutingCentroids`, a tensor [C, D] or [1 or Hq, C, D] (normalised here), or
@@ -45,7 +46,7 @@ def routing_attention(q, k, v, *, num_clusters, window, causal=False, scale=None
     Returns:
         out [B, Hq, N, Dv] in q's dtype, or (out, lse).
     """
-    scale, centroids = check_routing_args(q, k, v, num_clusters=num_clusters, window=window, causal=causal,
+    scale, centroids, window = check_routing_args(q, k, v, num_clusters=num_clusters, window=window, causal=causal,
                                           scale=scale, centroids=centroids)
     q_members, k_members = cluster_members(q, k, centroids, window)  # [B, Hq, C, W]
     work = accumulation_dtype(q.dtype)

@@ -18,15 +18,23 @@ from .kmeans import RoutingCentroids, initial_centroids
 
 
 def check_routing_args(q, k, v, *, num_clusters, window, causal, scale, centroids):
-    """Validates a routing call; returns (scale, centroids as float32 [B or 1, Hq, C, D])."""
+    """Validates a routing call; returns (scale, centroids as float32 [B or 1, Hq, C, D], window).
+
+    num_clusters None: the centroids' count if given, else `routing_sizes(N)` (the paper's
+    ~sqrt(N)/2); window None: ceil(N / num_clusters), so every token can be routed once."""
     check_self_attention_qkv(q, k, v)
-    check_int("num_clusters", num_clusters, 1)
-    check_int("window", window, 1)
     check_bool("causal", causal)
     n = q.shape[2]
+    if num_clusters is None:
+        given = centroids.centroids if isinstance(centroids, RoutingCentroids) else centroids
+        given_count = given.shape[-2] if isinstance(given, torch.Tensor) and given.dim() >= 2 else None
+        num_clusters = given_count if given_count is not None else routing_sizes(n)["num_clusters"]
+    check_int("num_clusters", num_clusters, 1)
+    window = -(-n // num_clusters) if window is None else window
+    check_int("window", window, 1)
     if window > n:
         raise ValueError(f"window must be <= the sequence length {n}, got {window}")
-    return check_scale(scale, q.shape[3]), resolve_centroids(centroids, q, k, num_clusters)
+    return check_scale(scale, q.shape[3]), resolve_centroids(centroids, q, k, num_clusters), window
 
 
 def resolve_centroids(centroids, q, k, num_clusters):
@@ -54,10 +62,10 @@ def resolve_centroids(centroids, q, k, num_clusters):
     return F.normalize(centroids.detach().float(), dim=-1).expand(hq, -1, -1).unsqueeze(0)
 
 
-def route_tokens(q, k, *, num_clusters, window, centroids=None):
+def route_tokens(q, k, *, num_clusters=None, window=None, centroids=None):
     """The clusters `routing_attention` uses with the same arguments: (query members, key members),
     int64 [B, Hq, num_clusters, window], each row the sorted positions of one cluster's members."""
-    _, centroids = check_routing_args(q, k, None, num_clusters=num_clusters, window=window, causal=False,
+    _, centroids, window = check_routing_args(q, k, None, num_clusters=num_clusters, window=window, causal=False,
                                       scale=None, centroids=centroids)
     return cluster_members(q, k, centroids, window)
 

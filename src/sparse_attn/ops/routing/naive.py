@@ -14,10 +14,10 @@ from ..common import accumulation_dtype, softmax_with_lse
 from .clusters import check_routing_args, cluster_members, member_masks
 
 
-def routing_attention_naive(q, k, v, *, num_clusters, window, causal=False, scale=None, centroids=None,
+def routing_attention_naive(q, k, v, *, num_clusters=None, window=None, causal=False, scale=None, centroids=None,
                             return_lse=False):
     """Same arguments and result as `routing_attention`, computed with a dense mask."""
-    scale, centroids = check_routing_args(q, k, v, num_clusters=num_clusters, window=window, causal=causal,
+    scale, centroids, window = check_routing_args(q, k, v, num_clusters=num_clusters, window=window, causal=causal,
                                           scale=scale, centroids=centroids)
     allowed = _pairs(q, k, centroids, window, causal)  # [B, Hq, N, N]
     work = accumulation_dtype(q.dtype)
@@ -29,10 +29,10 @@ def routing_attention_naive(q, k, v, *, num_clusters, window, causal=False, scal
 
 
 @torch.no_grad()
-def routing_attended_pairs(q, k, *, num_clusters, window, causal=False, centroids=None):
+def routing_attended_pairs(q, k, *, num_clusters=None, window=None, causal=False, centroids=None):
     """bool [B, Hq, N, N]: the pairs (query i, key j) `routing_attention` attends to with the same
     arguments (for evaluation at small N)."""
-    _, centroids = check_routing_args(q, k, None, num_clusters=num_clusters, window=window, causal=causal,
+    _, centroids, window = check_routing_args(q, k, None, num_clusters=num_clusters, window=window, causal=causal,
                                       scale=None, centroids=centroids)
     return _pairs(q, k, centroids, window, causal)
 

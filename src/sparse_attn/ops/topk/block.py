@@ -180,7 +180,7 @@ def _attend_folded(q, k, v, selection, block_size, causal, always, scale, backen
     return out.reshape(bsz, hq, nq, v.shape[3])
 
 
-def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k_blocks: int, block_size: int = 64,
+def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k_blocks: int = 8, block_size: int = 64,
                          *, causal: bool = False, always: Pattern | None = None, scale: float | None = None,
                          backend: str = "auto", q_offset: int | None = None, return_selection: bool = False):
     """Block top-k attention: each query block attends to its top_k_blocks kv blocks (chosen by
@@ -188,8 +188,8 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_
 
     Args:
         q: (B, Hq, Nq, D); k: (B, Hkv, Nkv, D); v: (B, Hkv, Nkv, Dv); Hq % Hkv == 0 (GQA).
-        top_k_blocks: kv blocks per query block (>= 1); with causal the query block's own block
-            is one of them. Covering every block gives dense (causal) attention.
+        top_k_blocks: kv blocks per query block (>= 1; default 8); with causal the query block's
+            own block is one of them. Covering every block gives dense (causal) attention.
         block_size: tokens per selection block (any int >= 1; the backend picks its own kernel
             blocks, which need not match).
         causal: a query at position i sees only keys at positions <= i (inside the selected
@@ -213,6 +213,8 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_
                                       backend)
     if always is not None and always.num_heads is not None and always.num_heads != q.shape[1]:
         raise ValueError(f"always is defined for {always.num_heads} heads but q has {q.shape[1]} heads")
+    if always is not None:  # the batch is folded into heads below, where b would always be 0
+        always.check_batch(q.shape[0], q.device)
     selection = select_kv_blocks(q, k, top_k_blocks, block_size, causal=causal, q_offset=q_offset)
     args = (block_size, causal, always, scale, backend, q_offset)
     if always is not None and always.num_heads is not None and q.shape[0] > 1:

@@ -173,14 +173,14 @@ class _TopkAttention(torch.autograd.Function):
                 dv.to(v.dtype) if need[2] else None, None, None)
 
 
-def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int, *, causal: bool = False,
+def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int = 64, *, causal: bool = False,
                    scale: float | None = None, q_offset: int | None = None, chunk_size: int | None = None):
     """Exact top-k attention: each query attends only to its `top_k` highest-scoring keys.
 
     Args:
         q: (B, Hq, Nq, D); k: (B, Hkv, Nkv, D); v: (B, Hkv, Nkv, Dv); Hq % Hkv == 0 (GQA).
-        top_k: keys kept per query (>= 1). A row with fewer allowed keys keeps all of them, so
-            top_k >= Nkv gives dense (causal) attention.
+        top_k: keys kept per query (>= 1; default 64). A row with fewer allowed keys keeps all of
+            them, so top_k >= Nkv gives dense (causal) attention.
         causal: a query at position i sees only keys at positions <= i.
         scale: score scale, default 1/sqrt(D).
         q_offset: absolute position of the first query; default Nkv - Nq (queries are the last

@@ -140,6 +140,10 @@ def test_state_dict_has_only_the_projections():
     (dict(dim=32, num_heads=4, mechanism="nope"), ValueError, "unknown mechanism 'nope'"),
     (dict(dim=32, num_heads=4, mechanism=P.causal().layout(8)), TypeError, "must not be a BlockLayout"),
     (dict(dim=32, num_heads=4, rope="yes"), TypeError, "rope must be a bool"),
+    (dict(dim=32, num_heads=4, backend="bogus"), ValueError,
+     r"backend must be 'auto' or one of \[.*'blocked'.*\], got 'bogus'"),
+    (dict(dim=32, num_heads=4, mechanism="lsh:causal=true", backend="blocked"), ValueError,
+     "backend='blocked' picks the block backend of patterns and block_topk; lsh has one implementation"),
 ])
 def test_constructor_errors(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparse_attn import patterns as P
-from sparse_attn.nn import FullCache, LinearStateCache, SinkCache, SparseAttention, WindowCache
+from sparse_attn.nn import FullCache, LinearStateCache, PatternCache, SinkCache, SparseAttention, WindowCache
 
 
 def decode(layer, x, cache, chunks):
@@ -101,14 +101,16 @@ def test_linear_state_cache_is_exact_in_constant_memory():
 
 
 @pytest.mark.parametrize("cache, mechanism, message", [
-    (LinearStateCache(), "linear", "causal linear attention"),
+    (LinearStateCache(), "linear", "must run with causal=true"),
     (LinearStateCache(), "causal", "causal linear attention"),
     (WindowCache(8), "causal", "decodes a causal sliding window of at most 8 keys"),
     (WindowCache(4), P.sliding_window(8), "at most 4 keys"),
-    (WindowCache(8), P.sliding_window(8, causal=False), "causal sliding window"),
+    (WindowCache(8), P.sliding_window(8, causal=False), "lets queries see later keys"),
     (SinkCache(2, 8), P.sliding_window(8), r"decodes patterns.streaming\(2, 8\)"),
     (WindowCache(8), "linear:causal=true", "has no fixed pattern"),
-    (FullCache(), "lsh:causal=true,bucket_size=4,seed=0", "same length"),
+    (FullCache(), "lsh:causal=true,bucket_size=4,seed=0", "decided from later positions too.*no cache decodes it"),
+    (FullCache(), "routing:causal=true,num_clusters=2,window=2", "decided from later positions too"),
+    (PatternCache(), "block_topk:causal=true,top_k_blocks=1,block_size=2", "decided from later positions too"),
 ])
 def test_cache_refuses_patterns_it_cannot_serve(cache, mechanism, message):
     layer = make(mechanism)
@@ -131,8 +133,6 @@ def test_positions_and_cache_exclude_each_other():
     (P.sliding_window(6) | P.dilated(5, 4), 16),
 ])
 def test_pattern_cache_is_exact_and_keeps_only_reachable_keys(pattern, kept):
-    from sparse_attn.nn import PatternCache
-
     layer = make(pattern)
     x = torch.randn(2, 150, 32, dtype=torch.float64)
     full = layer(x)
@@ -143,8 +143,64 @@ def test_pattern_cache_is_exact_and_keeps_only_reachable_keys(pattern, kept):
 
 
 def test_pattern_cache_per_head_patterns():
-    from sparse_attn.nn import PatternCache
-
     layer = make(P.per_head([P.sliding_window(4), P.sliding_window(9), P.streaming(2, 3), P.causal()]))
     x = torch.randn(1, 60, 32, dtype=torch.float64)
     torch.testing.assert_close(decode(layer, x, PatternCache(), [1] * 60), layer(x), rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------- one cache, one layer, one batch
+# each cache with a mechanism it decodes
+CACHES = [(FullCache, "causal"), (lambda: WindowCache(8), P.sliding_window(8)),
+          (lambda: SinkCache(2, 8), P.streaming(2, 8)), (PatternCache, P.longformer(8, 2, causal=True)),
+          (LinearStateCache, "linear:causal=true")]
+
+
+@pytest.mark.parametrize("new_cache, mechanism", CACHES)
+def test_a_cache_belongs_to_the_first_layer_that_uses_it(new_cache, mechanism):
+    """Shared by two layers a cache would mix their keys (and count each token twice)."""
+    first, second = make(mechanism), SparseAttention(32, 4, 2, mechanism).double().eval()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    cache = new_cache()
+    first(x, cache=cache)
+    with pytest.raises(ValueError, match="already used by another layer.*one cache per layer"):
+        second(x, cache=cache)
+    assert cache.position == 5
+    torch.testing.assert_close(first(x[:, :1], cache=cache)[0], first(torch.cat([x, x[:, :1]], 1))[:, -1:][0],
+                               rtol=1e-10, atol=1e-10)  # still usable by its own layer
+
+
+@pytest.mark.parametrize("new_cache, mechanism", CACHES)
+def test_a_cache_refuses_another_batch_dtype_device_or_head_shape(new_cache, mechanism):
+    layer = make(mechanism)
+    cache = new_cache()
+    layer(torch.randn(2, 5, 32, dtype=torch.float64), cache=cache)
+    with pytest.raises(ValueError, match="batch 2.*this call has batch 1"):
+        layer(torch.randn(1, 1, 32, dtype=torch.float64), cache=cache)
+    with pytest.raises(ValueError, match="dtype torch.float64.*this call has dtype torch.float32"):
+        layer.float()(torch.randn(2, 1, 32), cache=cache)
+    layer.double()
+    q, k = torch.randn(2, 4, 1, 8, dtype=torch.float64), torch.randn(2, 2, 1, 8, dtype=torch.float64)  # called directly
+    with pytest.raises(ValueError, match="device cpu.*this call has device meta"):
+        cache.attend(q.to("meta"), k.to("meta"), k.to("meta"), layer)
+    with pytest.raises(ValueError, match="kv heads 2.*this call has kv heads 4"):
+        cache.attend(q, q, q, layer)
+    assert cache.position == 5
+    with pytest.raises(TypeError, match="cache must be a KVCache"):
+        layer(torch.randn(2, 1, 32, dtype=torch.float64), cache="full")
+
+
+@pytest.mark.parametrize("new_cache, mechanism, message", [
+    (FullCache, "sliding_window:window=8,causal=false", "lets queries see later keys"),
+    (PatternCache, "sliding_window:window=8,causal=false", "lets queries see later keys"),
+    (PatternCache, P.longformer(8, 2), "lets queries see later keys"),
+    (FullCache, "topk:top_k=4", "must run with causal=true"),
+    (FullCache, "performer:num_features=16", "must run with causal=true"),
+])
+def test_a_layer_that_sees_later_keys_refuses_a_cache(new_cache, mechanism, message):
+    """Decoding one token at a time cannot show a query its later keys: the cached result would
+    silently differ from the layer's forward (by 0.75 for a non-causal window of 8)."""
+    layer = make(mechanism)
+    cache = new_cache()
+    with pytest.raises(ValueError, match=message):
+        layer(torch.randn(1, 3, 32, dtype=torch.float64), cache=cache)
+    assert cache.position == 0

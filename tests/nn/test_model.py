@@ -159,6 +159,8 @@ def test_encoder_errors():
         encoder().classify(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="padding_mask must be a bool tensor"):
         encoder(num_classes=2).classify(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4))
+    with pytest.raises(ValueError, match=r"tokens must be in \[0, 30\) \(vocab_size 30\), got 30"):  # was an IndexError
+        encoder()(torch.tensor([[1, 30]]))
 
 
 # ----------------------------------------------------------------- dense-to-sparse warm-up
@@ -201,3 +203,125 @@ def test_causal_lm_takes_causal_bigbird_and_longformer():
     changed = tokens.clone()
     changed[0, 30:] = (changed[0, 30:] + 1) % 16
     assert torch.equal(model(changed)[0, :30], out[0, :30])  # no position sees a later token
+
+
+# -------------------------------------------------------------- caches are one per layer
+def test_one_cache_shared_by_two_layers_is_refused():
+    """[c, c] used to decode 0.087 off the full forward: the second layer wrote into the first's keys."""
+    m = model(["causal", "causal"])
+    c = FullCache()
+    with pytest.raises(ValueError, match="FullCache is already used by another layer"):
+        m(torch.randint(0, 40, (1, 4)), [c, c])
+    caches = m.make_caches("full")
+    m(torch.randint(0, 40, (2, 4)), caches)
+    with pytest.raises(ValueError, match="batch 2.*this call has batch 3"):  # was a raw torch.cat error
+        m(torch.randint(0, 40, (3, 1)), caches)
+
+
+# ------------------------------------- mechanisms that choose keys from later positions
+LEAKY = [("lsh", "lsh:causal=true,bucket_size=4,n_hashes=2,seed=0"),
+         ("routing", "routing:causal=true,num_clusters=3,window=8"),
+         ("block_topk", "block_topk:causal=true,top_k_blocks=2,block_size=8")]
+
+
+@pytest.mark.parametrize("name, spec", LEAKY)
+def test_causal_selection_is_decided_from_later_positions(name, spec):
+    """What the refusal below rests on: with causal=True these attend only keys j <= i, but which
+    past keys row i gets (LSH's hash sort, routing's balanced clusters, block top-k's query-block
+    mean) depends on later tokens, so rows <= p change when only positions > p change."""
+    from sparse_attn import attention
+
+    q, k, v = (torch.randn(4, 2, 48, 16, dtype=torch.float64) for _ in range(3))  # 8 rows: a choice flips in some
+    out = attention(q, k, v, spec)
+    p = 25
+    later = [t.clone() for t in (q, k, v)]
+    for t in later:
+        t[:, :, p + 1:] = torch.randn_like(t[:, :, p + 1:])
+    assert not torch.allclose(attention(*later, spec)[:, :, :p + 1], out[:, :, :p + 1])
+    # a causal LM built with it (opted in) reads the future through that choice
+    m = model(["causal", spec], leaky_mechanisms=[name])
+    tokens = torch.randint(0, 40, (4, 48))
+    changed = tokens.clone()
+    changed[:, p + 1:] = torch.randint(0, 40, (4, 48 - p - 1))
+    assert not torch.allclose(m(changed)[:, :p + 1], m(tokens)[:, :p + 1])
+
+
+@pytest.mark.parametrize("name, spec", LEAKY)
+def test_causal_lm_refuses_leaky_selection_unless_listed(name, spec):
+    with pytest.raises(ValueError, match=f"layer 1: {name}:causal=true.*decided from later positions too.*"
+                                         fr"leaky_mechanisms=\['{name}'\]"):
+        model(["causal", spec])
+    m = model(["causal", spec], leaky_mechanisms=[name])  # the explicit opt-in
+    assert m(torch.randint(0, 40, (2, 16))).shape == (2, 16, 40)
+    assert ModelConfig.from_dict(m.cfg.to_dict()).leaky_mechanisms == [name]
+    with pytest.raises(ValueError, match="no cache decodes it"):  # decoding can never equal the forward
+        m.generate(torch.randint(0, 40, (1, 16)), 2)
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (["topk"], ValueError, r"leaky_mechanisms lists 'topk'; only .*block_topk, lsh, routing"),
+    ("lsh", TypeError, "leaky_mechanisms must be a list of mechanism names"),
+])
+def test_leaky_mechanisms_errors(value, error, message):
+    with pytest.raises(error, match=message):
+        model(["causal", "causal"], leaky_mechanisms=value)
+
+
+# --------------------------------------------------------------------------- padding
+def test_right_padded_batch_gives_each_row_its_own_logits_at_its_real_positions():
+    """Every layer is causal, so pads after a row's tokens are never seen by its real positions
+    (left padding shifts the positions and is not supported: see SparseCausalLM's docstring)."""
+    m = model()
+    rows = [torch.randint(0, 40, (1, n)) for n in (20, 13, 7)]
+    batch = torch.zeros(3, 20, dtype=torch.long)
+    for b, r in enumerate(rows):
+        batch[b, :r.shape[1]] = r
+    logits = m(batch)
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(logits[b:b + 1, :r.shape[1]], m(r), rtol=1e-10, atol=1e-10)
+
+
+def test_generate_with_lengths_equals_each_row_alone():
+    """Without `lengths` the model cannot tell pads from tokens (it has no pad token) and would
+    continue after them; with it each row continues from its last real token, overwriting its
+    pads, and equals the row generated alone."""
+    m = model()
+    rows = [torch.randint(0, 40, (1, n)) for n in (9, 4, 1)]
+    prompt = torch.full((3, 9), 39)
+    for b, r in enumerate(rows):
+        prompt[b, :r.shape[1]] = r
+    out = m.generate(prompt, 5, temperature=0, lengths=[9, 4, 1])
+    assert out.shape == (3, 14)
+    for b, r in enumerate(rows):
+        alone = m.generate(r, 14 - r.shape[1], temperature=0)
+        assert torch.equal(out[b:b + 1], alone)
+    streamed = list(m.generate(prompt, 5, temperature=0, lengths=torch.tensor([9, 4, 1]), stream=True))
+    assert torch.equal(torch.cat([prompt[:, :1]] + streamed, 1), out)  # columns after the shortest prompt
+    assert not torch.equal(m.generate(prompt, 5, temperature=0), out)  # the pads read as tokens
+
+
+@pytest.mark.parametrize("lengths, error, message", [
+    ([3, 2], ValueError, r"lengths must hold one length per prompt row \(3\), got 2"),
+    ([3, 0, 1], ValueError, r"lengths must be in \[1, 3\] \(the prompt's width\), got \[3, 0, 1\]"),
+    ([3, 4, 1], ValueError, r"lengths must be in \[1, 3\]"),
+    (torch.tensor([1.0, 2.0, 3.0]), TypeError, "lengths must be integers"),
+])
+def test_generate_lengths_errors(lengths, error, message):
+    with pytest.raises(error, match=message):
+        model().generate(torch.zeros(3, 3, dtype=torch.long), 2, lengths=lengths)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.generate(torch.zeros(1, 0, dtype=torch.long), 2), r"prompt must hold at least one token"),
+    (lambda m: m.generate(torch.full((1, 3), 40), 2), r"prompt must be in \[0, 40\) \(vocab_size 40\), got 40"),
+    (lambda m: m.generate(torch.full((1, 3), -1), 2), r"prompt must be in \[0, 40\).*got -1"),
+    (lambda m: m(torch.tensor([[1, 2, 45]])), r"tokens must be in \[0, 40\).*got 45"),
+    (lambda m: m(torch.tensor([1, 2, 3])), r"tokens must be an integer tensor \(batch, length\), got \(3,\)"),
+    (lambda m: m(torch.ones(1, 3, dtype=torch.bool)), "integer tensor .* of int64 or int32 token ids, got torch.bool"),
+    (lambda m: m(torch.zeros(1, 3, dtype=torch.long, device="meta")), "tokens are on meta but the model is on cpu"),
+    (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.long), 2, temperature=float("nan")), "temperature must be"),
+    (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.long), 2, temperature=float("inf")), "temperature must be"),
+])
+def test_named_errors_instead_of_raw_ones(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(model())

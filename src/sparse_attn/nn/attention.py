@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backends import get_backend
 from ..ops.common import check_bool, check_int
-from ..ops.mechanisms import Mechanism, as_mechanism, attention
+from ..ops.mechanisms import PATTERN, Mechanism, as_mechanism, attention
 from ..patterns import BlockLayout
+from .cache import KVCache
 from .rotary import RotaryEmbedding
 
 
@@ -36,7 +38,13 @@ class SparseAttention(nn.Module):
             projection, in training mode. (The sparse kernels do not drop individual attention
             weights, so this is the attention-path dropout that works for every mechanism.)
         bias: biases in the four projections.
-        backend: block backend for patterns and block_topk ("auto" picks per device).
+        backend: block backend for patterns and block_topk ("auto" picks per device); a name
+            `backends.list_backends()` knows, checked here.
+
+    Every row of x is one whole sequence at positions 0..N-1: there is no key padding mask or
+    per-row offset yet. In a right-padded batch a non-causal mechanism attends the pad keys (a
+    causal one never sees the pads after a row's tokens); left padding shifts the positions.
+    Batch sequences of equal length, or run rows alone, until per-row support lands.
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, mechanism="causal", *,
@@ -59,10 +67,16 @@ class SparseAttention(nn.Module):
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        if backend != "auto":
+            get_backend(backend)  # an unknown name fails here, not at the first forward
         mechanism = as_mechanism(mechanism)
         if isinstance(mechanism, BlockLayout):
             raise TypeError("mechanism must not be a BlockLayout here (a layout is built for one length); pass its "
                             "pattern (layout.pattern) or a mechanism name")
+        if (backend != "auto" and isinstance(mechanism, Mechanism) and mechanism.kind != PATTERN
+                and "backend" not in mechanism.info.parameters()):
+            raise ValueError(f"backend={backend!r} picks the block backend of patterns and block_topk; "
+                             f"{mechanism.name} has one implementation: leave backend='auto'")
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.mechanism = mechanism
         self.dropout = float(dropout)
@@ -100,6 +114,9 @@ class SparseAttention(nn.Module):
         k = self.k_proj(x).view(bsz, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, N, Dh]
         v = self.v_proj(x).view(bsz, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a KVCache (FullCache(), WindowCache(w), ...), got "
+                                f"{type(cache).__name__}")
             if positions is not None:
                 raise ValueError("positions and cache exclude each other: the cache assigns the positions")
             if self.sparse_weight < 1.0:

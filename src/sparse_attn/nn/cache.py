@@ -4,10 +4,9 @@ A cache stores the keys/values of the tokens seen so far (what the mechanism can
 and answers `attend(q, k, v, layer)` for the new tokens: it appends their keys/values, applies the
 rotary embedding where its position rule says, and runs the layer's mechanism over what it keeps.
 
-* `FullCache`: every key, rotated at its absolute position; any causal pattern, and any mechanism
-  that takes fewer queries than keys (topk, linear, performer), exact: equals the full forward.
-  (block_topk runs too, but its selection scores the mean of a query block, of which a decoding
-  step holds one token, so it selects differently from a full forward.) Memory grows.
+* `FullCache`: every key, rotated at its absolute position; any causal pattern, and any causal
+  mechanism that takes fewer queries than keys (topk, linear, performer), exact: equals the full
+  forward. Memory grows.
 * `WindowCache(window)`: the last `window` keys in a ring buffer (memory O(window)); exact for a
   causal sliding window of at most `window` keys (the only keys such a pattern can still reach),
   rotated at absolute positions.
@@ -22,10 +21,20 @@ rotary embedding where its position rule says, and runs the layer's mechanism ov
   nothing else; attends over them with the pattern evaluated at their absolute positions. Exact.
 * `LinearStateCache`: linear attention's running state (S, z) (Katharopoulos et al.): O(1) memory
   per layer whatever the length, exact (equals the full causal forward).
+
+Every cache refuses, with a ValueError, calls it cannot serve: a second layer (a cache
+belongs to the first layer that uses it: one cache per layer), another batch size, head shape,
+dtype or device than its first call (one cache per batch of sequences), and a layer that is not
+causal by `check_causal`, the rule `SparseCausalLM` applies to its layers (a non-causal window
+decoded one token at a time would differ from the layer's forward). That includes `lsh`,
+`routing` and `block_topk` with causal=True: they attend keys j <= i only, but which keys row i
+gets is decided from later positions too, so no step-by-step decoding equals their forward.
+Rows are whole sequences: there is no per-row padding or offset yet (see `SparseCausalLM`).
 """
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 
 import torch
@@ -38,14 +47,37 @@ from ..patterns import streaming as streaming_pattern
 
 
 class KVCache(ABC):
-    """Base: `position` = tokens seen so far; subclasses keep what they can still use."""
+    """Base: `position` = tokens seen so far; subclasses keep what they can still use.
+
+    The first call binds the cache to its layer and to the batch, heads, head dims, dtype and
+    device of its keys; later calls must match them (see the module docstring)."""
 
     def __init__(self) -> None:
         self.position = 0
+        self._layer = None  # weakref to the layer of the first call
+        self._shape = None  # what the first call's q/k/v looked like
 
-    @abstractmethod
     def attend(self, q, k, v, layer):
         """Store the new tokens' keys/values and return their attention output [B, Hq, n, Dv]."""
+        shape = {"batch": k.shape[0], "q heads": q.shape[1], "kv heads": k.shape[1], "head dim": k.shape[3],
+                 "value head dim": v.shape[3], "dtype": k.dtype, "device": k.device}
+        name = type(self).__name__
+        if self._layer is None:
+            check_causal(layer.mechanism, name, accepted_leaky=None)
+            self._layer, self._shape = weakref.ref(layer), shape
+        elif self._layer() is not layer:
+            raise ValueError(f"{name} is already used by another layer: a cache holds one layer's keys and values, "
+                             "so give one cache per layer (SparseCausalLM.make_caches)")
+        elif shape != self._shape:
+            first = ", ".join(f"{key} {val}" for key, val in self._shape.items())
+            now = ", ".join(f"{key} {val}" for key, val in shape.items() if val != self._shape[key])
+            raise ValueError(f"{name} holds keys of {first} from its first call; this call has {now}: start a new "
+                             "cache for another batch of sequences")
+        return self._attend(q, k, v, layer)
+
+    @abstractmethod
+    def _attend(self, q, k, v, layer):
+        """`attend` once the call is known to fit the cache."""
 
     def memory_bytes(self) -> int:
         """Bytes of the tensors the cache holds now."""
@@ -53,6 +85,40 @@ class KVCache(ABC):
 
     def _tensors(self):
         return ()
+
+
+# Mechanisms that, with causal=True, attend keys j <= i only but choose which of them row i gets
+# from later positions too (LSH's hash sort and its chunks, routing's balanced top-`window`
+# cluster membership, block top-k's query-block mean): a causal LM trained with them can read the
+# future through that choice, and no cache decodes them equal to their forward. (Kept here, not in
+# the mechanism registry, until the registry describes this as data.)
+LEAKY_SELECTION = {"lsh": "the hash sort and its chunks", "routing": "the balanced cluster membership",
+                   "block_topk": "the query block's mean score"}
+
+
+def check_causal(mechanism, where: str, accepted_leaky=()) -> None:
+    """The one rule for "this layer never sees a later token", for causal LMs and caches: every
+    pattern must be provably causal (`Pattern.is_causal`), every other mechanism must run with
+    causal=true, and a mechanism of LEAKY_SELECTION is refused unless its name is in
+    `accepted_leaky` (None: nothing can accept it, as for a cache). Refused, not silently
+    restricted, so the model runs the pattern its config names. `where` starts the message."""
+    pattern = mechanism.pattern() if isinstance(mechanism, Mechanism) else mechanism
+    if isinstance(pattern, Pattern):
+        if not pattern.is_causal():
+            raise ValueError(f"{where}: {mechanism} lets queries see later keys; a causal LM and its caches need a "
+                             "causal pattern (e.g. sliding_window:causal=true, longformer:causal=true, "
+                             "bigbird:causal=true, or pattern & patterns.causal())")
+    elif isinstance(mechanism, Mechanism):
+        if mechanism.params.get("causal") is not True:
+            raise ValueError(f"{where}: {mechanism} must run with causal=true in a causal LM and its caches "
+                             f"(e.g. '{mechanism.name}:causal=true')")
+        if mechanism.name in LEAKY_SELECTION and mechanism.name not in (accepted_leaky or ()):
+            remedy = ("no cache decodes it" if accepted_leaky is None else
+                      f"to train with it anyway, accept that in ModelConfig(leaky_mechanisms=['{mechanism.name}'])")
+            raise ValueError(f"{where}: {mechanism} attends keys j <= i only, but which keys row i gets "
+                             f"({LEAKY_SELECTION[mechanism.name]}) is decided from later positions too: a causal LM "
+                             "trained with it can read the future through that choice, and its step-by-step "
+                             f"decoding cannot equal its full forward; {remedy}")
 
 
 def _layer_pattern(layer) -> Pattern:
@@ -95,7 +161,7 @@ class FullCache(KVCache):
     def _tensors(self):
         return (self.k, self.v)
 
-    def attend(self, q, k, v, layer):
+    def _attend(self, q, k, v, layer):
         n = q.shape[2]
         pos = torch.arange(self.position, self.position + n, device=q.device)
         q, k = _rotate(layer, q, pos), _rotate(layer, k, pos)
@@ -155,7 +221,7 @@ class WindowCache(KVCache):
                              f"sliding window of at most {self.window} keys, not {pattern!r}")
         return pattern
 
-    def attend(self, q, k, v, layer):
+    def _attend(self, q, k, v, layer):
         pattern = self._check(layer)
         n = q.shape[2]
         pos = torch.arange(self.position, self.position + n, device=q.device)
@@ -186,7 +252,7 @@ class SinkCache(KVCache):
     def _tensors(self):
         return (self.sink_k, self.sink_v, self.k.data, self.v.data)
 
-    def attend(self, q, k, v, layer):
+    def _attend(self, q, k, v, layer):
         pattern = _layer_pattern(layer)
         if repr(pattern) != repr(streaming_pattern(self.sinks, self.window)):
             raise ValueError(f"SinkCache({self.sinks}, {self.window}) decodes patterns.streaming({self.sinks}, "
@@ -225,7 +291,7 @@ class LinearStateCache(KVCache):
     def _tensors(self):
         return () if self.state is None else tuple(self.state)
 
-    def attend(self, q, k, v, layer):
+    def _attend(self, q, k, v, layer):
         m = layer.mechanism
         if not (isinstance(m, Mechanism) and m.name == "linear" and m.params.get("causal") is True):
             raise ValueError(f"LinearStateCache decodes causal linear attention (mechanism 'linear:causal=true'), "
@@ -252,7 +318,7 @@ class PatternCache(KVCache):
     def _tensors(self):
         return (self.k, self.v, self.positions)
 
-    def attend(self, q, k, v, layer):
+    def _attend(self, q, k, v, layer):
         pattern = _layer_pattern(layer)
         n = q.shape[2]
         pos = torch.arange(self.position, self.position + n, device=q.device)

@@ -9,6 +9,7 @@ Read top to bottom: config -> block (pre-norm attention + MLP) -> models -> cach
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,7 +20,8 @@ from ..ops.mechanisms import Mechanism, as_mechanism
 from ..patterns import Band, Pattern
 from ..patterns.grid import UNBOUNDED
 from .attention import SparseAttention
-from .cache import FullCache, KVCache, LinearStateCache, PatternCache, SinkCache, WindowCache
+from .cache import (LEAKY_SELECTION, FullCache, KVCache, LinearStateCache, PatternCache, SinkCache, WindowCache,
+                    check_causal)
 
 
 @dataclass
@@ -29,6 +31,11 @@ class ModelConfig:
     `mechanisms` is one spec for every layer ("sliding_window:window=256") or a list with one
     spec per layer (["causal", "sliding_window:window=256", ...]); specs are what
     `sparse_attn.attention` accepts as strings, or Mechanism dicts.
+
+    `leaky_mechanisms` names the mechanisms ("lsh", "routing", "block_topk") a `SparseCausalLM`
+    accepts although, with causal=True, they choose which past keys a query gets from later
+    positions too (see `cache.check_causal`): the model can then read the future through that
+    choice and cannot be decoded step by step. Empty by default: such layers are refused.
     """
 
     vocab_size: int
@@ -43,6 +50,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     warmup_steps: int = 0  # dense-to-sparse: blend from dense to the schedule over this many steps
     extra: dict = field(default_factory=dict)  # free-form notes kept with the config
+    leaky_mechanisms: list = field(default_factory=list)  # accepted despite choosing keys from later positions
 
     def layer_mechanisms(self) -> list[Mechanism | Pattern]:
         specs = self.mechanisms if isinstance(self.mechanisms, list) else [self.mechanisms] * self.num_layers
@@ -135,8 +143,9 @@ class SparseTransformer(_Stack):
     """Encoder: tokens (B, N) -> hidden states (B, N, dim), and `classify` -> logits (B, classes)
     from the pooled states. Mechanisms are usually non-causal here ("sliding_window:causal=false",
     "longformer", "bigbird"). `padding_mask` (B, N) bool, True = real token: pooling ignores the
-    padding (the attention does not: give padded batches a pattern that is fine with that, or
-    batch documents of equal length)."""
+    padding, the attention does not (no key padding mask yet): in a right-padded batch a
+    non-causal pattern lets real tokens attend the pads, so batch documents of equal length or
+    run rows alone."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int = 0, pooling: str = "mean"):
         if pooling not in ("mean", "first"):
@@ -148,7 +157,7 @@ class SparseTransformer(_Stack):
         self.apply(self._init)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        _check_tokens(tokens)
+        _check_tokens(tokens, self.cfg.vocab_size, self.embed.weight.device)
         self._apply_warmup("full")
         x = self.embed(tokens)
         for block in self.blocks:
@@ -171,23 +180,46 @@ class SparseTransformer(_Stack):
         return self.head(pooled)
 
 
-def _check_tokens(tokens) -> None:
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
-        raise ValueError(f"tokens must be an integer tensor (batch, length), got "
+def _check_tokens(tokens, vocab_size: int, device: torch.device, name: str = "tokens") -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        raise ValueError(f"{name} must be an integer tensor (batch, length), got "
                          f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+    if tokens.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
+        raise ValueError(f"{name} must be an integer tensor (batch, length) of int64 or int32 token ids, got "
+                         f"{tokens.dtype}")
+    if tokens.device != device:
+        raise ValueError(f"{name} are on {tokens.device} but the model is on {device}")
+    bad = (tokens < 0) | (tokens >= vocab_size)  # else an IndexError (a device assert on CUDA) in the embedding
+    if bad.any():
+        raise ValueError(f"{name} must be in [0, {vocab_size}) (vocab_size {vocab_size}), got {int(tokens[bad][0])}")
 
 
 class SparseCausalLM(_Stack):
-    """tokens (B, N) -> logits (B, N, vocab). The output head shares the embedding matrix."""
+    """tokens (B, N) -> logits (B, N, vocab). The output head shares the embedding matrix.
+
+    Every layer must be causal (`cache.check_causal`; `ModelConfig.leaky_mechanisms` for LSH,
+    routing and block top-k). Each row is one sequence at positions 0..N-1: there are no per-row
+    padding masks or offsets yet. A right-padded batch still gives each row its own logits at its
+    real positions (a causal layer never sees the pads after them; the pads' logits mean nothing;
+    not so with leaky mechanisms), but left padding shifts the positions and changes the logits:
+    batch sequences of equal length or pad on the right, and give `generate` the `lengths`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
+        leaky = cfg.leaky_mechanisms
+        if not isinstance(leaky, (list, tuple)) or not all(isinstance(name, str) for name in leaky):
+            raise TypeError(f"leaky_mechanisms must be a list of mechanism names, got {type(leaky).__name__} "
+                            f"({leaky!r})")
+        for name in leaky:
+            if name not in LEAKY_SELECTION:
+                raise ValueError(f"leaky_mechanisms lists {name!r}; only {', '.join(sorted(LEAKY_SELECTION))} choose "
+                                 "keys from later positions")
         for i, block in enumerate(self.blocks):
-            _check_causal(i, block.attn.mechanism)
+            check_causal(block.attn.mechanism, f"layer {i}", leaky)
         self.apply(self._init)
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        _check_tokens(tokens)
+        _check_tokens(tokens, self.cfg.vocab_size, self.embed.weight.device)
         self._apply_warmup("causal")
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")
@@ -213,44 +245,62 @@ class SparseCausalLM(_Stack):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, caches: list[KVCache] | str = "auto",
                  temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
-                 stream: bool = False):
+                 stream: bool = False, lengths=None):
         """Sample `max_new_tokens` after `prompt` (B, N): prefill once, then one token per step
         through the caches. temperature 0 = greedy. Returns (B, N + max_new_tokens), or with
-        stream=True an iterator over the new tokens (B, 1) as they are made."""
+        stream=True an iterator over the new tokens (B, 1) as they are made.
+
+        The model has no pad token: every prompt token is taken as real, so a right-padded row
+        would continue after its pads. Give such a batch `lengths` (B ints, each row's real
+        prompt length): each row then continues from its own last token, its pads overwritten by
+        generated tokens, exactly as the row run alone (greedy; sampling draws once per step for
+        the batch), and a row of length L gets N - L + max_new_tokens new tokens. With lengths
+        the stream starts after the shortest prompt (rows still in their prompt yield its tokens).
+        Left-padded prompts are not supported (see the class docstring)."""
+        _check_tokens(prompt, self.cfg.vocab_size, self.embed.weight.device, "prompt")
+        if prompt.shape[1] == 0:
+            raise ValueError(f"prompt must hold at least one token per row, got shape {tuple(prompt.shape)}")
         check_int("max_new_tokens", max_new_tokens, minimum=0)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+                or temperature < 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if top_k is not None:
             check_int("top_k", top_k)
-        steps = self._generate(prompt, max_new_tokens, caches, temperature, top_k, generator)
+        if lengths is not None:
+            lengths = torch.tensor(_check_lengths(lengths, prompt), device=prompt.device)[:, None]  # [B, 1]
+        start = prompt.shape[1] if lengths is None else int(lengths.min())
+        steps = self._generate(prompt, start, lengths, max_new_tokens, caches, temperature, top_k, generator)
         if stream:
             return steps
-        return torch.cat([prompt] + list(steps), dim=1)
+        return torch.cat([prompt[:, :start]] + list(steps), dim=1)
 
     @torch.no_grad()  # the generator body runs when iterated, outside generate()'s own no_grad
-    def _generate(self, prompt, max_new_tokens, caches, temperature, top_k, generator):
+    def _generate(self, prompt, start, lengths, max_new_tokens, caches, temperature, top_k, generator):
         if isinstance(caches, str):
             caches = self.make_caches(caches)
-        logits = self(prompt, caches)[:, -1]
-        for _ in range(max_new_tokens):
+        n = prompt.shape[1]
+        logits = self(prompt[:, :start], caches)[:, -1]
+        for t in range(start, n + max_new_tokens):
             token = _sample(logits, temperature, top_k, generator)  # [B, 1]
+            if t < n:  # rows whose prompt goes on take their own next token (no pad is ever fed)
+                token = torch.where(t < lengths, prompt[:, t:t + 1], token)
             yield token
             logits = self(token, caches)[:, -1]
 
 
-def _check_causal(layer: int, mechanism) -> None:
-    """A language model must not see the future: every layer's pattern must be provably causal
-    (`Pattern.is_causal`) and every other mechanism must run with causal=True. Refused, not
-    silently restricted, so the model runs the pattern its config names."""
-    pattern = mechanism.pattern() if isinstance(mechanism, Mechanism) else mechanism
-    if isinstance(pattern, Pattern):
-        if not pattern.is_causal():
-            raise ValueError(f"layer {layer}: {mechanism} lets queries see later keys; a causal LM needs a causal "
-                             "pattern (e.g. sliding_window:causal=true, longformer:causal=true, bigbird:causal=true, "
-                             "or pattern & patterns.causal())")
-    elif isinstance(mechanism, Mechanism) and mechanism.params.get("causal") is not True:
-        raise ValueError(f"layer {layer}: {mechanism} must run with causal=true in a causal LM "
-                         f"(e.g. '{mechanism.name}:causal=true')")
+def _check_lengths(lengths, prompt) -> list[int]:
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must be integers (one per prompt row), got a {lengths.dtype} tensor")
+        lengths = lengths.tolist()
+    if not isinstance(lengths, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) for x in lengths):
+        raise TypeError(f"lengths must be integers (one per prompt row): a list or a 1-D tensor, got {lengths!r}")
+    bsz, n = prompt.shape
+    if len(lengths) != bsz:
+        raise ValueError(f"lengths must hold one length per prompt row ({bsz}), got {len(lengths)}")
+    if any(not 1 <= x <= n for x in lengths):
+        raise ValueError(f"lengths must be in [1, {n}] (the prompt's width), got {list(lengths)}")
+    return list(lengths)
 
 
 def _need(value, name):

@@ -13,6 +13,11 @@ Choices (the dense reference in naive.py follows the same ones):
 * A query sees every key of the two chunks, not only keys of its own bucket (as Reformer's
   implementations do); padding keys (N is padded to a multiple of bucket_size) are never seen.
 * causal: a query at position i sees keys at positions <= i (original positions, not sorted).
+  Which of those keys share its chunks is decided by the sort over all N positions (as in the
+  paper), so changing a later token changes earlier outputs: a causal LM trained with it can
+  read the future through the sort, and token-by-token decoding cannot equal the full forward
+  (`nn.SparseCausalLM` refuses it unless `ModelConfig(leaky_mechanisms=["lsh"])`; no KV cache
+  decodes it).
 * shared_qk=True (Reformer's shared-QK): the keys are q / |q| and the `k` argument must be None
   (or q itself). A token never attends to itself when any other key is visible to it in any
   round; a token with no other key attends to itself alone (output v_i, lse = score of (i, i)).
@@ -52,7 +57,8 @@ def lsh_attention(q, k, v, *, bucket_size=64, n_hashes=4, causal=False, shared_q
             Hq % Hkv == 0 (GQA: query head h uses kv head h // (Hq / Hkv)).
         bucket_size: chunk length of the sorted order (n_buckets = 2 * ceil(N / bucket_size)).
         n_hashes: hash rounds; more rounds see more of the true attention.
-        causal: queries see keys at their position or before.
+        causal: queries see keys at their position or before; which of them a query gets is
+            still decided from all positions (see the module docstring: not autoregressive).
         shared_qk: keys are q / |q| (Reformer); no self attention unless a token is alone.
         scale: score scale, default 1 / sqrt(D).
         generator / seed: where the random rotations come from (not both).

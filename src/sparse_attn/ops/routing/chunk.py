@@ -8,7 +8,12 @@ is O(num_clusters * window^2), never N x N.
 
 Choices (naive.py follows the same ones):
 * causal: a query at position i sees the cluster's keys at positions <= i (original positions).
-  Membership itself is decided from all positions (as in the paper), only the attention is causal.
+  Membership itself is decided from all positions (as in the paper), only the attention is causal:
+  each cluster takes the top-`window` tokens of the whole sequence (and centroids=None takes the
+  centroids from keys across it), so a later token changes which earlier keys a query shares a
+  cluster with, and earlier outputs. A causal LM trained with it can read the future through
+  membership, and token-by-token decoding cannot equal the full forward (`nn.SparseCausalLM`
+  refuses it unless `ModelConfig(leaky_mechanisms=["routing"])`; no KV cache decodes it).
 * A token that is a query of several clusters attends to the union of those clusters' keys, each
   key counted once: a pair seen by m clusters has its score lowered by log(m) in each, so the
   log-sum-exp merge of the clusters is exactly softmax over the union (`routing_attended_pairs`).
@@ -36,7 +41,8 @@ def routing_attention(q, k, v, *, num_clusters=None, window=None, causal=False, 
         num_clusters: C; default: the centroids' count if given, else about sqrt(N) / 2
             (Roy et al.'s sizing, `routing_sizes(N)`).
         window: members (queries and keys) per cluster, 1 <= window <= N; default ceil(N / C).
-        causal: queries see keys at their position or before.
+        causal: queries see keys at their position or before; cluster membership is still
+            decided from all positions (see the module docstring: not autoregressive).
         scale: score scale, default 1 / sqrt(D).
         centroids: a `RoutingCentroids`, a tensor [C, D] or [1 or Hq, C, D] (normalised here), or
             None (evenly spaced normalised keys, see the module doc).

@@ -339,6 +339,7 @@ def _masked_attention(q, k, v, pattern, q_pos, k_pos):
     bsz, hq, n, d = q.shape
     hkv = k.shape[1]
     heads = pattern.num_heads
+    pattern.check_batch(bsz, q.device)  # one mask for every row: a mask_mod reading b cannot be honoured
     head = None if heads is None else torch.arange(hq, device=q.device)[:, None, None]
     allowed = pattern.allowed(q_pos[:, None], k_pos[None, :], head)  # [n, L] or [Hq, n, L]
     if heads is not None:

@@ -14,6 +14,11 @@ Selection (`select_kv_blocks`), per batch element and query head:
 * causal: only kv blocks c <= a are eligible (they hold some key a query of the block may see),
   and the own block c == a is always selected and counts within top_k_blocks (MoBA's rule:
   top_k_blocks = 1 means local attention only). Rows with fewer eligible blocks keep them all.
+  Causal masks the keys, not the choice: the block's mean query includes queries after a
+  given row, so which past blocks a row sees depends on later positions (as in MoBA). A
+  causal LM trained with it can read the future through the selection, and step-by-step
+  decoding cannot equal the full forward (`SparseCausalLM` refuses it unless listed in
+  `ModelConfig.leaky_mechanisms`).
 Ties are broken by `torch.topk`. The selection is not differentiated.
 
 Attention (`block_topk_attention`): the selection differs per batch element and head, so the

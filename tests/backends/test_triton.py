@@ -212,6 +212,31 @@ def test_block_topk_selection_layout(causal):
         assert_fp32_close(a, e, what="gradient")
 
 
+@pytest.mark.parametrize("name", ["window", "longformer", "bigbird", "streaming", "strided"])
+def test_padded_batch_equals_rows_alone(name):
+    """key_padding_mask (left and right padding, rows of 70, 9 and 33 tokens) through the kernels:
+    each row's real positions equal that row alone on the float64 reference, grads too."""
+    pattern = P.longformer(9, 2) if name == "longformer" else presets(70)[name]  # its globals fit every row
+    n = 70
+    mask = torch.zeros(3, n, dtype=torch.bool)
+    mask[0], mask[1, -9:], mask[2, :33] = True, True, True  # full, left-padded, right-padded
+    q, k, v = (torch.randn(3, 2, n, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    dout = torch.randn(3, 2, n, 16, device=DEVICE)
+    out = sparse_attn.sparse_attention(q, k, v, pattern, key_padding_mask=mask.to(DEVICE), backend="triton")
+    out.backward(dout)
+    assert_no_nan(out, q.grad, k.grad, v.grad)
+    for b in range(3):
+        idx = mask[b].nonzero().squeeze(1).to(DEVICE)
+        parts = [t.detach()[b:b + 1, :, idx].double().requires_grad_() for t in (q, k, v)]
+        alone = sparse_attn.sparse_attention(*parts, pattern, backend="reference")
+        alone.backward(dout[b:b + 1, :, idx].double())
+        assert_fp32_close(out[b:b + 1, :, idx], alone, what=f"row {b} out")
+        for t, p, what in zip((q, k, v), parts, "qkv"):
+            assert_fp32_close(t.grad[b:b + 1, :, idx], p.grad, what=f"row {b} d{what}")
+        pads = ~mask[b].to(DEVICE)
+        assert torch.all(out[b][:, pads] == 0) and torch.all(k.grad[b][:, pads] == 0)
+
+
 def test_rejects_bad_block_sizes():
     q, k, v = make_qkv(1, 2, 40, 16, device=DEVICE)
     with pytest.raises(ValueError, match="block_kv must be a power of two"):

@@ -332,7 +332,7 @@ def test_block_sparse_wrong_shape():
 
 
 def test_document_length_mismatch():
-    with pytest.raises(ValueError, match=r"document pattern was built for 10 positions.*kv_len=16"):
+    with pytest.raises(ValueError, match=r"document pattern was built for 10 positions.*keys up to position 15"):
         call(*qkv(), P.document(torch.zeros(10, dtype=torch.long)))
 
 

@@ -7,6 +7,8 @@ import torch
 from ..backends import AttentionCall, select
 from ..backends.inputs import check_inputs
 from ..patterns import Band, BlockLayout, DisjointUnion, Pattern
+from ..patterns.rows import row_view
+from .batch_rows import batch_geometries, is_per_row
 
 
 def sparse_attention(
@@ -18,7 +20,9 @@ def sparse_attention(
     scale: float | None = None,
     backend: str = "auto",
     return_lse: bool = False,
-    q_offset: int | None = None,
+    q_offset: int | torch.Tensor | None = None,
+    kv_offset: int | torch.Tensor = 0,
+    key_padding_mask: torch.Tensor | None = None,
 ):
     """Attention restricted to `pattern`, in SDPA's shapes.
 
@@ -34,7 +38,14 @@ def sparse_attention(
         return_lse: also return the log-sum-exp of each row's scores, (B, Hq, Nq) (float32 for
             half inputs), -inf for rows with nothing to attend to.
         q_offset: absolute position of the first query; default Nkv - Nq (queries are the last
-            positions, as in decoding and chunked prefill).
+            positions, as in decoding and chunked prefill). An int, or a (B,) tensor per row.
+        kv_offset: position of the first (real) key, int or (B,): keys that do not start at
+            position 0 (a cache that evicted its head, a context-parallel shard). Default 0.
+        key_padding_mask: bool (B, Nkv), True = a real key (transformers' attention_mask).
+            Positions count from each row's first real key, so under left padding a global
+            token or an attention sink is the row's first real token; pad keys are never
+            attended, and query rows at pad indices return 0 (lse -inf). A padded batch
+            computes what each row computes alone.
 
     Returns:
         out (B, Hq, Nq, Dv), or (out, lse) if return_lse. Rows with nothing allowed are 0.
@@ -44,6 +55,8 @@ def sparse_attention(
     plain bands, one per residue class of positions mod r; a `DisjointUnion` (e.g. `strided`)
     runs each part on its own and merges the results by log-sum-exp.
     """
+    if is_per_row(q_offset, kv_offset, key_padding_mask):
+        return _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, key_padding_mask)
     pattern, q_offset, scale = check_inputs(q, k, v, pattern, scale, q_offset, backend)
     if backend != "reference":  # the reference always evaluates the original predicate
         if isinstance(pattern, Band) and pattern.residue_split() is not None:
@@ -65,6 +78,39 @@ def sparse_attention(
     if layout.pattern is not None:
         layout.pattern.check_batch(q.shape[0], q.device)
     out, lse = chosen.forward(q, k, v, layout, scale, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, key_padding_mask):
+    """Rows grouped by geometry; each group runs its own view of the pattern (`row_view`, whose
+    layouts are cached per geometry) as one call; outputs are put back in row order."""
+    # validate shapes and the pattern once, on the whole batch (q_offset is checked per row)
+    check_inputs(q, k, v, pattern, scale, None if q.shape[2] <= k.shape[2] else 0, backend)
+    if isinstance(pattern, BlockLayout):
+        raise TypeError("a prebuilt BlockLayout has one geometry for the whole batch: pass the Pattern itself "
+                        "with key_padding_mask / per-row q_offset / kv_offset")
+    pattern.check_batch(q.shape[0], q.device)  # a mask_mod reading b would see b = 0 in every group
+    groups: dict = {}
+    for b, plan in enumerate(batch_geometries(q, k, q_offset, kv_offset, key_padding_mask)):
+        groups.setdefault(plan, []).append(b)
+    bsz, hq, nq = q.shape[:3]
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = q.new_zeros(bsz, hq, nq, v.shape[3])
+    lse = torch.full((bsz, hq, nq), float("-inf"), dtype=lse_dtype, device=q.device)
+    for plan, rows in groups.items():
+        if plan.geometry is None:
+            continue  # no real key in these rows: 0 and -inf
+        g = plan.geometry
+        plain = g.shift == 0 and g.key_runs is None and g.query_runs is None
+        view = pattern if plain else row_view(pattern, g)
+        if len(rows) == bsz:  # one geometry for the whole batch
+            return sparse_attention(q, k, v, view, scale=scale, backend=backend, return_lse=return_lse,
+                                    q_offset=plan.q_index0)
+        idx = torch.tensor(rows, device=q.device)
+        o, l = sparse_attention(q[idx], k[idx], v[idx], view, scale=scale, backend=backend, return_lse=True,
+                                q_offset=plan.q_index0)
+        out = out.index_copy(0, idx, o)
+        lse = lse.index_copy(0, idx, l.to(lse_dtype))
     return (out, lse) if return_lse else out
 
 

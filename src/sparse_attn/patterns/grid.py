@@ -21,7 +21,10 @@ UNBOUNDED = 1 << 48
 
 @dataclass(frozen=True)
 class BlockGrid:
-    """Query rows [0, q_len) sit at absolute positions q_offset + row; keys at [0, kv_len)."""
+    """Query rows [0, q_len) sit at absolute positions q_offset + row; key indices [0, kv_len)
+    at positions kv_offset + index. Layouts and kernels work in index space (kv_offset 0);
+    a pattern seen through per-row positions (`patterns.Shift`) classifies its blocks on the
+    same grid with both offsets moved, so block bounds are positions it understands."""
 
     q_len: int
     kv_len: int
@@ -29,6 +32,7 @@ class BlockGrid:
     block_q: int
     block_kv: int
     device: torch.device
+    kv_offset: int = 0
 
     def __post_init__(self) -> None:
         device = torch.device(self.device)
@@ -49,6 +53,16 @@ class BlockGrid:
         """One past the last query position."""
         return self.q_offset + self.q_len
 
+    @property
+    def kv_end(self) -> int:
+        """One past the last key position."""
+        return self.kv_offset + self.kv_len
+
+    def shifted(self, shift: int) -> "BlockGrid":
+        """The same blocks with every position moved by `shift` (queries and keys alike)."""
+        return BlockGrid(self.q_len, self.kv_len, self.q_offset + shift, self.block_q, self.block_kv, self.device,
+                         self.kv_offset + shift)
+
     def arange(self, n: int) -> torch.Tensor:
         return torch.arange(n, device=self.device, dtype=torch.int64)
 
@@ -61,7 +75,7 @@ class BlockGrid:
     def kv_block_bounds(self, kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Key positions [K0, K1) covered by kv blocks `kb`."""
         start = kb * self.block_kv
-        return start, torch.clamp(start + self.block_kv, max=self.kv_len)
+        return start + self.kv_offset, torch.clamp(start + self.block_kv, max=self.kv_len) + self.kv_offset
 
     def q_blocks_of_positions(self, lo: torch.Tensor, hi: torch.Tensor):
         """Query blocks overlapping absolute positions [lo, hi) (clipped, may be empty)."""
@@ -73,8 +87,8 @@ class BlockGrid:
 
     def kv_blocks_of_positions(self, lo: torch.Tensor, hi: torch.Tensor):
         """Kv blocks overlapping key positions [lo, hi) (clipped, may be empty)."""
-        lo = torch.clamp(lo, min=0)
-        hi = torch.clamp(hi, max=self.kv_len)
+        lo = torch.clamp(lo - self.kv_offset, min=0)
+        hi = torch.clamp(hi - self.kv_offset, max=self.kv_len)
         first = torch.div(lo, self.block_kv, rounding_mode="floor")
         last = torch.div(hi - 1, self.block_kv, rounding_mode="floor")
         return first, torch.where(hi > lo, last, first - 1)

@@ -191,7 +191,7 @@ class BlockLayout:
         if self.partial.indices.numel():
             h = torch.arange(self.num_heads, device=g.device)[:, None, None]
             q = torch.arange(g.q_len, device=g.device)[None, :, None] + g.q_offset
-            kv = torch.arange(g.kv_len, device=g.device)[None, None, :]
+            kv = torch.arange(g.kv_len, device=g.device)[None, None, :] + g.kv_offset
             out = out | ((expanded == PARTIAL) & self._require_pattern().allowed(q, kv, h))
         return out
 
@@ -205,7 +205,7 @@ class BlockLayout:
         # padding past the ends is evaluated at the last real position (a user's mask_mod may
         # index tables of the sequence's length); padded keys are masked, padded rows unused
         q = torch.clamp(q, max=g.q_len - 1) + g.q_offset
-        ok = self._require_pattern().allowed(q, torch.clamp(kv, max=g.kv_len - 1), head[:, None, None])
+        ok = self._require_pattern().allowed(q, torch.clamp(kv, max=g.kv_len - 1) + g.kv_offset, head[:, None, None])
         ok = ok & (kv < g.kv_len)
         return ok.expand(q_block.numel(), g.block_q, g.block_kv)
 

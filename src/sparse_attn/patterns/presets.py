@@ -281,10 +281,10 @@ class BigBird(Pattern):
         return self.causal
 
     def bind(self, grid) -> Pattern:
-        if grid.q_end > grid.kv_len:
-            raise ValueError(f"bigbird is self-attention over the keys: queries must lie within the {grid.kv_len} "
+        if grid.q_end > grid.kv_end:
+            raise ValueError(f"bigbird is self-attention over the keys: queries must lie within the {grid.kv_end} "
                              f"key positions, but q_offset + q_len = {grid.q_end}")
-        return self.cells(grid.kv_len)
+        return self.cells(grid.kv_end)
 
     def allowed(self, q_idx, kv_idx, head=None):
         if len(self._cells) != 1:

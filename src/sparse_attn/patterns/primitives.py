@@ -296,8 +296,8 @@ class Columns(Pattern):
 
     def _validate(self, grid):
         m = self.keys.max_index()
-        if m is not None and m >= grid.kv_len:
-            raise ValueError(f"global token index {m} is out of range for a sequence of {grid.kv_len} keys "
+        if m is not None and m >= grid.kv_end:
+            raise ValueError(f"global token index {m} is out of range for a sequence of {grid.kv_end} keys "
                              f"(global tokens {self.keys!r})")
 
     def __repr__(self):
@@ -350,9 +350,9 @@ class Rows(Pattern):
 
     def _validate(self, grid):
         m = self.queries.max_index()
-        if m is not None and m >= max(grid.kv_len, grid.q_end):
+        if m is not None and m >= max(grid.kv_end, grid.q_end):
             raise ValueError(f"global token index {m} is out of range for a sequence of "
-                             f"{max(grid.kv_len, grid.q_end)} positions (global tokens {self.queries!r})")
+                             f"{max(grid.kv_end, grid.q_end)} positions (global tokens {self.queries!r})")
 
     def __repr__(self):
         return f"Rows({self.queries!r})"
@@ -433,9 +433,9 @@ class Segments(_KvRangePattern):
         return (torch.clamp(overlap, min=0) * inside).sum(1)
 
     def _validate(self, grid):
-        if self.length is not None and (grid.kv_len > self.length or grid.q_end > self.length):
+        if self.length is not None and (grid.kv_end > self.length or grid.q_end > self.length):
             raise ValueError(f"document pattern was built for {self.length} positions (len(doc_ids)) but is "
-                             f"used with kv_len={grid.kv_len} and queries up to position {grid.q_end - 1}")
+                             f"used with keys up to position {grid.kv_end - 1} and queries up to position {grid.q_end - 1}")
 
     def __repr__(self):
         return f"Segments(size={self.size})" if self.size is not None else f"document(<{self.length} ids>)"
@@ -518,12 +518,12 @@ class BlockCells(Pattern):
 
     def _validate(self, grid):
         # rows cover the positions of the whole sequence (queries may be only its last ones)
-        rows = -(-max(grid.q_end, grid.kv_len) // self.cell_q)
-        cols = -(-grid.kv_len // self.cell_kv)
+        rows = -(-max(grid.q_end, grid.kv_end) // self.cell_q)
+        cols = -(-grid.kv_end // self.cell_kv)
         if self.shape[1] != rows or self.shape[2] != cols:
             raise ValueError(
                 f"{self.name} layout has shape (H, {self.shape[1]}, {self.shape[2]}) of {self.cell_q}x{self.cell_kv} "
-                f"blocks, but {grid.kv_len} keys and queries up to position {grid.q_end - 1} need "
+                f"blocks, but {grid.kv_end} key positions and queries up to position {grid.q_end - 1} need "
                 f"(H, {rows}, {cols})")
 
     def __repr__(self):
@@ -598,7 +598,7 @@ class Predicate(Pattern):
         if grid.q_len == 0 or grid.kv_len == 0:
             return
         q = grid.arange(min(grid.q_len, 16))[:, None] + grid.q_offset
-        kv = grid.arange(min(grid.kv_len, 16))[None, :]
+        kv = grid.arange(min(grid.kv_len, 16))[None, :] + grid.kv_offset
         zero = torch.zeros((), dtype=torch.int64, device=grid.device)
         h = grid.arange(self.num_heads)[:, None, None] if self.num_heads else zero
         if self.num_heads is None and _reads_index(self.fn, zero, _UnusedIndex.make("h", grid.device), q, kv):
@@ -629,7 +629,8 @@ class Predicate(Pattern):
             # the last blocks' padding is evaluated at the last real position and masked, so
             # a mask_mod indexing tables of the sequence's length works (as in FlexAttention)
             q_pos = torch.clamp(rows, max=grid.q_len - 1) + grid.q_offset
-            ok = self.allowed(q_pos[None, :, None], torch.clamp(kv, max=grid.kv_len - 1)[None, None, :], h)
+            kv_pos = torch.clamp(kv, max=grid.kv_len - 1) + grid.kv_offset
+            ok = self.allowed(q_pos[None, :, None], kv_pos[None, None, :], h)
             ok = ok & (rows < grid.q_len)[None, :, None] & (kv < grid.kv_len)[None, None, :]
             count = ok.reshape(heads, qbs.numel(), grid.block_q, nkb, grid.block_kv).sum(dim=(2, 4))
             states.append(count)  # [H, n, NKB]

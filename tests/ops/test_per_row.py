@@ -1,0 +1,200 @@
+"""Per-row information: a padded batch equals each row run alone.
+
+Ground truth is independent of the per-row machinery: each row is cut to its real tokens and
+run alone on the float64 `reference` backend. Compared at real positions (outputs and
+gradients); pad query rows must be 0 and pad keys must get no gradient.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sa_testing import assert_fp32_close, assert_low_precision_close
+
+import sparse_attn
+from sparse_attn import patterns as P
+from sparse_attn.backends.reference import dense_attention
+
+N = 40
+LENGTHS = [40, 1, 23, 9]  # very different, one row of a single token
+
+
+def presets():
+    doc = torch.tensor([0] * 7 + [1] * 20 + [2] * 13)  # positions of the longest row
+    return {
+        "full": P.full(), "causal": P.causal(), "window": P.sliding_window(6),
+        "window_nc": P.sliding_window(6, causal=False), "dilated": P.dilated(3, 2),
+        "dilated_nc": P.dilated(3, 3, causal=False), "strided": P.strided(5), "fixed": P.fixed(6, 2),
+        "longformer": P.longformer(6, 1), "longformer_causal": P.longformer(6, 3, causal=True),
+        "bigbird": P.bigbird(4, seed=1), "bigbird_causal": P.bigbird(4, causal=True),
+        "streaming": P.streaming(2, 5), "document": P.document(doc) & P.causal(),
+        "per_head": P.per_head([P.sliding_window(3), P.streaming(1, 4)]),
+        "predicate": P.predicate(lambda b, h, q, kv: (q - kv) % 3 == 0),
+        "union": P.sliding_window(4) | P.strided(7), "intersection": P.longformer(8, 1) & P.causal(),
+    }
+
+
+def _mask(side, lengths=LENGTHS, n=N):
+    mask = torch.zeros(len(lengths), n, dtype=torch.bool)
+    for b, length in enumerate(lengths):
+        mask[b, n - length:] = True if side == "left" else False
+        mask[b, :length] = True if side == "right" else mask[b, :length]
+    return mask
+
+
+def _real(mask, b):
+    return mask[b].nonzero().squeeze(1)
+
+
+def _alone(q, k, v, pattern, mask, dout, dtype, backend="reference"):
+    """Per row, the row's real tokens alone: (out, dq, dk, dv) scattered back into padded shape."""
+    outs, grads = torch.zeros(*q.shape[:3], v.shape[3], dtype=dtype), [torch.zeros_like(t, dtype=dtype) for t in (q, k, v)]
+    for b in range(q.shape[0]):
+        idx = _real(mask, b)
+        parts = [t[b:b + 1, :, idx].detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = sparse_attn.sparse_attention(*parts, pattern, backend=backend)
+        out.backward(dout[b:b + 1, :, idx].to(dtype))
+        outs[b][:, idx] = out.detach()[0]
+        for g, p in zip(grads, parts):
+            g[b][:, idx] = p.grad[0]
+    return outs, grads
+
+
+def _padded(q, k, v, pattern, mask, dout, dtype, backend):
+    parts = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = sparse_attn.sparse_attention(*parts, pattern, key_padding_mask=mask, backend=backend)
+    out.backward(dout.to(dtype))
+    return out.detach(), [p.grad for p in parts]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", list(presets()))
+@pytest.mark.parametrize("backend", ["blocked", "reference"])
+def test_padded_batch_equals_rows_alone_float64(name, side, backend):
+    pattern = presets()[name]
+    mask = _mask(side)
+    q, k, v = (torch.randn(len(LENGTHS), 2, N, 8, dtype=torch.float64) for _ in range(3))
+    dout = torch.randn_like(q)
+    out, grads = _padded(q, k, v, pattern, mask, dout, torch.float64, backend)
+    out64, grads64 = _alone(q, k, v, pattern, mask, dout, torch.float64)
+    assert torch.all(out[~mask[:, None, :].expand_as(out[..., 0])] == 0), "pad query rows must be 0"
+    assert_fp32_close(out, out64, rtol=1e-10, what="out")
+    for g, g64, what in zip(grads, grads64, ("dq", "dk", "dv")):
+        assert_fp32_close(g, g64, rtol=1e-10, what=what)  # pads: no gradient, as alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["window", "longformer", "bigbird", "streaming", "strided"])
+def test_padded_batch_low_precision(name, dtype):
+    pattern = presets()[name]
+    mask = _mask("left")
+    q, k, v = (torch.randn(len(LENGTHS), 2, N, 16, dtype=torch.float64) for _ in range(3))
+    dout = torch.randn_like(q)
+    out, grads = _padded(q, k, v, pattern, mask, dout, dtype, "blocked")
+    out64, grads64 = _alone(q, k, v, pattern, mask, dout, torch.float64)
+    if dtype == torch.float32:
+        assert_fp32_close(out, out64, what="out")
+        for g, g64 in zip(grads, grads64):
+            assert_fp32_close(g, g64, what="grad")
+        return
+    out_lo, grads_lo = _alone(q, k, v, pattern, mask, dout, dtype)
+    assert_low_precision_close(out, out_lo, out64, what="out")
+    for g, lo, g64 in zip(grads, grads_lo, grads64):
+        assert_low_precision_close(g, lo, g64, factor=3, what="grad")
+
+
+def test_sinks_and_globals_are_each_rows_first_real_token():
+    """Under left padding a sink is the row's first real token, not index 0 (a pad)."""
+    mask = _mask("left", [12, 5], 12)
+    q, k, v = (torch.randn(2, 1, 12, 4, dtype=torch.float64) for _ in range(3))
+    out = sparse_attn.sparse_attention(q, k, v, P.streaming(1, 2), key_padding_mask=mask)
+    last = q[1:, :, -1:]  # row 1's last query sees its first real key (index 7) and the last two keys
+    keys = torch.tensor([7, 10, 11])
+    expected, _ = dense_attention(last, k[1:, :, keys], v[1:, :, keys], torch.ones(1, 3, dtype=torch.bool), 0.5)
+    assert torch.allclose(out[1:, :, -1:], expected, atol=1e-12)
+
+
+def test_rows_without_real_keys_return_zero():
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, 3:] = True
+    q, k, v = (torch.randn(2, 2, 10, 4) for _ in range(3))
+    out, lse = sparse_attn.sparse_attention(q, k, v, P.causal(), key_padding_mask=mask, return_lse=True)
+    assert torch.all(out[1] == 0) and torch.all(torch.isneginf(lse[1]))
+
+
+def test_a_mask_with_holes_drops_those_keys_only():
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    mask[0, [3, 4, 9]] = False
+    q, k, v = (torch.randn(1, 2, 16, 4, dtype=torch.float64) for _ in range(3))
+    out = sparse_attn.sparse_attention(q, k, v, P.sliding_window(5), key_padding_mask=mask)
+    dense = P.sliding_window(5).to_dense(16)[0] & mask[0][None, :] & mask[0][:, None]
+    expected, _ = dense_attention(q, k, v, dense, 0.5)
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def _explicit_positions(q, k, v, pattern, q_pos, k_pos):
+    mask = pattern.allowed(q_pos[:, None], k_pos[None, :])
+    return dense_attention(q, k, v, mask, q.shape[-1] ** -0.5)[0]
+
+
+@pytest.mark.parametrize("pattern", [P.sliding_window(5), P.streaming(2, 4), P.longformer(4, 1, causal=True),
+                                     P.dilated(3, 2)])
+def test_per_row_q_offset_and_kv_offset(pattern):
+    """kv_offset: key index 0 is a later position (an evicted cache head); q_offset per row."""
+    q, k, v = (torch.randn(2, 2, n, 4, dtype=torch.float64) for n in (3, 10, 10))
+    kv_offset = torch.tensor([0, 6])
+    q_offset = torch.tensor([8, 13])  # row 0: queries at 8..10; row 1: at 13..15 (keys at 6..15)
+    out = sparse_attn.sparse_attention(q, k, v, pattern, q_offset=q_offset, kv_offset=kv_offset, backend="blocked")
+    for b in range(2):
+        k_pos = torch.arange(10) + int(kv_offset[b])
+        q_pos = torch.arange(3) + int(q_offset[b])
+        expected = _explicit_positions(q[b:b + 1], k[b:b + 1], v[b:b + 1], pattern, q_pos, k_pos)
+        assert torch.allclose(out[b:b + 1], expected, atol=1e-12)
+    # one int kv_offset for the whole batch, queries last by default
+    out = sparse_attn.sparse_attention(q, k, v, pattern, kv_offset=100)
+    expected = _explicit_positions(q, k, v, pattern, torch.arange(107, 110), torch.arange(100, 110))
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_decoding_step_with_left_padding_equals_the_row_alone():
+    """One new token per row over a left-padded cache: queries are the last index."""
+    mask = _mask("left", [20, 6, 13], 20)
+    q = torch.randn(3, 2, 1, 8, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, 20, 8, dtype=torch.float64) for _ in range(2))
+    pattern = P.streaming(2, 4)
+    out = sparse_attn.sparse_attention(q, k, v, pattern, key_padding_mask=mask)
+    for b in range(3):
+        idx = _real(mask, b)
+        alone = sparse_attn.sparse_attention(q[b:b + 1], k[b:b + 1, :, idx], v[b:b + 1, :, idx], pattern,
+                                             backend="reference")
+        assert torch.allclose(out[b:b + 1], alone, atol=1e-12)
+
+
+def test_per_row_errors():
+    q, k, v = (torch.randn(2, 2, 8, 4) for _ in range(3))
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, kv_len\) = \(2, 8\)"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), key_padding_mask=torch.ones(2, 7, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), key_padding_mask=torch.ones(2, 8))
+    with pytest.raises(ValueError, match=r"q_offset must be an int or a tensor of shape \(2,\)"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), q_offset=torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="kv_offset must be an int or an integer tensor"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), kv_offset=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="kv_offset must be >= 0"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), kv_offset=-1)
+    with pytest.raises(ValueError, match=r"q_offset=20 of row 0 puts its first query at key index 20"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), q_offset=torch.tensor([20, 0]))
+    with pytest.raises(TypeError, match="prebuilt BlockLayout"):
+        sparse_attn.sparse_attention(q, k, v, P.causal().layout(8), key_padding_mask=torch.ones(2, 8, dtype=torch.bool))
+    mask = _mask("left", [8, 5], 8)
+    with pytest.raises(ValueError, match="global token index 6 is out of range for a sequence of 5"):
+        sparse_attn.sparse_attention(q, k, v, P.longformer(4, [6]), key_padding_mask=mask)  # as row 1 alone
+
+
+def test_attention_passes_per_row_arguments_to_patterns_and_refuses_them_elsewhere():
+    mask = _mask("left", [10, 4], 10)
+    q, k, v = (torch.randn(2, 2, 10, 4, dtype=torch.float64) for _ in range(3))
+    out = sparse_attn.attention(q, k, v, "sliding_window:window=3", key_padding_mask=mask)
+    assert torch.equal(out, sparse_attn.sparse_attention(q, k, v, P.sliding_window(3), key_padding_mask=mask))
+    with pytest.raises(TypeError, match="takes no parameter.*key_padding_mask"):
+        sparse_attn.attention(q, k, v, "linear", key_padding_mask=mask)

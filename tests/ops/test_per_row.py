@@ -198,3 +198,77 @@ def test_attention_passes_per_row_arguments_to_patterns_and_refuses_them_elsewhe
     assert torch.equal(out, sparse_attn.sparse_attention(q, k, v, P.sliding_window(3), key_padding_mask=mask))
     with pytest.raises(TypeError, match="takes no parameter.*key_padding_mask"):
         sparse_attn.attention(q, k, v, "linear", key_padding_mask=mask)
+
+
+# ------------------------------------------------------------------------ packed documents
+DOC_IDS = torch.tensor([[0] * 12 + [1] * 20 + [2] * 8, [7] * 25 + [-1] * 15, [0] * 1 + [1] * 39])
+
+
+def _documents_alone(q, k, v, pattern, ids, dout):
+    out, grads = torch.zeros_like(q), [torch.zeros_like(t) for t in (q, k, v)]
+    for b in range(ids.shape[0]):
+        for d in ids[b].unique().tolist():
+            if d < 0:
+                continue
+            idx = (ids[b] == d).nonzero().squeeze(1)
+            parts = [t[b:b + 1, :, idx].detach().requires_grad_() for t in (q, k, v)]
+            o = sparse_attn.sparse_attention(*parts, pattern, backend="reference")
+            o.backward(dout[b:b + 1, :, idx])
+            out[b][:, idx] = o.detach()[0]
+            for g, p in zip(grads, parts):
+                g[b][:, idx] = p.grad[0]
+    return out, grads
+
+
+@pytest.mark.parametrize("name", [n for n in presets() if n not in ("document", "longformer_causal")])
+@pytest.mark.parametrize("backend", ["blocked", "reference"])
+def test_packed_documents_equal_separate_runs(name, backend):
+    pattern = presets()[name]
+    q, k, v = (torch.randn(3, 2, N, 8, dtype=torch.float64) for _ in range(3))
+    dout = torch.randn_like(q)
+    parts = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = sparse_attn.sparse_attention(*parts, pattern, document_ids=DOC_IDS, backend=backend)
+    out.backward(dout)
+    out64, grads64 = _documents_alone(q, k, v, pattern, DOC_IDS, dout)
+    assert_fp32_close(out, out64, rtol=1e-10, what="out")
+    for p, g64, what in zip(parts, grads64, ("dq", "dk", "dv")):
+        assert_fp32_close(p.grad, g64, rtol=1e-10, what=what)
+
+
+@pytest.mark.parametrize("pattern", [P.sliding_window(5), P.longformer(4, 1), P.bigbird(3, seed=2), P.causal()])
+@pytest.mark.parametrize("block", [4, 7, 16])
+def test_packed_layout_blocks_are_exact(pattern, block):
+    """The packed view's full/partial/empty split equals the one derived from its element mask."""
+    from sparse_attn.patterns.rows import Packed
+
+    docs = [(0, 9), (9, 30), (33, 47)]  # indices 30..32 are pads
+    alones = [(b - a, b - a, 0, 0) for a, b in docs]
+    view = Packed(pattern, docs, alones)
+    layout = view.layout(47, block_q=block)
+    dense = layout.pattern.to_dense(47)
+    assert torch.equal(layout.to_dense(), dense)
+    states = layout.block_states()[0]
+    for qb in range(states.shape[0]):
+        for kb in range(states.shape[1]):
+            cell = dense[0, qb * block:(qb + 1) * block, kb * block:(kb + 1) * block]
+            expected = 0 if not cell.any() else 2 if cell.all() else 1
+            assert int(states[qb, kb]) == expected, (qb, kb)
+    assert int(layout.allowed_pairs()) == int(dense.sum())
+
+
+def test_cu_seqlens_packing():
+    from sparse_attn.ops.batch_rows import documents_from_cu_seqlens
+
+    ids = documents_from_cu_seqlens(torch.tensor([0, 5, 12, 20]), total=24)
+    assert ids.tolist() == [[0] * 5 + [1] * 7 + [2] * 8 + [-1] * 4]
+    q, k, v = (torch.randn(1, 2, 24, 4, dtype=torch.float64) for _ in range(3))
+    out = sparse_attn.sparse_attention(q, k, v, P.causal(), document_ids=ids)
+    expected = sparse_attn.sparse_attention(q, k, v, P.document(torch.where(ids[0] < 0, 3, ids[0])) & P.causal(),
+                                            key_padding_mask=ids >= 0)
+    assert torch.allclose(out, expected, atol=1e-12)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        documents_from_cu_seqlens(torch.tensor([1, 5]))
+    with pytest.raises(ValueError, match="document_ids must have shape"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), document_ids=ids[:, :10])
+    with pytest.raises(ValueError, match="take neither q_offset nor kv_offset"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), document_ids=ids, kv_offset=3)

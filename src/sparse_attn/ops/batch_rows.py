@@ -54,13 +54,38 @@ def _per_row_ints(name: str, value, batch: int, device) -> torch.Tensor | None:
     return out
 
 
-def is_per_row(q_offset, kv_offset, key_padding_mask) -> bool:
+def is_per_row(q_offset, kv_offset, key_padding_mask, document_ids=None) -> bool:
     """Whether the call carries per-row information (anything beyond one int q_offset)."""
-    return (key_padding_mask is not None or isinstance(q_offset, torch.Tensor)
+    return (key_padding_mask is not None or document_ids is not None or isinstance(q_offset, torch.Tensor)
             or isinstance(kv_offset, torch.Tensor) or (kv_offset is not None and kv_offset != 0))
 
 
-def batch_geometries(q: torch.Tensor, k: torch.Tensor, q_offset, kv_offset, key_padding_mask) -> list[RowPlan]:
+def _document_runs(ids: torch.Tensor, real: torch.Tensor) -> list[tuple[int, int]]:
+    """Runs of equal consecutive ids over the real keys (a pad ends a document)."""
+    change = torch.ones_like(real)
+    change[1:] = (ids[1:] != ids[:-1]) | (real[1:] != real[:-1])
+    starts = change.nonzero().squeeze(1).tolist()
+    stops = starts[1:] + [ids.numel()]
+    return [(a, z) for a, z in zip(starts, stops) if bool(real[a])]
+
+
+def _check_documents(document_ids, bsz, nkv, q_offset, kv_offset) -> torch.Tensor:
+    if not isinstance(document_ids, torch.Tensor):
+        raise TypeError(f"document_ids must be an integer tensor of shape ({bsz}, {nkv}), got "
+                        f"{type(document_ids).__name__}")
+    if document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool:
+        raise TypeError(f"document_ids must be an integer tensor, got dtype {document_ids.dtype}")
+    if tuple(document_ids.shape) != (bsz, nkv):
+        raise ValueError(f"document_ids must have shape (batch, kv_len) = ({bsz}, {nkv}), got "
+                         f"{tuple(document_ids.shape)}")
+    if q_offset is not None or isinstance(kv_offset, torch.Tensor) or (kv_offset or 0) != 0:
+        raise ValueError("document_ids (packed sequences) take neither q_offset nor kv_offset: every document "
+                         "starts at position 0 and the queries are the last key indices")
+    return document_ids.detach().to("cpu", torch.int64)
+
+
+def batch_geometries(q: torch.Tensor, k: torch.Tensor, q_offset, kv_offset, key_padding_mask,
+                     document_ids=None) -> list[RowPlan]:
     """One `RowPlan` per batch row.
 
     * key_padding_mask: bool (B, Nkv), True = a real key (transformers' attention_mask
@@ -69,6 +94,9 @@ def batch_geometries(q: torch.Tensor, k: torch.Tensor, q_offset, kv_offset, key_
       shard); int or (B,), default 0.
     * q_offset: position of the first query row, int or (B,); default: the queries are the last
       Nq key indices (decoding, chunked prefill), whatever the padding.
+    * document_ids: integer (B, Nkv): each run of equal ids in a row is one packed document,
+      which sees the pattern from its own position 0 and nothing of the other documents; a
+      negative id marks a pad. (`cu_seqlens` of a packed batch: `documents_from_cu_seqlens`.)
     A query row whose index is a padded key index is a pad: its output is 0, lse -inf.
     """
     bsz, nq, nkv = q.shape[0], q.shape[2], k.shape[2]
@@ -87,9 +115,15 @@ def batch_geometries(q: torch.Tensor, k: torch.Tensor, q_offset, kv_offset, key_
         valid = torch.ones(bsz, nkv, dtype=torch.bool)
     kv_pos = _per_row_ints("kv_offset", 0 if kv_offset is None else kv_offset, bsz, q.device)
     q_pos = _per_row_ints("q_offset", q_offset, bsz, q.device)
+    docs = None if document_ids is None else _check_documents(document_ids, bsz, nkv, q_offset, kv_offset)
+    if docs is not None:
+        valid = valid & (docs >= 0)
     plans = []
     for b in range(bsz):
         row = valid[b]
+        if docs is not None:
+            plans.append(_packed_plan(row, docs[b], nq, nkv))
+            continue
         real = row.nonzero().squeeze(1)
         if real.numel() == 0:
             plans.append(RowPlan(None, 0))
@@ -119,3 +153,43 @@ def batch_geometries(q: torch.Tensor, k: torch.Tensor, q_offset, kv_offset, key_
         query_runs = None if bool(q_real.all()) else tuple((a + q_index0, z + q_index0) for a, z in _runs(q_real))
         plans.append(RowPlan(RowGeometry(shift, alone, key_runs, query_runs), q_index0))
     return plans
+
+
+def _packed_plan(row: torch.Tensor, ids: torch.Tensor, nq: int, nkv: int) -> RowPlan:
+    """A row of packed documents; queries are the last nq key indices (each in its document)."""
+    runs = _document_runs(ids, row)
+    if not runs:
+        return RowPlan(None, 0)
+    q_index0 = nkv - nq
+    if q_index0 < 0:
+        raise ValueError(f"q has more positions ({nq}) than k ({nkv}) with document_ids")
+    documents = []
+    for a, z in runs:
+        first_q, last_q = max(a, q_index0), z - 1  # the document's query rows, as key indices
+        q_len = max(0, last_q - first_q + 1)
+        documents.append(((a, z), (q_len, z - a, (first_q - a) if q_len else 0, 0)))
+    if len(documents) == 1:  # one document: an ordinary padded row
+        (a, z), alone = documents[0]
+        key_runs = None if (a, z) == (0, nkv) else ((a, z),)
+        q_real = torch.zeros(nq, dtype=torch.bool)
+        q_real[max(a - q_index0, 0):max(z - q_index0, 0)] = True
+        query_runs = None if bool(q_real.all()) else tuple((s + q_index0, e + q_index0) for s, e in _runs(q_real))
+        return RowPlan(RowGeometry(-a, alone, key_runs, query_runs), q_index0)
+    return RowPlan(RowGeometry(0, (0, 0, 0, 0), None, None, tuple(documents)), q_index0)
+
+
+def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """document_ids (1, total) of a packed batch given as cumulative lengths [0, l0, l0+l1, ...]
+    (flash-attn's varlen convention); positions past the last document are pads (-1)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D tensor [0, l0, l0 + l1, ...], got {cu_seqlens!r}")
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu.tolist()}")
+    total = int(cu[-1]) if total is None else total
+    if total < int(cu[-1]):
+        raise ValueError(f"total ({total}) is shorter than the packed documents ({int(cu[-1])} tokens)")
+    ids = torch.full((total,), -1, dtype=torch.int64)
+    for d in range(cu.numel() - 1):
+        ids[int(cu[d]):int(cu[d + 1])] = d
+    return ids[None].to(cu_seqlens.device)

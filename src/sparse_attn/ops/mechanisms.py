@@ -250,4 +250,4 @@ def attention(q, k, v, mechanism, *, scale: float | None = None, backend: str = 
 
 
 # Per-call arguments (not part of a mechanism's identity): passed to the call, not stored.
-_CALL_KEYS = ("return_lse", "q_offset", "kv_offset", "key_padding_mask")
+_CALL_KEYS = ("return_lse", "q_offset", "kv_offset", "key_padding_mask", "document_ids")

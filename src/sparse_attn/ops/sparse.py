@@ -23,6 +23,7 @@ def sparse_attention(
     q_offset: int | torch.Tensor | None = None,
     kv_offset: int | torch.Tensor = 0,
     key_padding_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
 ):
     """Attention restricted to `pattern`, in SDPA's shapes.
 
@@ -46,6 +47,11 @@ def sparse_attention(
             token or an attention sink is the row's first real token; pad keys are never
             attended, and query rows at pad indices return 0 (lse -inf). A padded batch
             computes what each row computes alone.
+        document_ids: integer (B, Nkv), packed sequences: each run of equal ids in a row is a
+            document that sees the pattern from its own position 0 and never another document
+            (a window never crosses a boundary); negative ids are pads. Equals running the
+            documents separately. `ops.batch_rows.documents_from_cu_seqlens` converts varlen
+            `cu_seqlens`.
 
     Returns:
         out (B, Hq, Nq, Dv), or (out, lse) if return_lse. Rows with nothing allowed are 0.
@@ -55,8 +61,9 @@ def sparse_attention(
     plain bands, one per residue class of positions mod r; a `DisjointUnion` (e.g. `strided`)
     runs each part on its own and merges the results by log-sum-exp.
     """
-    if is_per_row(q_offset, kv_offset, key_padding_mask):
-        return _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, key_padding_mask)
+    if is_per_row(q_offset, kv_offset, key_padding_mask, document_ids):
+        return _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, key_padding_mask,
+                        document_ids)
     pattern, q_offset, scale = check_inputs(q, k, v, pattern, scale, q_offset, backend)
     if backend != "reference":  # the reference always evaluates the original predicate
         if isinstance(pattern, Band) and pattern.residue_split() is not None:
@@ -81,7 +88,7 @@ def sparse_attention(
     return (out, lse) if return_lse else out
 
 
-def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, key_padding_mask):
+def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, key_padding_mask, document_ids):
     """Rows grouped by geometry; each group runs its own view of the pattern (`row_view`, whose
     layouts are cached per geometry) as one call; outputs are put back in row order."""
     # validate shapes and the pattern once, on the whole batch (q_offset is checked per row)
@@ -91,7 +98,7 @@ def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, 
                         "with key_padding_mask / per-row q_offset / kv_offset")
     pattern.check_batch(q.shape[0], q.device)  # a mask_mod reading b would see b = 0 in every group
     groups: dict = {}
-    for b, plan in enumerate(batch_geometries(q, k, q_offset, kv_offset, key_padding_mask)):
+    for b, plan in enumerate(batch_geometries(q, k, q_offset, kv_offset, key_padding_mask, document_ids)):
         groups.setdefault(plan, []).append(b)
     bsz, hq, nq = q.shape[:3]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -101,7 +108,7 @@ def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, 
         if plan.geometry is None:
             continue  # no real key in these rows: 0 and -inf
         g = plan.geometry
-        plain = g.shift == 0 and g.key_runs is None and g.query_runs is None
+        plain = g.shift == 0 and g.key_runs is None and g.query_runs is None and g.documents is None
         view = pattern if plain else row_view(pattern, g)
         if len(rows) == bsz:  # one geometry for the whole batch
             return sparse_attention(q, k, v, view, scale=scale, backend=backend, return_lse=return_lse,

@@ -189,16 +189,17 @@ def _progression_sum(x: torch.Tensor, y: torch.Tensor, r: int, alpha, beta: int)
 class IndexSet:
     """A set of non-negative positions with O(1) membership and range counts.
 
-    Either explicit sorted indices, a prefix [0, n), or a periodic set
-    {p : p mod period >= period - width}. Explicit indices, and a prefix made with
+    Either explicit sorted indices, a range [start, prefix) (start 0 by default: a prefix), or a
+    periodic set {p : p mod period >= period - width}. Explicit indices, and a prefix made with
     `named=True` (Longformer's "the first n tokens"), name positions that must exist: a layout
     for a shorter sequence is refused. A plain prefix (StreamingLLM's sinks) is "up to n".
     """
 
     def __init__(self, *, indices: torch.Tensor | None = None, prefix: int | None = None,
-                 period: int | None = None, width: int | None = None, named: bool = False) -> None:
+                 period: int | None = None, width: int | None = None, named: bool = False, start: int = 0) -> None:
         self.indices = None
         self.prefix = prefix
+        self.start = start  # with prefix: the range [start, prefix)
         self.named = named
         self.period, self.width = period, width
         if indices is not None:
@@ -225,7 +226,7 @@ class IndexSet:
 
     def contains(self, x: torch.Tensor) -> torch.Tensor:
         if self.prefix is not None:
-            return (x >= 0) & (x < self.prefix)
+            return (x >= self.start) & (x < self.prefix)
         if self.period is not None:
             return torch.remainder(x, self.period) >= self.period - self.width
         member = self._member.on(x.device)
@@ -235,7 +236,7 @@ class IndexSet:
         """Members in [0, x)."""
         x = torch.clamp(x, min=0)
         if self.prefix is not None:
-            return torch.clamp(x, max=self.prefix)
+            return torch.clamp(x, min=self.start, max=max(self.prefix, self.start)) - self.start
         if self.period is not None:
             return _floor_div(x, self.period) * self.width + torch.clamp(
                 torch.remainder(x, self.period) - (self.period - self.width), min=0)
@@ -247,7 +248,7 @@ class IndexSet:
 
     def __repr__(self):
         if self.prefix is not None:
-            return f"range({self.prefix})"
+            return f"range({self.prefix})" if self.start == 0 else f"range({self.start}, {self.prefix})"
         if self.period is not None:
             return f"{{p : p % {self.period} >= {self.period - self.width}}}"
         return f"{self.indices.tolist()}" if self.indices.numel() <= 8 else f"<{self.indices.numel()} positions>"

@@ -143,11 +143,13 @@ def test_encoder_sees_both_directions_and_classifies():
     assert torch.allclose(enc(changed)[:, 10], h[:, 10])  # out of reach of both windows (token 0 is global)
     logits = enc.classify(tokens)
     assert logits.shape == (2, 3)
-    # mean pooling over real tokens only
+    # a right-padded batch classifies each row as alone: pads are neither attended nor pooled
     mask = torch.ones(2, 40, dtype=torch.bool)
     mask[:, 35:] = False
-    expected = enc.head(enc(tokens)[:, :35].mean(1))
+    expected = enc.head(enc(tokens[:, :35]).mean(1))
     torch.testing.assert_close(enc.classify(tokens, mask), expected)
+    left = torch.cat([torch.zeros(2, 5, dtype=torch.long), tokens[:, :35]], 1)  # and left padding too
+    torch.testing.assert_close(enc.classify(left, mask.flip(1)), expected)
     first = encoder(num_classes=3, pooling="first")
     torch.testing.assert_close(first.classify(tokens), first.head(first(tokens)[:, 0]))
 
@@ -269,8 +271,8 @@ def test_leaky_mechanisms_errors(value, error, message):
 
 # --------------------------------------------------------------------------- padding
 def test_right_padded_batch_gives_each_row_its_own_logits_at_its_real_positions():
-    """Every layer is causal, so pads after a row's tokens are never seen by its real positions
-    (left padding shifts the positions and is not supported: see SparseCausalLM's docstring)."""
+    """Every layer is causal, so pads after a row's tokens are never seen by its real positions,
+    even without a padding_mask (left padding needs one: see the test below)."""
     m = model()
     rows = [torch.randint(0, 40, (1, n)) for n in (20, 13, 7)]
     batch = torch.zeros(3, 20, dtype=torch.long)
@@ -279,6 +281,37 @@ def test_right_padded_batch_gives_each_row_its_own_logits_at_its_real_positions(
     logits = m(batch)
     for b, r in enumerate(rows):
         torch.testing.assert_close(logits[b:b + 1, :r.shape[1]], m(r), rtol=1e-10, atol=1e-10)
+
+
+PATTERN_LAYERS = ["causal", "sliding_window:window=5", "streaming:sinks=2,window=4",
+                  "longformer:window=6,global_tokens=2,causal=true", "dilated:window=3,dilation=2"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_with_a_padding_mask_equals_each_row_alone(side):
+    """Positions (pattern and rotary) count from each row's first real token, pad keys unseen."""
+    m = model(PATTERN_LAYERS)
+    lengths = (20, 13, 1, 7)
+    rows = [torch.randint(0, 40, (1, n)) for n in lengths]
+    batch = torch.zeros(4, 20, dtype=torch.long)
+    mask = torch.zeros(4, 20, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        cols = slice(20 - r.shape[1], 20) if side == "left" else slice(0, r.shape[1])
+        batch[b, cols], mask[b, cols] = r, True
+    logits = m(batch, padding_mask=mask)
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(logits[b:b + 1, mask[b]], m(r), rtol=1e-10, atol=1e-10)
+
+
+def test_padding_mask_errors():
+    m = model(PATTERN_LAYERS)
+    tokens = torch.randint(0, 40, (2, 6))
+    with pytest.raises(ValueError, match=r"padding_mask must be a bool tensor of shape \(2, 6\)"):
+        m(tokens, padding_mask=torch.ones(2, 6))
+    with pytest.raises(ValueError, match="mechanism linear:causal=true takes no padding_mask"):
+        model()(tokens, padding_mask=torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="padding_mask and cache exclude each other"):
+        m(tokens, m.make_caches("full"), padding_mask=torch.ones(2, 6, dtype=torch.bool))
 
 
 def test_generate_with_lengths_equals_each_row_alone():

@@ -4,9 +4,10 @@
 `SparseCausalLM` (per-layer mechanism schedule, tied head, `generate`) and the
 `SparseTransformer` encoder; `chunked_forward` for documents longer than a model's length.
 
-Each batch row is one whole sequence at positions 0..N-1: there are no key padding masks or
-per-row offsets yet, so non-causal layers attend a padded row's pads and left padding shifts
-positions (see `SparseCausalLM` and `SparseCausalLM.generate(..., lengths=)` for right padding)."""
+Padded batches: the layers and models take `padding_mask` (B, N) bool (True = real token), and
+with pattern mechanisms each row then computes what it computes alone, left or right padding
+(positions from the row's first real token). Decoding caches hold one sequence per row:
+`SparseCausalLM.generate(..., lengths=)` takes right-padded prompts."""
 
 from .attention import SparseAttention
 from .cache import FullCache, KVCache, LinearStateCache, PatternCache, SinkCache, WindowCache

@@ -41,10 +41,11 @@ class SparseAttention(nn.Module):
         backend: block backend for patterns and block_topk ("auto" picks per device); a name
             `backends.list_backends()` knows, checked here.
 
-    Every row of x is one whole sequence at positions 0..N-1: there is no key padding mask or
-    per-row offset yet. In a right-padded batch a non-causal mechanism attends the pad keys (a
-    causal one never sees the pads after a row's tokens); left padding shifts the positions.
-    Batch sequences of equal length, or run rows alone, until per-row support lands.
+    Padded batches: `forward(x, padding_mask=mask)` with mask (B, N) bool, True = real token.
+    Pattern mechanisms then attend only real keys, with positions (the pattern's and the rotary angles) counted from each row's
+    first real token, so left and right padding give each row what it gives alone; pad rows'
+    outputs are 0 before the output projection. Mechanisms without per-row support (linear,
+    performer, topk, block_topk, lsh, routing) refuse a padding_mask.
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, mechanism="causal", *,
@@ -99,9 +100,13 @@ class SparseAttention(nn.Module):
         self.dense_mechanism = as_mechanism(dense)
         self.sparse_weight = float(sparse_weight)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, dim) -> (B, N, dim). positions: (N,) or (B, N) ints for the rotary angles
-        (default 0..N-1); the mechanism itself sees the tokens as positions 0..N-1.
+        (default 0..N-1, or per row from its first real token with a padding_mask); the
+        mechanism itself sees the tokens as positions 0..N-1 (from each row's first real token).
+
+        padding_mask: (B, N) bool, True = a real token (see the class docstring).
 
         cache: a `KVCache` (nn/cache.py) for decoding: x holds the next tokens after those the
         cache has seen (one at a time, or a chunk of a prefill); the cache stores their keys and
@@ -110,6 +115,23 @@ class SparseAttention(nn.Module):
             raise ValueError(f"x must be (batch, length, {self.dim}), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         bsz, n, _ = x.shape
+        call_kw = {}
+        if padding_mask is not None:
+            if cache is not None:
+                raise ValueError("padding_mask and cache exclude each other: a cache holds one sequence per row "
+                                 "(give generate() the lengths of right-padded prompts instead)")
+            if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool or \
+                    tuple(padding_mask.shape) != (bsz, n):
+                raise ValueError(f"padding_mask must be a bool tensor of shape ({bsz}, {n}) (True = real token), got "
+                                 f"{padding_mask.dtype if isinstance(padding_mask, torch.Tensor) else padding_mask!r}"
+                                 f"{' ' + str(tuple(padding_mask.shape)) if isinstance(padding_mask, torch.Tensor) else ''}")
+            for m in (self.mechanism, self.dense_mechanism if self.sparse_weight < 1.0 else None):
+                if isinstance(m, Mechanism) and m.kind != PATTERN:
+                    raise ValueError(f"mechanism {m} takes no padding_mask (no per-row support): batch rows of equal "
+                                     "length, or use a pattern mechanism")
+            call_kw["key_padding_mask"] = padding_mask
+            if positions is None:  # rotary positions from each row's first real token
+                positions = torch.clamp(padding_mask.long().cumsum(1) - 1, min=0)
         q = self.q_proj(x).view(bsz, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, N, Dh]
         k = self.k_proj(x).view(bsz, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, N, Dh]
         v = self.v_proj(x).view(bsz, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -127,9 +149,9 @@ class SparseAttention(nn.Module):
                 if positions is None:
                     positions = torch.arange(n, device=x.device)
                 q, k = self.rotary(q, positions), self.rotary(k, positions)
-            out = attention(q, k, v, self.mechanism, backend=self.backend)  # [B, Hq, N, Dh]
+            out = attention(q, k, v, self.mechanism, backend=self.backend, **call_kw)  # [B, Hq, N, Dh]
             if self.sparse_weight < 1.0:
-                dense = attention(q, k, v, self.dense_mechanism, backend=self.backend)
+                dense = attention(q, k, v, self.dense_mechanism, backend=self.backend, **call_kw)
                 out = self.sparse_weight * out + (1.0 - self.sparse_weight) * dense
         out = nn.functional.dropout(out, self.dropout, self.training)
         return self.out_proj(out.transpose(1, 2).reshape(bsz, n, self.num_heads * self.head_dim))

@@ -107,8 +107,8 @@ class Block(nn.Module):
         hidden = int(cfg.mlp_ratio * cfg.dim)
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, cfg.dim, bias=False))
 
-    def forward(self, x, cache: KVCache | None = None):
-        x = x + self.attn(self.attn_norm(x), cache=cache)
+    def forward(self, x, cache: KVCache | None = None, padding_mask: torch.Tensor | None = None):
+        x = x + self.attn(self.attn_norm(x), cache=cache, padding_mask=padding_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -142,10 +142,10 @@ class _Stack(nn.Module):
 class SparseTransformer(_Stack):
     """Encoder: tokens (B, N) -> hidden states (B, N, dim), and `classify` -> logits (B, classes)
     from the pooled states. Mechanisms are usually non-causal here ("sliding_window:causal=false",
-    "longformer", "bigbird"). `padding_mask` (B, N) bool, True = real token: pooling ignores the
-    padding, the attention does not (no key padding mask yet): in a right-padded batch a
-    non-causal pattern lets real tokens attend the pads, so batch documents of equal length or
-    run rows alone."""
+    "longformer", "bigbird"). `padding_mask` (B, N) bool, True = real token: the attention
+    never sees pad keys and counts positions from each row's first real token (pattern
+    mechanisms; others refuse a mask), and pooling ignores the pads, so a padded batch classifies
+    each row as it would alone."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int = 0, pooling: str = "mean"):
         if pooling not in ("mean", "first"):
@@ -156,18 +156,18 @@ class SparseTransformer(_Stack):
         self.head = nn.Linear(cfg.dim, num_classes) if num_classes else None
         self.apply(self._init)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         _check_tokens(tokens, self.cfg.vocab_size, self.embed.weight.device)
         self._apply_warmup("full")
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, padding_mask=padding_mask)
         return self.norm(x)
 
     def classify(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.head is None:
             raise ValueError("this encoder was built with num_classes=0: it has no classification head")
-        h = self(tokens)  # [B, N, dim]
+        h = self(tokens, padding_mask)  # [B, N, dim]
         if self.pooling == "first":
             pooled = h[:, 0]
         elif padding_mask is None:
@@ -198,11 +198,10 @@ class SparseCausalLM(_Stack):
     """tokens (B, N) -> logits (B, N, vocab). The output head shares the embedding matrix.
 
     Every layer must be causal (`cache.check_causal`; `ModelConfig.leaky_mechanisms` for LSH,
-    routing and block top-k). Each row is one sequence at positions 0..N-1: there are no per-row
-    padding masks or offsets yet. A right-padded batch still gives each row its own logits at its
-    real positions (a causal layer never sees the pads after them; the pads' logits mean nothing;
-    not so with leaky mechanisms), but left padding shifts the positions and changes the logits:
-    batch sequences of equal length or pad on the right, and give `generate` the `lengths`."""
+    routing and block top-k). `forward(tokens, padding_mask=mask)` (B, N) bool, True = real
+    token: left or right padding, each row gets the logits it gets alone at its real positions
+    (pattern mechanisms; others refuse a mask; pads' logits mean nothing). Decoding with caches
+    holds one sequence per row: give `generate` right-padded prompts and their `lengths`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -218,14 +217,15 @@ class SparseCausalLM(_Stack):
             check_causal(block.attn.mechanism, f"layer {i}", leaky)
         self.apply(self._init)
 
-    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         _check_tokens(tokens, self.cfg.vocab_size, self.embed.weight.device)
         self._apply_warmup("causal")
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if caches is None else caches[i])
+            x = block(x, cache=None if caches is None else caches[i], padding_mask=padding_mask)
         return self.norm(x) @ self.embed.weight.T  # tied head
 
     def make_caches(self, kind: str = "full", *, window: int | None = None, sinks: int = 4) -> list[KVCache]:

@@ -197,7 +197,7 @@ def test_attention_passes_per_row_arguments_to_patterns_and_refuses_them_elsewhe
     out = sparse_attn.attention(q, k, v, "sliding_window:window=3", key_padding_mask=mask)
     assert torch.equal(out, sparse_attn.sparse_attention(q, k, v, P.sliding_window(3), key_padding_mask=mask))
     with pytest.raises(TypeError, match="takes no parameter.*key_padding_mask"):
-        sparse_attn.attention(q, k, v, "linear", key_padding_mask=mask)
+        sparse_attn.attention(q, k, v, "topk", key_padding_mask=mask)
 
 
 # ------------------------------------------------------------------------ packed documents
@@ -272,3 +272,23 @@ def test_cu_seqlens_packing():
         sparse_attn.sparse_attention(q, k, v, P.causal(), document_ids=ids[:, :10])
     with pytest.raises(ValueError, match="take neither q_offset nor kv_offset"):
         sparse_attn.sparse_attention(q, k, v, P.causal(), document_ids=ids, kv_offset=3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_linear_attention_with_key_padding_equals_rows_alone(causal, side):
+    mask = _mask(side)
+    q, k, v = (torch.randn(len(LENGTHS), 2, N, 8, dtype=torch.float64) for _ in range(3))
+    dout = torch.randn_like(q)
+    parts = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = sparse_attn.attention(*parts, "linear", causal=causal, key_padding_mask=mask)
+    out.backward(dout)
+    for b in range(len(LENGTHS)):
+        idx = _real(mask, b)
+        alone_parts = [t[b:b + 1, :, idx].clone().requires_grad_() for t in (q, k, v)]
+        alone = sparse_attn.attention(*alone_parts, "linear", causal=causal)
+        alone.backward(dout[b:b + 1, :, idx])
+        torch.testing.assert_close(out[b:b + 1, :, idx], alone, rtol=1e-10, atol=1e-12)
+        for p, a in zip(parts, alone_parts):
+            torch.testing.assert_close(p.grad[b:b + 1, :, idx], a.grad, rtol=1e-10, atol=1e-12)
+        assert torch.all(out[b][:, ~mask[b]] == 0)

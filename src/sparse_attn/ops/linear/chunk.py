@@ -71,6 +71,17 @@ def check_qkv(q, k, v, *, causal) -> None:
                          f"q_len={q.shape[2]} > kv_len={k.shape[2]}")
 
 
+def check_key_padding_mask(mask, k) -> torch.Tensor:
+    """A bool (B, Nkv) mask on k's device (True = real key)."""
+    bsz, nkv = k.shape[0], k.shape[2]
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (bsz, nkv):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch, kv_len) = ({bsz}, {nkv}), got {got}")
+    if mask.device != k.device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but k is on {k.device}")
+    return mask
+
+
 def check_chunk_size(chunk_size) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -235,7 +246,7 @@ def _exclusive_prefix(per_chunk: torch.Tensor, start: torch.Tensor) -> torch.Ten
 
 
 def linear_attention(q, k, v, *, feature_map="elu", causal=False, chunk_size=64, eps=1e-6, initial_state=None,
-                     return_state=False):
+                     return_state=False, key_padding_mask=None):
     """Linear attention out_i = sum_j phi(q_i)·phi(k_j) v_j / max(sum_j phi(q_i)·phi(k_j), eps).
 
     Args:
@@ -253,6 +264,9 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, chunk_size=64,
             keys before these, so a long sequence can be fed in pieces. Causal only.
         return_state: also return the `LinearState` after the last key (for causal decoding;
             non-causal: the sums over all keys).
+        key_padding_mask: bool (B, Nkv), True = a real key: pad keys get zero features (they
+            add nothing to S and z), and query rows on pad indices return 0. Linear attention
+            has no positions, so left or right padding gives each row what it gives alone.
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, or (out, LinearState) if return_state. fp16/bf16 inputs
@@ -272,7 +286,16 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, chunk_size=64,
     phi_k = apply_feature_map(phi, k_acc, "k")
     if phi_q.shape[3] != phi_k.shape[3]:
         raise ValueError(f"feature_map gave {phi_q.shape[3]} features for q but {phi_k.shape[3]} for k")
+    q_real = None
+    if key_padding_mask is not None:
+        key_real = check_key_padding_mask(key_padding_mask, k)
+        phi_k = phi_k * key_real[:, None, :, None].to(phi_k.dtype)
+        q_real = key_real[:, -q.shape[2]:] if q.shape[2] <= k.shape[2] else None  # queries: the last key indices
+        if q_real is None:
+            raise ValueError("key_padding_mask needs q_len <= kv_len (queries are the last key indices)")
     out, state = linear_attention_features(phi_q, phi_k, v_acc, causal=causal, chunk_size=chunk_size, eps=eps,
                                            initial_state=initial_state)
+    if q_real is not None:
+        out = out * q_real[:, None, :, None].to(out.dtype)  # pad query rows: 0, as every mechanism
     out = out.to(q.dtype)
     return (out, state) if return_state else out

@@ -127,6 +127,25 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(compiled(x), layer(x))
 
 
+def test_torch_compile_does_not_recompile_for_every_length():
+    """The blocked backend runs eagerly inside a compiled model (a graph break): traced, its plan
+    was specialised per length (~100 graphs and a minute of compiling for 5 lengths)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    layer = SparseAttention(32, 4, 2, "sliding_window:window=8")
+    compiled = torch.compile(layer, backend="aot_eager")
+    for n in (24, 40, 56, 57, 90, 128):
+        x = torch.randn(2, n, 32, requires_grad=True)
+        out = compiled(x)
+        torch.testing.assert_close(out, layer(x))
+        out.sum().backward()  # autograd crosses the graph break
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert counters["stats"]["unique_graphs"] <= 8, dict(counters["stats"])
+
+
 def test_state_dict_has_only_the_projections():
     layer = SparseAttention(16, 2, mechanism="causal")
     assert sorted(layer.state_dict()) == ["k_proj.weight", "out_proj.weight", "q_proj.weight", "v_proj.weight"]

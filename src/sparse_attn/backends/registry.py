@@ -40,6 +40,10 @@ class Capabilities:
     returns_lse: bool = True
     deterministic: bool = True
     dense: bool = False  # costs O(Nq * Nkv) whatever the pattern: never picked automatically
+    # torch.compile can put the call in its graph (custom ops, SDPA). Others (Python loops over a
+    # layout's plan) run eagerly inside a compiled model: traced, they would be specialised and
+    # recompiled for every new length.
+    graph_traceable: bool = False
     notes: str = ""
 
 
@@ -214,6 +218,6 @@ def select(call: AttentionCall, backend: str = "auto") -> Backend:
     ex = explain_call(call, backend)
     if ex.chosen is None:
         raise BackendError(f"no backend can run this call:\n{ex}")
-    if backend == "auto" and ex.rejected:
+    if backend == "auto" and ex.rejected and not torch.compiler.is_compiling():  # dynamo cannot trace logging
         log.debug("dispatch: %s", ex)
     return _REGISTRY[ex.chosen]

@@ -34,6 +34,7 @@ class SdpaBackend(Backend):
         per_head_patterns=False,
         returns_lse=False,
         deterministic=False,
+        graph_traceable=True,
         notes="full and causal patterns only (causal with q_offset 0)",
     )
 

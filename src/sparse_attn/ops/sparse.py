@@ -11,7 +11,35 @@ from ..patterns.rows import row_view
 from .batch_rows import batch_geometries, is_per_row
 
 
-def sparse_attention(
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | BlockLayout, *,
+                     scale: float | None = None, backend: str = "auto", return_lse: bool = False,
+                     q_offset: int | torch.Tensor | None = None, kv_offset: int | torch.Tensor = 0,
+                     key_padding_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None):
+    if torch.compiler.is_compiling() and not _in_graph(q, k, v, pattern, backend, q_offset, kv_offset,
+                                                       key_padding_mask, document_ids):
+        return _eager()(q, k, v, pattern, scale=scale, backend=backend, return_lse=return_lse,
+                                       q_offset=q_offset, kv_offset=kv_offset, key_padding_mask=key_padding_mask,
+                                       document_ids=document_ids)
+    return _sparse_attention(q, k, v, pattern, scale=scale, backend=backend, return_lse=return_lse,
+                             q_offset=q_offset, kv_offset=kv_offset, key_padding_mask=key_padding_mask,
+                             document_ids=document_ids)
+
+
+def _in_graph(q, k, v, pattern, backend, q_offset, kv_offset, key_padding_mask, document_ids) -> bool:
+    """Under torch.compile: can this call be traced into the graph? Only when the backend that
+    will run it is a custom op / SDPA and no per-row geometry (Python per row) is involved."""
+    if is_per_row(q_offset, kv_offset, key_padding_mask, document_ids) or not isinstance(pattern, (Pattern,
+                                                                                                   BlockLayout)):
+        return False
+    call = AttentionCall.of(q, k, v, pattern.pattern if isinstance(pattern, BlockLayout) else pattern,
+                            q_offset if isinstance(q_offset, int) else k.shape[2] - q.shape[2], return_lse=False)
+    try:
+        return select(call, backend).caps.graph_traceable
+    except Exception:  # let the eager path raise the real, named error
+        return False
+
+
+def _sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -88,6 +116,27 @@ def sparse_attention(
     return (out, lse) if return_lse else out
 
 
+# Inside torch.compile, calls whose backend is plain Python over a layout's plan (blocked,
+# reference, flex's own compile) or that carry per-row geometry run eagerly (a graph break):
+# traced, they would be specialised to every length and recompiled for each new one.
+# (Made on first use: torch.compiler.disable imports torch._dynamo, which doubles the package's
+# import time and imports triton before a test can set TRITON_INTERPRET.)
+_EAGER: list = []
+
+
+def _eager():
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_sparse_attention))
+    return _EAGER[0]
+
+
+sparse_attention.__doc__ = _sparse_attention.__doc__ + """
+    Inside `torch.compile`, calls on the `triton` and `sdpa` backends are traced into the graph
+    (custom ops); the others, and per-row calls, run eagerly (a graph break), so a compiled model
+    does not recompile for every new sequence length.
+"""
+
+
 def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, key_padding_mask, document_ids):
     """Rows grouped by geometry; each group runs its own view of the pattern (`row_view`, whose
     layouts are cached per geometry) as one call; outputs are put back in row order."""
@@ -111,7 +160,7 @@ def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, 
         plain = g.shift == 0 and g.key_runs is None and g.query_runs is None and g.documents is None
         view = pattern if plain else row_view(pattern, g)
         if len(rows) == bsz:  # one geometry for the whole batch
-            return sparse_attention(q, k, v, view, scale=scale, backend=backend, return_lse=return_lse,
+            return _sparse_attention(q, k, v, view, scale=scale, backend=backend, return_lse=return_lse,
                                     q_offset=plan.q_index0)
         idx = torch.tensor(rows, device=q.device)
         o, l = sparse_attention(q[idx], k[idx], v[idx], view, scale=scale, backend=backend, return_lse=True,

@@ -22,6 +22,7 @@ _CAPS = Capabilities(
     min_head_dim=16,
     max_head_dim=256,
     deterministic=True,
+    graph_traceable=True,  # torch.library custom ops with fake implementations
     notes="block-sparse flash attention in Triton: CSR walk of full then partial blocks, partial blocks "
           "masked by cached packed bitmasks; backward without atomics (deterministic); a torch custom op",
 )

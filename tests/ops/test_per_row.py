@@ -197,7 +197,7 @@ def test_attention_passes_per_row_arguments_to_patterns_and_refuses_them_elsewhe
     out = sparse_attn.attention(q, k, v, "sliding_window:window=3", key_padding_mask=mask)
     assert torch.equal(out, sparse_attn.sparse_attention(q, k, v, P.sliding_window(3), key_padding_mask=mask))
     with pytest.raises(TypeError, match="takes no parameter.*key_padding_mask"):
-        sparse_attn.attention(q, k, v, "topk", key_padding_mask=mask)
+        sparse_attn.attention(q, k, v, "performer", key_padding_mask=mask)
 
 
 # ------------------------------------------------------------------------ packed documents
@@ -292,3 +292,24 @@ def test_linear_attention_with_key_padding_equals_rows_alone(causal, side):
         for p, a in zip(parts, alone_parts):
             torch.testing.assert_close(p.grad[b:b + 1, :, idx], a.grad, rtol=1e-10, atol=1e-12)
         assert torch.all(out[b][:, ~mask[b]] == 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_topk_with_key_padding_equals_rows_alone(causal, side):
+    mask = _mask(side)
+    q, k, v = (torch.randn(len(LENGTHS), 2, N, 8, dtype=torch.float64) for _ in range(3))
+    dout = torch.randn_like(q)
+    parts = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = sparse_attn.attention(*parts, "topk", top_k=5, causal=causal, key_padding_mask=mask)
+    out.backward(dout)
+    assert torch.isfinite(out).all() and all(torch.isfinite(p.grad).all() for p in parts)
+    for b in range(len(LENGTHS)):
+        idx = _real(mask, b)
+        alone_parts = [t[b:b + 1, :, idx].clone().requires_grad_() for t in (q, k, v)]
+        alone = sparse_attn.attention(*alone_parts, "topk", top_k=5, causal=causal)
+        alone.backward(dout[b:b + 1, :, idx])
+        torch.testing.assert_close(out[b:b + 1, :, idx], alone, rtol=1e-10, atol=1e-12)
+        for p, a in zip(parts, alone_parts):
+            torch.testing.assert_close(p.grad[b:b + 1, :, idx], a.grad, rtol=1e-10, atol=1e-12)
+        assert torch.all(out[b][:, ~mask[b]] == 0) and torch.all(parts[1].grad[b][:, ~mask[b]] == 0)

@@ -45,8 +45,8 @@ class SparseAttention(nn.Module):
     Pattern mechanisms then attend only real keys, with positions (the pattern's and the rotary angles) counted from each row's
     first real token, so left and right padding give each row what it gives alone; pad rows'
     outputs are 0 before the output projection. `linear` masks pad keys out of its sums (it has
-    no positions). Mechanisms without per-row support (performer, topk, block_topk, lsh,
-    routing) refuse a padding_mask.
+    no positions) and `topk` never picks them. Mechanisms without per-row support (performer,
+    block_topk, lsh, routing) refuse a padding_mask.
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, mechanism="causal", *,
@@ -129,7 +129,7 @@ class SparseAttention(nn.Module):
             for m in (self.mechanism, self.dense_mechanism if self.sparse_weight < 1.0 else None):
                 if isinstance(m, Mechanism) and m.kind != PATTERN and "key_padding_mask" not in m.info.parameters():
                     raise ValueError(f"mechanism {m} takes no padding_mask (no per-row support): batch rows of equal "
-                                     "length, or use a pattern mechanism or linear")
+                                     "length, or use a pattern mechanism, linear or topk")
             call_kw["key_padding_mask"] = padding_mask
             if positions is None:  # rotary positions from each row's first real token
                 positions = torch.clamp(padding_mask.long().cumsum(1) - 1, min=0)

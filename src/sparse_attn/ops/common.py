@@ -8,7 +8,7 @@ import torch
 from ..backends.inputs import check_scale, check_tensor
 
 __all__ = ["check_int", "check_bool", "check_scale", "check_tensor", "check_self_attention_qkv", "accumulation_dtype",
-           "softmax_with_lse"]
+           "softmax_with_lse", "check_key_padding_mask"]
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -51,6 +51,18 @@ def check_self_attention_qkv(q, k, v):
     kv = k if k is not None else v
     if kv is not None and (kv.shape[1] == 0 or q.shape[1] % kv.shape[1] != 0):
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({kv.shape[1]}) for GQA")
+
+
+def check_key_padding_mask(mask, k) -> torch.Tensor:
+    """A bool (B, Nkv) mask on k's device (True = real key)."""
+    bsz, nkv = k.shape[0], k.shape[2]
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (bsz, nkv):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch, kv_len) = ({bsz}, {nkv}), got {got}")
+    if mask.device != k.device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but k is on {k.device}")
+    return mask
+
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backends.inputs import check_qkv as check_sdpa_qkv
-from ..common import accumulation_dtype  # noqa: F401 (used by linear's naive/recurrent)
+from ..common import accumulation_dtype, check_key_padding_mask  # noqa: F401 (accumulation_dtype: naive/recurrent)
 
 
 class LinearState(NamedTuple):
@@ -69,17 +69,6 @@ def check_qkv(q, k, v, *, causal) -> None:
     if causal and q.shape[2] > k.shape[2]:
         raise ValueError(f"causal attention needs q_len <= kv_len (queries are the last positions), got "
                          f"q_len={q.shape[2]} > kv_len={k.shape[2]}")
-
-
-def check_key_padding_mask(mask, k) -> torch.Tensor:
-    """A bool (B, Nkv) mask on k's device (True = real key)."""
-    bsz, nkv = k.shape[0], k.shape[2]
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (bsz, nkv):
-        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch, kv_len) = ({bsz}, {nkv}), got {got}")
-    if mask.device != k.device:
-        raise ValueError(f"key_padding_mask is on {mask.device} but k is on {k.device}")
-    return mask
 
 
 def check_chunk_size(chunk_size) -> int:

@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from ...backends.inputs import check_inputs
 from ...patterns import causal as causal_pattern
 from ...patterns import full as full_pattern
-from ..common import accumulation_dtype, check_bool, check_int
+from ..common import accumulation_dtype, check_bool, check_int, check_key_padding_mask
 
 # Elements of one chunk's score block (and of its gathered keys + values): 64 MiB in fp32.
 SCORE_BLOCK_ELEMENTS = 1 << 24
@@ -75,7 +75,7 @@ def scatter_add_rows(target: torch.Tensor, index: torch.Tensor, values: torch.Te
 class _Geometry:
     """Shapes of one call and the views that group query heads per kv head."""
 
-    def __init__(self, q, k, v, top_k, causal, q_offset, chunk_size):
+    def __init__(self, q, k, v, top_k, causal, q_offset, chunk_size, key_pad=None):
         self.batch, self.q_heads, self.q_len, self.head_dim = q.shape
         self.kv_heads, self.kv_len = k.shape[1], k.shape[2]
         self.v_head_dim = v.shape[3]
@@ -83,6 +83,7 @@ class _Geometry:
         self.k_eff = min(top_k, self.kv_len)
         self.causal = causal
         self.q_offset = q_offset
+        self.key_pad = key_pad  # bool [B, Nkv], True = a pad key (never picked), or None
         self.chunk = chunk_size or default_chunk_size(self.batch, self.q_heads, self.kv_len, top_k, self.head_dim,
                                                       self.v_head_dim)
 
@@ -101,13 +102,18 @@ class _Geometry:
         grouped = target.view(self.batch, self.kv_heads, self.group, target.shape[2], target.shape[3])
         grouped[:, :, :, start:stop] = values.reshape(self.batch, self.kv_heads, self.group, stop - start, -1)
 
-    def future_keys(self, start: int, stop: int, device) -> torch.Tensor | None:
-        """bool [G * C, Nkv]: keys after each row's query position (masked when causal)."""
-        if not self.causal:
-            return None
-        pos = torch.arange(start, stop, device=device) + self.q_offset  # [C]
-        kv = torch.arange(self.kv_len, device=device)
-        return (kv[None, :] > pos[:, None]).repeat(self.group, 1)
+    def hidden_keys(self, start: int, stop: int, device) -> torch.Tensor | None:
+        """bool, broadcastable to the scores [B, Hkv, G * C, Nkv]: keys a row may not pick (after
+        its query position when causal; pad keys), or None."""
+        hidden = None
+        if self.causal:
+            pos = torch.arange(start, stop, device=device) + self.q_offset  # [C]
+            kv = torch.arange(self.kv_len, device=device)
+            hidden = (kv[None, :] > pos[:, None]).repeat(self.group, 1)  # [R, Nkv]
+        if self.key_pad is not None:
+            pad = self.key_pad[:, None, None, :]  # [B, 1, 1, Nkv]
+            hidden = pad if hidden is None else hidden | pad
+        return hidden
 
 
 class _TopkAttention(torch.autograd.Function):
@@ -122,22 +128,22 @@ class _TopkAttention(torch.autograd.Function):
         for start, stop in geo.chunks() if geo.k_eff else ():  # no keys: rows stay 0
             q_rows = geo.rows(q, start, stop, cdt)  # [B, Hkv, R, D], R = G * C
             scores = torch.matmul(q_rows, k_c.transpose(-1, -2))  # [B, Hkv, R, Nkv], unscaled
-            future = geo.future_keys(start, stop, q.device)
-            if future is not None:
-                scores.masked_fill_(future, float("-inf"))
+            hidden = geo.hidden_keys(start, stop, q.device)
+            if hidden is not None:
+                scores.masked_fill_(hidden, float("-inf"))
             top, pick = scores.topk(geo.k_eff, dim=-1, sorted=False)  # [B, Hkv, R, K]
             del scores
             # a row with fewer allowed keys than k also picks masked ones: mark those -1
             pick = torch.where(torch.isneginf(top), -1, pick)
             s = top.mul_(scale)
-            # every row sees at least key 0 (causal positions are >= 0), so m is finite
-            m = s.amax(-1, keepdim=True)
+            m = s.amax(-1, keepdim=True)  # -inf only for a row with no allowed key (all pads)
+            m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
             p = s.sub_(m).exp_()  # 0 on padding picks
-            l = p.sum(-1, keepdim=True)  # [B, Hkv, R, 1]
+            l = p.sum(-1, keepdim=True)  # [B, Hkv, R, 1]; >= 1 unless the row sees nothing
             v_sel = gather_rows(v_c, pick.clamp(min=0))  # [B, Hkv, R, K, Dv]
-            o = torch.einsum("bhrk,bhrke->bhre", p, v_sel).div_(l)  # l >= 1: the max term is exp(0)
+            o = torch.einsum("bhrk,bhrke->bhre", p, v_sel).div_(l.clamp(min=1.0))  # empty rows: 0
             geo.put_rows(out, start, stop, o.to(q.dtype))
-            geo.put_rows(lse, start, stop, m.add_(l.log_()))
+            geo.put_rows(lse, start, stop, torch.where(l > 0, m + l.log(), torch.full_like(m, float("-inf"))))
             geo.put_rows(index, start, stop, pick.to(index_dtype))
         ctx.save_for_backward(q, k, v, out, lse, index)
         ctx.geo, ctx.scale = geo, scale
@@ -161,7 +167,9 @@ class _TopkAttention(torch.autograd.Function):
             safe = pick.clamp(min=0)
             k_sel, v_sel = gather_rows(k_c, safe), gather_rows(v_c, safe)  # [B, Hkv, R, K, D or Dv]
             s = torch.einsum("bhrd,bhrkd->bhrk", q_rows, k_sel).mul_(scale).masked_fill_(pick < 0, float("-inf"))
-            p = s.sub_(geo.rows(lse, start, stop, cdt)).exp_()  # [B, Hkv, R, K], recomputed probabilities
+            row_lse = geo.rows(lse, start, stop, cdt)
+            row_lse = torch.where(torch.isneginf(row_lse), torch.zeros_like(row_lse), row_lse)  # empty rows: p = 0
+            p = s.sub_(row_lse).exp_()  # [B, Hkv, R, K], recomputed probabilities
             delta = (do_rows * geo.rows(out, start, stop, cdt)).sum(-1, keepdim=True)  # [B, Hkv, R, 1]
             dp = torch.einsum("bhre,bhrke->bhrk", do_rows, v_sel)
             ds = p * dp.sub_(delta)  # d loss / d (scaled score)
@@ -174,7 +182,8 @@ class _TopkAttention(torch.autograd.Function):
 
 
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int = 64, *, causal: bool = False,
-                   scale: float | None = None, q_offset: int | None = None, chunk_size: int | None = None):
+                   scale: float | None = None, q_offset: int | None = None, chunk_size: int | None = None,
+                   key_padding_mask: torch.Tensor | None = None):
     """Exact top-k attention: each query attends only to its `top_k` highest-scoring keys.
 
     Args:
@@ -187,6 +196,9 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int
             positions), as in `sparse_attention`.
         chunk_size: queries processed at once; by default as many as keep a chunk's score block
             near `SCORE_BLOCK_ELEMENTS` elements (memory O(chunk * Nkv + Nq * top_k)).
+        key_padding_mask: bool (B, Nkv), True = a real key: pad keys are never picked and query
+            rows on pad indices return 0. Selection and causality are by index, which padding
+            shifts alike for queries and keys, so each row gets what it gets alone.
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype; rows with no key to attend to (Nkv = 0) are 0.
@@ -201,4 +213,11 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int
     check_int("top_k", top_k)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size)
-    return _TopkAttention.apply(q, k, v, _Geometry(q, k, v, top_k, causal, q_offset, chunk_size), scale)
+    if key_padding_mask is None:
+        return _TopkAttention.apply(q, k, v, _Geometry(q, k, v, top_k, causal, q_offset, chunk_size), scale)
+    key_real = check_key_padding_mask(key_padding_mask, k)
+    if q_offset is None or q_offset + q.shape[2] > k.shape[2]:
+        raise ValueError("key_padding_mask needs the queries on key indices (q_offset + q_len <= kv_len)")
+    geo = _Geometry(q, k, v, top_k, causal, q_offset, chunk_size, key_pad=~key_real)
+    q_real = key_real[:, q_offset:q_offset + q.shape[2]]
+    return _TopkAttention.apply(q, k, v, geo, scale) * q_real[:, None, :, None].to(q.dtype)

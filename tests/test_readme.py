@@ -20,7 +20,6 @@ what the README says today:
   shrink the work.
 """
 
-import json
 import re
 import shlex
 from pathlib import Path

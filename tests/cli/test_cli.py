@@ -69,15 +69,6 @@ def test_compare_skips_errors_above_max_dense_length(capsys):
     assert "not checked" in out
 
 
-def test_compare_forced_backend_that_cannot_serve_fails_at_run_time(capsys):
-    code, out, err = run(capsys, "compare", "--length", "128", "--patterns", "sliding_window", "--backend", "sdpa",
-                         "--heads", "2", "--repeats", "1", "--no-progress")
-    assert code == 1
-    assert err.startswith("sparse-attn: error: sliding_window:")
-    assert "only full and causal patterns" in err
-    assert "Traceback" not in err
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--patterns", "nope"], "unknown pattern 'nope'; valid names: full, causal, sliding_window"),
     (["--patterns", "sliding_window:windw=3"], "sliding_window has no parameter 'windw'; valid keys: window, causal"),
@@ -112,7 +103,7 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     jobs = [1, 2]
     assert _progress(jobs, enabled=False) is jobs
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
-    assert _progress(jobs, enabled=True) is jobs
+    assert not isinstance(_progress(jobs, enabled=True), tqdm.tqdm)  # plain lines instead (tests below)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     bar = _progress(jobs, enabled=True)
     assert isinstance(bar, tqdm.tqdm)
@@ -160,6 +151,7 @@ def test_show_png(capsys, tmp_path):
     (["causal", "--length", "1000"], "use --block B"),
     (["causal", "--head", "1"], "only head 0 exists"),
     (["bigbird:num_heads=2", "--head", "2"], "has 2 heads (0..1)"),
+    (["causal", "--block", "0"], "argument --block: expected a positive int (>= 1), got 0"),  # was the element mask
 ])
 def test_show_bad_arguments_exit_2(capsys, argv, message):
     code, out, err = run(capsys, "show", *argv)
@@ -314,3 +306,81 @@ def test_help_lists_mechanisms(capsys):
     assert code == 0
     for name in ("linear", "performer", "topk", "block_topk", "lsh", "routing"):
         assert f"  {name}" in out
+
+
+# ------------------------------------------------------------- issue 14: found by a new user
+def test_compare_runs_both_patterns_and_mechanisms(capsys, tmp_path):
+    # the README's example: --patterns and --mechanisms used to share one argparse destination (the last won)
+    js = tmp_path / "rows.json"
+    code, out, err = run(capsys, "compare", "--length", "128", "--patterns", "sliding_window:window=32,causal=false",
+                         "bigbird", "--mechanisms", "linear:causal=true", "--heads", "2", "--repeats", "1",
+                         "--no-progress", "--json", str(js))
+    assert code == 0, err
+    names = [r["name"] for r in json.loads(js.read_text())["rows"]]
+    assert names == ["sdpa", "sdpa causal", "sliding_window:window=32,causal=false", "bigbird", "linear:causal=true"]
+    assert all(name in out for name in names)
+    # in either order, and a flag given twice adds up too
+    code, _, err = run(capsys, "compare", "--length", "64", "--mechanisms", "topk", "--patterns", "causal",
+                       "--patterns", "full", "--heads", "1", "--repeats", "1", "--no-progress", "--json", str(js))
+    assert code == 0, err
+    assert [r["name"] for r in json.loads(js.read_text())["rows"]][2:] == ["topk", "causal", "full"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mechanisms", "topk:top_k=0"], "topk:top_k=0: top_k must be >= 1, got 0"),
+    (["--mechanisms", "lsh:bucket_size=0"], "lsh:bucket_size=0: bucket_size must be >= 1, got 0"),
+    (["--mechanisms", "linear:feature_map=nope"], "feature_map must be one of ['elu', 'relu']"),
+    (["--patterns", "sliding_window", "--backend", "sdpa"],
+     "sliding_window: --backend sdpa cannot run it: only full and causal patterns"),
+    (["--patterns", "causal", "bigbird:num_heads=2", "--heads", "2", "--backend", "sdpa"],
+     "bigbird:num_heads=2: --backend sdpa cannot run it: per-head patterns not supported"),
+    (["--mechanisms", "block_topk", "--backend", "sdpa"], "block_topk: no backend can run this call"),
+    pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+])
+def test_compare_arguments_the_library_refuses_exit_2_before_any_row_runs(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(measure, "time_call", lambda *a, **kw: pytest.fail("a row was timed before the check"))
+    code, out, err = run(capsys, "compare", "--length", "64", "--repeats", "1", *argv)
+    assert code == 2, err
+    assert out == ""
+    last = err.strip().splitlines()[-1]  # argparse's usage, then the message on one line
+    assert last.startswith("sparse-attn compare: error: ") and message in last, err
+
+
+def test_compare_progress_off_a_terminal_is_a_line_per_row_as_it_runs(capsys, monkeypatch):
+    # captured stderr is not a terminal: plain lines as rows finish, not a tqdm bar (nor nothing for minutes)
+    before_each_row = []  # what stderr had received when each row started
+    time_call = measure.time_call
+
+    def spy(*args, **kw):
+        before_each_row.append(capsys.readouterr().err)
+        return time_call(*args, **kw)
+
+    monkeypatch.setattr(measure, "time_call", spy)
+    code, out, err = run(capsys, "compare", "--length", "64", "--patterns", "causal", "sliding_window",
+                         "--heads", "1", "--repeats", "1")
+    assert code == 0, err
+    assert len(before_each_row) == 4  # sdpa, sdpa causal, causal, sliding_window
+    assert before_each_row[0].startswith("compare: 0/4 rows")
+    for i in range(1, 4):
+        assert f"compare: {i}/4 rows" in before_each_row[i] and f"compare: {i + 1}/4" not in before_each_row[i]
+    assert "compare: 4/4 rows" in err and "sliding_window" in err
+    assert "\r" not in "".join(before_each_row) + err
+
+
+def test_progress_lines_off_a_terminal(capsys, monkeypatch):
+    from sparse_attn._extras import progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    seen = []
+    bar = progress(range(3), desc="work", unit="item", total=3, lines_every=0)
+    for i in bar:
+        seen.append(capsys.readouterr().err)  # each line is out before the next item starts
+        bar.set_postfix_str(f"item {i}")
+    err = capsys.readouterr().err
+    assert seen[0].startswith("work: 0/3 items (")
+    assert [text.split(" (")[0] for text in seen[1:] + [err]] == \
+        ["work: 1/3 items, item 0", "work: 2/3 items, item 1", "work: 3/3 items, item 2"]
+    quiet = progress(range(3), desc="work", total=3)  # the default: a line at the start, then at most every 10 s
+    assert list(quiet) == [0, 1, 2]
+    assert [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()] == ["work: 0/3", "work: 3/3"]

@@ -42,10 +42,46 @@ def test_eval_reach_summary_and_json(capsys, tmp_path):
     (["eval", "needle", "--depths", "1.5"], "[0, 1]"),
     (["eval", "needle", "--mechanisms", "sliding_window:windw=3", "--lengths", "64"], "windw"),
     (["eval"], "TASK"),
+    (["eval", "needle", "--mechanisms", "topk:top_k=0", "--lengths", "64", "--no-progress"],
+     "--mechanisms topk:top_k=0: top_k must be >= 1, got 0"),
+    (["eval", "mqar", "--mechanisms", "a=topk:top_k=0,causal=true", "--steps", "1", "--no-progress"],
+     "--mechanisms a=topk:top_k=0,causal=true: top_k must be >= 1, got 0"),
+    (["eval", "mqar", "--mechanisms", "a=linear", "--steps", "1", "--no-progress"], "must run with causal=true"),
+    (["eval", "mqar", "--pairs", "1000", "--steps", "1", "--no-progress"], "--pairs 1000"),
+    (["eval", "mqar", "--layers", "1", "--steps", "1", "--no-progress"], "--layers 1: num_layers must be >= 2"),
+    (["eval", "mqar", "--pairs", "2", "4", "--batch", "1", "--steps", "1", "--no-progress"], "--batch"),
+    (["eval", "passkey", "--train-length", "16", "--steps", "1", "--no-progress"], "--train-length 16"),
+    (["eval", "passkey", "--dim", "30", "--heads", "4", "--steps", "1", "--no-progress"], "--dim"),
+    (["eval", "listops", "--mechanisms", "a=nope", "--steps", "1", "--no-progress"], "unknown mechanism 'nope'"),
+    pytest.param(["eval", "needle", "--device", "cuda", "--lengths", "64"], "--device cuda: CUDA is not available",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available here")),
 ])
 def test_eval_bad_arguments_exit_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)
     assert code == 2 and message in err and out == ""
+
+
+def test_eval_needle_exits_1_when_a_cell_failed(capsys, tmp_path, monkeypatch):
+    # needle_grid records a failure and goes on; the command used to exit 0 with NaN cells
+    from sparse_attn.eval import needle
+
+    attention = needle.attention
+
+    def fails_at_128(q, k, v, mechanism, **kw):
+        if k.shape[2] == 128:
+            raise RuntimeError("out of luck at 128")
+        return attention(q, k, v, mechanism, **kw)
+
+    monkeypatch.setattr(needle, "attention", fails_at_128)
+    js = tmp_path / "needle.json"
+    with pytest.warns(RuntimeWarning, match="out of luck"):
+        code, out, err = run(capsys, "eval", "needle", "--mechanisms", "sliding_window:window=16", "--lengths", "64",
+                             "128", "--depths", "1", "--trials", "1", "--no-progress", "--json", str(js))
+    assert code == 1
+    assert "ERROR sliding_window:window=16 at length 128: RuntimeError: out of luck at 128" in out
+    assert err.strip().splitlines()[-1] == ("sparse-attn: error: failed: sliding_window:window=16 at length 128 "
+                                            "(the ERROR lines above say why)")
+    assert json.loads(js.read_text())["mass"]["sliding_window:window=16"][0][0] > 0.5  # what ran is kept
 
 
 def test_eval_help(capsys):
@@ -90,5 +126,3 @@ def test_eval_mqar_and_passkey_tiny(capsys, tmp_path):
                          "--json", str(js))
     assert code == 0, err
     assert js.exists() and "exact-match accuracy" in out
-    code, _, err = run(capsys, "eval", "passkey", "--train-length", "16", "--steps", "1", "--no-progress")
-    assert code == 1 and "train_length" in err  # too short for the prompt: a run-time check in eval/recall

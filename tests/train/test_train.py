@@ -248,6 +248,11 @@ def test_cli_train_end_to_end_and_resume(capsys, tmp_path):
     (["--corpus-bytes", "30"], "too few for seq_len 32"),
     (["--json", "/no/such/folder/x.json"], "folder /no/such/folder does not exist"),
     (["--steps", "0"], "expected a positive int"),
+    (["--mechanisms", "topk:top_k=0,causal=true"], "--mechanisms topk:top_k=0,causal=true: top_k must be >= 1, got 0"),
+    (["--mechanisms", "lsh:bucket_size=0,causal=true"], "bucket_size must be >= 1, got 0"),
+    (["--dim", "18"], "--dim // --heads must be even (rotary embeddings), got 18 // 2 = 9"),
+    pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ])
 def test_cli_train_bad_arguments_exit_2_before_training(capsys, argv, message):
     code, out, err = run(capsys, *TINY_CLI, "--steps", "2", *argv)
@@ -265,3 +270,34 @@ def test_cli_train_help(capsys):
         assert flag in out
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "train" in out
+
+
+def test_train_lm_reports_each_evaluation_when_it_happens(data):
+    seen = []
+    _, result = train_lm(tiny_model(), tiny_train(), data, show_progress=False,
+                         on_eval=lambda entry: seen.append(dict(entry)))
+    assert [(e["step"], e["val_loss"]) for e in seen] == result.evals() == [(6, seen[0]["val_loss"]),
+                                                                            (12, seen[1]["val_loss"])]
+    assert all("train_loss" in e and "elapsed_s" in e for e in seen)
+
+
+def test_cli_train_prints_each_evaluation_as_it_happens(capsys, monkeypatch):
+    # output to a file (captured: not a terminal): each validation loss is printed when measured, and progress
+    # lines go to stderr, instead of everything at the end
+    printed_before_eval = []
+    evaluate_fn = lm_module.evaluate
+
+    def spy(*args, **kw):
+        printed_before_eval.append(capsys.readouterr())
+        return evaluate_fn(*args, **kw)
+
+    monkeypatch.setattr(lm_module, "evaluate", spy)
+    argv = [a for a in TINY_CLI if a != "--no-progress"]
+    code, out, err = run(capsys, *argv, "--steps", "6")
+    assert code == 0, err
+    assert len(printed_before_eval) == 2  # steps 3 and 6
+    assert re.search(r"^step 3/6: val loss \d+\.\d{4} nats/byte, train loss \d+\.\d{4}", printed_before_eval[1].out,
+                     re.M), printed_before_eval[1].out
+    assert re.search(r"^step 6/6: val loss", out, re.M)
+    assert printed_before_eval[0].err.startswith("train causal: 0/6 steps")
+    assert "train causal: 6/6 steps" in err and "\r" not in err

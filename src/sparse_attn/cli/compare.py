@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__, explain, sparse_attention
+from .._extras import progress
 from .. import patterns as P
 from ..eval import measure
 from .specs import Spec
@@ -110,8 +111,7 @@ def environment(cfg: CompareConfig, device: torch.device) -> dict:
 def _check_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available in this torch "
-                         f"({torch.__version__})")
+        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
     return device
 
 
@@ -165,17 +165,41 @@ def _mechanism_job(cfg: CompareConfig, spec: Spec, q, k, v) -> _Job:
     return _Job(spec.text, str(m), dense, "mechanism", run, chosen, repr(m))
 
 
-def _progress(jobs, enabled: bool):
-    if enabled:
-        import sys
+def check_config(cfg: CompareConfig) -> None:
+    """Refuse, before any row is timed, what no row could run with: raises ValueError, the row's
+    spec first. A forced --backend that cannot serve a pattern is found by explain() on stand-ins
+    of the real shapes (expanded: nothing is allocated); the checks that only a mechanism's op
+    makes (top_k=0, a feature map's name, a forced backend under block_topk) by one call on one
+    batch row and one kv head (a fraction of a row)."""
+    from ..backends import BackendError
+    from .main import _one_line
 
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError:  # progress bars are optional (the `progress` extra)
-                return jobs
-            return tqdm(jobs, desc="compare", unit="pattern", leave=False, file=sys.stderr)
-    return jobs
+    device = _check_device(cfg.device)
+    kv_heads = cfg.kv_heads or cfg.heads
+    stand_in = torch.empty((), device=device, dtype=DTYPES[cfg.dtype])
+    q, kv = (stand_in.expand(cfg.batch, h, cfg.length, cfg.dim) for h in (cfg.heads, kv_heads))
+    small = None
+    for spec in cfg.specs:
+        try:
+            if spec.mechanism is None:
+                ex = explain(q, kv, kv, spec.pattern, backend=cfg.backend)
+                if ex.chosen is None:
+                    why = "; ".join(f"{name}: {', '.join(r)}" for name, r in ex.rejected.items()) \
+                        if cfg.backend == "auto" else ", ".join(ex.rejected.get(cfg.backend, []))
+                    raise BackendError(f"--backend {cfg.backend} cannot run it: {why}")
+                continue
+            if small is None:
+                small = make_inputs(CompareConfig(cfg.length, [], 1, cfg.heads // kv_heads, 1, cfg.dim, cfg.dtype,
+                                                  cfg.device, seed=cfg.seed), device)
+            with torch.no_grad():
+                _mechanism_job(cfg, spec, *small).run()
+        except (ValueError, TypeError, BackendError) as exc:
+            raise ValueError(f"{spec.text}: {_one_line(exc)}") from exc
+
+
+def _progress(jobs, enabled: bool):
+    # one line per row off a terminal: rows take seconds to minutes each
+    return progress(jobs, enabled=enabled, desc="compare", unit="row", total=len(jobs), leave=False, lines_every=0)
 
 
 def run_compare(cfg: CompareConfig) -> tuple[list[Row], dict]:

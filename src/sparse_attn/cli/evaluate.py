@@ -14,12 +14,15 @@ Each prints a summary, writes --json and --plot on request, and exits 0 / 1 (run
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import sys
 import time
 
 import torch
 
-from .main import _check_output, _non_negative_int, _positive_int, _require_matplotlib
+from .main import (PROG, _check_device, _check_output, _non_negative_int, _positive_int, _require_matplotlib,
+                   _try_mechanism)
 
 TASKS = ("needle", "reach", "passkey", "mqar", "listops")
 
@@ -50,7 +53,8 @@ def _common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: %(default)s)")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a picture (needs matplotlib)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (a bar on a terminal, else a line every 10 s)")
 
 
 def add_eval_parser(sub, formatter) -> None:
@@ -136,15 +140,6 @@ def _task_arguments(name: str, t: argparse.ArgumentParser) -> None:
         t.add_argument("--resume", action="store_true", help="continue from --checkpoint; finished ones are kept")
 
 
-def _check_device(parser, text: str) -> None:
-    try:
-        device = torch.device(text)
-    except RuntimeError as exc:
-        parser.error(f"--device {text!r}: {exc}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {text}: CUDA is not available here")
-
-
 def _prepare_outputs(args) -> None:
     _check_output(args.parser, "--json", args.json)
     _check_output(args.parser, "--plot", args.plot)
@@ -167,11 +162,14 @@ def cmd_needle(args) -> int:
     _check_device(parser, args.device)
     _prepare_outputs(args)
     if args.mechanisms:
-        for spec in args.mechanisms:  # resolve once at the smallest length: bad specs exit 2 before running
-            try:
-                needle_mechanism(spec, min(args.lengths), causal=not args.non_causal, seed=args.seed)
-            except (ValueError, TypeError) as exc:
-                parser.error(f"--mechanisms {spec}: {exc}")
+        for spec in args.mechanisms:  # bad specs exit 2 before the grid, which would record them and go on
+            for n in sorted(args.lengths):  # the defaults needle_mechanism fills in depend on the length
+                try:
+                    resolved = needle_mechanism(spec, n, causal=not args.non_causal, seed=args.seed)
+                    resolved.pattern()  # a pattern's arguments are checked when it is built
+                except (ValueError, TypeError) as exc:
+                    parser.error(f"--mechanisms {spec}: {exc}")
+                _try_mechanism(parser, "--mechanisms", spec, resolved, length=n, head_dim=args.dim, device=args.device)
     started = time.perf_counter()
     result = needle_grid(args.mechanisms, args.lengths, args.depths or DEFAULT_DEPTHS, causal=not args.non_causal,
                          heads=args.heads, dim=args.dim, strength=args.strength, seed=args.seed, device=args.device,
@@ -184,6 +182,10 @@ def cmd_needle(args) -> int:
     if args.plot:
         plot_needle_heatmaps(result, args.plot)
         print(f"wrote {args.plot}")
+    if result.errors:  # its cells are NaN ("err"): the run did not do what was asked
+        failed = ", ".join(f"{name} at length {e['length']}" for name, errs in result.errors.items() for e in errs)
+        print(f"{PROG}: error: failed: {failed} (the ERROR lines above say why)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -240,12 +242,45 @@ def cmd_trained_task(args) -> int:
     return runner(args, schedules)
 
 
+def _defaults(fn) -> dict:
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
+def _check_model(parser, args, schedules, *, vocab_size: int, dim: int, layers: int, heads: int, length: int,
+                 encoder: bool) -> None:
+    """What the experiments would refuse only when they start, or at a schedule's first step
+    (several minutes into a run that trains one model per schedule): exit 2 now instead."""
+    from ..nn import ModelConfig, SparseCausalLM, SparseTransformer
+    from ..ops.mechanisms import as_mechanism
+
+    if dim % heads:
+        parser.error(f"--dim ({dim}) must be a multiple of --heads ({heads})")
+    if (dim // heads) % 2:
+        parser.error(f"--dim // --heads must be even (rotary embeddings), got {dim} // {heads} = {dim // heads}")
+    texts = {text.partition("=")[0]: text for text in args.mechanisms or []}
+    for name, mechanisms in schedules.items():
+        text = texts.get(name, f"{name} (a default schedule)")
+        try:  # the causal rule and the per-layer count; on the meta device nothing is allocated
+            with torch.device("meta"):
+                cfg = ModelConfig(vocab_size=vocab_size, dim=dim, num_layers=layers, num_heads=heads,
+                                  mechanisms=mechanisms)
+                SparseTransformer(cfg, num_classes=2) if encoder else SparseCausalLM(cfg)
+            resolved = [as_mechanism(m) for m in ([mechanisms] if isinstance(mechanisms, str) else mechanisms)]
+        except (ValueError, TypeError) as exc:
+            parser.error(f"--mechanisms {text}: {exc}")
+        for mechanism in dict.fromkeys(resolved):
+            _try_mechanism(parser, "--mechanisms", text, mechanism, length=length, head_dim=dim // heads,
+                           device=args.device)
+
+
 def _run_recall(args, schedules) -> int:
     """passkey / mqar: one small model per schedule, trained and tested by eval/recall.py."""
     from ..eval import recall
 
     common = _overrides(args, {"steps": "steps", "dim": "dim", "layers": "layers", "heads": "heads",
                                "batch": "batch", "lr": "lr", "init": "init"})
+    _check_recall(args, schedules, {**_defaults(recall.passkey_experiment if args.task == "passkey"
+                                                else recall.mqar_experiment), **common})
     if args.task == "passkey":
         extra = _overrides(args, {"train_length": "train_length", "test_lengths": "test_lengths"})
         result = recall.passkey_experiment(schedules, **common, **extra, seed=args.seed, device=args.device,
@@ -265,8 +300,42 @@ def _run_recall(args, schedules) -> int:
     return 0
 
 
+def _check_recall(args, schedules, settings: dict) -> None:
+    from ..eval import recall
+    from ..eval.tasks import mqar_dataset, passkey_min_length
+
+    parser = args.parser
+    if args.task == "passkey":
+        minimum = passkey_min_length(settings["digits"])
+        given = [("--train-length", args.train_length)] + [("--test-lengths", n) for n in args.test_lengths or []]
+        for flag, n in given:
+            if n is not None and n < minimum:
+                parser.error(f"{flag} {n}: the passkey prompt needs at least {minimum} bytes")
+        length, vocab_size = max([args.train_length or settings["train_length"]]
+                                 + list(args.test_lengths or settings["test_lengths"])), 256
+    else:
+        length, vocab_size = args.seq_len or settings["seq_len"], args.vocab_size or settings["vocab_size"]
+        pairs = args.pairs or list(settings["num_kv_pairs_list"])
+        if settings["batch"] < len(pairs):
+            parser.error(f"--batch ({settings['batch']}) must be >= the number of --pairs ({len(pairs)}): every "
+                         "batch holds every pair count")
+        for p in pairs:
+            try:  # one example: the generator checks that the pairs fit the sequence and the vocabulary
+                mqar_dataset(1, vocab_size=vocab_size, input_seq_len=length, num_kv_pairs=p)
+            except ValueError as exc:
+                parser.error(f"--pairs {p} (--seq-len {length}, --vocab-size {vocab_size}): {exc}")
+    if schedules is None:
+        try:
+            schedules = recall.default_schedules(settings["layers"], settings["window"],
+                                                 first=recall.MQAR_FIRST_LAYER if args.task == "mqar" else None)
+        except ValueError as exc:
+            parser.error(f"--layers {settings['layers']}: {exc}")
+    _check_model(parser, args, schedules, vocab_size=vocab_size, dim=settings["dim"], layers=settings["layers"],
+                 heads=settings["heads"], length=length, encoder=False)
+
+
 def _run_listops(args, schedules) -> int:
-    from ..eval.listops_train import LISTOPS_PRESETS, listops_mechanisms, plot_listops, train_listops
+    from ..eval.listops_train import LISTOPS_PRESETS, LISTOPS_VOCAB, listops_mechanisms, plot_listops, train_listops
 
     settings = dict(LISTOPS_PRESETS[args.preset])
     mechanism_args = settings.pop("mechanisms")
@@ -280,6 +349,8 @@ def _run_listops(args, schedules) -> int:
         args.parser.error(f"--min-length ({settings['min_length']}) must be below --max-length - 1 "
                           f"({settings['max_length'] - 1}): lengths are strictly between them")
     mechanisms = schedules or listops_mechanisms(**mechanism_args, seed=args.seed)
+    _check_model(args.parser, args, mechanisms, vocab_size=len(LISTOPS_VOCAB), dim=settings["dim"],
+                 layers=settings["layers"], heads=settings["heads"], length=settings["max_length"], encoder=True)
     result = train_listops(mechanisms, **settings, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,
                            progress=not args.no_progress)
     print(result.summary())

@@ -90,7 +90,7 @@ cosine decay, validation loss on fixed windows of the last 10% of the corpus. Th
 in a few minutes on a laptop CPU. Runs are reproducible (the batch of step s is seeded by
 (--seed, s)), and a run resumed from --checkpoint ends exactly where an uninterrupted one would.
 
-Prints the validation loss at each evaluation and a summary line:
+Prints the validation loss at each evaluation, as it happens, and a summary line:
   final val loss L nats/byte (L/ln 2 bits/byte) after S steps, T s, P parameters
 """
 
@@ -121,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="time, memory and error of patterns vs dense SDPA",
                        description=COMPARE_DESCRIPTION, epilog=SPEC_HELP, formatter_class=_Formatter)
     p.add_argument("--length", type=_positive_int, required=True, metavar="N", help="sequence length")
-    p.add_argument("--patterns", "--mechanisms", nargs="+", default=list(specs.DEFAULT_PATTERNS), metavar="SPEC",
+    # One list, extended by each flag (action="extend"): with nargs="+" alone the last flag replaced the others.
+    p.add_argument("--patterns", "--mechanisms", nargs="+", action="extend", dest="specs", default=None, metavar="SPEC",
                    help="patterns and/or mechanisms (linear, performer, topk, block_topk, lsh, routing) to run, "
-                        "NAME or NAME:KEY=VALUE,... (default: %(default)s)")
+                        "NAME or NAME:KEY=VALUE,...; both flags may be given, and more than once: every spec gets "
+                        f"a row (default: {' '.join(specs.DEFAULT_PATTERNS)})")
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default: %(default)s)")
     p.add_argument("--heads", type=_positive_int, default=8, help="query heads (default: %(default)s)")
     p.add_argument("--kv-heads", type=_positive_int, default=None, help="key/value heads (GQA); default: --heads")
@@ -146,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "O(R x N) per pattern; default: %(default)s)")
     p.add_argument("--json", metavar="FILE", help="write rows and environment as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a bar chart (time and peak memory); needs matplotlib")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a tty)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (a bar on a terminal, else a line as each row finishes)")
     p.set_defaults(handler=cmd_compare, parser=p)
 
     # show -------------------------------------------------------------------------------
@@ -159,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="query positions (default: %(default)s)")
     p.add_argument("--kv-length", type=_positive_int, default=None, metavar="N",
                    help="key positions (default: --length); queries are the last --length of them")
-    p.add_argument("--block", type=_non_negative_int, default=0, metavar="B",
-                   help="print the block map with B x B blocks instead of the element mask (0: element mask)")
+    p.add_argument("--block", type=_positive_int, default=None, metavar="B",
+                   help="print the block map with B x B blocks instead of the element mask")
     p.add_argument("--png", metavar="FILE", help="write an image of the element mask (needs matplotlib)")
     p.add_argument("--head", type=_non_negative_int, default=0,
                    help="head to draw, for per-head patterns (default: %(default)s)")
@@ -225,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plot", metavar="FILE", help="write the loss curves (needs matplotlib)")
     g.add_argument("--sample", type=_non_negative_int, default=0, metavar="N",
                    help="after training, generate N bytes continuing the start of the validation text")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a tty)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (a bar on a terminal, else a line every 10 s)")
     p.set_defaults(handler=cmd_train, parser=p)
     # eval -------------------------------------------------------------------------------
     from .evaluate import add_eval_parser  # here, not at the top: evaluate imports helpers from this module
@@ -269,6 +273,41 @@ def _parse_spec(parser: argparse.ArgumentParser, text: str, length: int) -> spec
         parser.error(str(exc))
 
 
+def _check_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
+    """A device name torch understands and this machine has (a usage error otherwise, exit 2)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        parser.error(f"--device {text!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {text}: CUDA is not available here (torch {torch.__version__})")
+    return device
+
+
+def _one_line(exc: Exception) -> str:
+    """The message of `exc` on one line; of a BackendError's explanation, its verdicts only."""
+    lines = str(exc).splitlines() or [""]
+    return " ".join([lines[0]] + [line.strip() for line in lines[1:] if "rejected" in line])
+
+
+def _try_mechanism(parser: argparse.ArgumentParser, flag: str, text: str, mechanism, *, length: int, head_dim: int,
+                   device, q_heads: int = 1) -> None:
+    """Exit 2 now if a non-pattern mechanism's op refuses its arguments (top_k=0, an unknown feature
+    map, ...): those checks run only in a call, so one call on one batch row and one kv head of the
+    real length and head dim, before a run that would fail at its first step (or later)."""
+    from ..ops.mechanisms import PATTERN, Mechanism
+
+    if not isinstance(mechanism, Mechanism) or mechanism.kind == PATTERN:
+        return  # patterns check their arguments when built
+    q = torch.randn(1, q_heads, length, head_dim, device=device)
+    k, v = torch.randn(2, 1, 1, length, head_dim, device=device)
+    try:
+        with torch.no_grad():
+            mechanism(q, k, v)
+    except (ValueError, TypeError, BackendError) as exc:
+        parser.error(f"{flag} {text}: {_one_line(exc)}")
+
+
 def _check_output(parser: argparse.ArgumentParser, flag: str, path: str | None) -> None:
     if path is None:
         return
@@ -286,20 +325,17 @@ def _require_matplotlib() -> None:
 
 # ------------------------------------------------------------------------------- commands
 def cmd_compare(args) -> int:
-    from .compare import CompareConfig, format_table, run_compare, write_json
+    from .compare import CompareConfig, check_config, format_table, run_compare, write_json
 
     parser = args.parser
     if args.backend not in _backend_names():
         parser.error(f"--backend must be one of {', '.join(_backend_names())}, got {args.backend!r}")
     if args.kv_heads is not None and args.heads % args.kv_heads:
         parser.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
-    try:
-        torch.device(args.device)
-    except RuntimeError as exc:
-        parser.error(f"--device {args.device!r}: {exc}")
+    _check_device(parser, args.device)
     _check_output(parser, "--json", args.json)
     _check_output(parser, "--plot", args.plot)
-    pattern_specs = [_parse_spec(parser, text, args.length) for text in args.patterns]
+    pattern_specs = [_parse_spec(parser, text, args.length) for text in args.specs or specs.DEFAULT_PATTERNS]
     for spec in pattern_specs:
         if spec.pattern is not None and spec.pattern.num_heads not in (None, args.heads):
             parser.error(f"{spec.text}: the pattern has {spec.pattern.num_heads} heads but --heads is {args.heads}")
@@ -312,6 +348,10 @@ def cmd_compare(args) -> int:
                         backend=args.backend, repeats=args.repeats, seed=args.seed,
                         max_dense_length=args.max_dense_length, error_rows=args.error_rows,
                         progress=not args.no_progress)
+    try:
+        check_config(cfg)
+    except ValueError as exc:
+        parser.error(str(exc))
     rows, env = run_compare(cfg)
     print(format_table(rows, env, cfg))
     if args.json:

@@ -20,11 +20,12 @@ from dataclasses import asdict
 import torch
 
 from .. import __version__
+from .._extras import write
 from ..nn import ModelConfig, SparseCausalLM
 from ..ops.mechanisms import Mechanism, as_mechanism
 from ..train import TokenData, TrainConfig, load_corpus, plot_loss_curves, train_lm
 from ..train.corpus import describe
-from .main import PROG, _check_output, _require_matplotlib
+from .main import PROG, _check_device, _check_output, _require_matplotlib, _try_mechanism
 
 SAMPLE_TEMPERATURE = 0.8
 MAX_PROMPT = 128  # bytes of validation text the sample continues
@@ -50,6 +51,9 @@ def _mechanisms(parser, args):
 def _model_config(parser, args) -> ModelConfig:
     if args.dim % args.heads:
         parser.error(f"--dim ({args.dim}) must be a multiple of --heads ({args.heads})")
+    if (args.dim // args.heads) % 2:
+        parser.error(f"--dim // --heads must be even (rotary embeddings), got {args.dim} // {args.heads} = "
+                     f"{args.dim // args.heads}")
     if args.kv_heads is not None and args.heads % args.kv_heads:
         parser.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     cfg = ModelConfig(vocab_size=256, dim=args.dim, num_layers=args.layers, num_heads=args.heads,
@@ -60,13 +64,11 @@ def _model_config(parser, args) -> ModelConfig:
             SparseCausalLM(cfg)
     except (ValueError, TypeError) as exc:
         parser.error(f"--mechanisms: {exc}")
+    for text in dict.fromkeys(args.mechanisms):
+        _try_mechanism(parser, "--mechanisms", text, as_mechanism(text), length=args.seq_len,
+                       head_dim=args.dim // args.heads, device=args.device,
+                       q_heads=args.heads // (args.kv_heads or args.heads))
     return cfg
-
-
-def _check_device(name: str) -> None:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available in this torch ({torch.__version__})")
 
 
 def _check_resume(parser, args, model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
@@ -121,6 +123,7 @@ def _label(mechanisms) -> str:
 
 def cmd_train(args) -> int:
     parser = args.parser
+    _check_device(parser, args.device)
     model_cfg = _model_config(parser, args)
     try:
         train_cfg = TrainConfig(seq_len=args.seq_len, batch_size=args.batch, steps=args.steps, lr=args.lr,
@@ -128,10 +131,6 @@ def cmd_train(args) -> int:
                                 eval_batches=args.eval_batches, seed=args.seed, device=args.device, dtype=args.dtype)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
-    try:
-        torch.device(args.device)
-    except RuntimeError as exc:
-        parser.error(f"--device {args.device!r}: {exc}")
     for flag, path in (("--checkpoint", args.checkpoint), ("--json", args.json), ("--plot", args.plot)):
         _check_output(parser, flag, path)
     if args.corpus not in ("synthetic", "stdlib") and not os.path.isfile(args.corpus):
@@ -142,7 +141,6 @@ def cmd_train(args) -> int:
         data.check_length(args.seq_len)
     except ValueError as exc:
         parser.error(f"--corpus {args.corpus} (--corpus-bytes {args.corpus_bytes}): {exc}")
-    _check_device(args.device)
     if args.plot:
         _require_matplotlib()
     if args.threads:
@@ -157,12 +155,14 @@ def cmd_train(args) -> int:
           + (f", resuming at step {start}" if args.resume else ""), flush=True)
     if start >= args.steps:
         print(f"the checkpoint is at step {start} >= --steps {args.steps}: nothing to train")
+
+    def report(entry: dict) -> None:  # as each evaluation happens, not after training (output may be a log file)
+        write(f"step {entry['step']}/{args.steps}: val loss {entry['val_loss']:.4f} nats/byte, "
+              f"train loss {entry['train_loss']:.4f}, {entry['elapsed_s']:.1f} s")
+
     model, result = train_lm(model_cfg, train_cfg, data, checkpoint=args.checkpoint, resume=args.resume,
-                             show_progress=not args.no_progress and sys.stderr.isatty(), label=label)
+                             show_progress=not args.no_progress, label=f"train {label}", on_eval=report)
     done = result.history[-1]["step"] if result.history else 0
-    evals = result.evals()
-    if evals:
-        print("val loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in evals))
     sample = None
     if args.sample:
         sample = _sample(model, data, args)

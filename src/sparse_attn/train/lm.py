@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -145,10 +146,13 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
 
 
 def train_lm(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, *, checkpoint: str | None = None,
-             resume: bool = False, show_progress: bool = True, label: str = "train") -> tuple[SparseCausalLM,
-                                                                                                  TrainResult]:
+             resume: bool = False, show_progress: bool = True, label: str = "train",
+             on_eval: Callable[[dict], None] | None = None) -> tuple[SparseCausalLM, TrainResult]:
     """Train a SparseCausalLM from scratch (or from `checkpoint` with resume=True) for cfg.steps
     optimizer steps in total. With `checkpoint`, saves there at every evaluation and at the end.
+    `on_eval(entry)` is called after each evaluation with its history entry (step, train_loss,
+    lr, val_loss, elapsed_s), while training goes on: to report it as it happens. Progress:
+    `sparse_attn._extras.progress` (a bar on a terminal, plain lines elsewhere).
 
     Returns (model, result); result.history holds train loss and learning rate per step and
     the validation loss every eval_every steps and at the last step.
@@ -172,7 +176,7 @@ def train_lm(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, *, check
     model.train()
     began = time.perf_counter()
     bar = progress(range(start, cfg.steps), enabled=show_progress, desc=label, unit="step", initial=start,
-                   total=cfg.steps, mininterval=1.0)
+                   total=cfg.steps, mininterval=1.0)  # mininterval: the bar's; lines off a terminal every 10 s
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -187,6 +191,8 @@ def train_lm(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, *, check
             entry["elapsed_s"] = time.perf_counter() - began
             if checkpoint is not None:
                 save_checkpoint(checkpoint, model, optimizer, step + 1, cfg, history + [entry])
+            if on_eval is not None:
+                on_eval(entry)
         history.append(entry)
         if hasattr(bar, "set_postfix"):
             last_val = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), math.nan)

@@ -102,16 +102,17 @@ def test_padding_does_not_change_logits(name):
     torch.testing.assert_close(long[0], model.classify(rows[2][None])[0], rtol=0, atol=1e-12)
 
 
-def test_why_padding_is_kept_out_of_the_model():
-    """SparseTransformer masks padding in its pooling only: padded keys change real tokens."""
+def test_padded_examples_classify_as_alone():
+    """With its padding_mask the encoder never attends pad keys (and pools real tokens only), so
+    a padded example classifies as it does alone; listops_logits (batches cut per length) too."""
     torch.manual_seed(0)
     model = SparseTransformer(ModelConfig(vocab_size=len(LISTOPS_VOCAB), dim=16, num_layers=1, num_heads=2,
                                           mechanisms="full"), num_classes=10).double().eval()
     example = torch.tensor([1, 2, 9, 10, 6, 6])
     tokens, lengths = _padded([example], 10)
     mask = torch.arange(10)[None] < lengths[:, None]
-    naive = model.classify(tokens, mask)[0]
-    assert not torch.allclose(naive, model.classify(example[None])[0], atol=1e-6)
+    torch.testing.assert_close(model.classify(tokens, mask)[0], model.classify(example[None])[0], rtol=0, atol=1e-12)
+    assert not torch.allclose(model.classify(tokens)[0], model.classify(example[None])[0], atol=1e-6)  # unmasked
     torch.testing.assert_close(listops_logits(model, tokens, lengths)[0], model.classify(example[None])[0],
                                rtol=0, atol=1e-12)
 

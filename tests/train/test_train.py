@@ -249,7 +249,8 @@ def test_cli_train_end_to_end_and_resume(capsys, tmp_path):
     (["--json", "/no/such/folder/x.json"], "folder /no/such/folder does not exist"),
     (["--steps", "0"], "expected a positive int"),
     (["--mechanisms", "topk:top_k=0,causal=true"], "--mechanisms topk:top_k=0,causal=true: top_k must be >= 1, got 0"),
-    (["--mechanisms", "lsh:bucket_size=0,causal=true"], "bucket_size must be >= 1, got 0"),
+    (["--mechanisms", "topk:top_k=0,causal=true"], "top_k must be >= 1, got 0"),
+    (["--mechanisms", "lsh:causal=true"], "leaky_mechanisms"),  # membership decided from later positions
     (["--dim", "18"], "--dim // --heads must be even (rotary embeddings), got 18 // 2 = 9"),
     pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),

@@ -29,9 +29,9 @@ def progress(iterable, *, enabled: bool = True, lines_every: float = 10.0, **kw)
     `desc`, `total`, `unit` and `initial` are used by both; other keywords go to tqdm."""
     if not enabled:
         return iterable
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() or "ipykernel" in sys.modules:  # a terminal, or a notebook's widget bar
         try:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm
         except ImportError:  # progress is a nicety, never a requirement
             return iterable
         return tqdm(iterable, file=sys.stderr, **kw)

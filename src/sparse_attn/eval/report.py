@@ -419,6 +419,32 @@ def block_topk_gpu_table(data: dict, *, results_dir: PathLike | None = None, lin
     return "\n".join(lines)
 
 
+def padded_gpu_table(data: dict, *, results_dir: PathLike | None = None, link_prefix: str | None = None) -> str:
+    """gpu_padded.json: a padded batch, its rows alone, packed, unpadded and SDPA with a dense mask."""
+    env = data["env"]
+    lines = [
+        (f"**Padded batches and packed sequences on the GPU** (`PYTHONPATH=src python3 benchmarks/gpu_padded.py`; "
+         f"{data['setup']}; {env.get('gpu', env['device'])}, torch {env['torch']}, triton {env.get('triton', '-')}). "
+         "ms per call, forward / forward+backward (median). padded = `key_padding_mask` (one call per row "
+         "geometry); unpadded batch = the same B x N tokens all real; rows alone = each row cut to its real tokens, "
+         "one call each; packed = the real tokens in one row with `document_ids`; SDPA + mask = SDPA with the dense "
+         "(B, 1, N, N) bool mask of window and padding, as transformers builds it."),
+        "",
+        "| N | real tokens | padded | unpadded batch | rows alone | packed | SDPA + mask |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(entry):
+        if not entry or "fwd_ms" not in entry:
+            return "failed" if entry else "-"
+        return f"{entry['fwd_ms']:.1f} / {entry['fwd_bwd_ms']:.1f}"
+
+    for r in data["rows"]:
+        lines.append(f"| {r['N']:,} | {r['real_tokens']:,} | {cell(r.get('padded'))} | {cell(r.get('unpadded_batch'))} | "
+                     f"{cell(r.get('rows_alone'))} | {cell(r.get('packed'))} | {cell(r.get('sdpa_mask'))} |")
+    return "\n".join(lines)
+
+
 def train_compare_table(data: dict, name: str = "train_compare", *, results_dir: PathLike | None = None,
                         link_prefix: str | None = None) -> str:
     """train_compare*.json; `name` is the file's stem, whose .png is linked when it exists."""
@@ -462,6 +488,7 @@ def render(results_dir: PathLike, *, gpu_paths: Sequence[PathLike] | None = None
         parts.append(gpu_table(gpu_paths, **kw))
     for name, fn in (("cpu_mechanisms.json", mechanisms_table), ("fidelity.json", fidelity_table),
                      ("peers_cpu.json", peers_table), ("gpu_block_topk.json", block_topk_gpu_table),
+                     ("gpu_padded.json", padded_gpu_table),
                      ("decode.json", decode_table),
                      ("decode_gpu.json", lambda d, **k: decode_table(d, "decode_gpu", **k)),
                      ("train_compare_cpu.json", lambda d, **k: train_compare_table(d, "train_compare_cpu", **k)),
@@ -629,6 +656,7 @@ SECTIONS: list[tuple[str, list[tuple[str, _Renderer | None]], list[str]]] = [
         ("gpu_patterns*.json", None),  # merged into one table
         ("cpu_mechanisms*.json", _data_renderer(mechanisms_table)),
         ("gpu_block_topk*.json", _data_renderer(block_topk_gpu_table)),
+        ("gpu_padded*.json", _data_renderer(padded_gpu_table)),
     ], ["gpu_patterns*.png", "cpu_*.png", "layout_build*.png", "gpu_block_topk*.png"]),
     ("Fidelity", [
         ("fidelity*.json", _data_renderer(fidelity_table)),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..backends import AttentionCall, select
 from ..backends.inputs import check_inputs
 from ..patterns import Band, BlockLayout, DisjointUnion, Pattern
-from ..patterns.rows import row_view
+from ..patterns.rows import RowGeometry, row_view
 from .batch_rows import batch_geometries, is_per_row
 
 
@@ -138,8 +139,11 @@ sparse_attention.__doc__ = _sparse_attention.__doc__ + """
 
 
 def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, key_padding_mask, document_ids):
-    """Rows grouped by geometry; each group runs its own view of the pattern (`row_view`, whose
-    layouts are cached per geometry) as one call; outputs are put back in row order."""
+    """Rows grouped by geometry, one call per group, outputs put back in row order. A row whose
+    real keys are one run (left or right padding) is cut to its real tokens and runs as it runs
+    alone (the pattern itself, its cached layouts, no pad tiles); other rows (keys with holes,
+    packed documents) run over their full length through their view of the pattern
+    (`row_view`, whose layouts are cached per geometry)."""
     # validate shapes and the pattern once, on the whole batch (q_offset is checked per row)
     check_inputs(q, k, v, pattern, scale, None if q.shape[2] <= k.shape[2] else 0, backend)
     if isinstance(pattern, BlockLayout):
@@ -157,17 +161,40 @@ def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, 
         if plan.geometry is None:
             continue  # no real key in these rows: 0 and -inf
         g = plan.geometry
-        plain = g.shift == 0 and g.key_runs is None and g.query_runs is None and g.documents is None
-        view = pattern if plain else row_view(pattern, g)
-        if len(rows) == bsz:  # one geometry for the whole batch
-            return _sparse_attention(q, k, v, view, scale=scale, backend=backend, return_lse=return_lse,
-                                    q_offset=plan.q_index0)
+        span = _real_span(g, plan.q_index0, nq, k.shape[2])
         idx = torch.tensor(rows, device=q.device)
-        o, l = sparse_attention(q[idx], k[idx], v[idx], view, scale=scale, backend=backend, return_lse=True,
-                                q_offset=plan.q_index0)
+        if span is not None:  # one run of real keys: cut the row to it and run it as it runs alone
+            (k0, k1), (r0, r1), kv_pos = span
+            if r1 <= r0:
+                continue  # no real query row
+            qs, ks, vs = (t if len(rows) == bsz else t[idx] for t in (q, k, v))
+            # in the cut row, key index 0 is position kv_pos (an evicted cache head when > 0)
+            view = pattern if kv_pos == 0 else row_view(pattern, RowGeometry(kv_pos, g.alone, None, None))
+            o, l = _sparse_attention(qs[:, :, r0:r1], ks[:, :, k0:k1], vs[:, :, k0:k1], view, scale=scale,
+                                     backend=backend, return_lse=True, q_offset=plan.q_index0 + r0 - k0)
+            o = F.pad(o, (0, 0, r0, nq - r1))  # pad query rows: 0
+            l = F.pad(l.to(lse_dtype), (r0, nq - r1), value=float("-inf"))
+        else:
+            view = row_view(pattern, g)
+            qs, ks, vs = (t if len(rows) == bsz else t[idx] for t in (q, k, v))
+            o, l = _sparse_attention(qs, ks, vs, view, scale=scale, backend=backend, return_lse=True,
+                                     q_offset=plan.q_index0)
+        if len(rows) == bsz:  # one geometry for the whole batch
+            return (o, l.to(lse_dtype)) if return_lse else o
         out = out.index_copy(0, idx, o)
         lse = lse.index_copy(0, idx, l.to(lse_dtype))
     return (out, lse) if return_lse else out
+
+
+def _real_span(g, q_index0: int, nq: int, nkv: int):
+    """For a row whose real keys are one run [k0, k1) (left or right padding, no documents):
+    ((k0, k1), (r0, r1) its real query rows, position of key k0), else None."""
+    if g.documents is not None or (g.key_runs is not None and len(g.key_runs) != 1) or \
+            (g.query_runs is not None and len(g.query_runs) != 1):
+        return None
+    k0, k1 = g.key_runs[0] if g.key_runs is not None else (0, nkv)
+    r0, r1 = (g.query_runs[0][0] - q_index0, g.query_runs[0][1] - q_index0) if g.query_runs is not None else (0, nq)
+    return (k0, k1), (r0, r1), k0 + g.shift
 
 
 def _residue_classes(q, k, v, pattern: Band, scale, backend, return_lse, q_offset):

@@ -155,19 +155,17 @@ def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, 
         groups.setdefault(plan, []).append(b)
     bsz, hq, nq = q.shape[:3]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = q.new_zeros(bsz, hq, nq, v.shape[3])
-    lse = torch.full((bsz, hq, nq), float("-inf"), dtype=lse_dtype, device=q.device)
+    outs: list = [None] * bsz  # per row [1, Hq, Nq, Dv] / [1, Hq, Nq], concatenated once at the end
+    lses: list = [None] * bsz
     for plan, rows in groups.items():
-        if plan.geometry is None:
-            continue  # no real key in these rows: 0 and -inf
+        o = l = None
         g = plan.geometry
-        span = _real_span(g, plan.q_index0, nq, k.shape[2])
-        idx = torch.tensor(rows, device=q.device)
-        if span is not None:  # one run of real keys: cut the row to it and run it as it runs alone
+        span = None if g is None else _real_span(g, plan.q_index0, nq, k.shape[2])
+        qs, ks, vs = _rows_of(rows, bsz, q, k, v)
+        if g is None or (span is not None and span[1][1] <= span[1][0]):
+            pass  # no real key, or no real query row: 0 and -inf
+        elif span is not None:  # one run of real keys: cut the row to it and run it as it runs alone
             (k0, k1), (r0, r1), kv_pos = span
-            if r1 <= r0:
-                continue  # no real query row
-            qs, ks, vs = (t if len(rows) == bsz else t[idx] for t in (q, k, v))
             # in the cut row, key index 0 is position kv_pos (an evicted cache head when > 0)
             view = pattern if kv_pos == 0 else row_view(pattern, RowGeometry(kv_pos, g.alone, None, None))
             o, l = _sparse_attention(qs[:, :, r0:r1], ks[:, :, k0:k1], vs[:, :, k0:k1], view, scale=scale,
@@ -175,15 +173,28 @@ def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, 
             o = F.pad(o, (0, 0, r0, nq - r1))  # pad query rows: 0
             l = F.pad(l.to(lse_dtype), (r0, nq - r1), value=float("-inf"))
         else:
-            view = row_view(pattern, g)
-            qs, ks, vs = (t if len(rows) == bsz else t[idx] for t in (q, k, v))
-            o, l = _sparse_attention(qs, ks, vs, view, scale=scale, backend=backend, return_lse=True,
-                                     q_offset=plan.q_index0)
+            o, l = _sparse_attention(qs, ks, vs, row_view(pattern, g), scale=scale, backend=backend,
+                                     return_lse=True, q_offset=plan.q_index0)
+        if o is None:
+            o = q.new_zeros(len(rows), hq, nq, v.shape[3])
+            l = torch.full((len(rows), hq, nq), float("-inf"), dtype=lse_dtype, device=q.device)
         if len(rows) == bsz:  # one geometry for the whole batch
             return (o, l.to(lse_dtype)) if return_lse else o
-        out = out.index_copy(0, idx, o)
-        lse = lse.index_copy(0, idx, l.to(lse_dtype))
-    return (out, lse) if return_lse else out
+        for i, b in enumerate(rows):
+            outs[b], lses[b] = o[i:i + 1], l[i:i + 1].to(lse_dtype)
+    out = torch.cat(outs)
+    return (out, torch.cat(lses)) if return_lse else out
+
+
+def _rows_of(rows: list[int], bsz: int, *tensors):
+    """The batch rows `rows` of each tensor: the tensor itself, a view for one row or a run of
+    consecutive rows (the usual padded batch: every row its own geometry), else a gather."""
+    if len(rows) == bsz:
+        return tensors
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return tuple(t[rows[0]:rows[0] + len(rows)] for t in tensors)
+    idx = torch.tensor(rows, device=tensors[0].device)
+    return tuple(t.index_select(0, idx) for t in tensors)
 
 
 def _real_span(g, q_index0: int, nq: int, nkv: int):

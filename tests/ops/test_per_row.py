@@ -313,3 +313,28 @@ def test_topk_with_key_padding_equals_rows_alone(causal, side):
         for p, a in zip(parts, alone_parts):
             torch.testing.assert_close(p.grad[b:b + 1, :, idx], a.grad, rtol=1e-10, atol=1e-12)
         assert torch.all(out[b][:, ~mask[b]] == 0) and torch.all(parts[1].grad[b][:, ~mask[b]] == 0)
+
+
+def test_row_geometry_is_reused_only_for_the_same_unmodified_mask(monkeypatch):
+    from sparse_attn.ops import batch_rows
+
+    calls = []
+    real = batch_rows._batch_geometries
+    monkeypatch.setattr(batch_rows, "_batch_geometries", lambda *a: calls.append(1) or real(*a))
+    mask = _mask("left", [10, 4], 10)
+    q, k, v = (torch.randn(2, 2, 10, 4, dtype=torch.float64) for _ in range(3))
+    first = sparse_attn.sparse_attention(q, k, v, P.sliding_window(3), key_padding_mask=mask)
+    sparse_attn.sparse_attention(q, k, v, P.causal(), key_padding_mask=mask)  # another layer, same mask
+    assert len(calls) == 1
+    mask[1, 3] = True  # edited in place: read again, and the result follows the edit
+    changed = sparse_attn.sparse_attention(q, k, v, P.sliding_window(3), key_padding_mask=mask)
+    assert len(calls) == 2 and not torch.allclose(changed[1], first[1])
+    other = mask.clone()  # an equal mask in another tensor: read again (no identity, no reuse)
+    sparse_attn.sparse_attention(q, k, v, P.sliding_window(3), key_padding_mask=other)
+    assert len(calls) == 3
+    with torch.inference_mode():  # inference tensors have no version counter: never reused
+        inf_mask = _mask("left", [10, 4], 10)
+        a = sparse_attn.sparse_attention(q, k, v, P.sliding_window(3), key_padding_mask=inf_mask)
+        inf_mask[1, 3] = True
+        b = sparse_attn.sparse_attention(q, k, v, P.sliding_window(3), key_padding_mask=inf_mask)
+    assert not torch.allclose(a[1], b[1])

@@ -274,40 +274,22 @@ def test_cu_seqlens_packing():
         sparse_attn.sparse_attention(q, k, v, P.causal(), document_ids=ids, kv_offset=3)
 
 
+@pytest.mark.parametrize("name, params", [("linear", {}), ("topk", {"top_k": 5})])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_linear_attention_with_key_padding_equals_rows_alone(causal, side):
+def test_mechanisms_with_key_padding_equal_rows_alone(name, params, causal, side):
+    """linear (pad keys get zero features) and topk (pad keys never picked) take the mask too."""
     mask = _mask(side)
     q, k, v = (torch.randn(len(LENGTHS), 2, N, 8, dtype=torch.float64) for _ in range(3))
     dout = torch.randn_like(q)
     parts = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = sparse_attn.attention(*parts, "linear", causal=causal, key_padding_mask=mask)
-    out.backward(dout)
-    for b in range(len(LENGTHS)):
-        idx = _real(mask, b)
-        alone_parts = [t[b:b + 1, :, idx].clone().requires_grad_() for t in (q, k, v)]
-        alone = sparse_attn.attention(*alone_parts, "linear", causal=causal)
-        alone.backward(dout[b:b + 1, :, idx])
-        torch.testing.assert_close(out[b:b + 1, :, idx], alone, rtol=1e-10, atol=1e-12)
-        for p, a in zip(parts, alone_parts):
-            torch.testing.assert_close(p.grad[b:b + 1, :, idx], a.grad, rtol=1e-10, atol=1e-12)
-        assert torch.all(out[b][:, ~mask[b]] == 0)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_topk_with_key_padding_equals_rows_alone(causal, side):
-    mask = _mask(side)
-    q, k, v = (torch.randn(len(LENGTHS), 2, N, 8, dtype=torch.float64) for _ in range(3))
-    dout = torch.randn_like(q)
-    parts = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = sparse_attn.attention(*parts, "topk", top_k=5, causal=causal, key_padding_mask=mask)
+    out = sparse_attn.attention(*parts, name, **params, causal=causal, key_padding_mask=mask)
     out.backward(dout)
     assert torch.isfinite(out).all() and all(torch.isfinite(p.grad).all() for p in parts)
     for b in range(len(LENGTHS)):
         idx = _real(mask, b)
         alone_parts = [t[b:b + 1, :, idx].clone().requires_grad_() for t in (q, k, v)]
-        alone = sparse_attn.attention(*alone_parts, "topk", top_k=5, causal=causal)
+        alone = sparse_attn.attention(*alone_parts, name, **params, causal=causal)
         alone.backward(dout[b:b + 1, :, idx])
         torch.testing.assert_close(out[b:b + 1, :, idx], alone, rtol=1e-10, atol=1e-12)
         for p, a in zip(parts, alone_parts):

@@ -7,6 +7,8 @@
                                                  # train a small byte-level LM, plot its loss, sample
     sparse-attn eval needle --plot needle.png       # needle in a haystack, every mechanism, heatmaps
     sparse-attn eval reach --mechanisms sliding_window:window=512 --layers 12 --length 32768
+    sparse-attn hf --tokens 4096 --windows 512 1024  # SmolLM2-135M (GGUF, offline) on schedules: perplexity,
+                                                     # memory, generation speed
     sparse-attn report --out report.md               # one page: benchmarks, fidelity, evaluations
 
 Exit codes: 0 success, 1 failure at run time (the message says why), 2 bad arguments.
@@ -235,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_eval_parser  # here, not at the top: evaluate imports helpers from this module
 
     add_eval_parser(sub, _Formatter)
+
+    # hf ---------------------------------------------------------------------------------
+    from .hf import add_hf_parser
+
+    add_hf_parser(sub, _Formatter)
 
     # report -----------------------------------------------------------------------------
     from .report import add_report_parser

@@ -21,7 +21,8 @@ Write one page that shows the whole trade-off, from the JSON and PNG files of a 
   Fidelity                     fidelity*, peers*
   Decoding                     decode*
   Training                     train_compare*
-  Evaluation                   needle* (with its heatmap NAME.png), reach*, passkey*, mqar*, listops*
+  Evaluation                   needle* (with its heatmap NAME.png), reach*, passkey*, mqar*, listops*,
+                               hf_* (a real transformers model on sparse_attn schedules)
   Other files                  everything else, by name (pictures shown)
 
 Each block names its file; a missing section or an unreadable file is a one-line note. Links are

@@ -6,5 +6,7 @@
 * `reach`: receptive field of a per-layer schedule (exact, long sequences without N^2 memory);
 * `recall`: passkey retrieval and MQAR with small trained models;
 * `listops_train`: ListOps encoders per mechanism;
+* `hf_long_context`: a real transformers model (SmolLM2-135M, GGUF, offline) on sparse_attn
+  schedules: perplexity on Python's reference docs, peak memory, generation tokens/s;
 * `report`: the README tables and the one-page `sparse-attn report`.
 """

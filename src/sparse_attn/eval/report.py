@@ -6,9 +6,10 @@ training and the long-context evaluations, from the JSON (and PNG) files of a re
     write_report("benchmarks/results", "report.md", html="report.html")   # + one self-contained HTML file
 
 The page has the sections Environment, Speed and memory vs length, Fidelity, Decoding, Training,
-Evaluation (needle, receptive field, passkey, MQAR, ListOps) and Other files. Each block says
-which file it came from; a section with no file, or a file that cannot be rendered, becomes a
-one-line note: writing the report never fails because of what is (not) in the folder.
+Evaluation (needle, receptive field, passkey, MQAR, ListOps, a real transformers model: hf_*)
+and Other files. Each block says which file it came from; a section with no file, or a file
+that cannot be rendered, becomes a one-line note: writing the report never fails because of
+what is (not) in the folder.
 
 The renderers of the README's benchmark tables live here too (`benchmarks/tables.py` is a thin
 wrapper): each takes the loaded JSON and, for its picture, the results folder (`results_dir`:
@@ -632,6 +633,17 @@ def generic_summary(data: Any, name: str, *, title: str | None = None, results_d
     return "\n".join(lines)
 
 
+def hf_long_context_summary(data: dict, name: str = "hf_long_context", *, results_dir: PathLike | None = None,
+                            link_prefix: str | None = None) -> str:
+    """`sparse-attn hf --json` (a real transformers model on sparse_attn schedules): its summary
+    (table, correctness lines) and `<name>.png`."""
+    from .hf_long_context import HFLongContextResult
+
+    lines = [HFLongContextResult.from_dict(data).summary()]
+    lines += _image(f"real model ({name})", f"{name}.png", results_dir, link_prefix)
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ the page
 _Renderer = Callable[..., str]
 
@@ -670,7 +682,8 @@ SECTIONS: list[tuple[str, list[tuple[str, _Renderer | None]], list[str]]] = [
         ("passkey*.json", _titled("Passkey retrieval")),
         ("mqar*.json", _titled("Multi-query associative recall")),
         ("listops*.json", _titled("ListOps")),
-    ], ["needle*.png", "reach*.png", "passkey*.png", "mqar*.png", "listops*.png"]),
+        ("hf_*.json", _stem_renderer(hf_long_context_summary)),
+    ], ["needle*.png", "reach*.png", "passkey*.png", "mqar*.png", "listops*.png", "hf_*.png"]),
 ]
 
 _ENV_COLUMNS = ("device", "gpu", "torch", "triton", "cuda", "python", "threads")

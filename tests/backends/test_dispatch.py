@@ -94,6 +94,15 @@ def test_forced_sdpa_on_sliding_window_raises_with_reason():
     assert ex.chosen is None and ex.requested == "sdpa"
 
 
+@pytest.mark.parametrize("nq, q_offset", [(1, None), (1, 64), (3, 63)])
+def test_decoding_step_with_causal_runs_on_sdpa_unmasked(nq, q_offset):
+    """Queries at or after the last key see every key: SDPA serves them without a mask."""
+    q, k, v = make_qkv(1, 4, nq, 16, hkv=2, nkv=64)
+    ex = sparse_attn.explain(q, k, v, P.causal(), q_offset=q_offset)
+    assert ex.chosen == "sdpa", str(ex)
+    check_backend_against_reference(q, k, v, P.causal(), backend="sdpa", q_offset=q_offset, grads=False)
+
+
 def test_forced_sdpa_causal_with_offset_raises():
     q, k, v = make_qkv(1, 2, 10, 16, nkv=40)
     with pytest.raises(sparse_attn.BackendError, match="q_offset"):

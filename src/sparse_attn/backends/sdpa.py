@@ -35,15 +35,16 @@ class SdpaBackend(Backend):
         returns_lse=False,
         deterministic=False,
         graph_traceable=True,
-        notes="full and causal patterns only (causal with q_offset 0)",
+        notes="full and causal patterns only (causal with q_offset 0, or queries at or after the last key)",
     )
 
     def extra_reasons(self, call):
         kind = native_kind(call.pattern)
         if kind is None:
             return ["only full and causal patterns"]
-        if kind == "causal" and call.q_offset != 0:
-            return [f"causal with q_offset {call.q_offset} != 0 (SDPA aligns causal masks top-left)"]
+        if kind == "causal" and call.q_offset != 0 and call.q_offset < call.kv_len - 1:
+            return [f"causal with q_offset {call.q_offset} != 0 (SDPA aligns causal masks top-left; queries at or "
+                    "after the last key, a decoding step, see every key and run unmasked)"]
         if call.kv_len == 0:
             return ["kv_len 0"]
         return []
@@ -51,7 +52,10 @@ class SdpaBackend(Backend):
     def forward(self, q, k, v, layout, scale, return_lse):
         if return_lse:
             raise ValueError("the sdpa backend cannot return log-sum-exp")
-        causal = native_kind(layout.pattern) == "causal"
+        g = layout.grid
+        # causal from position 0 is SDPA's top-left mask; queries at or after the last key (a
+        # decoding step) see every key: no mask at all
+        causal = native_kind(layout.pattern) == "causal" and g.q_offset < g.kv_len - 1
         kwargs = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **kwargs), None
 

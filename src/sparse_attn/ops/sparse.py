@@ -18,9 +18,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
                      key_padding_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None):
     if torch.compiler.is_compiling() and not _in_graph(q, k, v, pattern, backend, q_offset, kv_offset,
                                                        key_padding_mask, document_ids):
-        return _eager()(q, k, v, pattern, scale=scale, backend=backend, return_lse=return_lse,
-                                       q_offset=q_offset, kv_offset=kv_offset, key_padding_mask=key_padding_mask,
-                                       document_ids=document_ids)
+        return _eager()(q, k, v, pattern, scale=scale, backend=backend, return_lse=return_lse, q_offset=q_offset,
+                        kv_offset=kv_offset, key_padding_mask=key_padding_mask, document_ids=document_ids)
     return _sparse_attention(q, k, v, pattern, scale=scale, backend=backend, return_lse=return_lse,
                              q_offset=q_offset, kv_offset=kv_offset, key_padding_mask=key_padding_mask,
                              document_ids=document_ids)
@@ -29,8 +28,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
 def _in_graph(q, k, v, pattern, backend, q_offset, kv_offset, key_padding_mask, document_ids) -> bool:
     """Under torch.compile: can this call be traced into the graph? Only when the backend that
     will run it is a custom op / SDPA and no per-row geometry (Python per row) is involved."""
-    if is_per_row(q_offset, kv_offset, key_padding_mask, document_ids) or not isinstance(pattern, (Pattern,
-                                                                                                   BlockLayout)):
+    if is_per_row(q_offset, kv_offset, key_padding_mask, document_ids):
+        return False
+    if not isinstance(pattern, (Pattern, BlockLayout)):
         return False
     call = AttentionCall.of(q, k, v, pattern.pattern if isinstance(pattern, BlockLayout) else pattern,
                             q_offset if isinstance(q_offset, int) else k.shape[2] - q.shape[2], return_lse=False)

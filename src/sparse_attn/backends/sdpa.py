@@ -24,6 +24,12 @@ def native_kind(pattern) -> str | None:
     return None
 
 
+def _causal_masks_keys(q_offset: int, kv_len: int) -> bool:
+    """Whether a causal pattern hides any key: not when every query sits at or after the last key
+    (a decoding step), which then runs unmasked."""
+    return q_offset < kv_len - 1
+
+
 class SdpaBackend(Backend):
     name = "sdpa"
     caps = Capabilities(
@@ -42,7 +48,7 @@ class SdpaBackend(Backend):
         kind = native_kind(call.pattern)
         if kind is None:
             return ["only full and causal patterns"]
-        if kind == "causal" and call.q_offset != 0 and call.q_offset < call.kv_len - 1:
+        if kind == "causal" and call.q_offset != 0 and _causal_masks_keys(call.q_offset, call.kv_len):
             return [f"causal with q_offset {call.q_offset} != 0 (SDPA aligns causal masks top-left; queries at or "
                     "after the last key, a decoding step, see every key and run unmasked)"]
         if call.kv_len == 0:
@@ -52,10 +58,8 @@ class SdpaBackend(Backend):
     def forward(self, q, k, v, layout, scale, return_lse):
         if return_lse:
             raise ValueError("the sdpa backend cannot return log-sum-exp")
-        g = layout.grid
-        # causal from position 0 is SDPA's top-left mask; queries at or after the last key (a
-        # decoding step) see every key: no mask at all
-        causal = native_kind(layout.pattern) == "causal" and g.q_offset < g.kv_len - 1
+        # causal from position 0 is SDPA's top-left mask (extra_reasons refuses other offsets)
+        causal = native_kind(layout.pattern) == "causal" and _causal_masks_keys(layout.q_offset, layout.kv_len)
         kwargs = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **kwargs), None
 

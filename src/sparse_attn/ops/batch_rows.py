@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..patterns.rows import RowGeometry
+from .common import check_key_padding_mask
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ def _runs(valid: torch.Tensor) -> tuple[tuple[int, int], ...]:
     return tuple(zip(edges[0::2], edges[1::2]))
 
 
-def _per_row_ints(name: str, value, batch: int, device) -> torch.Tensor | None:
+def _per_row_ints(name: str, value, batch: int) -> torch.Tensor | None:
     """An int or a (B,) integer tensor as a CPU int64 tensor [B]; None stays None."""
     if value is None:
         return None
@@ -155,20 +156,11 @@ def _batch_geometries(q: torch.Tensor, k: torch.Tensor, q_offset, kv_offset, key
     """
     bsz, nq, nkv = q.shape[0], q.shape[2], k.shape[2]
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"key_padding_mask must be a bool tensor of shape ({bsz}, {nkv}), got "
-                            f"{type(key_padding_mask).__name__}")
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be a bool tensor (True = real key), got dtype "
-                            f"{key_padding_mask.dtype}; use mask.bool() for 0/1 masks")
-        if tuple(key_padding_mask.shape) != (bsz, nkv):
-            raise ValueError(f"key_padding_mask must have shape (batch, kv_len) = ({bsz}, {nkv}), got "
-                             f"{tuple(key_padding_mask.shape)}")
-        valid = key_padding_mask.detach().to("cpu")
+        valid = check_key_padding_mask(key_padding_mask, k, same_device=False).detach().to("cpu")
     else:
         valid = torch.ones(bsz, nkv, dtype=torch.bool)
-    kv_pos = _per_row_ints("kv_offset", 0 if kv_offset is None else kv_offset, bsz, q.device)
-    q_pos = _per_row_ints("q_offset", q_offset, bsz, q.device)
+    kv_pos = _per_row_ints("kv_offset", 0 if kv_offset is None else kv_offset, bsz)
+    q_pos = _per_row_ints("q_offset", q_offset, bsz)
     docs = None if document_ids is None else _check_documents(document_ids, bsz, nkv, q_offset, kv_offset)
     if docs is not None:
         valid = valid & (docs >= 0)

@@ -53,16 +53,21 @@ def check_self_attention_qkv(q, k, v):
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({kv.shape[1]}) for GQA")
 
 
-def check_key_padding_mask(mask, k) -> torch.Tensor:
-    """A bool (B, Nkv) mask on k's device (True = real key)."""
+def check_key_padding_mask(mask, k, *, same_device: bool = True) -> torch.Tensor:
+    """A bool (B, Nkv) mask (True = real key) for k (B, H, Nkv, D); on k's device unless
+    `same_device` is False (callers that read it on the host)."""
     bsz, nkv = k.shape[0], k.shape[2]
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (bsz, nkv):
-        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch, kv_len) = ({bsz}, {nkv}), got {got}")
-    if mask.device != k.device:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor of shape ({bsz}, {nkv}), got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = real key), got dtype {mask.dtype}; use "
+                        "mask.bool() for 0/1 masks")
+    if tuple(mask.shape) != (bsz, nkv):
+        raise ValueError(f"key_padding_mask must have shape (batch, kv_len) = ({bsz}, {nkv}), got "
+                         f"{tuple(mask.shape)}")
+    if same_device and mask.device != k.device:
         raise ValueError(f"key_padding_mask is on {mask.device} but k is on {k.device}")
     return mask
-
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

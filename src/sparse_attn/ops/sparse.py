@@ -158,32 +158,41 @@ def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, 
     outs: list = [None] * bsz  # per row [1, Hq, Nq, Dv] / [1, Hq, Nq], concatenated once at the end
     lses: list = [None] * bsz
     for plan, rows in groups.items():
-        o = l = None
-        g = plan.geometry
-        span = None if g is None else _real_span(g, plan.q_index0, nq, k.shape[2])
-        qs, ks, vs = _rows_of(rows, bsz, q, k, v)
-        if g is None or (span is not None and span[1][1] <= span[1][0]):
-            pass  # no real key, or no real query row: 0 and -inf
-        elif span is not None:  # one run of real keys: cut the row to it and run it as it runs alone
-            (k0, k1), (r0, r1), kv_pos = span
-            # in the cut row, key index 0 is position kv_pos (an evicted cache head when > 0)
-            view = pattern if kv_pos == 0 else row_view(pattern, RowGeometry(kv_pos, g.alone, None, None))
-            o, l = _sparse_attention(qs[:, :, r0:r1], ks[:, :, k0:k1], vs[:, :, k0:k1], view, scale=scale,
-                                     backend=backend, return_lse=True, q_offset=plan.q_index0 + r0 - k0)
-            o = F.pad(o, (0, 0, r0, nq - r1))  # pad query rows: 0
-            l = F.pad(l.to(lse_dtype), (r0, nq - r1), value=float("-inf"))
-        else:
-            o, l = _sparse_attention(qs, ks, vs, row_view(pattern, g), scale=scale, backend=backend,
-                                     return_lse=True, q_offset=plan.q_index0)
-        if o is None:
+        res = _group_attention(plan, pattern, _rows_of(rows, bsz, q, k, v), nq, scale, backend)
+        if res is None:  # no real key, or no real query row: 0 and -inf
             o = q.new_zeros(len(rows), hq, nq, v.shape[3])
             l = torch.full((len(rows), hq, nq), float("-inf"), dtype=lse_dtype, device=q.device)
+        else:
+            o, l = res
         if len(rows) == bsz:  # one geometry for the whole batch
             return (o, l.to(lse_dtype)) if return_lse else o
         for i, b in enumerate(rows):
             outs[b], lses[b] = o[i:i + 1], l[i:i + 1].to(lse_dtype)
     out = torch.cat(outs)
     return (out, torch.cat(lses)) if return_lse else out
+
+
+def _group_attention(plan, pattern, qkv, nq: int, scale, backend):
+    """(out, lse) over all nq query rows for the rows of one geometry, or None when they have no
+    real key or no real query row."""
+    g = plan.geometry
+    if g is None:
+        return None
+    qs, ks, vs = qkv
+    span = _real_span(g, plan.q_index0, nq, ks.shape[2])
+    if span is None:  # keys with holes, packed documents: the full length through the row's view
+        return _sparse_attention(qs, ks, vs, row_view(pattern, g), scale=scale, backend=backend, return_lse=True,
+                                 q_offset=plan.q_index0)
+    (k0, k1), (r0, r1), kv_pos = span
+    if r1 <= r0:
+        return None
+    # one run of real keys: cut the row to it and run it as it runs alone; in the cut row key index
+    # 0 is position kv_pos (an evicted cache head when > 0)
+    view = pattern if kv_pos == 0 else row_view(pattern, RowGeometry(kv_pos, g.alone, None, None))
+    o, l = _sparse_attention(qs[:, :, r0:r1], ks[:, :, k0:k1], vs[:, :, k0:k1], view, scale=scale, backend=backend,
+                             return_lse=True, q_offset=plan.q_index0 + r0 - k0)
+    lse_dtype = torch.float64 if qs.dtype == torch.float64 else torch.float32
+    return F.pad(o, (0, 0, r0, nq - r1)), F.pad(l.to(lse_dtype), (r0, nq - r1), value=float("-inf"))  # pad rows
 
 
 def _rows_of(rows: list[int], bsz: int, *tensors):

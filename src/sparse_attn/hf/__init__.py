@@ -16,5 +16,15 @@ from .attention import MECHANISM_ATTR, attention_forward
 from .mask import NAME, RowMask, row_mask
 from .switch import attention_layers, disable, enable, register, schedule_of
 
-__all__ = ["enable", "disable", "register", "schedule_of", "attention_layers", "NAME", "RowMask", "row_mask",
+_CACHE_NAMES = ("PatternCacheLayer", "SinkWindowLayer", "SparseCache", "cache_for")
+
+
+def __getattr__(name):  # the cache layers subclass transformers' CacheLayerMixin: imported on first use
+    if name in _CACHE_NAMES:
+        from . import cache
+        return getattr(cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [*_CACHE_NAMES, "enable", "disable", "register", "schedule_of", "attention_layers", "NAME", "RowMask", "row_mask",
            "attention_forward", "MECHANISM_ATTR"]

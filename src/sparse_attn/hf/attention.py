@@ -4,10 +4,12 @@ information of the `RowMask` that `row_mask` built. No transformers import here.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .. import patterns as P
-from ..ops import Mechanism, sparse_attention
+from ..ops import Mechanism, attention_at_positions, sparse_attention
 from ..ops.batch_rows import documents_from_cu_seqlens
 from ..patterns import Pattern
 from .mask import RowMask
@@ -17,6 +19,32 @@ from .mask import RowMask
 MECHANISM_ATTR = "sparse_attn_mechanism"
 # Non-pattern mechanisms that pick keys from later positions even with causal=True (README).
 LEAKY = ("lsh", "routing", "block_topk")
+
+# id(keys a sparse_attn cache layer returned) -> (weakref to those keys, weakref to the layer): how
+# the attention function finds the cache layer whose keys it was handed (transformers does not pass
+# the cache to it). The layers are in hf/cache.py (they need transformers); this side does not.
+_PENDING: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def register_pending(keys: torch.Tensor, layer) -> None:
+    """Called by a cache layer's `update`: `keys` (returned to the model) belong to `layer`."""
+    key_id = id(keys)
+    _PENDING[key_id] = (weakref.ref(keys, lambda _, i=key_id: _PENDING.pop(i, None)), weakref.ref(layer))
+
+
+def forget_pending(keys: torch.Tensor) -> None:
+    _PENDING.pop(id(keys), None)
+
+
+def pending_layer(key: torch.Tensor):
+    """The cache layer whose last `update` returned `key`, or None."""
+    entry = _PENDING.get(id(key))
+    if entry is None:
+        return None
+    layer = entry[1]()
+    if entry[0]() is not key or layer is None or layer.pending_keys() is not key:
+        return None
+    return layer
 
 
 def _layer(module) -> str:
@@ -91,38 +119,51 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                         "the RowMask of sparse_attn's mask function: a dense mask was built (a custom 4-D mask, or "
                         "the model was not switched with sparse_attn.hf.enable)")
     mask: RowMask | None = attention_mask
+    cache_layer = pending_layer(key)
+    if cache_layer is not None:  # keys of a sparse_attn cache layer (hf/cache.py): kept keys + new ones
+        return _cached_forward(module, cache_layer, query, mask, scaling, s_aux, sliding_window, is_causal)
     if mask is not None and key.shape[2] != mask.kv_length:
         raise ValueError(f"attention_mask: the mask was built for {mask.kv_length} keys but {_layer(module)} got "
                          f"{key.shape[2]}")
     if mask is not None and mask.kv_used < key.shape[2]:  # unwritten static-cache slots after the last query
         key, value = key[:, :, :mask.kv_used], value[:, :, :mask.kv_used]
-    documents = None if mask is None else mask.document_ids
-    _check_packed_kwargs(module, kwargs, documents, key.shape[2])
+    _check_packed_kwargs(module, kwargs, None if mask is None else mask.document_ids, key.shape[2])
+    pattern = _layer_pattern(module, mask, sliding_window, is_causal)
+    if isinstance(pattern, Mechanism):
+        return _mechanism_forward(module, pattern, query, key, value, mask, scaling, s_aux)
+    if mask is not None and getattr(module, MECHANISM_ATTR, None) is not None:
+        _check_evicted(module, mask, pattern)
+    out = _pattern_forward(module, query, key, value, pattern, mask, scaling, s_aux)
+    return out.transpose(1, 2).contiguous(), None
 
+
+def _layer_pattern(module, mask: RowMask | None, sliding_window, is_causal) -> Pattern | Mechanism:
+    """The layer's schedule entry (a Pattern or a non-pattern Mechanism), or the model's own pattern."""
     mechanism = getattr(module, MECHANISM_ATTR, None)
     if mechanism is None:
-        pattern = _own_pattern(module, mask, sliding_window, is_causal)
-    elif isinstance(mechanism, Pattern):
-        pattern = mechanism
-        if mask is not None:
-            if mask.causal and not pattern.is_causal():
-                raise ValueError(f"schedule: {_layer(module)} is causal but its pattern {pattern!r} is not")
-            _check_evicted(module, mask, pattern)
-    elif isinstance(mechanism, Mechanism):
-        return _mechanism_forward(module, mechanism, query, key, value, mask, scaling, s_aux)
-    else:
-        raise TypeError(f"{MECHANISM_ATTR} of {_layer(module)} must be a Pattern, a Mechanism or None, got "
-                        f"{type(mechanism).__name__}")
+        return _own_pattern(module, mask, sliding_window, is_causal)
+    if isinstance(mechanism, Pattern):
+        if mask is not None and mask.causal and not mechanism.is_causal():
+            raise ValueError(f"schedule: {_layer(module)} is causal but its pattern {mechanism!r} is not")
+        return mechanism
+    if isinstance(mechanism, Mechanism):
+        return mechanism
+    raise TypeError(f"{MECHANISM_ATTR} of {_layer(module)} must be a Pattern, a Mechanism or None, got "
+                    f"{type(mechanism).__name__}")
 
+
+def _pattern_forward(module, query, key, value, pattern: Pattern, mask: RowMask | None, scaling, s_aux):
+    """`sparse_attention` over contiguous keys with the mask's per-row padding, offsets and documents."""
     per_row = {}
     if mask is not None and not mask.is_plain:
-        per_row = dict(key_padding_mask=mask.key_padding_mask, kv_offset=mask.kv_offset, document_ids=documents)
-        if documents is not None:
+        per_row = dict(key_padding_mask=mask.key_padding_mask, kv_offset=mask.kv_offset,
+                       document_ids=mask.document_ids)
+        if mask.document_ids is not None:
             per_row.pop("kv_offset")
-    want_lse = s_aux is not None
-    res = sparse_attention(query, key, value, pattern, scale=scaling, return_lse=want_lse, **per_row)
-    out = _sink(module, *res, s_aux, query.shape[1]) if want_lse else res
-    return out.transpose(1, 2).contiguous(), None
+    if s_aux is None:
+        return sparse_attention(query, key, value, pattern, scale=scaling, **per_row)
+    out, lse = sparse_attention(query, key, value, pattern, scale=scaling, return_lse=True, **per_row)
+    return _sink(module, out, lse, s_aux, query.shape[1])
 
 
 def _sink(module, out: torch.Tensor, lse: torch.Tensor, s_aux: torch.Tensor, heads: int) -> torch.Tensor:
@@ -166,4 +207,70 @@ def _mechanism_forward(module, mechanism: Mechanism, query, key, value, mask: Ro
         out = _sink(module, out, lse, s_aux, query.shape[1])
     else:
         out = mechanism(query, key, value, **kw)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _reachable_per_row(pattern: Pattern, positions: torch.Tensor, next_q: torch.Tensor) -> torch.Tensor:
+    """pattern.reachable for row b's key positions [B, L] with its next query at next_q[b]."""
+    out = torch.empty_like(positions, dtype=torch.bool)
+    for value in torch.unique(next_q).tolist():
+        rows = next_q == value
+        out[rows] = pattern.reachable(positions[rows], int(value))
+    return out
+
+
+def _cached_forward(module, layer, query, mask: RowMask | None, scaling, s_aux, sliding_window, is_causal):
+    """Attention over a sparse_attn cache layer's kept keys plus the new ones, then its eviction.
+
+    The mask describes the whole logical sequence (the layer reports it so); the layer says which
+    token each key is. Positions count from each row's first real token, as everywhere."""
+    keys, values, indices, q_start = layer.pending()
+    n = query.shape[2]
+    total = q_start + n
+    where = f"{_layer(module)} with a {type(layer).__name__}"
+    if mask is not None and (mask.kv_length != total or mask.kv_start != 0):
+        raise ValueError(f"attention_mask: {where} expects a mask over all {total} tokens seen, got kv_length="
+                         f"{mask.kv_length}, kv_offset={mask.kv_start} (every layer of the cache must be a sparse_attn "
+                         "cache layer: use sparse_attn.hf.cache_for(model))")
+    if mask is not None and mask.document_ids is not None:
+        raise ValueError(f"position_ids: {where} got packed sequences (position_ids restart); generate one "
+                         "sequence per row")
+    pattern = _layer_pattern(module, mask, sliding_window, is_causal)
+    if not isinstance(pattern, Pattern):
+        raise ValueError(f"schedule: {where} runs {pattern}, which is not a pattern: the cache keeps the keys a "
+                         "pattern can still reach; use transformers' DynamicCache for this layer")
+    if not pattern.is_causal():
+        raise ValueError(f"{where}: its pattern {pattern!r} is not causal; a decoding cache serves causal layers")
+
+    device = keys.device
+    real = None if mask is None or mask.attention_mask is None else mask.attention_mask.to(device, torch.bool)
+    if real is not None and real.shape[1] < total:
+        raise ValueError(f"attention_mask: {where} needs a 2-D mask over all {total} tokens, got {tuple(real.shape)}")
+    if real is None:
+        first_real = torch.zeros(keys.shape[0], dtype=torch.long, device=device)
+        valid = indices >= 0
+    else:
+        first_real = real[:, :total].int().argmax(dim=1)
+        valid = (indices >= 0) & real.gather(1, indices.clamp(min=0))
+    key_pos = indices - first_real[:, None]  # [B, L]
+    query_pos = torch.arange(q_start, total, device=device)[None, :] - first_real[:, None]  # [B, n]
+
+    if layer.holds_every_token():  # nothing dropped yet: contiguous keys, the sparse path with the mask
+        out = _pattern_forward(module, query, keys, values, pattern, mask, scaling, s_aux)
+    else:
+        res = attention_at_positions(query, keys, values, pattern, query_pos, key_pos, key_valid=valid,
+                                     scale=scaling, return_lse=s_aux is not None)
+        out = _sink(module, *res, s_aux, query.shape[1]) if s_aux is not None else res
+
+    next_q = query_pos[:, -1] + 1 if n else torch.full_like(first_real, q_start) - first_real
+    rule = layer.keep_rule(pattern)
+    keep = valid & _reachable_per_row(rule, key_pos, next_q)
+    if rule is not pattern:
+        lost = valid & ~keep & _reachable_per_row(pattern, key_pos, next_q)
+        if bool(lost.any()):
+            b, j = lost.nonzero()[0].tolist()
+            raise ValueError(f"schedule: {where} keeps {rule!r}, but the layer's pattern {pattern!r} still reaches "
+                             f"keys it would drop (row {b}, position {int(key_pos[b, j])}); switch the layer to "
+                             f"that pattern (sparse_attn.hf.enable(model, schedule)) or use PatternCacheLayer")
+    layer.commit(keep)
     return out.transpose(1, 2).contiguous(), None

@@ -39,7 +39,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..ops.common import check_int, softmax_with_lse
+from ..ops.common import check_int
+from ..ops.gathered import attention_at_positions
 from ..ops.linear import linear_attention
 from ..ops.mechanisms import Mechanism, attention
 from ..patterns import Band, Pattern
@@ -143,7 +144,7 @@ def _attend_cached(q, keys, values, layer, pattern, q_pos, k_pos):
     O(cached keys) with a handful of ops, instead of building a block layout for a single row.
     Longer blocks (prefill) go through the layer's mechanism and backend as in a full forward."""
     if q.shape[2] == 1 and pattern is not None:
-        return _masked_attention(q, keys, values, pattern, q_pos, k_pos)
+        return attention_at_positions(q, keys, values, pattern, q_pos, k_pos)
     return attention(q, keys, values, layer.mechanism, backend=layer.backend)
 
 
@@ -326,26 +327,8 @@ class PatternCache(KVCache):
         keys = k if self.k is None else torch.cat([self.k, k], dim=2)
         values = v if self.v is None else torch.cat([self.v, v], dim=2)
         key_pos = pos if self.positions is None else torch.cat([self.positions, pos])
-        out = _masked_attention(q, keys, values, pattern, pos, key_pos)
+        out = attention_at_positions(q, keys, values, pattern, pos, key_pos)
         self.position += n
         keep = pattern.reachable(key_pos, self.position)  # evict what no future query can see
         self.k, self.v, self.positions = keys[:, :, keep], values[:, :, keep], key_pos[keep]
         return out
-
-
-def _masked_attention(q, k, v, pattern, q_pos, k_pos):
-    """Softmax attention of q [B, Hq, n, D] over k/v [B, Hkv, L, .] with the pattern evaluated at
-    the absolute positions; rows with nothing allowed give 0. Dense over the kept keys only."""
-    bsz, hq, n, d = q.shape
-    hkv = k.shape[1]
-    heads = pattern.num_heads
-    pattern.check_batch(bsz, q.device)  # one mask for every row: a mask_mod reading b cannot be honoured
-    head = None if heads is None else torch.arange(hq, device=q.device)[:, None, None]
-    allowed = pattern.allowed(q_pos[:, None], k_pos[None, :], head)  # [n, L] or [Hq, n, L]
-    if heads is not None:
-        allowed = allowed.reshape(hkv, hq // hkv, n, -1)  # query head h = kv head h // G
-    scale = d ** -0.5  # the layer always uses the default scale
-    qg = q.reshape(bsz, hkv, hq // hkv, n, d)  # [B, Hkv, G, n, D]
-    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, n, L]
-    probs, _ = softmax_with_lse(scores, allowed.expand_as(scores))
-    return torch.matmul(probs.to(v.dtype), v.unsqueeze(2)).reshape(bsz, hq, n, -1)

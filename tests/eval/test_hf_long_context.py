@@ -67,13 +67,20 @@ def test_generation_is_timed_and_compared_with_the_reference():
     model, tokens = tiny_llama(layers=2), text_tokens()
     result = H.long_context_eval(model, tokens, lengths=(64,), references=("eager",), new_tokens=5,
                                  schedules={"dense": None, "window 4": "sliding_window:window=4"},
-                                 generate=["transformers eager", "dense"], progress_bar=False)
-    assert set(result.generation) == {"transformers eager", "dense"}  # only those asked for
+                                 generate=["transformers eager", "dense", "window 4"], progress_bar=False)
+    assert set(result.generation) == {"transformers eager", "dense", "window 4"}  # only those asked for
     g = result.generation["dense"]
     assert g["new_tokens"] == 5 and g["prompt_tokens"] == 64 and len(g["tokens"]) == 5
     assert g["same_as_reference"] == 5 and g["tokens_per_s"] > 0 and g["prefill_s"] > 0
     assert g["cache_bytes"] == 2 * 2 * 2 * 68 * 8 * 4  # layers x (k, v) x kv heads x tokens x head dim x fp32
     assert result.settings["generation_reference"] == "transformers eager"
+    # the sparse cache (default) keeps the 3 keys a window of 4 can still reach; DynamicCache keeps all 68
+    window = result.generation["window 4"]
+    assert window["cache"] == "sparse" and window["cache_bytes"] == 2 * 2 * 2 * 3 * 8 * 4
+    dynamic = H.long_context_eval(model, tokens, lengths=(64,), references=(), new_tokens=5, generation_cache="dynamic",
+                                  schedules={"window 4": "sliding_window:window=4"}, progress_bar=False)
+    assert dynamic.generation["window 4"]["cache_bytes"] == 2 * 2 * 2 * 68 * 8 * 4
+    assert dynamic.generation["window 4"]["tokens"] == window["tokens"]
 
 
 def test_result_round_trip_summary_and_plot(tmp_path):

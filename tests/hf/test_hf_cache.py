@@ -114,6 +114,19 @@ def test_chunked_prefill_and_beam_search_with_the_pattern_cache():
     assert torch.equal(got, want)
 
 
+def test_a_non_pattern_layer_keeps_every_key_beside_pattern_layers():
+    model = build("llama")
+    H.enable(model, ["linear:causal=true", P.streaming(2, 4)])
+    ids = left_padded([10], seed=8)[0]
+    ref = _generate(model, ids, None, use_cache=False, max_new_tokens=8)
+    cache = H.cache_for(model)
+    _assert_same_generation(_generate(model, ids, None, cache, max_new_tokens=8), ref)
+    assert cache.kept_keys() == [None, 2 + 4 - 1]
+    assert cache.layers[0].get_seq_length() == 17
+    with pytest.raises(ValueError, match="not a pattern"):  # a pattern layer under a non-pattern mechanism
+        _generate(model, ids, None, H.SparseCache([H.PatternCacheLayer(), H.PatternCacheLayer()]), max_new_tokens=2)
+
+
 def test_cache_layers_refuse_what_they_cannot_serve():
     ids, mask = left_padded([12, 5], seed=7)
     # a sinks + window cache under a layer that reads every key: refused at the first eviction
@@ -125,11 +138,8 @@ def test_cache_layers_refuse_what_they_cannot_serve():
     plain = build("llama")  # transformers' eager attention
     with pytest.raises(RuntimeError, match="not read by sparse_attn's attention"):
         _generate(plain, ids, mask, H.cache_for(model), max_new_tokens=3)
-    # a non-pattern mechanism
-    model = build("llama")
-    H.enable(model, "linear:causal=true")
-    with pytest.raises(ValueError, match="not a pattern"):
-        _generate(model, ids[:1], mask[:1], H.cache_for(model), max_new_tokens=2)
+    with pytest.raises(ValueError, match="not switched to sparse_attn"):
+        H.cache_for(plain)
     with pytest.raises(TypeError, match="sinks_window"):
         H.cache_for(model, [2, 4])
     with pytest.raises(ValueError, match="window must be >= 1"):

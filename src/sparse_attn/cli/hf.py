@@ -63,7 +63,7 @@ def _fraction(text: str) -> float:
 
 
 def add_hf_parser(sub, formatter) -> argparse.ArgumentParser:
-    from ..eval.hf_long_context import DEFAULT_LENGTHS, DEFAULT_WINDOWS, KINDS, REFERENCES
+    from ..eval.hf_long_context import DEFAULT_LENGTHS, DEFAULT_WINDOWS, GENERATION_CACHES, KINDS, REFERENCES
 
     p = sub.add_parser("hf", help="a real model (SmolLM2-135M, GGUF) on sparse_attn schedules: perplexity, "
                                   "memory, generation speed", description=DESCRIPTION, epilog=EPILOG,
@@ -103,6 +103,10 @@ def add_hf_parser(sub, formatter) -> argparse.ArgumentParser:
     g.add_argument("--generate-all", action="store_true",
                    help="generate with every schedule (default: references, dense, custom ones and those at "
                         "--local-window keys; the rest of the sweep is scored by perplexity only)")
+    g.add_argument("--generation-cache", choices=GENERATION_CACHES, default="sparse",
+                   help="cache of the sparse_attn schedules' generation: sparse (each layer keeps the keys its "
+                        "pattern can still reach) or dynamic (transformers' DynamicCache, every key) "
+                        "(default: %(default)s)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
@@ -166,7 +170,8 @@ def cmd_hf(args) -> int:
                       local_window=args.local_window, hybrid_every=args.hybrid_every, extra_schedules=extra,
                       generate_all=args.generate_all, lengths=args.tokens, references=args.references,
                       score_fraction=args.score_fraction, new_tokens=args.new_tokens,
-                      prompt_tokens=args.prompt_tokens, progress_bar=not args.no_progress)
+                      prompt_tokens=args.prompt_tokens, generation_cache=args.generation_cache,
+                      progress_bar=not args.no_progress)
     print(result.summary())
     print(f"{time.perf_counter() - started:.0f} s with loading")
     if args.json:

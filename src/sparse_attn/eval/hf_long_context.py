@@ -51,6 +51,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -266,28 +267,55 @@ def _cache_bytes(cache) -> int | None:
     return total
 
 
+GENERATION_CACHES = ("sparse", "dynamic")
+
+
 @torch.no_grad()
-def generation_speed(model, prompt: torch.Tensor, new_tokens: int) -> dict:
+def generation_speed(model, prompt: torch.Tensor, new_tokens: int, *, cache: str = "dynamic") -> dict:
     """Greedy `model.generate` of `new_tokens` after `prompt` ([P] or [1, P]): prefill seconds
-    (to the first new token), decode tokens/s over the rest, the tokens, and the cache's bytes."""
+    (to the first new token), decode tokens/s over the rest, the tokens, the cache's bytes at the
+    end and the peak memory of the whole call (above its start).
+
+    cache: "dynamic" (transformers' DynamicCache: every key) or "sparse"
+    (`sparse_attn.hf.cache_for(model)`: per layer, the keys its pattern can still reach; the model
+    must be switched with `sparse_attn.hf.enable`)."""
     _check_positive("new_tokens", new_tokens)
+    if cache not in GENERATION_CACHES:
+        raise ValueError(f"cache must be one of {', '.join(GENERATION_CACHES)}, got {cache!r}")
     device = next(model.parameters()).device
     prompt = prompt.reshape(1, -1).to(device)
     recorder = _step_recorder()
     pad = model.config.pad_token_id
     if pad is None:
         pad = 0
+    extra = {}
+    if cache == "sparse":
+        from ..hf import cache_for
+
+        extra["past_key_values"] = cache_for(model)
+    box = []
+
+    def run():
+        with warnings.catch_warnings():  # transformers 5.2x renames past_key_values to cache; 5.17 has only it
+            warnings.simplefilter("ignore", FutureWarning)
+            box.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                      do_sample=False, eos_token_id=None, pad_token_id=pad,
+                                      stopping_criteria=[recorder], return_dict_in_generate=True, **extra))
+
     start = time.perf_counter()
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False,
-                         eos_token_id=None, pad_token_id=pad, stopping_criteria=[recorder],
-                         return_dict_in_generate=True)
+    # on CUDA the allocator's peak costs nothing; on the CPU it takes the profiler, which would slow
+    # the very run being timed: not measured there
+    peak = peak_memory(run, device) if device.type == "cuda" else None
+    if not box:
+        run()
+    out = box.pop()
     times = recorder.times
     generated = out.sequences[0, prompt.shape[1]:].tolist()
     decode = times[-1] - times[0] if len(times) > 1 else float("nan")
-    cache = out.get("cache", None) if "cache" in out else out.get("past_key_values", None)  # renamed in 5.2x
+    used = out.get("cache", None) if "cache" in out else out.get("past_key_values", None)  # renamed in 5.2x
     return {"prompt_tokens": prompt.shape[1], "new_tokens": len(generated), "prefill_s": times[0] - start,
             "decode_s": decode, "tokens_per_s": (len(times) - 1) / decode if len(times) > 1 else float("nan"),
-            "cache_bytes": _cache_bytes(cache), "tokens": generated}
+            "cache": cache, "cache_bytes": _cache_bytes(used), "peak_bytes": peak, "tokens": generated}
 
 
 # ---------------------------------------------------------------------------- result
@@ -329,7 +357,8 @@ class HFLongContextResult:
         head += [f"vs dense @ {lengths[last]}", f"peak MiB @ {lengths[last]}", f"forward s @ {lengths[last]}"]
         gen = bool(self.generation)
         if gen:
-            head += ["prefill s", "decode tok/s", "same tokens as " + self.settings.get("generation_reference", "-")]
+            head += ["prefill s", "decode tok/s", "cache MiB at the end", "same tokens as "
+                     + (self.settings.get("generation_reference") or "-")]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, info in self.schedules.items():
             if name not in self.perplexity:
@@ -344,10 +373,10 @@ class HFLongContextResult:
             if gen:
                 g = self.generation.get(name)
                 if g is None:
-                    row += ["-", "-", "-"]
+                    row += ["-", "-", "-", "-"]
                 else:
                     same = g.get("same_as_reference")
-                    row += [f"{g['prefill_s']:.1f}", f"{g['tokens_per_s']:.2f}",
+                    row += [f"{g['prefill_s']:.1f}", f"{g['tokens_per_s']:.2f}", _mib(g.get("cache_bytes")),
                             "-" if same is None else f"{same}/{g['new_tokens']}"]
             lines.append("| " + " | ".join(row) + " |")
         return "\n".join(lines)
@@ -374,8 +403,12 @@ class HFLongContextResult:
         if self.check:
             lines += [""] + self.check_lines()
         if self.generation:
+            cache = s.get("generation_cache", "dynamic")
+            kept = ("sparse_attn.hf.cache_for(model) for the sparse_attn schedules (each layer keeps the keys its "
+                    "pattern can still reach), transformers' DynamicCache for the references") if cache == "sparse" \
+                else "transformers' DynamicCache (every key kept, for every schedule)"
             lines += ["", f"generation: greedy, {s['new_tokens']} new tokens after a {s['prompt_tokens']}-token "
-                          "prompt, transformers' DynamicCache (every key kept, for every schedule)"]
+                          f"prompt, {kept}"]
         lines += ["", f"peak memory of the decoder forward (weights and output head excluded): "
                       f"{s['peak_memory_method']}", f"{self.seconds:.0f} s in all"]
         return "\n".join(lines)
@@ -496,7 +529,8 @@ def long_context_eval(model, tokens: torch.Tensor, *, lengths: Sequence[int] = D
                       schedules: Mapping[str, Any] | None = None, windows: Sequence[int] = DEFAULT_WINDOWS,
                       references: Sequence[str] = ("sdpa",), score_fraction: float = 0.5, new_tokens: int = 128,
                       prompt_tokens: int | None = None, generate: Sequence[str] | None = None,
-                      progress_bar: bool = True, info: Mapping[str, Any] | None = None) -> HFLongContextResult:
+                      generation_cache: str = "sparse", progress_bar: bool = True,
+                      info: Mapping[str, Any] | None = None) -> HFLongContextResult:
     """Perplexity, peak memory and generation speed of `model` under each schedule.
 
     model: a transformers causal LM (eval mode) that `sparse_attn.hf.enable` accepts.
@@ -512,6 +546,9 @@ def long_context_eval(model, tokens: torch.Tensor, *, lengths: Sequence[int] = D
     new_tokens: greedy tokens to generate per schedule (0: no generation), after the first
       `prompt_tokens` tokens (default: the shortest length) of the text.
     generate: names of the schedules (and references) to generate with (default: all).
+    generation_cache: the cache of the sparse_attn schedules' generation: "sparse" (each layer
+      keeps what its pattern can still reach: `sparse_attn.hf.cache_for`) or "dynamic"
+      (transformers' DynamicCache, every key); references always use transformers' default.
     info: extra settings to record (model file, text source, ...).
     The model is left on the attention implementation it had.
     """
@@ -534,6 +571,8 @@ def long_context_eval(model, tokens: torch.Tensor, *, lengths: Sequence[int] = D
         if not isinstance(value, Mapping):  # a bare schedule; None is the model's own attention
             value = {"kind": "dense" if value is None else "custom", "spec": value, "keys": None}
         runs[name] = dict(value)
+    if generation_cache not in GENERATION_CACHES:
+        raise ValueError(f"generation_cache must be one of {', '.join(GENERATION_CACHES)}, got {generation_cache!r}")
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
         raise ValueError(f"new_tokens must be a non-negative int, got {new_tokens!r}")
     prompt_tokens = lengths[0] if prompt_tokens is None else prompt_tokens
@@ -560,6 +599,7 @@ def long_context_eval(model, tokens: torch.Tensor, *, lengths: Sequence[int] = D
     settings = {**msettings, "model": type(model).__name__, "text_source": "token ids given", **(info or {}),
                 "lengths": lengths, "score_fraction": score_fraction, "score_tokens": [scored[n] for n in lengths],
                 "references": list(references), "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+                "generation_cache": generation_cache,
                 "generation_reference": gen_names[0] if gen_names and runs[gen_names[0]]["kind"] == "reference"
                 else None,
                 "text_tokens": tokens.numel(), "device": str(device), "dtype": str(next(model.parameters()).dtype)
@@ -599,7 +639,8 @@ def long_context_eval(model, tokens: torch.Tensor, *, lengths: Sequence[int] = D
                 result.peak_bytes.setdefault(name, []).append(peak)
                 result.forward_s.setdefault(name, []).append(seconds)
             else:
-                result.generation[name] = generation_speed(model, tokens[:n], new_tokens)
+                cache = "dynamic" if run["kind"] == "reference" else generation_cache
+                result.generation[name] = generation_speed(model, tokens[:n], new_tokens, cache=cache)
     finally:
         switch.restore()
     result.seconds = time.perf_counter() - started

@@ -10,7 +10,8 @@ memory that stays flat for windows, sinks and globals.
   first `sinks` real tokens of each row and the last `window`, at most sinks + window keys. Its
   layer must not read anything else (a `streaming(sinks, window)` schedule or a narrower
   pattern); a layer whose pattern would reach an evicted key raises instead of reading less.
-* `cache_for(model)` / `SparseCache`: a `transformers.Cache` with one `PatternCacheLayer` per layer.
+* `cache_for(model)` / `SparseCache`: a `transformers.Cache` with one `PatternCacheLayer` per layer
+  (transformers' `DynamicLayer` for a layer whose schedule is a non-pattern mechanism).
 
 Keys are stored rotated by the model at their absolute positions (transformers applies RoPE
 before the cache), so a cached `generate` equals recomputing every step without a cache under the
@@ -36,7 +37,7 @@ from .attention import forget_pending, register_pending
 from .switch import _transformers, attention_layers
 
 try:
-    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 except ImportError as exc:  # pragma: no cover - the hf extra is missing
     from .._extras import MissingExtra
     raise MissingExtra(f"sparse_attn.hf's cache layers need transformers >= 5.17: pip install 'sparse_attn[hf]' "
@@ -196,22 +197,43 @@ class SinkWindowLayer(PatternCacheLayer):
 
 
 class SparseCache(Cache):
-    """A `transformers.Cache` of sparse_attn cache layers, one per attention layer."""
+    """A `transformers.Cache` of sparse_attn cache layers, one per attention layer (transformers'
+    `DynamicLayer` for layers that run a non-pattern mechanism: every key, as before)."""
 
-    def __init__(self, layers: list[PatternCacheLayer]) -> None:
-        if not layers or not all(isinstance(layer, PatternCacheLayer) for layer in layers):
-            raise TypeError("layers must be a non-empty list of PatternCacheLayer / SinkWindowLayer")
+    def __init__(self, layers: list) -> None:
+        if not layers or not all(isinstance(layer, (PatternCacheLayer, DynamicLayer)) for layer in layers) or \
+                any(getattr(layer, "is_sliding", False) for layer in layers):
+            raise TypeError("layers must be a non-empty list of PatternCacheLayer / SinkWindowLayer (or transformers' "
+                            "DynamicLayer): every layer reports the whole sequence to the mask")
         super().__init__(layers=list(layers))
+
+    def kept_keys(self) -> list[int | None]:
+        """Keys held per row by each layer (None: a DynamicLayer's every key)."""
+        return [layer.kept_keys() if isinstance(layer, PatternCacheLayer) else None for layer in self.layers]
 
 
 def cache_for(model, sinks_window: tuple[int, int] | None = None) -> SparseCache:
-    """A cache for `model.generate(past_key_values=...)`: one `PatternCacheLayer` per attention
-    layer (each keeps what its own pattern can still reach), or with `sinks_window=(sinks,
-    window)` one `SinkWindowLayer` per layer. The model must be switched with `enable`."""
+    """A cache for `model.generate(past_key_values=...)` on a model switched with `enable`: one
+    `PatternCacheLayer` per attention layer (each keeps what its own pattern can still reach), or
+    with `sinks_window=(sinks, window)` one `SinkWindowLayer` per layer. Layers whose schedule is
+    a non-pattern mechanism (linear, topk, ...) get transformers' `DynamicLayer` (every key)."""
+    from .attention import MECHANISM_ATTR
+    from .mask import NAME
+
     _transformers()
-    layers = attention_layers(model)
-    if sinks_window is None:
-        return SparseCache([PatternCacheLayer() for _ in layers])
-    if not isinstance(sinks_window, tuple) or len(sinks_window) != 2:
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != NAME:
+        raise ValueError(f"model: {type(model).__name__} is not switched to sparse_attn; call "
+                         "sparse_attn.hf.enable(model, schedule) first (only sparse_attn's attention reads these "
+                         "cache layers)")
+    if sinks_window is not None and (not isinstance(sinks_window, tuple) or len(sinks_window) != 2):
         raise TypeError(f"sinks_window must be a (sinks, window) tuple, got {sinks_window!r}")
-    return SparseCache([SinkWindowLayer(*sinks_window) for _ in layers])
+    out = []
+    for modules in attention_layers(model).values():
+        entry = getattr(modules[0], MECHANISM_ATTR, None)
+        if entry is not None and not isinstance(entry, Pattern):
+            out.append(DynamicLayer())
+        elif sinks_window is None:
+            out.append(PatternCacheLayer())
+        else:
+            out.append(SinkWindowLayer(*sinks_window))
+    return SparseCache(out)

@@ -45,9 +45,13 @@ def test_kept_keys_at_their_positions_equal_the_full_sequence(name, dtype):
     q_pos = torch.stack([torch.arange(length - n, length) for length in lengths])
     out, lse = attention_at_positions(rows_q.to(dtype), rows_k.to(dtype), rows_v.to(dtype), pattern, q_pos, kv_pos,
                                       key_valid=valid, return_lse=True)
+    # without the lse, rows that all see a key take SDPA with the boolean mask: the same numbers
+    out_sdpa = attention_at_positions(rows_q.to(dtype), rows_k.to(dtype), rows_v.to(dtype), pattern, q_pos, kv_pos,
+                                      key_valid=valid)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for b in range(2):
         assert torch.allclose(out[b].double(), outs_ref[b][0], atol=tol, rtol=tol)
+        assert torch.allclose(out_sdpa[b].double(), outs_ref[b][0], atol=tol, rtol=tol)
         assert torch.allclose(lse[b].double(), lse_ref[b][0].double(), atol=tol, rtol=tol)
 
 

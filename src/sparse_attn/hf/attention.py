@@ -242,22 +242,22 @@ def _cached_forward(module, layer, query, mask: RowMask | None, scaling, s_aux, 
     if not pattern.is_causal():
         raise ValueError(f"{where}: its pattern {pattern!r} is not causal; a decoding cache serves causal layers")
 
-    device = keys.device
-    real = None if mask is None or mask.attention_mask is None else mask.attention_mask.to(device, torch.bool)
+    # bookkeeping on the host (token indices, padding, positions, what to keep): the device sees
+    # one mask upload and, when a key is dropped, one gather; no syncs
+    bsz = keys.shape[0]
+    real = None if mask is None else mask.real
     if real is not None and real.shape[1] < total:
         raise ValueError(f"attention_mask: {where} needs a 2-D mask over all {total} tokens, got {tuple(real.shape)}")
-    if real is None:
-        first_real = torch.zeros(keys.shape[0], dtype=torch.long, device=device)
-        valid = indices >= 0
-    else:
-        first_real = real[:, :total].int().argmax(dim=1)
-        valid = (indices >= 0) & real.gather(1, indices.clamp(min=0))
+    first_real = torch.zeros(bsz, dtype=torch.long) if mask is None else mask.first_real
+    valid = indices >= 0
+    if real is not None:
+        valid &= real.gather(1, indices.clamp(min=0))
     key_pos = indices - first_real[:, None]  # [B, L]
-    query_pos = torch.arange(q_start, total, device=device)[None, :] - first_real[:, None]  # [B, n]
+    query_pos = torch.arange(q_start, total)[None, :] - first_real[:, None]  # [B, n]
 
-    if layer.holds_every_token():  # nothing dropped yet: contiguous keys, the sparse path with the mask
+    if n > 1 and layer.holds_every_token():  # a prefill, nothing dropped: the sparse path with the mask
         out = _pattern_forward(module, query, keys, values, pattern, mask, scaling, s_aux)
-    else:
+    else:  # a decoding step (one query, all its keys), or keys with gaps: the pattern at their positions
         res = attention_at_positions(query, keys, values, pattern, query_pos, key_pos, key_valid=valid,
                                      scale=scaling, return_lse=s_aux is not None)
         out = _sink(module, *res, s_aux, query.shape[1]) if s_aux is not None else res

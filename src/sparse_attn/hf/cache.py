@@ -52,7 +52,7 @@ class PatternCacheLayer(CacheLayerMixin):
 
     def __init__(self) -> None:
         super().__init__()
-        self.indices: torch.Tensor | None = None  # [B, L] token index of each kept key, -1 = empty slot
+        self.indices: torch.Tensor | None = None  # [B, L] token index of each kept key, -1 = empty slot (host)
         self.cumulative_length = 0                # tokens seen (the next token's index)
         self._pending = None                      # (keys, values, indices, first new index) of the last update
         self._dropped_any = False                 # whether a key was ever dropped (else keys = tokens 0..seen-1)
@@ -67,7 +67,7 @@ class PatternCacheLayer(CacheLayerMixin):
         self.device = key_states.device
         self.keys = key_states.new_zeros(*key_states.shape[:2], 0, key_states.shape[3])
         self.values = value_states.new_zeros(*value_states.shape[:2], 0, value_states.shape[3])
-        self.indices = torch.zeros(bsz, 0, dtype=torch.long, device=self.device)
+        self.indices = torch.zeros(bsz, 0, dtype=torch.long)  # bookkeeping stays on the host: no device syncs
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -86,7 +86,7 @@ class PatternCacheLayer(CacheLayerMixin):
             raise ValueError(f"key_states: {type(self).__name__} holds batch {self.keys.shape[0]} x "
                              f"{self.keys.shape[1]} heads, got {tuple(key_states.shape)}")
         n = key_states.shape[-2]
-        new = torch.arange(self.cumulative_length, self.cumulative_length + n, device=self.device)
+        new = torch.arange(self.cumulative_length, self.cumulative_length + n)
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
         indices = torch.cat([self.indices, new[None].expand(keys.shape[0], n)], dim=1)
@@ -148,13 +148,17 @@ class PatternCacheLayer(CacheLayerMixin):
         count are empty (index -1)."""
         keys, values, indices, _ = self._pending
         self._forget_pending()
-        self._dropped_any = self._dropped_any or not bool(keep.all())
+        keep = keep.cpu()
+        if bool(keep.all()):  # nothing to drop (a full layer, or a window not yet full): no copy
+            self.keys, self.values, self.indices = keys, values, indices
+            return
+        self._dropped_any = True
         count = keep.sum(dim=1)
         width = int(count.max()) if count.numel() else 0
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept first, in order
-        filled = torch.arange(width, device=keep.device)[None, :] < count[:, None]
+        filled = torch.arange(width)[None, :] < count[:, None]
         self.indices = torch.where(filled, indices.gather(1, order), torch.full_like(order, -1))
-        gather = order[:, None, :, None]
+        gather = order.to(keys.device, non_blocking=True)[:, None, :, None]
         self.keys = keys.gather(2, gather.expand(*keys.shape[:2], width, keys.shape[3]))
         self.values = values.gather(2, gather.expand(*values.shape[:2], width, values.shape[3]))
 
@@ -169,10 +173,9 @@ class PatternCacheLayer(CacheLayerMixin):
 
     def _select_rows(self, rows: torch.Tensor) -> None:
         if self.is_initialized:
-            rows = rows.to(self.keys.device)
-            self.keys = self.keys.index_select(0, rows)
-            self.values = self.values.index_select(0, rows)
-            self.indices = self.indices.index_select(0, rows)
+            self.keys = self.keys.index_select(0, rows.to(self.keys.device))
+            self.values = self.values.index_select(0, rows.to(self.values.device))
+            self.indices = self.indices.index_select(0, rows.cpu())
 
 
 class SinkWindowLayer(PatternCacheLayer):

@@ -59,6 +59,10 @@ class RowMask:
     document_ids: torch.Tensor | None
     attention_mask: torch.Tensor | None  # the 2-D mask it was built from, to build it again
     _probe: "_Probe"
+    # host copies for the cache layers' bookkeeping (hf/cache.py): which tokens are real, bool
+    # (B, >= kv_end) or None when all are, and the index of each row's first real token (B,)
+    real: torch.Tensor | None = None
+    first_real: torch.Tensor | None = None
 
     # generate() prepares masks ahead for compileable (static) caches and hands them back to the
     # model's mask creation, which calls `.ndim` to decide whether to build again: not 2 ("already
@@ -253,6 +257,7 @@ def row_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offs
         query_position = positions + q_index0
         key_padding = None
         real_tail = kv_used < kv_length
+        full = first_real = None
     if real_tail and not causal:  # keys after the last query are dropped: only a causal layer never sees them
         raise ValueError(f"attention_mask: a bidirectional layer has keys after its last query (kv_length={kv_length}, "
                          f"queries end at {kv_used}: cross-attention or a static cache), which sparse_attn does not "
@@ -260,5 +265,7 @@ def row_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offs
     positions = positions.long()
     same = key_padding is None and bool((positions == positions[0]).all())
     kv_pos = int(positions[0]) if same else positions
+    if first_real is None:
+        first_real = torch.zeros(batch_size, dtype=torch.long)
     return RowMask(pattern, causal, kv_length, kv_used, kv_start, key_padding, kv_pos, query_position.long(), docs,
-                   attention_mask, probe)
+                   attention_mask, probe, full, first_real.long())

@@ -5,11 +5,15 @@ The kept keys of a row are not a contiguous run, so no block layout describes th
 pattern is evaluated element-wise at the given positions, dense over the kept keys only. That is
 O(queries x kept keys), which is what a decoding step costs anyway (one query against every key it
 can see); longer query blocks are processed in chunks so that the score tensor stays bounded.
+Without the log-sum-exp, and when every query sees some key, a chunk is one SDPA call with the
+boolean mask; otherwise (lse wanted, or rows that see nothing and must give 0, where SDPA would
+give NaN) the masked softmax is written out.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..patterns import Pattern
 from .common import softmax_with_lse
@@ -50,38 +54,50 @@ def attention_at_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
                          f"{tuple(v.shape)}")
     if hq % hkv:
         raise ValueError(f"q has {hq} heads, not a multiple of the {hkv} key/value heads")
-    q_pos = _per_row(q_positions, bsz, "q_positions").to(q.device)
-    kv_pos = _per_row(kv_positions, bsz, "kv_positions").to(q.device)
+    q_pos = _per_row(q_positions, bsz, "q_positions")
+    kv_pos = _per_row(kv_positions, bsz, "kv_positions")
     if q_pos.shape[1] != n or kv_pos.shape[1] != kept:
         raise ValueError(f"q_positions / kv_positions must give {n} / {kept} positions, got {q_pos.shape[1]} / "
                          f"{kv_pos.shape[1]}")
     if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (bsz, kept)):
         raise ValueError(f"key_valid must be bool [B={bsz}, L={kept}], got {key_valid.dtype} {tuple(key_valid.shape)}")
-    pattern.check_batch(bsz, q.device)  # one pattern for every row: a mask_mod reading b cannot be honoured
+    pattern.check_batch(bsz, kv_pos.device)  # one pattern for every row: a mask_mod reading b cannot be honoured
     heads = pattern.num_heads
     if heads is not None and heads != hq:
         raise ValueError(f"pattern is per-head with {heads} heads but q has {hq}")
     scale = d ** -0.5 if scale is None else scale
     group = hq // hkv
-    head = None if heads is None else torch.arange(hq, device=q.device).view(1, hq, 1, 1)
-    keys = k.unsqueeze(2)    # [B, Hkv, 1, L, D]
-    values = v.unsqueeze(2)  # [B, Hkv, 1, L, Dv]
+    # the mask is built where the positions live: positions kept on the host (a decoding cache's
+    # bookkeeping) give one upload per call instead of a dozen small device kernels
+    where = kv_pos.device
+    q_pos = q_pos.to(where)
+    head = None if heads is None else torch.arange(hq, device=where).view(1, hq, 1, 1)
+    valid = None if key_valid is None else key_valid.to(where)[:, None, None, :]
     acc = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 scores in float32, float64 stays
     if n == 0:
         out = q.new_zeros(bsz, hq, 0, v.shape[3])
         return (out, q.new_zeros(bsz, hq, 0, dtype=acc)) if return_lse else out
+    keys_t = k.transpose(-1, -2)  # [B, Hkv, D, L]
     outs, lses = [], []
     for start in range(0, n, _QUERY_CHUNK):
         stop = min(start + _QUERY_CHUNK, n)
         rows = stop - start
         allowed = pattern.allowed(q_pos[:, None, start:stop, None], kv_pos[:, None, None, :], head)  # [B, 1|Hq, r, L]
-        if key_valid is not None:
-            allowed = allowed & key_valid.to(q.device)[:, None, None, :]
-        allowed = allowed.expand(bsz, hq, rows, kept).reshape(bsz, hkv, group, rows, kept)
-        qg = q[:, :, start:stop].reshape(bsz, hkv, group, rows, d)  # query head h reads kv head h // group
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).to(acc) * scale  # [B, Hkv, G, r, L]
+        if valid is not None:
+            allowed = allowed & valid
+        if not return_lse and bool(allowed.any(dim=-1).all()):
+            # every row sees a key: SDPA with the boolean mask (one fused kernel; GQA without copies)
+            outs.append(F.scaled_dot_product_attention(q[:, :, start:stop], k, v,
+                                                       attn_mask=allowed.to(q.device, non_blocking=True),
+                                                       scale=scale, enable_gqa=group > 1))
+            continue
+        allowed = allowed.to(q.device, non_blocking=True).expand(bsz, hq, rows, kept)
+        allowed = allowed.reshape(bsz, hkv, group * rows, kept)
+        # query head h reads kv head h // group: the group's queries as rows of one product, no k/v copies
+        qg = q[:, :, start:stop].reshape(bsz, hkv, group * rows, d)
+        scores = torch.matmul(qg, keys_t).to(acc) * scale  # [B, Hkv, G * r, L]
         probs, lse = softmax_with_lse(scores, allowed)
-        outs.append(torch.matmul(probs.to(v.dtype), values).reshape(bsz, hq, rows, -1))
+        outs.append(torch.matmul(probs.to(v.dtype), v).reshape(bsz, hq, rows, -1))
         lses.append(lse.reshape(bsz, hq, rows))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     if not return_lse:

@@ -125,17 +125,25 @@ def test_cached_generate_equals_a_recompute_under_the_schedule(schedule, lengths
         assert_close(a, e, what=f"logits of generated token {step}")
 
 
-def test_linear_mechanism_schedule_runs_on_unpadded_batches_and_refuses_padding():
+@pytest.mark.parametrize("schedule", ["linear:causal=true", "performer:causal=true,generator=0",
+                                      "topk:top_k=3,causal=true"])
+def test_non_pattern_schedules_take_key_padding_and_refuse_packing(schedule):
     model = build("llama")
-    ids, mask = left_padded([12, 12])
-    own = _logits(model, ids, mask)
-    H.enable(model, "linear:causal=true")
-    out = _logits(model, ids, mask)
-    assert torch.isfinite(out).all() and float((out - own).abs().max()) > 1e-3
-    assert_close(out[1:], _logits(model, ids[1:], mask[1:]), what="row alone")
-    ids, mask = left_padded([12, 5])
-    with pytest.raises(ValueError, match="takes no per-row padding"):
-        _logits(model, ids, mask)
+    ids, mask = left_padded([12, 5, 9])
+    # rotary positions counted from each row's first real token (as generate does): these
+    # mechanisms are not invariant to a shift of every position, as softmax attention under RoPE is
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    own = _logits(model, ids, mask, position_ids=positions)
+    H.enable(model, schedule)
+    out = _logits(model, ids, mask, position_ids=positions)
+    valid = mask.bool()
+    assert torch.isfinite(out).all() and float((out[valid] - own[valid]).abs().max()) > 1e-3
+    for b in range(3):  # a padded row equals the row alone
+        real = valid[b]
+        assert_close(out[b, real], _logits(model, ids[b:b + 1, real], None)[0], what=f"row {b} alone")
+    packed = torch.cat([torch.arange(4), torch.arange(6)])[None]
+    with pytest.raises(ValueError, match="takes no per-row padding, packing"):
+        _logits(model, ids[:1, :10], None, position_ids=packed, use_cache=False)
 
 
 @pytest.mark.parametrize("schedule, error, match", [

@@ -197,7 +197,7 @@ def test_attention_passes_per_row_arguments_to_patterns_and_refuses_them_elsewhe
     out = sparse_attn.attention(q, k, v, "sliding_window:window=3", key_padding_mask=mask)
     assert torch.equal(out, sparse_attn.sparse_attention(q, k, v, P.sliding_window(3), key_padding_mask=mask))
     with pytest.raises(TypeError, match="takes no parameter.*key_padding_mask"):
-        sparse_attn.attention(q, k, v, "performer", key_padding_mask=mask)
+        sparse_attn.attention(q, k, v, "lsh", key_padding_mask=mask)
 
 
 # ------------------------------------------------------------------------ packed documents
@@ -274,11 +274,11 @@ def test_cu_seqlens_packing():
         sparse_attn.sparse_attention(q, k, v, P.causal(), document_ids=ids, kv_offset=3)
 
 
-@pytest.mark.parametrize("name, params", [("linear", {}), ("topk", {"top_k": 5})])
+@pytest.mark.parametrize("name, params", [("linear", {}), ("topk", {"top_k": 5}), ("performer", {"generator": 0})])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_mechanisms_with_key_padding_equal_rows_alone(name, params, causal, side):
-    """linear (pad keys get zero features) and topk (pad keys never picked) take the mask too."""
+    """linear and performer (pad keys get zero features) and topk (pad keys never picked) take the mask too."""
     mask = _mask(side)
     q, k, v = (torch.randn(len(LENGTHS), 2, N, 8, dtype=torch.float64) for _ in range(3))
     dout = torch.randn_like(q)

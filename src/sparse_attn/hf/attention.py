@@ -190,13 +190,16 @@ def _check_packed_kwargs(module, kwargs, documents, nkv) -> None:
 
 
 def _mechanism_forward(module, mechanism: Mechanism, query, key, value, mask: RowMask | None, scaling, s_aux):
-    """A non-pattern mechanism (linear, performer, topk, ...): one geometry for the whole batch."""
-    if mask is not None and not mask.is_plain:
-        raise ValueError(f"schedule: {_layer(module)} runs {mechanism}, which takes no per-row padding, packing or "
-                         "evicted-cache offsets (only pattern mechanisms do); run it on unpadded batches (equal "
-                         "lengths, no attention_mask padding) without a sliding-window cache")
+    """A non-pattern mechanism (linear, performer, topk, ...): position-free or index-causal, so
+    of the per-row information only key padding applies (pad keys out, as each row alone)."""
     params = mechanism.info.parameters()
     kw = {}
+    if mask is not None and not mask.is_plain:
+        if "key_padding_mask" not in params or mask.document_ids is not None or mask.kv_start != 0:
+            raise ValueError(f"schedule: {_layer(module)} runs {mechanism}, which takes no per-row padding, packing "
+                             "or evicted-cache offsets (linear, performer and topk take key padding; no "
+                             "non-pattern mechanism takes packed documents or an evicted cache head)")
+        kw["key_padding_mask"] = mask.key_padding_mask
     if scaling is not None and "scale" in params:
         kw["scale"] = scaling  # linear attention has no score scale: its feature map replaces the softmax
     if s_aux is not None:

@@ -275,16 +275,23 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, chunk_size=64,
     phi_k = apply_feature_map(phi, k_acc, "k")
     if phi_q.shape[3] != phi_k.shape[3]:
         raise ValueError(f"feature_map gave {phi_q.shape[3]} features for q but {phi_k.shape[3]} for k")
-    q_real = None
-    if key_padding_mask is not None:
-        key_real = check_key_padding_mask(key_padding_mask, k)
-        phi_k = phi_k * key_real[:, None, :, None].to(phi_k.dtype)
-        q_real = key_real[:, -q.shape[2]:] if q.shape[2] <= k.shape[2] else None  # queries: the last key indices
-        if q_real is None:
-            raise ValueError("key_padding_mask needs q_len <= kv_len (queries are the last key indices)")
+    phi_k, q_real = drop_padded_keys(phi_k, key_padding_mask, k, q.shape[2])
     out, state = linear_attention_features(phi_q, phi_k, v_acc, causal=causal, chunk_size=chunk_size, eps=eps,
                                            initial_state=initial_state)
     if q_real is not None:
         out = out * q_real[:, None, :, None].to(out.dtype)  # pad query rows: 0, as every mechanism
     out = out.to(q.dtype)
     return (out, state) if return_state else out
+
+
+def drop_padded_keys(phi_k, key_padding_mask, k, q_len: int):
+    """Feature-map attention under a key padding mask (B, Nkv): pad keys get zero features, so
+    they add nothing to the sums; returns (phi_k, q_real), q_real (B, q_len) marking the query
+    rows on real indices (queries are the last key indices), None without a mask. With no
+    positions in the sums, left or right padding gives each row what it gives alone."""
+    if key_padding_mask is None:
+        return phi_k, None
+    key_real = check_key_padding_mask(key_padding_mask, k)
+    if q_len > k.shape[2]:
+        raise ValueError("key_padding_mask needs q_len <= kv_len (queries are the last key indices)")
+    return phi_k * key_real[:, None, :, None].to(phi_k.dtype), key_real[:, k.shape[2] - q_len:]

@@ -27,7 +27,7 @@ import math
 import torch
 
 from ..common import accumulation_dtype, check_scale
-from ..linear.chunk import check_chunk_size, check_eps, check_qkv, linear_attention_features
+from ..linear.chunk import check_chunk_size, check_eps, check_qkv, drop_padded_keys, linear_attention_features
 from .features import KERNELS, PerformerFeatures, _check_generator
 
 __all__ = ["performer_attention", "favor_features"]
@@ -88,7 +88,7 @@ def favor_features(q, k, features: PerformerFeatures, *, scale: float):
 
 
 def performer_attention(q, k, v, *, num_features=256, kernel="softmax", orthogonal=True, causal=False,
-                        generator=None, features=None, chunk_size=64, eps=None, scale=None):
+                        generator=None, features=None, chunk_size=64, eps=None, scale=None, key_padding_mask=None):
     """Performer (FAVOR+) approximation of softmax(scale q k^T) v in O(N) time and memory.
 
     Args:
@@ -110,6 +110,9 @@ def performer_attention(q, k, v, *, num_features=256, kernel="softmax", orthogon
             since its stabilised denominators have an arbitrary per-row scale (module
             docstring), so only rows that see no key return 0.
         scale: score scale, default 1/sqrt(D).
+        key_padding_mask: bool (B, Nkv), True = a real key: pad keys get zero features and
+            query rows on pad indices return 0 (as `linear_attention`): each row of a padded
+            batch gives what it gives alone, with the same features.
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype (fp16/bf16 inputs accumulate in float32).
@@ -127,5 +130,8 @@ def performer_attention(q, k, v, *, num_features=256, kernel="softmax", orthogon
     # matmuls would otherwise come out in bf16/fp16 beside a float32 v.
     with torch.autocast(q.device.type, enabled=False):
         phi_q, phi_k = favor_features(q.to(acc), k.to(acc), features, scale=scale)
+        phi_k, q_real = drop_padded_keys(phi_k, key_padding_mask, k, q.shape[2])
         out, _ = linear_attention_features(phi_q, phi_k, v.to(acc), causal=causal, chunk_size=chunk_size, eps=eps)
+    if q_real is not None:
+        out = out * q_real[:, None, :, None].to(out.dtype)
     return out.to(q.dtype)

@@ -36,8 +36,24 @@ def register() -> str:
     the name, "sparse_attn", usable as `attn_implementation=` in `from_pretrained`."""
     attention_interface, mask_interface, _ = _transformers()
     attention_interface.register(NAME, attention_forward)
-    mask_interface.register(NAME, row_mask)
+    mask_interface.register(NAME, _eager_row_mask())
     return NAME
+
+
+_EAGER_ROW_MASK: list = []
+
+
+def _eager_row_mask():
+    """`row_mask` as registered: run eagerly under torch.compile (one graph break per mask). It
+    reads the 2-D padding mask and the model's predicate on the CPU (.item(), Python per row)
+    to build a RowMask: traced, dynamo broke the graph inside it at every data-dependent step
+    and gave up on the function anyway. (Made on first use, as ops.sparse's eager path:
+    torch.compiler.disable imports torch._dynamo.)"""
+    if not _EAGER_ROW_MASK:
+        import torch
+
+        _EAGER_ROW_MASK.append(torch.compiler.disable(row_mask))
+    return _EAGER_ROW_MASK[0]
 
 
 def _text_config(model):

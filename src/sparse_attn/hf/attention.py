@@ -38,6 +38,8 @@ def forget_pending(keys: torch.Tensor) -> None:
 
 def pending_layer(key: torch.Tensor):
     """The cache layer whose last `update` returned `key`, or None."""
+    if not _PENDING:  # no sparse_attn cache in use: no identity lookup (torch.compile would guard on it)
+        return None
     entry = _PENDING.get(id(key))
     if entry is None:
         return None

@@ -285,7 +285,7 @@ def test_right_padded_batch_gives_each_row_its_own_logits_at_its_real_positions(
 
 PATTERN_LAYERS = ["causal", "sliding_window:window=5", "streaming:sinks=2,window=4",
                   "longformer:window=6,global_tokens=2,causal=true", "dilated:window=3,dilation=2", "linear:causal=true",
-                  "topk:top_k=3,causal=true"]
+                  "topk:top_k=3,causal=true", "performer:causal=true,generator=0"]
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -309,8 +309,9 @@ def test_padding_mask_errors():
     tokens = torch.randint(0, 40, (2, 6))
     with pytest.raises(ValueError, match=r"padding_mask must be a bool tensor of shape \(2, 6\)"):
         m(tokens, padding_mask=torch.ones(2, 6))
-    with pytest.raises(ValueError, match="mechanism performer:causal=true takes no padding_mask"):
-        model(["causal", "performer:causal=true"])(tokens, padding_mask=torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mechanism lsh:causal=true,seed=0 takes no padding_mask"):
+        model(["causal", "lsh:causal=true,seed=0"], leaky_mechanisms=["lsh"])(
+            tokens, padding_mask=torch.ones(2, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="padding_mask and cache exclude each other"):
         m(tokens, m.make_caches("full"), padding_mask=torch.ones(2, 6, dtype=torch.bool))
 

@@ -43,6 +43,7 @@ except ImportError as exc:  # pragma: no cover - the hf extra is missing
     raise MissingExtra(f"sparse_attn.hf's cache layers need transformers >= 5.17: pip install 'sparse_attn[hf]' "
                        f"({exc})") from None
 
+
 class PatternCacheLayer(CacheLayerMixin):
     """The keys a future query of this layer can still reach under its pattern (module docstring)."""
 

@@ -12,13 +12,17 @@ B=1, H=16, D=128, bf16 by default. Per length N and pattern, the methods (--meth
 * flexattention: the peer as users run it: `create_block_mask(mask_mod, None, None, N, N,
   BLOCK_SIZE=128, _compile=True)` with the layout's bound pattern's `mask_mod(0)` (BigBird's
   random blocks are ours) and `torch.compile(flex_attention)`; create_block_mask is timed apart;
+* flexattention_flash: the same with `kernel_options={"BACKEND": "FLASH"}` (FlexAttention's
+  FlashAttention-4 / CuTe DSL backend, where the installed torch offers it; it needs the
+  `flash-attn` CuTe package: the error is recorded in the row when it is missing);
 * sparse_attn_flex: `sparse_attention(q, k, v, layout, backend="flex")`, layout = 128x128 blocks,
   given directly, so the dilated/strided rewrites do not apply;
 * sparse_attn_triton: `sparse_attention(q, k, v, pattern, backend="triton")` through the pattern
   (rewrites apply; the backend picks its blocks). A fresh pattern object: its first call
   includes the layout build.
 Forward under no_grad; forward+backward = `torch.autograd.grad(out, (q, k, v), dout)` with
-inputs that require grad. Timings: `common.time_gpu` (do_bench median, or a few synchronised
+inputs that require grad; backward (pass `bwd`) = the same grad over one kept forward graph
+(`retain_graph=True`), the backward alone, for the per-phase table. Timings: `common.time_gpu` (do_bench median, or a few synchronised
 calls for slow ones). torch._dynamo.reset() before each (pattern, N), so FlexAttention never
 meets torch.compile's recompile limit (past it, create_block_mask falls back to an eager
 O(N^2) path). Each method's failure (OOM, compile error, unsupported) is recorded in its row
@@ -57,8 +61,8 @@ PATTERNS = {
     "strided512": "P.strided(512)",  # Sparse Transformer strided, l = 512
     "causal": "P.causal()",
 }
-METHODS = ("sdpa_causal", "sdpa_mask", "flexattention", "sparse_attn_flex", "sparse_attn_triton")
-PASSES = ("fwd", "fwd_bwd")
+METHODS = ("sdpa_causal", "sdpa_mask", "flexattention", "flexattention_flash", "sparse_attn_flex", "sparse_attn_triton")
+PASSES = ("fwd", "fwd_bwd", "bwd")
 FORMULAS = {
     "effective_tflops_fwd": "4*D*allowed_pairs_total / fwd_time; allowed_pairs_total = B*H*(allowed (q,k) pairs per head)",
     "effective_tflops_fwd_bwd": "3.5 * 4*D*allowed_pairs_total / fwd_bwd_time (backward = 2.5x forward)",
@@ -218,7 +222,7 @@ class Runner:
                 mask[:, r0:r1] = pattern.to_dense(r1 - r0, n, q_offset=r0, device=dev)
             mask = mask[None]  # [1, H or 1, N, N]
             return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if method == "flexattention":
+        if method in ("flexattention", "flexattention_flash"):
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
             pattern = f["layout"].pattern
@@ -236,6 +240,9 @@ class Runner:
             if self.flex is None:
                 self.flex = torch.compile(flex_attention)
             flex = self.flex
+            if method == "flexattention_flash":  # the FlashAttention-4 (CuTe DSL) backend, where torch has it
+                options = {"BACKEND": "FLASH"}
+                return lambda q, k, v: flex(q, k, v, block_mask=block_mask, kernel_options=options)
             return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
         if method == "sparse_attn_flex":
             layout = f["layout"]
@@ -253,6 +260,12 @@ class Runner:
             def fn():
                 with torch.no_grad():
                     return fwd(q, k, v)
+        elif pass_ == "bwd":  # the backward alone, over one kept forward graph
+            qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
+            kept = fwd(qg, kg, vg)
+
+            def fn():
+                return torch.autograd.grad(kept, (qg, kg, vg), dout, retain_graph=True)
         else:
             qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
 
@@ -266,8 +279,9 @@ class Runner:
         seconds, how = self.time(fn)
         row[f"{pass_}_ms"] = seconds * 1e3
         row[f"{pass_}_timer"] = how
-        flops = 4 * self.D * row["allowed_pairs_total"] * (1 if pass_ == "fwd" else 3.5)
-        dense = 4 * B * self.H * self.D * self.n * self.n * (1 if pass_ == "fwd" else 3.5)
+        work = {"fwd": 1.0, "fwd_bwd": 3.5, "bwd": 2.5}[pass_]  # matmul work relative to the forward
+        flops = 4 * self.D * row["allowed_pairs_total"] * work
+        dense = 4 * B * self.H * self.D * self.n * self.n * work
         row[f"effective_tflops_{pass_}"] = flops / seconds / 1e12
         row[f"dense_equiv_tflops_{pass_}"] = dense / seconds / 1e12
         if pass_ == "fwd" and self.args.memory:

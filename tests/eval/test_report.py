@@ -185,6 +185,24 @@ def test_gpu_results_merge_and_plot(tmp_path):
     assert "![GPU time against length](gpu_patterns.png)" in speed
 
 
+def test_gpu_phase_table_appears_with_backward_timings(tmp_path):
+    data = json.loads((RESULTS / "gpu_patterns_32k.json").read_text())
+    path = tmp_path / "gpu_patterns_32k.json"
+    path.write_text(json.dumps(data))
+    assert report.gpu_phase_table([path]) == ""  # no run timed the backward alone
+    for r in data["rows"]:
+        if r["method"] in ("sparse_attn_triton", "flexattention") and "fwd_bwd_ms" in r:
+            r["bwd_ms"] = r["fwd_bwd_ms"] - r["fwd_ms"]
+    path.write_text(json.dumps(data))
+    table = report.gpu_phase_table([path])
+    tri = next(r for r in data["rows"] if r["method"] == "sparse_attn_triton" and "bwd_ms" in r)
+    fa = next(r for r in data["rows"] if r["method"] == "flexattention" and r["pattern"] == tri["pattern"]
+              and r["N"] == tri["N"])
+    assert table.startswith("**Per phase: triton against FlexAttention**")
+    assert f"{fa['bwd_ms'] / tri['bwd_ms']:.2f}x" in table
+    assert "**Per phase" in report.render(tmp_path)
+
+
 def test_generic_summary():
     text = report.generic_summary([{"a": 1, "b": [1, 2]}, {"a": 2.5, "c": None}], "things", title="Things")
     assert text.splitlines()[0] == "**Things**"

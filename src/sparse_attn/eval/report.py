@@ -102,6 +102,7 @@ GPU_METHODS = {  # method -> label in tables and plots
     "sparse_attn_triton": "triton (ours)",
     "sparse_attn_flex": "flex (ours)",
     "flexattention": "FlexAttention",
+    "flexattention_flash": "FlexAttention (FLASH backend)",
     "sdpa_mask": "SDPA+mask",
     "sdpa_causal": "SDPA causal",
 }
@@ -198,7 +199,8 @@ def gpu_table(paths: Sequence[PathLike], *, results_dir: PathLike | None = None,
             f"{_mib(tri.get('fwd_peak_bytes') if tri else None)} | {_num(facts, 'layout_build_ms', '.1f')} | "
             f"{_num(fa, 'create_block_mask_ms', '.1f')} | {errs} |")
         for m, r in got.items():
-            for key, stage in (("error", "setup"), ("fwd_error", "fwd"), ("fwd_bwd_error", "fwd+bwd")):
+            for key, stage in (("error", "setup"), ("fwd_error", "fwd"), ("fwd_bwd_error", "fwd+bwd"),
+                               ("bwd_error", "bwd")):
                 if r and key in r:
                     failures.append(f"{pattern} N={n:,} {GPU_METHODS[m]} {stage}: {r[key][:160]}")
     if failures:
@@ -472,6 +474,31 @@ def train_compare_table(data: dict, name: str = "train_compare", *, results_dir:
     return "\n".join(lines)
 
 
+def gpu_phase_table(paths: Sequence[PathLike]) -> str:
+    """Per phase (forward, backward alone), per pattern and length: our triton time against
+    FlexAttention's (and its FLASH backend where it ran), so the next gap is visible. Empty when
+    no run timed the backward alone (`gpu_patterns.py --passes ... bwd`)."""
+    _, rows = load_gpu(paths)
+    timed = sorted({(p, n) for p, n, m in rows if m == "sparse_attn_triton" and "bwd_ms" in rows[(p, n, m)]},
+                   key=lambda pn: (pn[0], pn[1]))
+    if not timed:
+        return ""
+    lines = ["**Per phase: triton against FlexAttention** (same runs as the table above; backward = "
+             "`torch.autograd.grad` over one kept forward graph, the backward alone). ms, median; `FA / ours` above 1 "
+             "= we are faster.",
+             "",
+             "| pattern | N | fwd ours | fwd FlexAttention | fwd FA / ours | fwd FLASH backend | bwd ours "
+             "| bwd FlexAttention | bwd FA / ours | bwd FLASH backend |",
+             "|" + "---|" * 10]
+    for pattern, n in timed:
+        tri, fa = rows.get((pattern, n, "sparse_attn_triton")), rows.get((pattern, n, "flexattention"))
+        fl = rows.get((pattern, n, "flexattention_flash"))
+        lines.append(f"| {pattern} | {n:,} | {_gpu_ms(tri, 'fwd')} | {_gpu_ms(fa, 'fwd')} | {_ratio(fa, tri, 'fwd')} | "
+                     f"{_gpu_ms(fl, 'fwd')} | {_gpu_ms(tri, 'bwd')} | {_gpu_ms(fa, 'bwd')} | {_ratio(fa, tri, 'bwd')} | "
+                     f"{_gpu_ms(fl, 'bwd')} |")
+    return "\n".join(lines)
+
+
 def render(results_dir: PathLike, *, gpu_paths: Sequence[PathLike] | None = None,
            link_prefix: str | None = None) -> str:
     """The README's benchmark block: every known table of `results_dir`, in README order.
@@ -487,6 +514,9 @@ def render(results_dir: PathLike, *, gpu_paths: Sequence[PathLike] | None = None
     gpu_paths = gpu_files(results) if gpu_paths is None else list(gpu_paths)
     if gpu_paths:
         parts.append(gpu_table(gpu_paths, **kw))
+        phases = gpu_phase_table(gpu_paths)
+        if phases:
+            parts.append(phases)
     for name, fn in (("cpu_mechanisms.json", mechanisms_table), ("fidelity.json", fidelity_table),
                      ("peers_cpu.json", peers_table), ("gpu_block_topk.json", block_topk_gpu_table),
                      ("gpu_padded.json", padded_gpu_table),

@@ -21,7 +21,8 @@ from .registry import (
 
 def explain(q, k, v, pattern, *, backend: str = "auto", q_offset: int | None = None, return_lse: bool = False):
     """Which backend `sparse_attention(q, k, v, pattern, ...)` would use, and why each other
-    backend was rejected. Returns an `Explanation` (print it)."""
+    backend was rejected; notes say what the chosen one costs beyond the attention itself (the
+    triton kernels: inputs they copy, head dims they pad). Returns an `Explanation` (print it)."""
     from .inputs import check_inputs
     from .registry import explain_call
 
@@ -41,6 +42,8 @@ def explain(q, k, v, pattern, *, backend: str = "auto", q_offset: int | None = N
     call_pattern = pattern.pattern if isinstance(pattern, BlockLayout) else pattern
     ex = explain_call(AttentionCall.of(q, k, v, call_pattern, q_offset, return_lse or split is not None), backend)
     ex.notes.extend(notes)
+    if ex.chosen is not None:
+        ex.notes.extend(get_backend(ex.chosen).input_notes(q, k, v))
     return ex
 
 

@@ -90,6 +90,11 @@ class Backend(ABC):
         """Requirements beyond the capability table (e.g. only some patterns)."""
         return []
 
+    def input_notes(self, q, k, v) -> list[str]:
+        """What this backend will do to these tensors that costs time or memory (copies,
+        padding): shown by `explain()` when the backend is chosen."""
+        return []
+
     def reasons_not_to_use(self, call: AttentionCall) -> list[str]:
         why = []
         missing = self.unavailable_reason()
@@ -173,7 +178,7 @@ class Explanation:
     requested: str
     chosen: str | None
     rejected: dict = field(default_factory=dict)  # name -> list of reasons
-    notes: list = field(default_factory=list)  # rewrites applied before dispatch
+    notes: list = field(default_factory=list)  # rewrites applied before dispatch; the chosen backend's input costs
 
     def __str__(self) -> str:
         c = self.call

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from ..registry import Backend, Capabilities, register
-from .ops import check_block, interpreting, triton_attention
+from .ops import _padded, check_block, interpreting, needs_copy, triton_attention
 
 _CAPS = Capabilities(
     devices=frozenset({"cuda"}),
@@ -63,9 +63,38 @@ class TritonBackend(Backend):
                 why.append(w)
         return why
 
+    def input_notes(self, q, k, v):
+        return input_notes(q, k, v)
+
     def forward(self, q, k, v, layout, scale, return_lse):
         out, lse = triton_attention(q, k, v, layout, scale)
         return out, (lse if return_lse else None)
 
 
 register(TritonBackend())
+
+
+def input_notes(q, k, v) -> list[str]:
+    """explain()'s notes for the kernels: inputs whose head dim is not unit-stride are copied
+    first (other strides are read in place), and a head dim that is not a power of two is
+    padded to the next one (at least 16) inside the tiles, so part of every matmul multiplies
+    zeros: with D and Dv padded to BD and BDV, a share 1 - (D + Dv) / (BD + BDV) of the forward's
+    tensor-core work (q @ k^T is BD wide, p @ v is BDV wide; the backward's mix is alike)."""
+    notes = []
+    copied = [(name, t) for name, t in zip("qkv", (q, k, v)) if needs_copy(t)]
+    if copied:
+        nbytes = sum(t.numel() * t.element_size() for _, t in copied)
+        notes.append(f"triton: copies {', '.join(name for name, _ in copied)} to a contiguous tensor first (head dim "
+                     f"not unit-stride: strides {', '.join(str(t.stride()) for _, t in copied)}): {nbytes:,} bytes")
+    d, dv = q.shape[-1], v.shape[-1]
+    bd, bdv = _padded(d), _padded(dv)
+    if (bd, bdv) != (d, dv):
+        if d == dv:
+            what = [f"head dim {d} is padded to {bd}"]
+        else:
+            what = [f"head dim {d} is padded to {bd}"] if bd != d else []
+            what += [f"v head dim {dv} is padded to {bdv}"] if bdv != dv else []
+        waste = 1 - (d + dv) / (bd + bdv)
+        notes.append(f"triton: {' and '.join(what)} in the kernels: {waste:.0%} of their matmul (tensor-core) work "
+                     "multiplies zero padding")
+    return notes

@@ -40,8 +40,9 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _load_rows(base, offs_n, stride_n, offs_d, n_len, D: tl.constexpr, BD: tl.constexpr, EVEN_N: tl.constexpr,
                UPCAST: tl.constexpr):
-    """[len(offs_n), BD] rows of a (N, D) matrix; rows past n_len and columns past D read as 0."""
-    ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :]
+    """[len(offs_n), BD] rows of a (N, D) matrix; rows past n_len and columns past D read as 0.
+    Row offsets in int64: one head of N * D >= 2^31 elements would wrap in int32."""
+    ptrs = base + offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :]
     if EVEN_N and D == BD:
         x = tl.load(ptrs)
     elif EVEN_N:
@@ -75,23 +76,34 @@ def _mask_bits(mask_ptr, rows, cols, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _program_tile(block_order, HEADS_FASTEST: tl.constexpr, TILES_PER_BLOCK: tl.constexpr):
+def _launch_index():
+    """This program's index in launch order: pid0 + pid1 * programs0 (int64). The grid is
+    (fast, slow) or, when `slow` passes CUDA's 65535 limit on axes 1/2, folded onto axis 0 as
+    (fast * slow,) (ops._grid); both give the same index, so kernels decode it one way."""
+    return tl.program_id(0).to(tl.int64) + tl.program_id(1).to(tl.int64) * tl.num_programs(0)
+
+
+@triton.jit
+def _program_tile(block_order, num_blocks, HEADS_FASTEST: tl.constexpr, TILES_PER_BLOCK: tl.constexpr):
     """(tile, batch*head) of this program. Layout blocks are visited in `block_order` (the
     busiest first, so a row that touches every block, e.g. Longformer's globals, does not
     start last and set the tail); with HEADS_FASTEST the busiest blocks of all heads go first."""
+    pid = _launch_index()
+    tiles = num_blocks * TILES_PER_BLOCK
     if HEADS_FASTEST:
-        bh = tl.program_id(0)
-        rank = tl.program_id(1)
+        heads = tl.num_programs(0).to(tl.int64) * tl.num_programs(1) // tiles
+        bh = pid % heads
+        rank = pid // heads
     else:
-        rank = tl.program_id(0)
-        bh = tl.program_id(1)
+        rank = pid % tiles
+        bh = pid // tiles
     block = tl.load(block_order + rank // TILES_PER_BLOCK)
-    return block * TILES_PER_BLOCK + rank % TILES_PER_BLOCK, bh
+    return (block * TILES_PER_BLOCK + rank % TILES_PER_BLOCK).to(tl.int32), bh.to(tl.int32)
 
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, k_base, v_base, stride_kn, stride_vn,
+def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_base, stride_kn, stride_vn,
                q_row_in_block, qk_scale, kv_len,
                LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, LBQ: tl.constexpr,
@@ -108,7 +120,8 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, k_base, v_base, stri
         s = _dot(q, tl.trans(k), IEEE)  # [BM, BN], unscaled
         if IS_PARTIAL:
             cols = col0 + tl.arange(0, BN)
-            keep = _mask_bits(bits_ptr + j * (LBQ * WORDS), q_row_in_block[:, None], cols[None, :], WORDS)
+            mask = tl.load(mask_ptr + j).to(tl.int64)  # which packed mask (row of bits) this entry uses
+            keep = _mask_bits(bits_ptr + mask * (LBQ * WORDS), q_row_in_block[:, None], cols[None, :], WORDS)
             s = tl.where(keep, s, float("-inf"))  # ragged keys are already cleared in the bits
         elif not EVEN_KV:
             s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
@@ -128,7 +141,7 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, k_base, v_base, stri
 @triton.jit
 def block_sparse_fwd_kernel(
     Q, K, V, Out, Lse,
-    full_off, full_idx, part_off, part_idx, part_bits, q_block_order,
+    full_off, full_idx, part_off, part_idx, part_bits, part_mask, q_block_order,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -140,7 +153,7 @@ def block_sparse_fwd_kernel(
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Inner dims of q/k/v/out must be contiguous (stride 1)."""
-    qt, bh = _program_tile(q_block_order, HEADS_FASTEST, LBQ // BM)
+    qt, bh = _program_tile(q_block_order, num_q_blocks, HEADS_FASTEST, LBQ // BM)
     b = (bh // num_q_heads).to(tl.int64)
     h = bh % num_q_heads
     hk = h // group_size  # GQA: the kv head is read in place, never repeated
@@ -165,20 +178,21 @@ def block_sparse_fwd_kernel(
 
     f0 = tl.load(full_off + row) * TILES
     f1 = tl.load(full_off + row + 1) * TILES
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, f0, f1, full_idx, part_bits, k_base, v_base, stride_kn, stride_vn,
-                               q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, f0, f1, full_idx, part_bits, part_mask, k_base, v_base, stride_kn,
+                               stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
                                False, EVEN_KV, IEEE, UPCAST)
     p0 = tl.load(part_off + row) * TILES
     p1 = tl.load(part_off + row + 1) * TILES
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p0, p1, part_idx, part_bits, k_base, v_base, stride_kn, stride_vn,
-                               q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p0, p1, part_idx, part_bits, part_mask, k_base, v_base, stride_kn,
+                               stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
                                True, EVEN_KV, IEEE, UPCAST)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]  # empty rows: acc is 0, so 0
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-    o_ptrs = Out + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :]
+    o_ptrs = (Out + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_on
+              + offs_dv[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < DV))
     tl.store(Lse + b * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse, mask=offs_m < q_len)
 
@@ -197,21 +211,24 @@ def bwd_preprocess_kernel(
     """delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) (+inf where lse = -inf), read
     straight from the half-precision tensors in one pass (fp32 copies of O and dO would cost
     four times the traffic). Delta/Lse2 share Lse's strides."""
-    bh = tl.program_id(1)
-    b = (bh // num_q_heads).to(tl.int64)
-    h = (bh % num_q_heads).to(tl.int64)
-    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    pid = _launch_index()  # grid (query tiles, B * Hq), folded like the others' (ops._grid)
+    tiles = tl.cdiv(q_len, BM)
+    bh = pid // tiles
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    offs_m = (pid % tiles).to(tl.int32) * BM + tl.arange(0, BM)
+    rows = offs_m[:, None].to(tl.int64)
     offs_d = tl.arange(0, BDV)
     in_q = offs_m < q_len
     mask = in_q[:, None] & (offs_d[None, :] < DV)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask,
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows * stride_on + offs_d[None, :], mask=mask,
                 other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask,
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_don + offs_d[None, :], mask=mask,
                  other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)  # [BM]
     if HAS_DLSE:
-        delta -= tl.load(DLse + b * stride_dlb + h * stride_dlh + offs_m * stride_dln, mask=in_q, other=0.0).to(
-            tl.float32)
+        delta -= tl.load(DLse + b * stride_dlb + h * stride_dlh + offs_m.to(tl.int64) * stride_dln, mask=in_q,
+                         other=0.0).to(tl.float32)
     stat = b * stride_lb + h * stride_lh + offs_m
     lse = tl.load(Lse + stat, mask=in_q, other=0.0)
     tl.store(Delta + stat, delta, mask=in_q)
@@ -219,7 +236,7 @@ def bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, k_base, v_base, stride_kn, stride_vn,
+def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_base, stride_kn, stride_vn,
               q_row_in_block, qk_scale, kv_len,
               LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, LBQ: tl.constexpr,
@@ -238,7 +255,8 @@ def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, k_base, v_base,
         p = tl.exp2(s - lse2[:, None])
         if IS_PARTIAL:
             cols = col0 + tl.arange(0, BN)
-            keep = _mask_bits(bits_ptr + j * (LBQ * WORDS), q_row_in_block[:, None], cols[None, :], WORDS)
+            mask = tl.load(mask_ptr + j).to(tl.int64)  # which packed mask (row of bits) this entry uses
+            keep = _mask_bits(bits_ptr + mask * (LBQ * WORDS), q_row_in_block[:, None], cols[None, :], WORDS)
             p = tl.where(keep, p, 0.0)
         elif not EVEN_KV:
             p = tl.where((offs_n < kv_len)[None, :], p, 0.0)
@@ -251,7 +269,7 @@ def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, k_base, v_base,
 @triton.jit
 def block_sparse_bwd_dq_kernel(
     Q, K, V, DO, GradQ, Lse2, Delta,
-    full_off, full_idx, part_off, part_idx, part_bits, q_block_order,
+    full_off, full_idx, part_off, part_idx, part_bits, part_mask, q_block_order,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -263,7 +281,7 @@ def block_sparse_bwd_dq_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    qt, bh = _program_tile(q_block_order, HEADS_FASTEST, LBQ // BM)
+    qt, bh = _program_tile(q_block_order, num_q_blocks, HEADS_FASTEST, LBQ // BM)
     b = (bh // num_q_heads).to(tl.int64)
     h = bh % num_q_heads
     hk = h // group_size
@@ -289,15 +307,16 @@ def block_sparse_bwd_dq_kernel(
     dq = tl.zeros([BM, BD], dtype=tl.float32)
     f0 = tl.load(full_off + row) * TILES
     f1 = tl.load(full_off + row + 1) * TILES
-    dq = _dq_tiles(dq, q, do, lse2, delta, f0, f1, full_idx, part_bits, k_base, v_base, stride_kn, stride_vn,
+    dq = _dq_tiles(dq, q, do, lse2, delta, f0, f1, full_idx, part_bits, part_mask, k_base, v_base, stride_kn, stride_vn,
                    q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ, False, EVEN_KV, IEEE,
                    UPCAST)
     p0 = tl.load(part_off + row) * TILES
     p1 = tl.load(part_off + row + 1) * TILES
-    dq = _dq_tiles(dq, q, do, lse2, delta, p0, p1, part_idx, part_bits, k_base, v_base, stride_kn, stride_vn,
+    dq = _dq_tiles(dq, q, do, lse2, delta, p0, p1, part_idx, part_bits, part_mask, k_base, v_base, stride_kn, stride_vn,
                    q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ, True, EVEN_KV, IEEE,
                    UPCAST)
-    dq_ptrs = GradQ + b * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    dq_ptrs = (GradQ + b * stride_dqb + h64 * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqn
+               + offs_d[None, :])
     tl.store(dq_ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D))
 
 
@@ -321,7 +340,7 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
         st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM] = S^T
         pt = tl.exp2(st - lse2[None, :])
         if IS_PARTIAL:
-            entry = tl.load(entry_ptr + j)  # the CSR entry whose bits describe this block
+            entry = tl.load(entry_ptr + j).to(tl.int64)  # the packed mask (row of bits) of this block
             rows = row0 + tl.arange(0, BM)
             keep = _mask_bits(bits_ptr + entry * (LBQ * WORDS), rows[None, :], kv_col_in_block[:, None], WORDS)
             pt = tl.where(keep, pt, 0.0)
@@ -348,7 +367,7 @@ def block_sparse_bwd_dkdv_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    kt, bh = _program_tile(kv_block_order, HEADS_FASTEST, LBK // BN)
+    kt, bh = _program_tile(kv_block_order, num_kv_blocks, HEADS_FASTEST, LBK // BN)
     b = (bh // num_kv_heads).to(tl.int64)
     hk = bh % num_kv_heads
     n0 = kt * BN
@@ -385,7 +404,8 @@ def block_sparse_bwd_dkdv_kernel(
                              stride_qn, stride_don, Lse2, Delta, kv_col_in_block, qk_scale, q_len,
                              LBQ, BM, BN, BD, BDV, D, DV, WORDS, True, EVEN_Q, IEEE, UPCAST)
     in_kv = offs_n[:, None] < kv_len
-    dk_ptrs = GradK + b * stride_dkb + hk64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    rows = offs_n[:, None].to(tl.int64)
+    dk_ptrs = GradK + b * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(GradK.dtype.element_ty), mask=in_kv & (offs_d[None, :] < D))
-    dv_ptrs = GradV + b * stride_dvb + hk64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :]
+    dv_ptrs = GradV + b * stride_dvb + hk64 * stride_dvh + rows * stride_dvn + offs_dv[None, :]
     tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=in_kv & (offs_dv[None, :] < DV))

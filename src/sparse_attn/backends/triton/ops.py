@@ -37,11 +37,14 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def needs_copy(x: torch.Tensor) -> bool:
+    """The kernels need unit stride on the head dim; any other strides are read in place
+    (offsets are int64, so no size forces a copy)."""
+    return x.stride(-1) != 1
+
+
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """The kernels need unit stride on the head dim and row offsets that fit int32."""
-    if x.stride(-1) != 1 or x.shape[-2] * x.stride(-2) >= 2**31:
-        x = x.contiguous()
-    return x
+    return x.contiguous() if needs_copy(x) else x
 
 
 def _common(q, k, v, block_q, block_kv):
@@ -53,8 +56,23 @@ def _common(q, k, v, block_q, block_kv):
     return bsz, hq, nq, d, hkv, nkv, dv, flags
 
 
-def _grid(tiles: int, heads: int, heads_fastest: bool) -> tuple[int, int]:
-    return (heads, tiles) if heads_fastest else (tiles, heads)
+# CUDA grids hold at most 65535 programs on axes 1 and 2 (2^31 - 1 on axis 0). A module
+# constant so CPU tests can make it tiny and run the folded grid under the interpreter.
+MAX_GRID_YZ = 65535
+MAX_GRID_X = 2**31 - 1
+
+
+def _grid(tiles: int, heads: int, heads_fastest: bool) -> tuple[int, ...]:
+    """(fast, slow) programs, heads or tiles fastest; when `slow` (B * H, or the tiles of a very
+    long head) passes MAX_GRID_YZ, the same programs in the same order folded onto axis 0.
+    The kernels decode both alike (kernels._launch_index)."""
+    fast, slow = (heads, tiles) if heads_fastest else (tiles, heads)
+    if slow <= MAX_GRID_YZ:
+        return fast, slow
+    if fast * slow > MAX_GRID_X:
+        raise ValueError(f"the triton kernels would launch {fast} x {slow} programs, more than CUDA's "
+                         f"{MAX_GRID_X} on one grid axis; split the batch or the heads")
+    return (fast * slow,)
 
 
 def _launch_opts(cfg):
@@ -66,8 +84,9 @@ def _launch_opts(cfg):
 def block_sparse_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     full_off: torch.Tensor, full_idx: torch.Tensor, part_off: torch.Tensor, part_idx: torch.Tensor,
-    bits: torch.Tensor, q_block_order: torch.Tensor, tfull_off: torch.Tensor, tfull_idx: torch.Tensor,
-    tpart_off: torch.Tensor, tpart_idx: torch.Tensor, tpart_entry: torch.Tensor, kv_block_order: torch.Tensor,
+    bits: torch.Tensor, part_mask: torch.Tensor, q_block_order: torch.Tensor, tfull_off: torch.Tensor,
+    tfull_idx: torch.Tensor, tpart_off: torch.Tensor, tpart_idx: torch.Tensor, tpart_mask: torch.Tensor,
+    kv_block_order: torch.Tensor,
     scale: float, block_q: int, block_kv: int, per_head: bool, q_heads_fastest: bool, kv_heads_fastest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B, Hq, Nq, Dv] (q's dtype), lse [B, Hq, Nq] float32 (natural log, -inf for empty rows)."""
@@ -82,7 +101,7 @@ def block_sparse_attn_fwd(
     cfg = tile_config(max(flags["BD"], flags["BDV"]), "fwd", block_q, block_kv, interpreted=interpreting(),
                       element_size=q.element_size())
     block_sparse_fwd_kernel[_grid(-(-nq // block_q) * (block_q // cfg.block_m), bsz * hq, q_heads_fastest)](
-        q, k, v, out, lse, full_off, full_idx, part_off, part_idx, bits, q_block_order,
+        q, k, v, out, lse, full_off, full_idx, part_off, part_idx, bits, part_mask, q_block_order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
@@ -105,8 +124,9 @@ def block_sparse_attn_bwd(
     dout: torch.Tensor, dlse: Optional[torch.Tensor],
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     full_off: torch.Tensor, full_idx: torch.Tensor, part_off: torch.Tensor, part_idx: torch.Tensor,
-    bits: torch.Tensor, q_block_order: torch.Tensor, tfull_off: torch.Tensor, tfull_idx: torch.Tensor,
-    tpart_off: torch.Tensor, tpart_idx: torch.Tensor, tpart_entry: torch.Tensor, kv_block_order: torch.Tensor,
+    bits: torch.Tensor, part_mask: torch.Tensor, q_block_order: torch.Tensor, tfull_off: torch.Tensor,
+    tfull_idx: torch.Tensor, tpart_off: torch.Tensor, tpart_idx: torch.Tensor, tpart_mask: torch.Tensor,
+    kv_block_order: torch.Tensor,
     scale: float, block_q: int, block_kv: int, per_head: bool, q_heads_fastest: bool, kv_heads_fastest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtypes. Deterministic: no atomics (see kernels.py)."""
@@ -123,7 +143,7 @@ def block_sparse_attn_bwd(
     delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)  # [B, Hq, Nq] float32
     pre_m = 16 if interpreting() else 64
     dl = dlse if dlse is not None else lse
-    bwd_preprocess_kernel[(-(-nq // pre_m), bsz * hq)](
+    bwd_preprocess_kernel[_grid(-(-nq // pre_m), bsz * hq, False)](
         out, dout, lse, dl, delta, lse2,
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         lse.stride(0), lse.stride(1), dl.stride(0), dl.stride(1), dl.stride(2), nq, hq,
@@ -135,7 +155,7 @@ def block_sparse_attn_bwd(
     cfg = tile_config(padded, "dq", block_q, block_kv, interpreted=interpreting(),
                       element_size=q.element_size())
     block_sparse_bwd_dq_kernel[_grid(-(-nq // block_q) * (block_q // cfg.block_m), bsz * hq, q_heads_fastest)](
-        q, k, v, dout, dq, lse2, delta, full_off, full_idx, part_off, part_idx, bits, q_block_order,
+        q, k, v, dout, dq, lse2, delta, full_off, full_idx, part_off, part_idx, bits, part_mask, q_block_order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), lse2.stride(0), lse2.stride(1),
@@ -146,7 +166,7 @@ def block_sparse_attn_bwd(
     cfg = tile_config(padded, "dkdv", block_q, block_kv, interpreted=interpreting(),
                       element_size=q.element_size())
     block_sparse_bwd_dkdv_kernel[_grid(-(-nkv // block_kv) * (block_kv // cfg.block_n), bsz * hkv, kv_heads_fastest)](
-        q, k, v, dout, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_entry, bits,
+        q, k, v, dout, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, bits,
         kv_block_order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
@@ -165,7 +185,7 @@ def _(dout, dlse, q, k, v, *rest):
 
 
 # ----------------------------------------------------------------------------- autograd
-_N_PLAN = 12  # plan tensors after q, k, v; then scale, block_q, block_kv, per_head and the two schedule flags
+_N_PLAN = 13  # plan tensors after q, k, v; then scale, block_q, block_kv, per_head and the two schedule flags
 _N_ARGS = 6
 
 
@@ -199,6 +219,8 @@ def triton_attention(q, k, v, layout, scale: float):
         raise ValueError(f"layout is for q_len {g.q_len}, kv_len {g.kv_len}; got q_len {q.shape[2]}, "
                          f"kv_len {k.shape[2]}")
     plan = get_plan(layout)
+    # copied here, not inside the op: autograd then saves the copies, so the backward does not copy again
+    q, k, v = (_rows_contiguous(t) for t in (q, k, v))
     return block_sparse_attn_fwd(q, k, v, *plan.tensors(), float(scale), g.block_q, g.block_kv,
                                  layout.num_heads > 1, *plan.flags())
 

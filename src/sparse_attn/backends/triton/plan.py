@@ -11,15 +11,19 @@ the ones whose partial blocks are not intervals per row (a window's edge block t
 holds Longformer globals, BigBird blocks finer than the kernel's blocks, documents, user
 predicates), with no per-pattern kernel code to keep exact. The price is small where speed
 matters: partial blocks are the edges of a pattern (2 of the ~33 blocks of a query row of a
-4096-window at 128-blocks), and the mask is a cached 2 KiB per 128x128 block.
+4096-window at 128-blocks), and a mask is a cached 2 KiB per 128x128 block, stored once per
+distinct content: every diagonal block of a band has the same mask, so a layout keeps a
+handful of masks however long the sequence (16 heads of different windows at 32K in
+128-blocks: 11478 partial blocks, 33 distinct masks, 66 KiB instead of 22.4 MiB).
 
-Bitmask format: int32 words, [n_partial, LBQ, ceil(LBK / 32)], bit (col % 32) of word
-(col // 32) set when query row r of the block may see key col. Packed bits rather than
+Bitmask format: int32 words, [n_masks, LBQ, ceil(LBK / 32)], bit (col % 32) of word
+(col // 32) set when query row r of the block may see key col; the n_masks distinct masks
+of the layout's partial blocks. Packed bits rather than
 uint8: dense-ish partial patterns (BigBird, dilated, block-sparse with odd cells, document
 masks) can make nearly every touched block partial; packed, a block costs 8x less memory
 and 8x less mask traffic, and unpacking is one shift and one AND per score. The mask of CSR
-entry j lives at `bits[j]`, so the forward needs no extra index array; the backward's
-transposed walk carries the CSR entry number of each partial block (`tpart_entry`).
+entry j lives at `bits[part_mask[j]]`; the backward's transposed walk carries the mask of
+each of its partial blocks (`tpart_mask`).
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ _MASK_CHUNK_ELEMENTS = 1 << 22
 class TritonPlan:
     """Layout-derived kernel inputs, on the layout's device (all contiguous).
 
-    Forward / dq (rows = (head, query block)): full_off/full_idx, part_off/part_idx, bits.
+    Forward / dq (rows = (head, query block)): full_off/full_idx, part_off/part_idx, bits (the
+    distinct packed masks) and part_mask (int32, the row of bits of each partial CSR entry).
     dk/dv (columns = (head, kv block)): tfull_off/tfull_idx, tpart_off/tpart_idx (query block
-    indices) and tpart_entry (the CSR entry, i.e. the bitmask, of each transposed partial block).
+    indices), tpart_entry (the CSR entry of each transposed partial block) and tpart_mask
+    (int32, its row of bits: what the kernel reads).
     """
 
     def __init__(self, layout) -> None:
@@ -45,9 +51,10 @@ class TritonPlan:
         self.full_idx = layout.full.indices.contiguous()
         self.part_off = layout.partial.offsets.contiguous()
         self.part_idx = layout.partial.indices.contiguous()
-        self.bits = pack_partial_masks(layout, self.words)
+        self.bits, self.part_mask = pack_partial_masks(layout, self.words)
         self.tfull_off, self.tfull_idx, _ = _transpose(layout.full, layout)
         self.tpart_off, self.tpart_idx, self.tpart_entry = _transpose(layout.partial, layout)
+        self.tpart_mask = self.part_mask[self.tpart_entry].contiguous()
         heads = layout.num_heads
         row_work = (self.full_off.diff() + self.part_off.diff()).reshape(heads, g.num_q_blocks).amax(0)
         col_work = (self.tfull_off.diff() + self.tpart_off.diff()).reshape(heads, g.num_kv_blocks).amax(0)
@@ -55,8 +62,8 @@ class TritonPlan:
         self.kv_block_order, self.kv_heads_fastest = _schedule(col_work)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.full_off, self.full_idx, self.part_off, self.part_idx, self.bits, self.q_block_order,
-                self.tfull_off, self.tfull_idx, self.tpart_off, self.tpart_idx, self.tpart_entry,
+        return [self.full_off, self.full_idx, self.part_off, self.part_idx, self.bits, self.part_mask,
+                self.q_block_order, self.tfull_off, self.tfull_idx, self.tpart_off, self.tpart_idx, self.tpart_mask,
                 self.kv_block_order]
 
     def flags(self) -> list[bool]:
@@ -91,27 +98,33 @@ def _transpose(csr, layout):
     return offsets.contiguous(), qb[order].to(torch.int32).contiguous(), order.contiguous()
 
 
-def pack_partial_masks(layout, words: int) -> torch.Tensor:
-    """int32 [max(n_partial, 1), LBQ, words]: packed element masks of the partial blocks."""
+def pack_partial_masks(layout, words: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bits, part_mask): int32 [max(n_masks, 1), LBQ, words], the distinct packed element masks
+    of the partial blocks, and int32 [n_partial], the row of `bits` of each partial CSR entry.
+
+    Masks are evaluated in chunks of blocks and deduplicated by content, chunk by chunk and
+    then across chunks, so memory stays O(distinct masks + one chunk), not O(partial blocks).
+    A layout's `partial_mask_class` (blocks known to share a mask) also saves evaluations."""
     g = layout.grid
     csr = layout.partial
     n = csr.indices.numel()
     dev = g.device
-    out = torch.zeros(max(n, 1), g.block_q, words, dtype=torch.int32, device=dev)
+    bq, bk = g.block_q, g.block_kv
     if n == 0:
-        return out
+        return (torch.zeros(1, bq, words, dtype=torch.int32, device=dev),
+                torch.zeros(0, dtype=torch.int32, device=dev))
     layout._require_pattern().prepare(dev)
-    entries = None  # the CSR entries whose masks are evaluated (None: all of them)
+    entries, inverse = None, None  # the CSR entries whose masks are evaluated (None: all of them)
     if layout.partial_mask_class is not None:  # one evaluation per class, then a gather
         classes, inverse = torch.unique(layout.partial_mask_class, return_inverse=True)
         first = torch.full((classes.numel(),), n, dtype=torch.int64, device=dev)
         entries = first.scatter_reduce_(0, inverse, torch.arange(n, device=dev), "amin")
-        out = out[: classes.numel()]
         n = classes.numel()
-    bq, bk = g.block_q, g.block_kv
     # weights of the 32 bits of a word, as int64 so the sum does not overflow
     weights = torch.ones(1, dtype=torch.int64, device=dev) << torch.arange(32, device=dev)
     chunk = max(1, _MASK_CHUNK_ELEMENTS // (bq * bk))
+    uniques, local = [], []  # per chunk: its distinct masks, and each evaluated block's index among all of them
+    seen = 0
     for e0 in range(0, n, chunk):
         e1 = min(n, e0 + chunk)
         pick = slice(e0, e1) if entries is None else entries[e0:e1]
@@ -122,8 +135,15 @@ def pack_partial_masks(layout, words: int) -> torch.Tensor:
             ok = torch.nn.functional.pad(ok, (0, words * 32 - bk))
         packed = (ok.reshape(e1 - e0, bq, words, 32).long() * weights).sum(-1)  # [c, LBQ, words] in [0, 2^32)
         packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed)  # two's complement int32
-        out[e0:e1] = packed.to(torch.int32)
-    return out if entries is None else out[inverse].contiguous()
+        u, inv = torch.unique(packed.to(torch.int32).reshape(e1 - e0, bq * words), dim=0, return_inverse=True)
+        uniques.append(u)
+        local.append(inv + seen)
+        seen += u.shape[0]
+    bits, across = torch.unique(torch.cat(uniques), dim=0, return_inverse=True)  # [n_masks, LBQ * words]
+    mask = across[torch.cat(local)]  # [n] evaluated block -> row of bits
+    if inverse is not None:
+        mask = mask[inverse]
+    return bits.reshape(-1, bq, words).contiguous(), mask.to(torch.int32).contiguous()
 
 
 def get_plan(layout) -> TritonPlan:

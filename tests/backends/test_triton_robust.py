@@ -1,0 +1,235 @@
+"""The `triton` backend at the edges of its index arithmetic and launch grid (issue 16).
+
+* Offsets past 2^31 elements: row offsets are int64. On CPU (the interpreter, where int32
+  arithmetic wraps as on the GPU) q/k/v are views with rows 2^27 elements apart over one
+  lazily-committed storage; on CUDA (pytest -m gpu) one head of 2^24 + 256 tokens at D = 128.
+* B * H past CUDA's 65535 programs on grid axes 1/2: the grid folds onto axis 0. On CPU the
+  limit (ops.MAX_GRID_YZ) is patched down to 3; on CUDA B * H = 70000.
+* explain() says when the triton kernels copy inputs or pad the head dim.
+* Partial-block masks are stored once per distinct content.
+
+Outputs the kernels write are NaN-filled (as in test_triton.py), so an unwritten tile fails."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from sa_testing import assert_fp32_close, check_backend_against_reference, make_qkv  # noqa: E402
+
+import sparse_attn  # noqa: E402
+from sparse_attn import patterns as P  # noqa: E402
+from sparse_attn.backends.triton import ops as triton_ops  # noqa: E402
+from sparse_attn.backends.triton.backend import input_notes  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_outputs(monkeypatch):
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_ops, "new_output", poisoned)
+
+
+@pytest.fixture
+def no_copies(monkeypatch):
+    """Fails the test if the kernels' inputs were copied (the point is to read them in place)."""
+    inner = triton_ops._rows_contiguous
+
+    def spy(x):
+        y = inner(x)
+        assert y is x, f"input of shape {tuple(x.shape)}, strides {x.stride()} was copied"
+        return y
+
+    monkeypatch.setattr(triton_ops, "_rows_contiguous", spy)
+
+
+# ------------------------------------------------------------------ offsets past 2^31
+def test_row_offsets_past_int32_are_read_in_place(no_copies):
+    """q, k, v, dO are views whose rows are 2^27 elements apart (row 16 starts at element 2^31)
+    over one storage that is only touched at those rows: the kernels read them in place with
+    int64 row offsets (int32 offsets wrap negative and fault, as the interpreter reproduces),
+    forward and backward, equal to the float64 reference on contiguous copies."""
+    n, d, row = 17, 32, 1 << 27
+    try:  # 2^31 fp16 elements of address space (4.25 GiB), committed only where written
+        x = torch.empty(n, row, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError) as e:  # pragma: no cover - a small CI machine
+        pytest.skip(f"cannot reserve 4.25 GiB of address space: {e}")
+    x[:, : 4 * d] = torch.randn(n, 4 * d, device=DEVICE).half()
+    q, k, v, dout = (x[:, i * d:(i + 1) * d].view(1, 1, n, d) for i in range(4))
+    assert q.stride(2) * (n - 1) >= 2**31
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    pattern = P.sliding_window(9)
+    out, lse = sparse_attn.sparse_attention(q, k, v, pattern, backend="triton", return_lse=True)
+    out.backward(dout)
+    q64, k64, v64 = (t.detach().contiguous().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = sparse_attn.sparse_attention(q64, k64, v64, pattern, backend="reference", return_lse=True)
+    ref.backward(dout.double())
+    # fp16 inputs: the float64 reference on the same fp16 values, fp32 accumulation in the kernel
+    for name, a, e in (("out", out, ref), ("lse", lse, ref_lse), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad),
+                       ("dv", v.grad, v64.grad)):
+        assert_fp32_close(a, e, rtol=2e-3, what=name)
+
+
+def _rows_reference(q, k, v, pattern, rows, keys, dout_rows, scale):
+    """float64 attention of query positions `rows` over key positions `keys` (every key those
+    rows may see must be among them), with its gradients for sum(out * dout_rows):
+    (out, lse, dq [rows], dk [keys], dv [keys])."""
+    q64, k64, v64 = (t.detach()[0, 0, idx].double().requires_grad_() for t, idx in ((q, rows), (k, keys), (v, keys)))
+    s = (q64 @ k64.T) * scale
+    s = s.masked_fill(~pattern.allowed(rows[:, None], keys[None, :]), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    out = torch.softmax(s, -1) @ v64
+    (out * dout_rows.double()).sum().backward()
+    return out.detach(), lse.detach(), q64.grad, k64.grad, v64.grad
+
+
+def _check_long_head(n, d, window, row_groups, device):
+    """One head of n tokens under Longformer (window, global token 0): the kernel's out, lse and
+    gradients at the rows of `row_groups` ([start, stop) pairs) against float64 on those rows
+    alone. dO is zero elsewhere, so dq must be exactly 0 on every other row and dk/dv on every
+    key those rows cannot see: every element of every output is checked, none stays NaN."""
+    pattern = P.longformer(window, [0])
+    scale = d ** -0.5
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, d, device=device, generator=g).requires_grad_() for _ in range(3))
+    rows = torch.cat([torch.arange(a, b, device=device) for a, b in row_groups])
+    keys = torch.cat([torch.arange(max(0, a - window), min(n, b + window), device=device)
+                      for a, b in row_groups] + [torch.zeros(1, dtype=torch.long, device=device)]).unique()
+    dout = torch.zeros(1, 1, n, d, device=device)
+    dout[0, 0, rows] = torch.randn(rows.numel(), d, device=device, generator=g)
+    out, lse = sparse_attn.sparse_attention(q, k, v, pattern, backend="triton", return_lse=True)
+    out.backward(dout)
+    ref_out, ref_lse, dq, dk, dv = _rows_reference(q, k, v, pattern, rows, keys, dout[0, 0, rows], scale)
+    assert_fp32_close(out[0, 0, rows], ref_out, what="out")
+    assert_fp32_close(lse[0, 0, rows], ref_lse, what="lse")
+    assert_fp32_close(q.grad[0, 0, rows], dq, what="dq")
+    assert_fp32_close(k.grad[0, 0, keys], dk, what="dk")
+    assert_fp32_close(v.grad[0, 0, keys], dv, what="dv")
+    for name, grad, idx in (("dq", q.grad, rows), ("dk", k.grad, keys), ("dv", v.grad, keys)):
+        nonzero = (grad[0, 0] != 0).any(-1)  # [n]; NaN != 0 too
+        nonzero[idx] = False
+        assert not nonzero.any(), f"{name} is not exactly 0 (or is NaN) at rows {nonzero.nonzero()[:5].tolist()}"
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+
+
+def test_long_head_rows_against_reference_small():
+    """_check_long_head at interpreter size (the GPU test below runs it past 2^31 elements)."""
+    n = 70
+    _check_long_head(n, 16, 9, [(1, 6), (30, 37), (n - 6, n)], DEVICE)
+    pattern = P.longformer(9, [0])  # the candidate keys of the check (global key 0, rows -+ window) cover what the rows see
+    dense = pattern.to_dense(n)[0]
+    assert not dense[30:37, 1:30 - 9].any() and not dense[30:37, 37 + 9:].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_one_head_past_2_31_elements():
+    """N = 2^24 + 256 tokens at D = 128 (N * D > 2^31) in fp32 (about 80 GB with the backward):
+    rows at the start, across row 2^24 (element 2^31) and at the end, forward and backward.
+    Longformer's global row makes the layout imbalanced, so heads go fastest in the grid and
+    the 131074 query tiles fold onto grid axis 0 as well."""
+    n, d = (1 << 24) + 256, 128
+    _check_long_head(n, d, 256, [(1, 65), ((1 << 24) - 32, (1 << 24) + 32), (n - 64, n)], "cuda")
+
+
+# ------------------------------------------------------------------------ grid limit
+def test_grid_shapes(monkeypatch):
+    assert triton_ops._grid(5, 10, False) == (5, 10)
+    assert triton_ops._grid(5, 10, True) == (10, 5)
+    monkeypatch.setattr(triton_ops, "MAX_GRID_YZ", 3)
+    assert triton_ops._grid(5, 3, False) == (5, 3)
+    assert triton_ops._grid(5, 10, False) == (50,)  # same launch order: tiles fastest, then heads
+    assert triton_ops._grid(5, 10, True) == (50,)
+    assert triton_ops._grid(5, 2, True) == (10,)  # 5 tiles on axis 1 would pass the limit too
+    monkeypatch.setattr(triton_ops, "MAX_GRID_X", 49)
+    with pytest.raises(ValueError, match="more than CUDA's 49"):
+        triton_ops._grid(5, 10, False)
+
+
+@pytest.mark.parametrize("name", ["window", "longformer"])
+def test_grid_folded_past_axis_limit(monkeypatch, name):
+    """With the axis-1 limit patched to 3, B * Hq = 10 and B * Hkv = 5 (GQA) launch folded grids
+    (heads fastest for Longformer's imbalanced rows, tiles fastest for the window) in every
+    kernel; out, lse and the three gradients still equal the float64 reference."""
+    monkeypatch.setattr(triton_ops, "MAX_GRID_YZ", 3)
+    grids = []
+    inner = triton_ops._grid
+
+    def spy(tiles, heads, heads_fastest):
+        grids.append(inner(tiles, heads, heads_fastest))
+        return grids[-1]
+
+    monkeypatch.setattr(triton_ops, "_grid", spy)
+    pattern = P.longformer(9, [0, 40]) if name == "longformer" else P.sliding_window(17)
+    q, k, v = make_qkv(1, 10, 70, 16, hkv=5, device=DEVICE)
+    check_backend_against_reference(q, k, v, pattern, backend="triton", return_lse=True)
+    assert len(grids) == 4 and all(len(g) == 1 for g in grids), grids  # fwd, preprocess, dq, dk/dv
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["window", "longformer"])
+def test_gpu_batch_heads_past_grid_limit(name):
+    """B * H = 70000 (> 65535) at N = 128, D = 16, with GQA (B * Hkv = 14000)."""
+    pattern = P.longformer(32, [0]) if name == "longformer" else P.sliding_window(33)
+    q, k, v = make_qkv(2, 35000, 128, 16, hkv=7000, device="cuda", dtype=torch.bfloat16)
+    check_backend_against_reference(q, k, v, pattern, backend="triton", return_lse=True)
+
+
+# --------------------------------------------------------------------------- explain
+def test_explain_reports_copies_and_head_dim_padding():
+    """explain() (triton chosen: CUDA, or the interpreter here) names the inputs the kernels
+    copy and their bytes, and the head dim padding with the share of matmul work it wastes."""
+    q = torch.randn(1, 2, 17, 96, device=DEVICE)
+    k = torch.randn(1, 2, 96, 17, device=DEVICE).transpose(-1, -2)  # head dim not unit-stride: copied
+    v = torch.randn(1, 17, 2, 96, device=DEVICE).transpose(1, 2)  # other strides are read in place
+    ex = sparse_attn.explain(q, k, v, P.sliding_window(5), backend="triton")
+    assert ex.chosen == "triton", str(ex)
+    assert ex.notes == [
+        "triton: copies k to a contiguous tensor first (head dim not unit-stride: strides (3264, 1632, 1, 17)): "
+        "13,056 bytes",  # 2 * 17 * 96 fp32
+        "triton: head dim 96 is padded to 128 in the kernels: 25% of their matmul (tensor-core) work multiplies "
+        "zero padding"], str(ex)
+    assert all(f"note: {n}" in str(ex) for n in ex.notes)
+    # D = 96, Dv = 64: (96 + 64) of (128 + 64) columns do work; Dv = 48: (96 + 48) of (128 + 64)
+    notes = input_notes(q, k.contiguous(), torch.randn(1, 2, 17, 64, device=DEVICE))
+    assert notes == ["triton: head dim 96 is padded to 128 in the kernels: 17% of their matmul (tensor-core) "
+                     "work multiplies zero padding"], notes
+    notes = input_notes(q, k.contiguous(), torch.randn(1, 2, 17, 48, device=DEVICE))
+    assert notes == ["triton: head dim 96 is padded to 128 and v head dim 48 is padded to 64 in the kernels: 25% "
+                     "of their matmul (tensor-core) work multiplies zero padding"], notes
+    assert input_notes(*(torch.randn(1, 2, 17, 64, device=DEVICE) for _ in range(3))) == []
+    # another backend chosen: no triton notes
+    assert not sparse_attn.explain(q, k, v, P.sliding_window(5), backend="blocked").notes
+
+
+# ------------------------------------------------------------------- mask storage
+def test_partial_masks_stored_once_per_content():
+    """Per-head windows: bits holds each distinct partial-block mask once; every CSR entry (and
+    every transposed entry) points at the mask equal to its own element mask."""
+    heads = 4
+    layout = P.per_head([P.sliding_window(5 + 7 * h) for h in range(heads)]).layout(
+        400, block_q=16, block_kv=16, device=DEVICE)
+    plan = triton_ops.get_plan(layout)
+    csr = layout.partial
+    nqb = layout.num_q_blocks
+    masks = layout.element_masks(torch.div(csr.rows, nqb, rounding_mode="floor"), csr.rows % nqb,
+                                 csr.indices.long())  # [n_partial, 16, 16]
+    distinct = torch.unique(masks.reshape(masks.shape[0], -1), dim=0).shape[0]
+    assert plan.bits.shape[0] == distinct < csr.indices.numel() // 10
+    bits = plan.bits[plan.part_mask.long()]  # [n_partial, 16, words]
+    unpacked = ((bits[..., None] >> torch.arange(32, device=DEVICE)) & 1).bool().flatten(-2)[..., :16]
+    assert torch.equal(unpacked, masks)
+    assert torch.equal(plan.tpart_mask, plan.part_mask[plan.tpart_entry])
+    assert plan.part_mask.dtype == plan.tpart_mask.dtype == torch.int32

@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python3 benchmarks/tune_triton.py --out benchmarks/results/tune_triton.json
 
-For each padded head dim (64, 128, 256) and phase (forward, backward dq, backward dk/dv), time
+For each padded head dim (64, 128, 256) and phase (forward, backward dq, backward dk/dv, fused
+backward), time
 every candidate (BM, BN, num_warps, num_stages) on a causal sliding window of 4096 at 32K
 tokens (B=1, H=16, bf16; 16K for D=256), one phase varied at a time with the others at the
 table's current entry, median of triton.testing.do_bench. Also times both grid orders
@@ -37,11 +38,15 @@ CANDIDATES = {
     "dkdv": [C(64, 128, 8, 2), C(64, 128, 8, 3), C(32, 128, 4, 3), C(64, 64, 4, 3), C(32, 64, 4, 4),
              C(128, 128, 8, 2), C(64, 128, 4, 3)],
 }
+# the fused backward: dk/dv's walk plus atomic dQ; 8 warps added since its register pressure is higher
+# (compiled for sm_90 with triton 3.9, D=128 64x64: 1720 bytes of stack with 4 warps, 704 with 8)
+CANDIDATES["fused"] = CANDIDATES["dkdv"] + [C(64, 64, 8, 2), C(64, 64, 8, 3), C(32, 128, 8, 2), C(128, 64, 8, 2)]
 SMALL = {  # D=256: tiles that fit shared memory
     "fwd": [C(64, 64, 8, 2), C(64, 64, 4, 2), C(128, 32, 8, 2), C(64, 32, 4, 3), C(128, 64, 8, 2)],
     "dq": [C(64, 32, 4, 2), C(64, 64, 8, 2), C(32, 32, 4, 3), C(128, 32, 8, 2), C(64, 32, 8, 2)],
     "dkdv": [C(32, 64, 4, 2), C(32, 128, 8, 2), C(64, 64, 8, 2), C(16, 64, 4, 3), C(32, 64, 8, 2)],
 }
+SMALL["fused"] = SMALL["dkdv"] + [C(64, 32, 8, 2)]
 
 
 def bench(fn):
@@ -73,9 +78,10 @@ def main(argv=None) -> int:
         bwd_args = (dout, None, q, k, v, out, lse, *plan.tensors(), scale, 128, 128, False, *plan.flags())
         table = configs.TUNED.setdefault(d, dict(configs.TUNED[128]))
         best[d] = {}
-        for phase in ("fwd", "dq", "dkdv"):
-            fn = ((lambda: ops.triton_attention(q, k, v, layout, scale)) if phase == "fwd"
-                  else (lambda: ops.block_sparse_attn_bwd(*bwd_args)))
+        for phase in ("fwd", "dq", "dkdv", "fused"):
+            fn = {"fwd": lambda: ops.triton_attention(q, k, v, layout, scale),
+                  "fused": lambda: ops.block_sparse_attn_bwd_fused(*bwd_args)}.get(
+                phase, lambda: ops.block_sparse_attn_bwd(*bwd_args))
             results = []
             for cfg in (SMALL if d > 128 else CANDIDATES)[phase]:
                 table[phase] = cfg

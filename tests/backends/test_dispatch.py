@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sa_testing import check_backend_against_reference, make_qkv, reference_f64
+from sa_testing import check_backend_against_reference, make_qkv, reference_f64, run_with_grads
 
 import sparse_attn
 from sparse_attn import patterns as P
@@ -141,6 +141,63 @@ def test_sdpa_equals_reference(pattern, shape):
 def test_sdpa_explicit_causal_q_offset_zero():
     q, k, v = make_qkv(1, 2, 20, 16, nkv=50)
     check_backend_against_reference(q, k, v, P.causal(), backend="sdpa", q_offset=0)
+
+
+def test_deterministic_true_skips_atomic_backwards():
+    """deterministic=True with gradients: sdpa and flex (atomics in their backward) are rejected
+    with the reason, auto falls back to blocked on CPU, a forced sdpa raises; without gradients
+    (the forwards are deterministic) and with deterministic=False / None nothing changes."""
+    q, k, v = make_qkv(1, 2, 64, 16, requires_grad=True)
+    ex = sparse_attn.explain(q, k, v, P.causal(), deterministic=True)
+    assert ex.chosen == "blocked", str(ex)
+    assert any("not deterministic" in r for r in ex.rejected["sdpa"])
+    for det in (None, False):
+        assert sparse_attn.explain(q, k, v, P.causal(), deterministic=det).chosen == "sdpa"
+    with pytest.raises(sparse_attn.BackendError, match="backward not deterministic"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), backend="sdpa", deterministic=True)
+    with torch.no_grad():
+        assert sparse_attn.explain(q, k, v, P.causal(), deterministic=True).chosen == "sdpa"
+        sparse_attn.sparse_attention(q, k, v, P.causal(), backend="sdpa", deterministic=True)
+    ex = sparse_attn.explain(q, k, v, P.sliding_window(8), backend="flex", deterministic=True)
+    assert any("not deterministic" in r for r in ex.rejected["flex"])
+
+
+@pytest.mark.parametrize("name", ["window", "bigbird", "document"])
+def test_deterministic_true_is_bitwise_reproducible_on_cpu(name):
+    """What deterministic=True promises, on the CPU path (blocked): identical bits twice, and
+    the same values as the default call."""
+    q, k, v = make_qkv(1, 2, 64, 16)
+    dout = torch.randn(1, 2, 64, 16)
+    runs = [run_with_grads(q, k, v, SPARSE[name], dout, backend="auto", deterministic=det)
+            for det in (True, True, None)]
+    for a, b in zip((runs[0][0], *runs[0][2]), (runs[1][0], *runs[1][2])):
+        assert torch.equal(a, b)
+    for a, b in zip((runs[0][0], *runs[0][2]), (runs[2][0], *runs[2][2])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_deterministic_reaches_the_block_backend_only(monkeypatch):
+    """The keyword travels through attention() and mechanisms to the backend's forward; a
+    mechanism with its own single implementation refuses it by name."""
+    seen = []
+    blocked = sparse_attn.backends.get_backend("blocked")
+    real = blocked.forward
+
+    def spy(*args, **kw):
+        seen.append(kw.get("deterministic"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(blocked, "forward", spy)
+    q, k, v = make_qkv(1, 2, 64, 16)
+    sparse_attn.attention(q, k, v, "sliding_window:window=8", deterministic=True)
+    sparse_attn.attention(q, k, v, "block_topk:top_k_blocks=2,block_size=16", deterministic=False)
+    sparse_attn.sparse_attention(q, k, v, P.dilated(4, 2), deterministic=True)  # via residue classes
+    sparse_attn.sparse_attention(q, k, v, P.strided(5), deterministic=True)  # via a disjoint union
+    sparse_attn.sparse_attention(q, k, v, P.sliding_window(8), deterministic=True,
+                                 key_padding_mask=torch.arange(64)[None] >= 5)  # per row
+    assert seen and seen[0] is True and seen[1] is False and all(s is True for s in seen[2:]), seen
+    with pytest.raises(TypeError, match="deterministic"):
+        sparse_attn.attention(q, k, v, "linear", deterministic=True)
 
 
 def test_unknown_backend_names_the_choices():

@@ -4,7 +4,11 @@ Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, se
 triton is imported) at tiny shapes; on the GPU machine the same tests run on CUDA, and the
 @pytest.mark.gpu cases add real shapes (N=4096, D=128, bf16). Every tensor the kernels write
 (out, lse, dq, dk, dv) is allocated NaN-filled in these tests (fixture below), so an
-unwritten tile fails loudly: every element is compared and NaN anywhere fails."""
+unwritten tile fails loudly: every element is compared and NaN anywhere fails (the fused
+backward's dQ buffer is the exception: it is summed into, so it starts at zero).
+
+Both backwards are tested (`BACKWARDS`): the fused one-pass backward (the default,
+deterministic=False) and the three-launch one (deterministic=True)."""
 
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from sparse_attn.backends.triton import ops as triton_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEADS = 4
+# deterministic=False: the fused one-pass backward (atomic dQ); True: the three launches
+BACKWARDS = pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "three_launch"])
 
 
 @pytest.fixture(autouse=True)
@@ -62,22 +68,26 @@ def _layout(pattern, nq, nkv=None, block=16, q_offset=None):
     return pattern.layout(nq, nkv, block_q=block, block_kv=block, q_offset=q_offset, device=DEVICE)
 
 
+@BACKWARDS
 @pytest.mark.parametrize("name", list(presets(70)))
-def test_presets_fp32_prebuilt_layout(name):
+def test_presets_fp32_prebuilt_layout(name, deterministic):
     """A prebuilt 16x16 layout reaches the kernels as is: full blocks, partial bitmasks, ragged
-    edges; forward and the three gradients (also through lse)."""
+    edges; forward and the three gradients (also through lse), GQA 4:2, both backwards."""
     n = 70
     q, k, v = make_qkv(1, HEADS, n, 16, hkv=2, device=DEVICE)
-    check_backend_against_reference(q, k, v, _layout(presets(n)[name], n), backend="triton", return_lse=True)
+    check_backend_against_reference(q, k, v, _layout(presets(n)[name], n), backend="triton", return_lse=True,
+                                    deterministic=deterministic)
 
 
+@BACKWARDS
 @pytest.mark.parametrize("nq,nkv,d,dv", [(1, 1, 16, 16), (17, 17, 24, 24), (70, 70, 16, 24), (17, 70, 24, 16),
                                          (1, 70, 16, 16), (70, 17, 16, 16)])
-def test_shapes_fp32_gqa(nq, nkv, d, dv):
+def test_shapes_fp32_gqa(nq, nkv, d, dv, deterministic):
     """N in {1, 17, 70}, q_len != kv_len (queries are the last positions), D not a power of two, Dv != D."""
     q, k, v = make_qkv(2, 4, nq, d, hkv=2, nkv=nkv, dv=dv, device=DEVICE)
     kw = {"q_offset": 0} if nq > nkv else {}  # queries past the keys then see nothing: 0 and -inf
-    check_backend_against_reference(q, k, v, P.sliding_window(20), backend="triton", return_lse=True, **kw)
+    check_backend_against_reference(q, k, v, P.sliding_window(20), backend="triton", return_lse=True,
+                                    deterministic=deterministic, **kw)
 
 
 def test_q_offset_prebuilt_layout():
@@ -86,12 +96,14 @@ def test_q_offset_prebuilt_layout():
     check_backend_against_reference(q, k, v, layout, backend="triton", return_lse=True)
 
 
+@BACKWARDS
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["window", "bigbird_heads", "per_head"])
-def test_low_precision(name, dtype):
+@pytest.mark.parametrize("name", ["window", "bigbird_heads", "per_head", "longformer"])
+def test_low_precision(name, dtype, deterministic):
     n = 70
     q, k, v = make_qkv(1, HEADS, n, 24, hkv=2, device=DEVICE, dtype=dtype)
-    check_backend_against_reference(q, k, v, _layout(presets(n)[name], n), backend="triton", return_lse=True)
+    check_backend_against_reference(q, k, v, _layout(presets(n)[name], n), backend="triton", return_lse=True,
+                                    deterministic=deterministic)
 
 
 def test_empty_rows_are_zero_with_lse_minus_inf():
@@ -108,6 +120,22 @@ def test_empty_rows_are_zero_with_lse_minus_inf():
     out64, lse64 = reference_f64(q, k, v, layout, return_lse=True)
     assert_fp32_close(out, out64)
     assert_fp32_close(lse, lse64, what="lse")
+
+
+@BACKWARDS
+def test_empty_rows_and_unread_keys_get_zero_gradients(deterministic):
+    """Rows that see nothing (lse2 = +inf in the backward: P = 0) get dQ = 0 exactly, keys no
+    row reads get dK = dV = 0, and the other gradients match the reference (GQA 4:2)."""
+    pattern = P.predicate(lambda b, h, q, kv: (q % 3 != 0) & (kv <= q) & ((q < 16) | (q >= 32)) & (kv % 5 != 1))
+    n = 40
+    q, k, v = make_qkv(1, 4, n, 16, hkv=2, device=DEVICE)
+    layout = _layout(pattern, n)
+    _, _, (dq, dk, dv) = check_backend_against_reference(q, k, v, layout, backend="triton", return_lse=True,
+                                                          deterministic=deterministic)
+    empty = torch.tensor([not ((i % 3 != 0) and (i < 16 or i >= 32)) for i in range(n)], device=DEVICE)
+    unread = torch.arange(n, device=DEVICE) % 5 == 1
+    assert torch.all(dq[:, :, empty] == 0)
+    assert torch.all(dk[:, :, unread] == 0) and torch.all(dv[:, :, unread] == 0)
 
 
 def test_pattern_with_default_blocks_and_cache():
@@ -151,22 +179,80 @@ def test_plan_transposed_layout_and_schedule():
     assert not triton_ops.get_plan(P.sliding_window(9).layout(400, block_q=16, block_kv=16)).q_heads_fastest
 
 
+def _grads(q, k, v, pattern, dout, **kw):
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    out = sparse_attn.sparse_attention(qq, kk, vv, pattern, backend="triton", **kw)
+    return torch.autograd.grad(out, (qq, kk, vv), dout)
+
+
 def test_backward_is_deterministic():
-    """No atomics: two backward passes give bitwise-identical gradients (GQA group of 2)."""
+    """deterministic=True, no atomics: two backward passes give bitwise-identical gradients
+    (GQA group of 2)."""
     q, k, v = make_qkv(1, 4, 45, 16, hkv=2, device=DEVICE)
     dout = torch.randn(1, 4, 45, 16, device=DEVICE)
-    grads = []
-    for _ in range(2):
-        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-        out = sparse_attn.sparse_attention(qq, kk, vv, P.longformer(9, [0, 20]), backend="triton")
-        grads.append(torch.autograd.grad(out, (qq, kk, vv), dout))
-    for a, b in zip(*grads):
+    first, second = (_grads(q, k, v, P.longformer(9, [0, 20]), dout, deterministic=True) for _ in range(2))
+    for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def test_torch_compile_traces_without_graph_breaks():
+class _Spy:
+    """Counts the calls of one of ops.py's backward ops (the autograd formula looks them up in
+    the module at call time)."""
+
+    def __init__(self, monkeypatch, name):
+        self.calls, real = 0, getattr(triton_ops, name)
+
+        def spy(*args):
+            self.calls += 1
+            return real(*args)
+
+        monkeypatch.setattr(triton_ops, name, spy)
+
+
+@pytest.mark.parametrize("default_fused", [False, True])
+@pytest.mark.parametrize("deterministic,torch_mode,fused", [(None, False, None), (None, True, False),
+                                                            (False, True, True), (True, False, False)])
+def test_which_backward_runs(monkeypatch, deterministic, torch_mode, fused, default_fused):
+    """Default (None): the fused backward when FUSED_BACKWARD_DEFAULT is on and
+    torch.use_deterministic_algorithms(True) is off, else the three launches; an explicit
+    True / False wins over both."""
+    monkeypatch.setattr(triton_ops, "FUSED_BACKWARD_DEFAULT", default_fused)
+    if fused is None:
+        fused = default_fused
+    spies = {name: _Spy(monkeypatch, name) for name in ("block_sparse_attn_bwd", "block_sparse_attn_bwd_fused")}
+    q, k, v = make_qkv(1, 2, 20, 16, device=DEVICE)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(torch_mode)
+    try:
+        _grads(q, k, v, P.sliding_window(5), torch.randn_like(q), deterministic=deterministic)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert spies["block_sparse_attn_bwd_fused"].calls == int(fused)
+    assert spies["block_sparse_attn_bwd"].calls == int(not fused)
+
+
+def test_fused_and_three_launch_agree():
+    """Same inputs through both backwards: dQ differs only by the order of its fp32 sums, dK/dV
+    are computed the same way (GQA 4:2, partial blocks, a global row and column)."""
+    q, k, v = make_qkv(1, 4, 70, 24, hkv=2, device=DEVICE)
+    dout = torch.randn(1, 4, 70, 24, device=DEVICE)
+    pattern = _layout(P.longformer(9, [0, 35]), 70)
+    fused = _grads(q, k, v, pattern, dout, deterministic=False)
+    three = _grads(q, k, v, pattern, dout, deterministic=True)
+    for a, b in zip(fused, three):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_is_checked():
+    q, k, v = make_qkv(1, 2, 20, 16, device=DEVICE)
+    with pytest.raises(TypeError, match="deterministic must be True, False or None"):
+        sparse_attn.sparse_attention(q, k, v, P.causal(), backend="triton", deterministic="yes")
+
+
+@BACKWARDS
+def test_torch_compile_traces_without_graph_breaks(deterministic):
     """The kernels are custom ops with fake implementations: a module calling sparse_attention
-    compiles with fullgraph=True (a graph break would raise), forward and backward."""
+    compiles with fullgraph=True (a graph break would raise), forward and both backwards."""
     torch._dynamo.reset()
     pattern = P.sliding_window(9)
 
@@ -177,7 +263,8 @@ def test_torch_compile_traces_without_graph_breaks():
 
         def forward(self, x):  # x [B, N, 16] -> one head of dim 16
             q, k, v = self.proj(x).unsqueeze(1).chunk(3, dim=-1)
-            return sparse_attn.sparse_attention(q, k, v, pattern, backend="triton").sum()
+            return sparse_attn.sparse_attention(q, k, v, pattern, backend="triton",
+                                                deterministic=deterministic).sum()
 
     model = Block().to(DEVICE)
     x = torch.randn(1, 40, 16, device=DEVICE)
@@ -212,8 +299,9 @@ def test_block_topk_selection_layout(causal):
         assert_fp32_close(a, e, what="gradient")
 
 
+@BACKWARDS
 @pytest.mark.parametrize("name", ["window", "longformer", "bigbird", "streaming", "strided"])
-def test_padded_batch_equals_rows_alone(name):
+def test_padded_batch_equals_rows_alone(name, deterministic):
     """key_padding_mask (left and right padding, rows of 70, 9 and 33 tokens) through the kernels:
     each row's real positions equal that row alone on the float64 reference, grads too."""
     pattern = P.longformer(9, 2) if name == "longformer" else presets(70)[name]  # its globals fit every row
@@ -222,7 +310,8 @@ def test_padded_batch_equals_rows_alone(name):
     mask[0], mask[1, -9:], mask[2, :33] = True, True, True  # full, left-padded, right-padded
     q, k, v = (torch.randn(3, 2, n, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     dout = torch.randn(3, 2, n, 16, device=DEVICE)
-    out = sparse_attn.sparse_attention(q, k, v, pattern, key_padding_mask=mask.to(DEVICE), backend="triton")
+    out = sparse_attn.sparse_attention(q, k, v, pattern, key_padding_mask=mask.to(DEVICE), backend="triton",
+                                       deterministic=deterministic)
     out.backward(dout)
     assert_no_nan(out, q.grad, k.grad, v.grad)
     for b in range(3):
@@ -235,16 +324,23 @@ def test_padded_batch_equals_rows_alone(name):
             assert_fp32_close(t.grad[b:b + 1, :, idx], p.grad, what=f"row {b} d{what}")
         pads = ~mask[b].to(DEVICE)
         assert torch.all(out[b][:, pads] == 0) and torch.all(k.grad[b][:, pads] == 0)
+        assert torch.all(q.grad[b][:, pads] == 0) and torch.all(v.grad[b][:, pads] == 0)
 
 
+@BACKWARDS
 @pytest.mark.parametrize("name", ["window", "bigbird"])
-def test_packed_documents_equal_separate_runs(name):
+def test_packed_documents_equal_separate_runs(name, deterministic):
+    """Packed documents and pad ids (-1) run over the full length: pad rows are empty rows of
+    the kernel's layout and get zero gradients."""
     pattern = presets(70)[name]
     ids = torch.tensor([[0] * 20 + [1] * 33 + [2] * 17, [4] * 50 + [-1] * 20])
     q, k, v = (torch.randn(2, 2, 70, 16, device=DEVICE, requires_grad=True) for _ in range(3))
-    out = sparse_attn.sparse_attention(q, k, v, pattern, document_ids=ids.to(DEVICE), backend="triton")
+    out = sparse_attn.sparse_attention(q, k, v, pattern, document_ids=ids.to(DEVICE), backend="triton",
+                                       deterministic=deterministic)
     out.sum().backward()
     assert_no_nan(out, q.grad, k.grad, v.grad)
+    for t in (out, q.grad, k.grad, v.grad):
+        assert torch.all(t[1, :, 50:] == 0)
     for b in range(2):
         for d in ids[b].unique().tolist():
             if d < 0:
@@ -274,8 +370,9 @@ def test_grads_served_and_explain_names_triton():
 # ---------------------------------------------------------------- GPU scale (pytest -m gpu)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@BACKWARDS
 @pytest.mark.parametrize("name", ["causal", "window", "longformer", "bigbird", "per_head"])
-def test_gpu_scale_bf16(name):
+def test_gpu_scale_bf16(name, deterministic):
     n = 4096
     pattern = {
         "causal": P.causal(),
@@ -285,7 +382,31 @@ def test_gpu_scale_bf16(name):
         "per_head": P.per_head([P.sliding_window(256 * (h + 1)) for h in range(HEADS)]),
     }[name]
     q, k, v = make_qkv(1, HEADS, n, 128, hkv=2, device="cuda", dtype=torch.bfloat16)
-    check_backend_against_reference(q, k, v, pattern, backend="triton", return_lse=True)
+    check_backend_against_reference(q, k, v, pattern, backend="triton", return_lse=True, deterministic=deterministic)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_backward_matches_deterministic():
+    """4096 tokens, bf16, causal window 1024, GQA 8:2, D=128: the fused backward and the
+    three-launch one each within 3x the bf16 reference's error of the float64 truth, and within
+    that bar of each other; deterministic=True twice gives identical bits."""
+    from sa_testing import LOW_PRECISION_GRAD_FACTOR, as_f64, max_abs_err, run_with_grads
+
+    n, pattern = 4096, P.sliding_window(1024)
+    q, k, v = make_qkv(2, 8, n, 128, hkv=2, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(2, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+    fused = run_with_grads(q, k, v, pattern, dout, backend="triton", deterministic=False)[2]
+    three = run_with_grads(q, k, v, pattern, dout, backend="triton", deterministic=True)[2]
+    again = run_with_grads(q, k, v, pattern, dout, backend="triton", deterministic=True)[2]
+    low = run_with_grads(q, k, v, pattern, dout, backend="reference")[2]
+    truth = run_with_grads(*as_f64(q, k, v), pattern, dout.double(), backend="reference")[2]
+    for name, f, t, a, lo, e in zip("qkv", fused, three, again, low, truth):
+        assert torch.equal(t, a), f"d{name}: deterministic=True is not bitwise reproducible"
+        bar = LOW_PRECISION_GRAD_FACTOR * max_abs_err(lo, e) + 1e-6
+        for what, g in (("fused", f), ("three-launch", t)):
+            assert max_abs_err(g, e) <= bar, f"d{name} {what}: err {max_abs_err(g, e):.3e} > {bar:.3e}"
+        assert max_abs_err(f, t) <= bar, f"d{name}: fused vs three-launch {max_abs_err(f, t):.3e} > {bar:.3e}"
 
 
 @pytest.mark.gpu

@@ -163,10 +163,35 @@ def test_state_dict_has_only_the_projections():
      r"backend must be 'auto' or one of \[.*'blocked'.*\], got 'bogus'"),
     (dict(dim=32, num_heads=4, mechanism="lsh:causal=true", backend="blocked"), ValueError,
      "backend='blocked' picks the block backend of patterns and block_topk; lsh has one implementation"),
+    (dict(dim=32, num_heads=4, mechanism="linear", deterministic=True), ValueError,
+     "deterministic=True picks the backward of patterns and block_topk; linear has one implementation"),
+    (dict(dim=32, num_heads=4, deterministic="yes"), TypeError, "deterministic must be a bool"),
 ])
 def test_constructor_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
         SparseAttention(**kwargs)
+
+
+@pytest.mark.parametrize("deterministic", [None, True, False])
+def test_deterministic_reaches_sparse_attention(monkeypatch, deterministic):
+    """The layer's `deterministic` goes with every pattern call (the dense warm-up too); None
+    passes nothing, so sparse_attention's own default applies."""
+    import importlib
+
+    mechanisms = importlib.import_module("sparse_attn.ops.mechanisms")  # the module (ops.mechanisms is a function)
+    seen = []
+    real = mechanisms.sparse_attention
+
+    def spy(*args, **kw):
+        seen.append(kw.get("deterministic", "absent"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(mechanisms, "sparse_attention", spy)
+    layer = SparseAttention(32, 4, 2, "sliding_window:window=4", deterministic=deterministic)
+    layer.set_warmup("causal", 0.5)
+    layer(torch.randn(2, 9, 32)).sum().backward()
+    assert seen == ["absent" if deterministic is None else deterministic] * 2
+    assert ("deterministic" in repr(layer)) == (deterministic is not None)
 
 
 def test_forward_errors():

@@ -30,6 +30,20 @@ def test_schedule_builds_one_mechanism_per_layer_and_config_round_trips():
         ModelConfig(vocab_size=5, num_layers=3, mechanisms=["causal", "causal"]).layer_mechanisms()
 
 
+def test_deterministic_reaches_the_block_backend_layers():
+    """ModelConfig(deterministic=True) reaches every layer on a block backend (patterns,
+    block_topk) and leaves the others (linear) alone; it round-trips with the config."""
+    mechs = HYBRID + ["block_topk:top_k_blocks=2,block_size=4,causal=true"]
+    m = model(mechs, deterministic=True, leaky_mechanisms=["block_topk"])
+    assert [b.attn.deterministic for b in m.blocks] == [True, True, None, True, True]
+    assert ModelConfig.from_dict(m.cfg.to_dict()).deterministic is True
+    assert all(b.attn.deterministic is None for b in model().blocks)  # default: each call's default
+    tokens = torch.randint(0, 40, (2, 25))
+    # deterministic=True with gradients skips sdpa for the causal layer: blocked, the same to rounding
+    torch.testing.assert_close(m(tokens), model(mechs, leaky_mechanisms=["block_topk"])(tokens), rtol=1e-12,
+                               atol=1e-12)
+
+
 def test_layers_with_one_spec_share_its_layouts():
     """Equal spec strings share one Mechanism (so one Pattern and its layout cache): a new
     length builds one layout for the model, not one per layer, with the same results."""

@@ -19,7 +19,8 @@ from .registry import (
 )
 
 
-def explain(q, k, v, pattern, *, backend: str = "auto", q_offset: int | None = None, return_lse: bool = False):
+def explain(q, k, v, pattern, *, backend: str = "auto", q_offset: int | None = None, return_lse: bool = False,
+            deterministic: bool | None = None):
     """Which backend `sparse_attention(q, k, v, pattern, ...)` would use, and why each other
     backend was rejected; notes say what the chosen one costs beyond the attention itself (the
     triton kernels: inputs they copy, head dims they pad). Returns an `Explanation` (print it)."""
@@ -40,7 +41,8 @@ def explain(q, k, v, pattern, *, backend: str = "auto", q_offset: int | None = N
         q, k, v = q[:, :, ::r], k[:, :, ::r], v[:, :, ::r]
         q_offset = q_offset // r
     call_pattern = pattern.pattern if isinstance(pattern, BlockLayout) else pattern
-    ex = explain_call(AttentionCall.of(q, k, v, call_pattern, q_offset, return_lse or split is not None), backend)
+    ex = explain_call(AttentionCall.of(q, k, v, call_pattern, q_offset, return_lse or split is not None,
+                                       deterministic), backend)
     ex.notes.extend(notes)
     if ex.chosen is not None:
         ex.notes.extend(get_backend(ex.chosen).input_notes(q, k, v))

@@ -457,7 +457,14 @@ class BlockedBackend(Backend):
         block = 64 if natural is not None and natural % 64 == 0 else 32
         return block, block
 
-    def forward(self, q, k, v, layout, scale, return_lse):
+    def extra_reasons(self, call):
+        if call.deterministic and call.requires_grad and call.device_type == "cuda" and \
+                not torch.are_deterministic_algorithms_enabled():
+            return ["backward on CUDA sums with index_add_ (atomics): deterministic only under "
+                    "torch.use_deterministic_algorithms(True)"]
+        return []
+
+    def forward(self, q, k, v, layout, scale, return_lse, *, deterministic=None):
         plan = get_plan(layout)
         out, lse = _BlockedAttention.apply(q, k, v, plan, scale)
         return out, (lse if return_lse else None)

@@ -67,7 +67,7 @@ class FlexBackend(Backend):
             why.append("FlexAttention on CPU does not take float16")
         return why
 
-    def forward(self, q, k, v, layout, scale, return_lse):
+    def forward(self, q, k, v, layout, scale, return_lse, *, deterministic=None):
         block_mask = layout.cached("flex", layout.to_block_mask)
         result = _flex_for(layout)(q, k, v, block_mask, scale, return_lse, q.shape[1] != k.shape[1])
         if return_lse:

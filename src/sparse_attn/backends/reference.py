@@ -40,7 +40,7 @@ class ReferenceBackend(Backend):
     def block_sizes(self, call):
         return 128, 128  # the layout is only used for its pattern
 
-    def forward(self, q, k, v, layout, scale, return_lse):
+    def forward(self, q, k, v, layout, scale, return_lse, *, deterministic=None):
         g = layout.grid
         mask = layout.pattern.to_dense(g.q_len, g.kv_len, q_offset=g.q_offset,
                                        num_heads=layout.num_heads if layout.num_heads > 1 else None,

@@ -38,6 +38,7 @@ class Capabilities:
     different_v_dim: bool = True  # v's head dim may differ from q/k's
     per_head_patterns: bool = True
     returns_lse: bool = True
+    # can give a bitwise-reproducible backward: always, or when the call asks (`deterministic=True`)
     deterministic: bool = True
     dense: bool = False  # costs O(Nq * Nkv) whatever the pattern: never picked automatically
     # torch.compile can put the call in its graph (custom ops, SDPA). Others (Python loops over a
@@ -65,12 +66,16 @@ class AttentionCall:
     pattern: "Pattern"
     return_lse: bool
     pattern_heads: int | None = None
+    # True: the backward must be bitwise reproducible; False / None: the backend's fastest
+    # (None lets a backend follow torch.are_deterministic_algorithms_enabled())
+    deterministic: bool | None = None
 
     @classmethod
-    def of(cls, q, k, v, pattern, q_offset, return_lse) -> "AttentionCall":
+    def of(cls, q, k, v, pattern, q_offset, return_lse, deterministic: bool | None = None) -> "AttentionCall":
         requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         return cls(q.device.type, q.dtype, requires_grad, q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
-                   q.shape[3], v.shape[3], q_offset, pattern, return_lse, getattr(pattern, "num_heads", None))
+                   q.shape[3], v.shape[3], q_offset, pattern, return_lse, getattr(pattern, "num_heads", None),
+                   deterministic)
 
 
 class Backend(ABC):
@@ -120,11 +125,18 @@ class Backend(ABC):
             why.append("per-head patterns not supported")
         if call.return_lse and not c.returns_lse:
             why.append("cannot return log-sum-exp")
+        if call.deterministic and call.requires_grad and not c.deterministic:
+            why.append("backward not deterministic (deterministic=True asks for a bitwise-reproducible one)")
         return why + self.extra_reasons(call)
 
     @abstractmethod
-    def forward(self, q, k, v, layout: "BlockLayout", scale: float, return_lse: bool):
-        """Returns (out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32/float64 or None)."""
+    def forward(self, q, k, v, layout: "BlockLayout", scale: float, return_lse: bool, *,
+                deterministic: bool | None = None):
+        """Returns (out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32/float64 or None).
+
+        `deterministic` is the call's wish for the backward (AttentionCall.deterministic). A
+        backend with one backward ignores it: the dispatcher has already refused a
+        non-deterministic one when it is True and gradients are needed."""
 
     def __repr__(self) -> str:
         return f"<backend {self.name}>"
@@ -133,7 +145,7 @@ class Backend(ABC):
 _REGISTRY: dict[str, Backend] = {}
 # Preference order per device type when backend="auto". On CUDA our triton kernels come first
 # (issue #4): they serve every call flex serves plus fp32 grads, need no per-layout compile
-# (flex compiles for each new layout, seconds each) and their backward is deterministic.
+# (flex compiles for each new layout, seconds each) and their backward can be deterministic.
 # Measured against flex in benchmarks/results/gpu_patterns*.json: README, "GPU".
 _PREFERENCE = {"cuda": ["sdpa", "triton", "flex", "blocked"], "cpu": ["sdpa", "blocked", "flex"]}
 

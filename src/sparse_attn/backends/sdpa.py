@@ -55,7 +55,7 @@ class SdpaBackend(Backend):
             return ["kv_len 0"]
         return []
 
-    def forward(self, q, k, v, layout, scale, return_lse):
+    def forward(self, q, k, v, layout, scale, return_lse, *, deterministic=None):
         if return_lse:
             raise ValueError("the sdpa backend cannot return log-sum-exp")
         # causal from position 0 is SDPA's top-left mask (extra_reasons refuses other offsets)

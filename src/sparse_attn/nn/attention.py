@@ -22,6 +22,13 @@ from .cache import KVCache
 from .rotary import RotaryEmbedding
 
 
+def takes_deterministic(mechanism) -> bool:
+    """Whether `mechanism` (Pattern, Mechanism, name or spec) runs on a block backend, so
+    `deterministic=` chooses its backward: patterns and mechanisms with that parameter."""
+    m = as_mechanism(mechanism)
+    return not isinstance(m, Mechanism) or m.kind == PATTERN or "deterministic" in m.info.parameters()
+
+
 class SparseAttention(nn.Module):
     """Multi-head self-attention with a chosen mechanism.
 
@@ -40,6 +47,12 @@ class SparseAttention(nn.Module):
         bias: biases in the four projections.
         backend: block backend for patterns and block_topk ("auto" picks per device); a name
             `backends.list_backends()` knows, checked here.
+        deterministic: the backward of patterns and block_topk, as in `sparse_attention`: True
+            for bitwise-reproducible gradients (triton's three-launch backward; atomics-based
+            backends are skipped), False for the fastest (triton's fused backward), None
+            (default) as `sparse_attention`'s None. Other
+            mechanisms have one implementation each: giving it to them is an error
+            (`takes_deterministic` says whether a mechanism takes it).
 
     Padded batches: `forward(x, padding_mask=mask)` with mask (B, N) bool, True = real token.
     Pattern mechanisms then attend only real keys, with positions (the pattern's and the rotary angles) counted from each row's
@@ -51,7 +64,7 @@ class SparseAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, mechanism="causal", *,
                  head_dim: int | None = None, rope: bool = True, rope_base: float = 10000.0, dropout: float = 0.0,
-                 bias: bool = False, backend: str = "auto"):
+                 bias: bool = False, backend: str = "auto", deterministic: bool | None = None):
         super().__init__()
         check_int("dim", dim)
         check_int("num_heads", num_heads)
@@ -71,6 +84,8 @@ class SparseAttention(nn.Module):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         if backend != "auto":
             get_backend(backend)  # an unknown name fails here, not at the first forward
+        if deterministic is not None:
+            check_bool("deterministic", deterministic)
         mechanism = as_mechanism(mechanism)
         if isinstance(mechanism, BlockLayout):
             raise TypeError("mechanism must not be a BlockLayout here (a layout is built for one length); pass its "
@@ -79,10 +94,14 @@ class SparseAttention(nn.Module):
                 and "backend" not in mechanism.info.parameters()):
             raise ValueError(f"backend={backend!r} picks the block backend of patterns and block_topk; "
                              f"{mechanism.name} has one implementation: leave backend='auto'")
+        if deterministic is not None and not takes_deterministic(mechanism):
+            raise ValueError(f"deterministic={deterministic!r} picks the backward of patterns and block_topk; "
+                             f"{mechanism.name} has one implementation: leave deterministic=None")
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.mechanism = mechanism
         self.dropout = float(dropout)
         self.backend = backend
+        self.deterministic = deterministic
         self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
@@ -116,7 +135,7 @@ class SparseAttention(nn.Module):
             raise ValueError(f"x must be (batch, length, {self.dim}), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         bsz, n, _ = x.shape
-        call_kw = {}
+        call_kw = {} if self.deterministic is None else {"deterministic": self.deterministic}
         if padding_mask is not None:
             if cache is not None:
                 raise ValueError("padding_mask and cache exclude each other: a cache holds one sequence per row "
@@ -161,4 +180,5 @@ class SparseAttention(nn.Module):
         m = str(self.mechanism) if isinstance(self.mechanism, Mechanism) else repr(self.mechanism)
         return (f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, mechanism={m}, rope={self.rotary is not None}, dropout={self.dropout}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}" + ("" if self.deterministic is None else
+                                               f", deterministic={self.deterministic}"))

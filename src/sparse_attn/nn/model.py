@@ -19,7 +19,7 @@ from ..ops.common import check_int
 from ..ops.mechanisms import Mechanism, as_mechanism
 from ..patterns import Band, Pattern
 from ..patterns.grid import UNBOUNDED
-from .attention import SparseAttention
+from .attention import SparseAttention, takes_deterministic
 from .cache import (LEAKY_SELECTION, FullCache, KVCache, LinearStateCache, PatternCache, SinkCache, WindowCache,
                     check_causal)
 
@@ -36,6 +36,12 @@ class ModelConfig:
     accepts although, with causal=True, they choose which past keys a query gets from later
     positions too (see `cache.check_causal`): the model can then read the future through that
     choice and cannot be decoded step by step. Empty by default: such layers are refused.
+
+    `deterministic` picks the backward of the layers that run on a block backend (patterns,
+    block_topk), as `sparse_attention(..., deterministic=)` does: True for bitwise-reproducible
+    gradients (triton's three-launch backward), False for the fastest (triton's fused one),
+    None (default) for False unless torch.use_deterministic_algorithms(True) is on. Layers with
+    other mechanisms (linear, performer, ...) have one backward each and are not affected.
     """
 
     vocab_size: int
@@ -51,6 +57,7 @@ class ModelConfig:
     warmup_steps: int = 0  # dense-to-sparse: blend from dense to the schedule over this many steps
     extra: dict = field(default_factory=dict)  # free-form notes kept with the config
     leaky_mechanisms: list = field(default_factory=list)  # accepted despite choosing keys from later positions
+    deterministic: bool | None = None  # backward of the block-backend layers (see above)
 
     def layer_mechanisms(self) -> list[Mechanism | Pattern]:
         specs = self.mechanisms if isinstance(self.mechanisms, list) else [self.mechanisms] * self.num_layers
@@ -102,7 +109,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = SparseAttention(cfg.dim, cfg.num_heads, cfg.num_kv_heads, mechanism, rope=cfg.rope,
-                                    dropout=cfg.dropout)
+                                    dropout=cfg.dropout,
+                                    deterministic=cfg.deterministic if takes_deterministic(mechanism) else None)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         hidden = int(cfg.mlp_ratio * cfg.dim)
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, cfg.dim, bias=False))

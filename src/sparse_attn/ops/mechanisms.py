@@ -239,8 +239,8 @@ def attention(q, k, v, mechanism, *, scale: float | None = None, backend: str = 
     `Mechanism` (see the module docstring). `backend` picks the block backend for patterns and
     `block_topk`; other mechanisms have one implementation each and reject a forced backend.
     Keyword arguments a pattern call takes (`return_lse`, `q_offset`, `kv_offset`,
-    `key_padding_mask`) go to `sparse_attention`; a mechanism that cannot take one (per-row
-    padding for `linear`, ...) raises a TypeError naming it.
+    `key_padding_mask`, `deterministic`) go to `sparse_attention`; a mechanism that cannot take
+    one (per-row padding for `linear`, ...) raises a TypeError naming it.
     """
     m = as_mechanism(mechanism, {k_: v_ for k_, v_ in params.items() if k_ not in _CALL_KEYS})
     call_kw = {k_: v_ for k_, v_ in params.items() if k_ in _CALL_KEYS}
@@ -250,4 +250,4 @@ def attention(q, k, v, mechanism, *, scale: float | None = None, backend: str = 
 
 
 # Per-call arguments (not part of a mechanism's identity): passed to the call, not stored.
-_CALL_KEYS = ("return_lse", "q_offset", "kv_offset", "key_padding_mask", "document_ids")
+_CALL_KEYS = ("return_lse", "q_offset", "kv_offset", "key_padding_mask", "document_ids", "deterministic")

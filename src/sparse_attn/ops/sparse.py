@@ -15,17 +15,19 @@ from .batch_rows import batch_geometries, is_per_row
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | BlockLayout, *,
                      scale: float | None = None, backend: str = "auto", return_lse: bool = False,
                      q_offset: int | torch.Tensor | None = None, kv_offset: int | torch.Tensor = 0,
-                     key_padding_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None):
+                     key_padding_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                     deterministic: bool | None = None):
     if torch.compiler.is_compiling() and not _in_graph(q, k, v, pattern, backend, q_offset, kv_offset,
-                                                       key_padding_mask, document_ids):
+                                                       key_padding_mask, document_ids, deterministic):
         return _eager()(q, k, v, pattern, scale=scale, backend=backend, return_lse=return_lse, q_offset=q_offset,
-                        kv_offset=kv_offset, key_padding_mask=key_padding_mask, document_ids=document_ids)
+                        kv_offset=kv_offset, key_padding_mask=key_padding_mask, document_ids=document_ids,
+                        deterministic=deterministic)
     return _sparse_attention(q, k, v, pattern, scale=scale, backend=backend, return_lse=return_lse,
                              q_offset=q_offset, kv_offset=kv_offset, key_padding_mask=key_padding_mask,
-                             document_ids=document_ids)
+                             document_ids=document_ids, deterministic=deterministic)
 
 
-def _in_graph(q, k, v, pattern, backend, q_offset, kv_offset, key_padding_mask, document_ids) -> bool:
+def _in_graph(q, k, v, pattern, backend, q_offset, kv_offset, key_padding_mask, document_ids, deterministic) -> bool:
     """Under torch.compile: can this call be traced into the graph? Only when the backend that
     will run it is a custom op / SDPA and no per-row geometry (Python per row) is involved."""
     if is_per_row(q_offset, kv_offset, key_padding_mask, document_ids):
@@ -33,7 +35,8 @@ def _in_graph(q, k, v, pattern, backend, q_offset, kv_offset, key_padding_mask, 
     if not isinstance(pattern, (Pattern, BlockLayout)):
         return False
     call = AttentionCall.of(q, k, v, pattern.pattern if isinstance(pattern, BlockLayout) else pattern,
-                            q_offset if isinstance(q_offset, int) else k.shape[2] - q.shape[2], return_lse=False)
+                            q_offset if isinstance(q_offset, int) else k.shape[2] - q.shape[2], return_lse=False,
+                            deterministic=deterministic)
     try:
         return select(call, backend).caps.graph_traceable
     except Exception:  # let the eager path raise the real, named error
@@ -53,6 +56,7 @@ def _sparse_attention(
     kv_offset: int | torch.Tensor = 0,
     key_padding_mask: torch.Tensor | None = None,
     document_ids: torch.Tensor | None = None,
+    deterministic: bool | None = None,
 ):
     """Attention restricted to `pattern`, in SDPA's shapes.
 
@@ -81,6 +85,16 @@ def _sparse_attention(
             (a window never crosses a boundary); negative ids are pads. Equals running the
             documents separately. `ops.batch_rows.documents_from_cu_seqlens` converts varlen
             `cu_seqlens`.
+        deterministic: what the backward may do. True: bitwise-reproducible gradients (two
+            calls give identical bits): backends whose backward sums with atomics (`sdpa`,
+            `flex`, `blocked` on CUDA outside torch.use_deterministic_algorithms) are skipped
+            by "auto" and refused when forced, and `triton` runs its three-launch backward.
+            False: the fastest backward (`triton`'s fused one-pass backward, whose dQ is summed
+            with atomics, reproducible only to rounding). None (default): no requirement on
+            the backends; `triton` runs its three-launch backward for now
+            (`backends.triton.ops.FUSED_BACKWARD_DEFAULT`: the fused one is not yet measured on
+            a GPU). Forward outputs are deterministic
+            either way; backends with a single backward ignore the choice.
 
     Returns:
         out (B, Hq, Nq, Dv), or (out, lse) if return_lse. Rows with nothing allowed are 0.
@@ -90,20 +104,24 @@ def _sparse_attention(
     plain bands, one per residue class of positions mod r; a `DisjointUnion` (e.g. `strided`)
     runs each part on its own and merges the results by log-sum-exp.
     """
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be True, False or None, got {type(deterministic).__name__} "
+                        f"({deterministic!r})")
     if is_per_row(q_offset, kv_offset, key_padding_mask, document_ids):
         return _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, key_padding_mask,
-                        document_ids)
+                        document_ids, deterministic)
     pattern, q_offset, scale = check_inputs(q, k, v, pattern, scale, q_offset, backend)
     if backend != "reference":  # the reference always evaluates the original predicate
         if isinstance(pattern, Band) and pattern.residue_split() is not None:
-            return _residue_classes(q, k, v, pattern, scale, backend, return_lse, q_offset)
+            return _residue_classes(q, k, v, pattern, scale, backend, return_lse, q_offset, deterministic)
         if isinstance(pattern, DisjointUnion):
-            parts = [sparse_attention(q, k, v, p, scale=scale, backend=backend, return_lse=True, q_offset=q_offset)
+            parts = [sparse_attention(q, k, v, p, scale=scale, backend=backend, return_lse=True, q_offset=q_offset,
+                                      deterministic=deterministic)
                      for p in pattern.parts]
             out, lse = merge_partial_attention(parts)
             return (out, lse) if return_lse else out
     layout = pattern if isinstance(pattern, BlockLayout) else None
-    call = AttentionCall.of(q, k, v, layout.pattern if layout else pattern, q_offset, return_lse)
+    call = AttentionCall.of(q, k, v, layout.pattern if layout else pattern, q_offset, return_lse, deterministic)
     chosen = select(call, backend)
     if layout is None:
         block_q, block_kv = chosen.block_sizes(call)
@@ -113,7 +131,7 @@ def _sparse_attention(
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}; build it with device={q.device}")
     if layout.pattern is not None:
         layout.pattern.check_batch(q.shape[0], q.device)
-    out, lse = chosen.forward(q, k, v, layout, scale, return_lse)
+    out, lse = chosen.forward(q, k, v, layout, scale, return_lse, deterministic=deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -138,7 +156,8 @@ sparse_attention.__doc__ = _sparse_attention.__doc__ + """
 """
 
 
-def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, key_padding_mask, document_ids):
+def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, key_padding_mask, document_ids,
+             deterministic):
     """Rows grouped by geometry, one call per group, outputs put back in row order. A row whose
     real keys are one run (left or right padding) is cut to its real tokens and runs as it runs
     alone (the pattern itself, its cached layouts, no pad tiles); other rows (keys with holes,
@@ -158,7 +177,7 @@ def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, 
     outs: list = [None] * bsz  # per row [1, Hq, Nq, Dv] / [1, Hq, Nq], concatenated once at the end
     lses: list = [None] * bsz
     for plan, rows in groups.items():
-        res = _group_attention(plan, pattern, _rows_of(rows, bsz, q, k, v), nq, scale, backend)
+        res = _group_attention(plan, pattern, _rows_of(rows, bsz, q, k, v), nq, scale, backend, deterministic)
         if res is None:  # no real key, or no real query row: 0 and -inf
             o = q.new_zeros(len(rows), hq, nq, v.shape[3])
             l = torch.full((len(rows), hq, nq), float("-inf"), dtype=lse_dtype, device=q.device)
@@ -172,7 +191,7 @@ def _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, 
     return (out, torch.cat(lses)) if return_lse else out
 
 
-def _group_attention(plan, pattern, qkv, nq: int, scale, backend):
+def _group_attention(plan, pattern, qkv, nq: int, scale, backend, deterministic):
     """(out, lse) over all nq query rows for the rows of one geometry, or None when they have no
     real key or no real query row."""
     g = plan.geometry
@@ -182,7 +201,7 @@ def _group_attention(plan, pattern, qkv, nq: int, scale, backend):
     span = _real_span(g, plan.q_index0, nq, ks.shape[2])
     if span is None:  # keys with holes, packed documents: the full length through the row's view
         return _sparse_attention(qs, ks, vs, row_view(pattern, g), scale=scale, backend=backend, return_lse=True,
-                                 q_offset=plan.q_index0)
+                                 q_offset=plan.q_index0, deterministic=deterministic)
     (k0, k1), (r0, r1), kv_pos = span
     if r1 <= r0:
         return None
@@ -190,7 +209,7 @@ def _group_attention(plan, pattern, qkv, nq: int, scale, backend):
     # 0 is position kv_pos (an evicted cache head when > 0)
     view = pattern if kv_pos == 0 else row_view(pattern, RowGeometry(kv_pos, g.alone, None, None))
     o, l = _sparse_attention(qs[:, :, r0:r1], ks[:, :, k0:k1], vs[:, :, k0:k1], view, scale=scale, backend=backend,
-                             return_lse=True, q_offset=plan.q_index0 + r0 - k0)
+                             return_lse=True, q_offset=plan.q_index0 + r0 - k0, deterministic=deterministic)
     lse_dtype = torch.float64 if qs.dtype == torch.float64 else torch.float32
     return F.pad(o, (0, 0, r0, nq - r1)), F.pad(l.to(lse_dtype), (r0, nq - r1), value=float("-inf"))  # pad rows
 
@@ -217,7 +236,7 @@ def _real_span(g, q_index0: int, nq: int, nkv: int):
     return (k0, k1), (r0, r1), k0 + g.shift
 
 
-def _residue_classes(q, k, v, pattern: Band, scale, backend, return_lse, q_offset):
+def _residue_classes(q, k, v, pattern: Band, scale, backend, return_lse, q_offset, deterministic):
     """Dilated band: for each residue c mod r, the queries at positions c + r*a see the keys at
     c + r*b through a plain band in (a, b). Outputs are scattered back to their rows."""
     r, inner = pattern.residue_split()
@@ -230,7 +249,7 @@ def _residue_classes(q, k, v, pattern: Band, scale, backend, return_lse, q_offse
             return x.reshape(b, h, n // r, r, e).permute(3, 0, 1, 2, 4).reshape(r * b, h, n // r, e)
 
         o, l = sparse_attention(fold(q), fold(k), fold(v), inner, scale=scale, backend=backend, return_lse=True,
-                                q_offset=q_offset // r)
+                                q_offset=q_offset // r, deterministic=deterministic)
         dv = v.shape[3]  # explicit: a -1 is ambiguous for empty sequences
         out = o.reshape(r, bsz, hq, nq // r, dv).permute(1, 2, 3, 0, 4).reshape(bsz, hq, nq, dv)
         lse = l.reshape(r, bsz, hq, nq // r).permute(1, 2, 3, 0).reshape(bsz, hq, nq)
@@ -244,7 +263,7 @@ def _residue_classes(q, k, v, pattern: Band, scale, backend, return_lse, q_offse
             continue  # no queries in this class, or no keys: rows stay 0 / -inf
         inner_offset = (q_offset + row0 - c) // r
         o, l = sparse_attention(q[:, :, row0::r], k[:, :, c::r], v[:, :, c::r], inner, scale=scale, backend=backend,
-                                return_lse=True, q_offset=inner_offset)
+                                return_lse=True, q_offset=inner_offset, deterministic=deterministic)
         out[:, :, row0::r] = o
         lse[:, :, row0::r] = l.to(lse.dtype)
     return (out, lse) if return_lse else out

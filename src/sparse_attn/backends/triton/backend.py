@@ -21,10 +21,11 @@ _CAPS = Capabilities(
     gqa=True,
     min_head_dim=16,
     max_head_dim=256,
-    deterministic=True,
+    deterministic=True,  # when asked: the three-launch backward
     graph_traceable=True,  # torch.library custom ops with fake implementations
     notes="block-sparse flash attention in Triton: CSR walk of full then partial blocks, partial blocks "
-          "masked by cached packed bitmasks; backward without atomics (deterministic); a torch custom op",
+          "masked by cached packed bitmasks; backward fused in one pass with atomic dQ, or with "
+          "deterministic=True in three launches without atomics (bitwise reproducible); a torch custom op",
 )
 
 
@@ -66,8 +67,8 @@ class TritonBackend(Backend):
     def input_notes(self, q, k, v):
         return input_notes(q, k, v)
 
-    def forward(self, q, k, v, layout, scale, return_lse):
-        out, lse = triton_attention(q, k, v, layout, scale)
+    def forward(self, q, k, v, layout, scale, return_lse, *, deterministic=None):
+        out, lse = triton_attention(q, k, v, layout, scale, deterministic)
         return out, (lse if return_lse else None)
 
 

@@ -1,11 +1,13 @@
 """Kernel tile configurations per padded head dim, chosen by measurement.
 
-Each phase (forward, backward dq, backward dk/dv) gets (BM, BN, num_warps, num_stages): BM
-query rows x BN keys per tile. Tiles divide the layout's blocks (128 x 128 on CUDA), so one
-layout serves all three phases. The table comes from `benchmarks/tune_triton.py` on an H100
+Each phase (forward, backward dq, backward dk/dv, fused backward) gets (BM, BN, num_warps,
+num_stages): BM query rows x BN keys per tile. Tiles divide the layout's blocks (128 x 128 on
+CUDA), so one layout serves every phase. The table comes from `benchmarks/tune_triton.py` on an H100
 (torch 2.11, triton 3.6, bf16, causal window 4096 at 32K, B=1, H=16): see
 `benchmarks/results/tune_triton.json` for every candidate's time. Head dims that were not
 measured take the nearest measured entry's tiles, shrunk so the tiles fit shared memory.
+The fused backward ("fused": dk/dv's walk plus atomic dQ) is not measured yet: it takes the
+dk/dv tiles (`BORROWED`) until `benchmarks/tune_triton.py` has timed its candidates.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ TUNED: dict[int, dict[str, TileConfig]] = {
     256: {"fwd": TileConfig(128, 64, 8, 2), "dq": TileConfig(128, 32, 8, 2), "dkdv": TileConfig(64, 64, 8, 2)},
 }
 
+# Phases without a measured entry of their own borrow another phase's tiles.
+BORROWED = {"fused": "dkdv"}
+
 # Tiles used under TRITON_INTERPRET=1 (CPU tests): small, so the numpy interpreter stays fast.
 INTERPRETED = TileConfig(16, 16, 1, 1)
 
@@ -43,7 +48,7 @@ def tile_config(padded_head_dim: int, phase: str, block_q: int, block_kv: int, *
         c = INTERPRETED
     else:
         key = min(TUNED, key=lambda d: (abs(d - padded_head_dim), -d))
-        c = TUNED[key][phase]
+        c = TUNED[key].get(phase) or TUNED[key][BORROWED[phase]]
         if element_size > 2:
             c = TileConfig(min(c.block_m, 64), min(c.block_n, 64 if padded_head_dim <= 128 else 32), c.num_warps,
                            min(c.num_stages, 2))

@@ -1,4 +1,4 @@
-"""Block-sparse flash-attention kernels (Triton): forward, and the backward as two kernels.
+"""Block-sparse flash-attention kernels (Triton): the forward, and two backwards.
 
 Layout blocks (LBQ x LBK, the BlockLayout's block sizes) and kernel tiles (BM x BN) are
 separate: a tile divides a layout block, so one layout (e.g. 128 x 128, as FlexAttention's)
@@ -10,14 +10,30 @@ serves a forward that wants 128 x 64 tiles and a backward that wants 64 x 128 on
   over kv tiles (block index = tile // tiles-per-block) so Triton's software pipeliner sees a
   single loop with a `tl.dot` in it. Online softmax in fp32 with exp2 on log2(e)-prescaled
   scores; rows that see nothing end with l = 0 and are written as 0 with lse = -inf.
-* backward dq: one program per (query tile, batch * query head), walking the same CSR row.
-* backward dk/dv: one program per (kv tile, batch * kv head), walking the *transposed* layout
-  (for each kv block, the query blocks that touch it) for every query head of its GQA group,
-  so dk/dv of a kv head are summed inside one program: no atomics, the backward is
-  deterministic (bitwise reproducible) by construction.
 
-The backward recomputes P = exp2(S * scale * log2e - lse2) from the saved lse (lse2 is lse in
-log2 units, +inf for empty and padding rows so P is 0 there), and uses
+Both backwards start with the same preprocess (one program per (query tile, batch * query
+head)): delta = rowsum(dO * O) - dlse and lse2 = lse in log2 units.
+
+* backward, deterministic (`deterministic=True`): three launches, 7 GEMMs per (query tile,
+  kv tile) pair. The dq kernel has one program per (query tile, batch * query head), walking
+  the same CSR row as the forward (S, dP, dQ += dS K: 3 GEMMs). The dk/dv kernel has one
+  program per (kv tile, batch * kv head), walking the *transposed* layout (for each kv block,
+  the query blocks that touch it) for every query head of its GQA group (S, dV += P^T dO, dP,
+  dK += dS^T Q: 4 GEMMs), so dk/dv of a kv head are summed inside one program. Every output
+  element is written by exactly one program and summed in a fixed order: no atomics, bitwise
+  reproducible by construction.
+* backward, fused (`deterministic=False`, the default): one program per (kv tile, batch * kv
+  head) as the dk/dv kernel, which also computes each pair's share of dQ, dS K * scale, and
+  adds it with `tl.atomic_add` into a zero-filled fp32 buffer [B, Hq, Nq, D]; a conversion to
+  q's dtype follows (none for fp32). 5 GEMMs per pair (S and dP are no longer recomputed by a
+  second kernel) and one launch instead of two. Not bitwise reproducible: the kv tiles that
+  touch a query row add into its dQ in whatever order the GPU runs their programs, and fp32
+  addition is not associative, so two runs can differ in the last bits of dQ (dK and dV,
+  summed inside one program, are reproducible). The price is the fp32 dQ buffer (4 bytes per
+  element of q) and atomic traffic into it: one [BM, D] tile per (query tile, kv tile) pair.
+
+The backwards recompute P = exp2(S * scale * log2e - lse2) from the saved lse (lse2 is lse in
+log2 units, +inf for empty and padding rows so P is 0 there: their gradients are 0), and use
 dS = P * (dP - delta) with delta = rowsum(dO * O) - dlse, which also carries the gradient
 flowing into the returned log-sum-exp.
 """
@@ -354,7 +370,7 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
 @triton.jit
 def block_sparse_bwd_dkdv_kernel(
     Q, K, V, DO, GradK, GradV, Lse2, Delta,
-    tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_entry, part_bits, kv_block_order,
+    tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, part_bits, kv_block_order,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -395,14 +411,124 @@ def block_sparse_bwd_dkdv_kernel(
         stat_base = b * stride_lb + h * stride_lh
         f0 = tl.load(tfull_off + col) * TILES
         f1 = tl.load(tfull_off + col + 1) * TILES
-        dk, dv = _dkdv_tiles(dk, dv, k, v, f0, f1, tfull_idx, tpart_entry, part_bits, q_base, do_base, stat_base,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, f0, f1, tfull_idx, tpart_mask, part_bits, q_base, do_base, stat_base,
                              stride_qn, stride_don, Lse2, Delta, kv_col_in_block, qk_scale, q_len,
                              LBQ, BM, BN, BD, BDV, D, DV, WORDS, False, EVEN_Q, IEEE, UPCAST)
         p0 = tl.load(tpart_off + col) * TILES
         p1 = tl.load(tpart_off + col + 1) * TILES
-        dk, dv = _dkdv_tiles(dk, dv, k, v, p0, p1, tpart_idx, tpart_entry, part_bits, q_base, do_base, stat_base,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, p0, p1, tpart_idx, tpart_mask, part_bits, q_base, do_base, stat_base,
                              stride_qn, stride_don, Lse2, Delta, kv_col_in_block, qk_scale, q_len,
                              LBQ, BM, BN, BD, BDV, D, DV, WORDS, True, EVEN_Q, IEEE, UPCAST)
+    in_kv = offs_n[:, None] < kv_len
+    rows = offs_n[:, None].to(tl.int64)
+    dk_ptrs = GradK + b * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(GradK.dtype.element_ty), mask=in_kv & (offs_d[None, :] < D))
+    dv_ptrs = GradV + b * stride_dvb + hk64 * stride_dvh + rows * stride_dvn + offs_dv[None, :]
+    tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=in_kv & (offs_dv[None, :] < DV))
+
+
+# ------------------------------------------------------------ backward, fused (one pass)
+@triton.jit
+def _fused_bwd_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_base, dq_base, stat_base,
+                     stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block, qk_scale, scale,
+                     q_len, kv_len,
+                     LBQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                     D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
+                     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """_dkdv_tiles plus each tile pair's dQ partial (dS K * scale), added atomically in fp32."""
+    TILES: tl.constexpr = LBQ // BM
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    for t in range(t0, t1):
+        j = t // TILES  # transposed-CSR entry
+        qb = tl.load(idx_ptr + j)
+        row0 = (t % TILES) * BM
+        offs_m = qb * LBQ + row0 + tl.arange(0, BM)  # [BM] query rows
+        q = _load_rows(q_base, offs_m, stride_qn, offs_d, q_len, D, BD, EVEN_Q, UPCAST)  # [BM, BD]
+        do = _load_rows(do_base, offs_m, stride_don, offs_dv, q_len, DV, BDV, EVEN_Q, UPCAST)  # [BM, BDV]
+        lse2, delta = _load_row_stats(Lse2, Delta, stat_base + offs_m, offs_m, q_len, EVEN_Q)
+        st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM] = S^T
+        pt = tl.exp2(st - lse2[None, :])
+        if IS_PARTIAL:
+            entry = tl.load(entry_ptr + j).to(tl.int64)  # the packed mask (row of bits) of this block
+            rows = row0 + tl.arange(0, BM)
+            keep = _mask_bits(bits_ptr + entry * (LBQ * WORDS), rows[None, :], kv_col_in_block[:, None], WORDS)
+            pt = tl.where(keep, pt, 0.0)
+        elif not EVEN_KV:
+            # keys past kv_len (zero rows of k) must not reach dQ: exp2(0 - lse2) can overflow
+            pt = tl.where((offs_n < kv_len)[:, None], pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)  # [BN, BM] = dP^T
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)  # [BN, BM] = dS^T
+        dk += _dot(dst, q, IEEE)
+        dq = _dot(tl.trans(dst), k, IEEE) * scale  # [BM, BD], this kv tile's share of dQ
+        dq_ptrs = dq_base + offs_m[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
+        if EVEN_Q and D == BD:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def block_sparse_bwd_fused_kernel(
+    Q, K, V, DO, GradQAcc, GradK, GradV, Lse2, Delta,
+    tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, part_bits, kv_block_order,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_lb, stride_lh,
+    qk_scale, scale, q_len, kv_len, num_kv_heads, group_size, num_kv_blocks,
+    PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One pass: the dk/dv kernel's walk (one program per (kv tile, batch * kv head), every
+    query head of the GQA group, the transposed layout), which also adds each tile pair's dQ
+    share into GradQAcc (fp32, zero-filled, [B, Hq, Nq, D], scale already applied)."""
+    kt, bh = _program_tile(kv_block_order, num_kv_blocks, HEADS_FASTEST, LBK // BN)
+    b = (bh // num_kv_heads).to(tl.int64)
+    hk = bh % num_kv_heads
+    n0 = kt * BN
+    kv_block = n0 // LBK
+    TILES: tl.constexpr = LBQ // BM
+
+    offs_n = n0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    hk64 = hk.to(tl.int64)
+    k = _load_rows(K + b * stride_kb + hk64 * stride_kh, offs_n, stride_kn, offs_d, kv_len, D, BD, EVEN_KV, UPCAST)
+    v = _load_rows(V + b * stride_vb + hk64 * stride_vh, offs_n, stride_vn, offs_dv, kv_len, DV, BDV, EVEN_KV,
+                   UPCAST)
+    kv_col_in_block = n0 % LBK + tl.arange(0, BN)
+
+    dk = tl.zeros([BN, BD], dtype=tl.float32)
+    dv = tl.zeros([BN, BDV], dtype=tl.float32)
+    for g in range(0, group_size):
+        h = (hk * group_size + g).to(tl.int64)
+        col = kv_block
+        if PER_HEAD:
+            col += h * num_kv_blocks
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        dq_base = GradQAcc + b * stride_dqb + h * stride_dqh
+        stat_base = b * stride_lb + h * stride_lh
+        f0 = tl.load(tfull_off + col) * TILES
+        f1 = tl.load(tfull_off + col + 1) * TILES
+        dk, dv = _fused_bwd_tiles(dk, dv, k, v, f0, f1, tfull_idx, tpart_mask, part_bits, q_base, do_base, dq_base,
+                                  stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block,
+                                  qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS, False, EVEN_Q,
+                                  EVEN_KV, IEEE, UPCAST)
+        p0 = tl.load(tpart_off + col) * TILES
+        p1 = tl.load(tpart_off + col + 1) * TILES
+        dk, dv = _fused_bwd_tiles(dk, dv, k, v, p0, p1, tpart_idx, tpart_mask, part_bits, q_base, do_base, dq_base,
+                                  stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block,
+                                  qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS, True, EVEN_Q,
+                                  EVEN_KV, IEEE, UPCAST)
     in_kv = offs_n[:, None] < kv_len
     rows = offs_n[:, None].to(tl.int64)
     dk_ptrs = GradK + b * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :]

@@ -88,8 +88,10 @@ def block_sparse_attn_fwd(
     tfull_idx: torch.Tensor, tpart_off: torch.Tensor, tpart_idx: torch.Tensor, tpart_mask: torch.Tensor,
     kv_block_order: torch.Tensor,
     scale: float, block_q: int, block_kv: int, per_head: bool, q_heads_fastest: bool, kv_heads_fastest: bool,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [B, Hq, Nq, Dv] (q's dtype), lse [B, Hq, Nq] float32 (natural log, -inf for empty rows)."""
+    """out [B, Hq, Nq, Dv] (q's dtype), lse [B, Hq, Nq] float32 (natural log, -inf for empty rows).
+    `deterministic` only picks the backward (kept for autograd): three launches, or the fused one."""
     from .kernels import block_sparse_fwd_kernel
 
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
@@ -130,25 +132,14 @@ def block_sparse_attn_bwd(
     scale: float, block_q: int, block_kv: int, per_head: bool, q_heads_fastest: bool, kv_heads_fastest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtypes. Deterministic: no atomics (see kernels.py)."""
-    from .kernels import block_sparse_bwd_dkdv_kernel, block_sparse_bwd_dq_kernel, bwd_preprocess_kernel
+    from .kernels import block_sparse_bwd_dkdv_kernel, block_sparse_bwd_dq_kernel
 
     q, k, v, out, dout = (_rows_contiguous(t) for t in (q, k, v, out, dout))
     bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv)
     dq, dk, dvv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dvv.zero_()
-    # delta = rowsum(dO * O) - dlse (the dlse term is the gradient through the returned lse);
-    # lse2 = lse in log2 units, +inf for empty rows so their P is 0
-    lse = lse.contiguous()
-    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)  # [B, Hq, Nq] float32
-    pre_m = 16 if interpreting() else 64
-    dl = dlse if dlse is not None else lse
-    bwd_preprocess_kernel[_grid(-(-nq // pre_m), bsz * hq, False)](
-        out, dout, lse, dl, delta, lse2,
-        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        lse.stride(0), lse.stride(1), dl.stride(0), dl.stride(1), dl.stride(2), nq, hq,
-        HAS_DLSE=dlse is not None, BM=pre_m, BDV=flags["BDV"], DV=dv,
-    )
+    delta, lse2 = _bwd_row_stats(out, dout, lse, dlse, nq, hq, flags["BDV"], dv)  # [B, Hq, Nq] float32
     padded = max(flags["BD"], flags["BDV"])
     common = (scale * LOG2E, scale, nq, nkv)
 
@@ -184,9 +175,75 @@ def _(dout, dlse, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+# ------------------------------------------------------------------ backward, fused (one pass)
+def _bwd_row_stats(out, dout, lse, dlse, nq, hq, bdv, dv):
+    """(delta, lse2) [B, Hq, Nq] float32 from the preprocess kernel: delta = rowsum(dO * O) - dlse,
+    lse2 = lse in log2 units (+inf for empty rows, so their P is 0)."""
+    from .kernels import bwd_preprocess_kernel
+
+    lse = lse.contiguous()
+    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
+    pre_m = 16 if interpreting() else 64
+    dl = dlse if dlse is not None else lse
+    bwd_preprocess_kernel[_grid(-(-nq // pre_m), out.shape[0] * hq, False)](
+        out, dout, lse, dl, delta, lse2,
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        lse.stride(0), lse.stride(1), dl.stride(0), dl.stride(1), dl.stride(2), nq, hq,
+        HAS_DLSE=dlse is not None, BM=pre_m, BDV=bdv, DV=dv,
+    )
+    return delta, lse2
+
+
+@torch.library.custom_op("sparse_attn::block_sparse_attn_bwd_fused", mutates_args=())
+def block_sparse_attn_bwd_fused(
+    dout: torch.Tensor, dlse: Optional[torch.Tensor],
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    full_off: torch.Tensor, full_idx: torch.Tensor, part_off: torch.Tensor, part_idx: torch.Tensor,
+    bits: torch.Tensor, part_mask: torch.Tensor, q_block_order: torch.Tensor, tfull_off: torch.Tensor,
+    tfull_idx: torch.Tensor, tpart_off: torch.Tensor, tpart_idx: torch.Tensor, tpart_mask: torch.Tensor,
+    kv_block_order: torch.Tensor,
+    scale: float, block_q: int, block_kv: int, per_head: bool, q_heads_fastest: bool, kv_heads_fastest: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the inputs' dtypes, in one pass over the transposed layout: dq's partial
+    sums are added atomically into an fp32 buffer (not bitwise reproducible: see kernels.py),
+    then converted to q's dtype. Same signature as block_sparse_attn_bwd."""
+    from .kernels import block_sparse_bwd_fused_kernel
+
+    q, k, v, out, dout = (_rows_contiguous(t) for t in (q, k, v, out, dout))
+    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv)
+    dk, dvv = (new_output(t.shape, t.dtype, t.device) for t in (k, v))
+    # every program adds into it: zero-filled, fp32 whatever q's dtype
+    dq_acc = torch.zeros((bsz, hq, nq, d), dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq_acc.to(q.dtype), dk.zero_(), dvv.zero_()
+    delta, lse2 = _bwd_row_stats(out, dout, lse, dlse, nq, hq, flags["BDV"], dv)
+    cfg = tile_config(max(flags["BD"], flags["BDV"]), "fused", block_q, block_kv, interpreted=interpreting(),
+                      element_size=q.element_size())
+    block_sparse_bwd_fused_kernel[_grid(-(-nkv // block_kv) * (block_kv // cfg.block_n), bsz * hkv,
+                                        kv_heads_fastest)](
+        q, k, v, dout, dq_acc, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, bits,
+        kv_block_order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
+        lse2.stride(0), lse2.stride(1),
+        scale * LOG2E, scale, nq, nkv, hkv, hq // hkv, -(-nkv // block_kv),
+        PER_HEAD=per_head, HEADS_FASTEST=kv_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, **flags,
+        **_launch_opts(cfg),
+    )
+    # the conversion: nothing to do for fp32 inputs (scale is applied in the kernel)
+    return (dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)), dk, dvv
+
+
+@block_sparse_attn_bwd_fused.register_fake
+def _(dout, dlse, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 # ----------------------------------------------------------------------------- autograd
-_N_PLAN = 13  # plan tensors after q, k, v; then scale, block_q, block_kv, per_head and the two schedule flags
-_N_ARGS = 6
+_N_PLAN = 13  # plan tensors after q, k, v; then scale, block_q, block_kv, per_head, the two schedule flags
+_N_ARGS = 7  # and `deterministic`, which picks the backward
 
 
 def _setup_context(ctx, inputs, output):
@@ -199,15 +256,36 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *plan = ctx.saved_tensors
-    dq, dk, dv = block_sparse_attn_bwd(dout, dlse, q, k, v, out, lse, *plan, *ctx.args)
+    *args, deterministic = ctx.args
+    backward = block_sparse_attn_bwd if deterministic else block_sparse_attn_bwd_fused
+    dq, dk, dv = backward(dout, dlse, q, k, v, out, lse, *plan, *args)
     return (dq, dk, dv) + (None,) * (_N_PLAN + _N_ARGS)
 
 
 block_sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def triton_attention(q, k, v, layout, scale: float):
-    """Block-sparse attention over `layout`: (out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32)."""
+# Whether `deterministic=None` takes the fused backward. Off until the fused kernel has run and
+# been timed on the GPU (issue #16: tested only under the Triton interpreter so far); the
+# three-launch backward is the one every GPU test has passed with.
+FUSED_BACKWARD_DEFAULT = False
+
+
+def resolve_deterministic(deterministic: bool | None) -> bool:
+    """None (the default): the three-launch backward while `FUSED_BACKWARD_DEFAULT` is off; else
+    the fused one unless the process asked torch for deterministic algorithms. An explicit
+    True / False always wins."""
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled() or not FUSED_BACKWARD_DEFAULT
+    return bool(deterministic)
+
+
+def triton_attention(q, k, v, layout, scale: float, deterministic: bool | None = None):
+    """Block-sparse attention over `layout`: (out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32).
+
+    deterministic: the backward it records for autograd. True: three launches, no atomics,
+    bitwise reproducible; False: one fused pass with fp32 atomics for dQ (faster, reproducible
+    only to rounding); None: `resolve_deterministic`."""
     g = layout.grid
     for name, value in (("block_q", g.block_q), ("block_kv", g.block_kv)):
         why = check_block(name, value)
@@ -222,7 +300,7 @@ def triton_attention(q, k, v, layout, scale: float):
     # copied here, not inside the op: autograd then saves the copies, so the backward does not copy again
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
     return block_sparse_attn_fwd(q, k, v, *plan.tensors(), float(scale), g.block_q, g.block_kv,
-                                 layout.num_heads > 1, *plan.flags())
+                                 layout.num_heads > 1, *plan.flags(), resolve_deterministic(deterministic))
 
 
 def check_block(name: str, value: int) -> str | None:

@@ -166,7 +166,7 @@ def selection_layout(selection: torch.Tensor, pattern: Pattern, block_size: int,
     return BlockLayout.from_block_tables(pattern, grid, full, partial, mask_class.expand(heads, -1, -1))
 
 
-def _attend_folded(q, k, v, selection, block_size, causal, always, scale, backend, q_offset):
+def _attend_folded(q, k, v, selection, block_size, causal, always, scale, backend, q_offset, deterministic):
     """Batch folded into heads: one sparse_attention call with a (B * Hq)-head pattern."""
     bsz, hq, nq, d = q.shape
     hkv, nkv = k.shape[1], k.shape[2]
@@ -176,18 +176,20 @@ def _attend_folded(q, k, v, selection, block_size, causal, always, scale, backen
         target = full_pattern()
     else:
         target = selection_pattern(selection, block_size, nq, nkv, q_offset, causal=causal, always=always)
-        call = AttentionCall.of(q, k, v, target, q_offset, False)
+        call = AttentionCall.of(q, k, v, target, q_offset, False, deterministic)
         block_q, block_kv = select(call, backend).block_sizes(call)
         if always is None and block_q == block_kv and block_size % block_q == 0 and q_offset % block_q == 0:
             grid = BlockGrid(nq, nkv, q_offset, block_q, block_kv, q.device)
             target = selection_layout(selection, target, block_size, grid, causal=causal)
-    out = sparse_attention(q, k, v, target, scale=scale, backend=backend, q_offset=q_offset)
+    out = sparse_attention(q, k, v, target, scale=scale, backend=backend, q_offset=q_offset,
+                           deterministic=deterministic)
     return out.reshape(bsz, hq, nq, v.shape[3])
 
 
 def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k_blocks: int = 8, block_size: int = 64,
                          *, causal: bool = False, always: Pattern | None = None, scale: float | None = None,
-                         backend: str = "auto", q_offset: int | None = None, return_selection: bool = False):
+                         backend: str = "auto", q_offset: int | None = None, return_selection: bool = False,
+                         deterministic: bool | None = None):
     """Block top-k attention: each query block attends to its top_k_blocks kv blocks (chosen by
     `select_kv_blocks`) and to whatever the fixed pattern `always` allows.
 
@@ -205,6 +207,7 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_
         backend: as in `sparse_attention` ("auto": `blocked` on CPU, `triton` on CUDA).
         q_offset: absolute position of the first query; default Nkv - Nq.
         return_selection: also return the selection, bool (B, Hq, NQB, NKB).
+        deterministic: as in `sparse_attention` (which backward the block backend runs).
 
     Returns:
         out (B, Hq, Nq, Dv), or (out, selection). Gradients flow to q, k, v through the
@@ -221,7 +224,7 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_
     if always is not None:  # the batch is folded into heads below, where b would always be 0
         always.check_batch(q.shape[0], q.device)
     selection = select_kv_blocks(q, k, top_k_blocks, block_size, causal=causal, q_offset=q_offset)
-    args = (block_size, causal, always, scale, backend, q_offset)
+    args = (block_size, causal, always, scale, backend, q_offset, deterministic)
     if always is not None and always.num_heads is not None and q.shape[0] > 1:
         # a per-head `always` has Hq heads, not B * Hq: one call per batch element
         out = torch.cat([_attend_folded(q[b:b + 1], k[b:b + 1], v[b:b + 1], selection[b:b + 1], *args)

@@ -1,11 +1,10 @@
-"""Shared helpers for the benchmark scripts: environment record, timers, peak memory, JSON."""
+"""Shared helpers for the benchmark scripts: environment record (sparse_attn._env), timers, peak memory, JSON."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -13,30 +12,9 @@ from pathlib import Path
 
 import torch
 
+from sparse_attn._env import environment  # noqa: F401 (the scripts import it from here: the `env` of every result)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def environment(device: str = "cpu") -> dict:
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    if device == "cuda" and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return env
 
 
 def time_cpu(fn, repeats: int = 5, min_run_time: float = 0.0) -> float:

@@ -72,12 +72,12 @@ def test_compare_skips_errors_above_max_dense_length(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--patterns", "nope"], "unknown pattern 'nope'; valid names: full, causal, sliding_window"),
     (["--patterns", "sliding_window:windw=3"], "sliding_window has no parameter 'windw'; valid keys: window, causal"),
-    (["--patterns", "sliding_window:window=0"], "window must be a positive int"),
+    (["--patterns", "sliding_window:window=0"], "window must be >= 1, got 0"),
     (["--patterns", "strided:causal=maybe"], "causal must be true or false, got 'maybe'"),
     (["--patterns", "bigbird:num_heads=4"], "the pattern has 4 heads but --heads is 8"),
     (["--backend", "nope"], "--backend must be one of auto, "),
     (["--kv-heads", "3"], "--heads (8) must be a multiple of --kv-heads (3)"),
-    (["--repeats", "0"], "expected a positive int"),
+    (["--repeats", "0"], "argument --repeats: expected an int >= 1, got 0"),
     (["--json", "/no/such/folder/x.json"], "folder /no/such/folder does not exist"),
 ])
 def test_compare_bad_arguments_exit_2(capsys, argv, message):
@@ -151,7 +151,7 @@ def test_show_png(capsys, tmp_path):
     (["causal", "--length", "1000"], "use --block B"),
     (["causal", "--head", "1"], "only head 0 exists"),
     (["bigbird:num_heads=2", "--head", "2"], "has 2 heads (0..1)"),
-    (["causal", "--block", "0"], "argument --block: expected a positive int (>= 1), got 0"),  # was the element mask
+    (["causal", "--block", "0"], "argument --block: expected an int >= 1, got 0"),  # was the element mask
 ])
 def test_show_bad_arguments_exit_2(capsys, argv, message):
     code, out, err = run(capsys, "show", *argv)

@@ -247,7 +247,7 @@ def test_cli_train_end_to_end_and_resume(capsys, tmp_path):
     (["--corpus", "/no/such/corpus.txt"], "--corpus must be synthetic, stdlib or a readable file"),
     (["--corpus-bytes", "30"], "too few for seq_len 32"),
     (["--json", "/no/such/folder/x.json"], "folder /no/such/folder does not exist"),
-    (["--steps", "0"], "expected a positive int"),
+    (["--steps", "0"], "argument --steps: expected an int >= 1, got 0"),
     (["--mechanisms", "topk:top_k=0,causal=true"], "--mechanisms topk:top_k=0,causal=true: top_k must be >= 1, got 0"),
     (["--mechanisms", "topk:top_k=0,causal=true"], "top_k must be >= 1, got 0"),
     (["--mechanisms", "lsh:causal=true"], "leaky_mechanisms"),  # membership decided from later positions

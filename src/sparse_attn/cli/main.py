@@ -37,21 +37,23 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps our line breaks in descriptions and epilogs."""
 
 
-def _int_at_least(minimum: int, what: str):
+def _int_at_least(minimum: int):
+    """An argparse type: an int >= minimum, worded as `_checks.check_int` words it (argparse puts
+    the flag in front: "argument --block: expected an int >= 1, got 0")."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {what} int, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {what} int (>= {minimum}), got {value}")
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {value}")
         return value
 
     return parse
 
 
-_positive_int = _int_at_least(1, "positive")
-_non_negative_int = _int_at_least(0, "non-negative")
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _backend_names() -> list[str]:
@@ -280,15 +282,20 @@ def _parse_spec(parser: argparse.ArgumentParser, text: str, length: int) -> spec
         parser.error(str(exc))
 
 
-def _check_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
-    """A device name torch understands and this machine has (a usage error otherwise, exit 2)."""
+def check_device(text: str, parser: argparse.ArgumentParser | None = None) -> torch.device:
+    """--device as a device torch understands and this machine has. A bad one is a usage error
+    (exit 2) through `parser` when given, else a ValueError naming --device."""
     try:
         device = torch.device(text)
-    except RuntimeError as exc:
-        parser.error(f"--device {text!r}: {exc}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {text}: CUDA is not available here (torch {torch.__version__})")
-    return device
+    except RuntimeError as exc:  # a name torch does not know
+        problem = f"--device {text!r}: {exc}"
+    else:
+        if device.type != "cuda" or torch.cuda.is_available():
+            return device
+        problem = f"--device {text}: CUDA is not available here (torch {torch.__version__})"
+    if parser is None:
+        raise ValueError(problem)
+    parser.error(problem)
 
 
 def _one_line(exc: Exception) -> str:
@@ -339,7 +346,7 @@ def cmd_compare(args) -> int:
         parser.error(f"--backend must be one of {', '.join(_backend_names())}, got {args.backend!r}")
     if args.kv_heads is not None and args.heads % args.kv_heads:
         parser.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
-    _check_device(parser, args.device)
+    check_device(args.device, parser)
     _check_output(parser, "--json", args.json)
     _check_output(parser, "--plot", args.plot)
     pattern_specs = [_parse_spec(parser, text, args.length) for text in args.specs or specs.DEFAULT_PATTERNS]

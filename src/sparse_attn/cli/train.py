@@ -12,20 +12,19 @@ import json
 import math
 import os
 import pickle
-import platform
 import sys
 import time
 from dataclasses import asdict
 
 import torch
 
-from .. import __version__
+from .._env import environment
 from .._extras import write
 from ..nn import ModelConfig, SparseCausalLM
 from ..ops.mechanisms import Mechanism, as_mechanism
 from ..train import TokenData, TrainConfig, load_corpus, plot_loss_curves, train_lm
 from ..train.corpus import describe
-from .main import PROG, _check_device, _check_output, _require_matplotlib, _try_mechanism
+from .main import PROG, _check_output, _require_matplotlib, _try_mechanism, check_device
 
 SAMPLE_TEMPERATURE = 0.8
 MAX_PROMPT = 128  # bytes of validation text the sample continues
@@ -96,15 +95,6 @@ def _check_resume(parser, args, model_cfg: ModelConfig, train_cfg: TrainConfig) 
     return int(step)
 
 
-def _environment(device: str) -> dict:
-    env = {"sparse_attn": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "device": device, "threads": torch.get_num_threads()}
-    if torch.device(device).type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(torch.device(device))
-        env["cuda"] = torch.version.cuda
-    return env
-
-
 def _sample(model: SparseCausalLM, data: TokenData, args) -> dict:
     """Continue the start of the validation text for --sample bytes (caches chosen per layer)."""
     n = min(MAX_PROMPT, max(1, args.seq_len // 2), len(data.val))
@@ -123,7 +113,7 @@ def _label(mechanisms) -> str:
 
 def cmd_train(args) -> int:
     parser = args.parser
-    _check_device(parser, args.device)
+    check_device(args.device, parser)
     model_cfg = _model_config(parser, args)
     try:
         train_cfg = TrainConfig(seq_len=args.seq_len, batch_size=args.batch, steps=args.steps, lr=args.lr,
@@ -179,7 +169,7 @@ def cmd_train(args) -> int:
                   "model_config": model_cfg.to_dict(), "train_config": asdict(train_cfg),
                   "corpus": {"source": args.corpus, "description": describe(args.corpus), "bytes": args.corpus_bytes,
                              "train_bytes": len(data.train), "val_bytes": len(data.val)},
-                  "environment": _environment(args.device), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "environment": environment(args.device), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "sample": sample, "history": result.history}
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)

@@ -57,6 +57,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .._checks import check_int
+from .._env import environment
 from .._extras import MissingExtra, figure, progress
 from .measure import PEAK_MEMORY_METHOD, peak_memory
 
@@ -147,21 +149,20 @@ def default_schedules(num_layers: int, windows: Sequence[int] = DEFAULT_WINDOWS,
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"kinds: unknown {unknown}; expected some of {', '.join(KINDS)}")
-    _check_positive("num_layers", num_layers)
-    _check_positive("local_window", local_window)
-    _check_positive("hybrid_every", hybrid_every)
-    _check_positive("global_tokens", global_tokens)
-    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-        raise ValueError(f"sinks must be a non-negative int, got {sinks!r}")
+    check_int("num_layers", num_layers, 1)
+    check_int("local_window", local_window, 1)
+    check_int("hybrid_every", hybrid_every, 1)
+    check_int("global_tokens", global_tokens, 1)
+    check_int("sinks", sinks, 0)
     for w in windows:
-        _check_positive("windows", w)
+        check_int("windows", w, 1)
         if "sinks" in kinds and w <= sinks:
             raise ValueError(f"windows: {w} leaves no room for a window after {sinks} sinks (need > sinks)")
     out: dict[str, dict] = {}
     if "dense" in kinds:
         out["dense"] = {"kind": "dense", "spec": None, "keys": None}
     if "dense_blocked" in kinds and dense_window is not None:
-        _check_positive("dense_window", dense_window)
+        check_int("dense_window", dense_window, 1)
         out[f"dense as window {dense_window}"] = {"kind": "dense_blocked", "keys": None,
                                                   "spec": f"sliding_window:window={dense_window}"}
     for w in windows:
@@ -187,11 +188,6 @@ def _mib(nbytes) -> str:
         return "-"
     mib = nbytes / 2**20
     return f"{mib:.0f}" if mib >= 10 else f"{mib:.2f}"
-
-
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 # ------------------------------------------------------------------------ perplexity
@@ -279,7 +275,7 @@ def generation_speed(model, prompt: torch.Tensor, new_tokens: int, *, cache: str
     cache: "dynamic" (transformers' DynamicCache: every key) or "sparse"
     (`sparse_attn.hf.cache_for(model)`: per layer, the keys its pattern can still reach; the model
     must be switched with `sparse_attn.hf.enable`)."""
-    _check_positive("new_tokens", new_tokens)
+    check_int("new_tokens", new_tokens, 1)
     if cache not in GENERATION_CACHES:
         raise ValueError(f"cache must be one of {', '.join(GENERATION_CACHES)}, got {cache!r}")
     device = next(model.parameters()).device
@@ -480,24 +476,6 @@ def _prefill_backend(spec, msettings: dict, n: int, device, dtype) -> str | None
     return "/".join(names)
 
 
-def _environment(model, device) -> dict:
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    env = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu": cpu,
-           "cpu_count": os.cpu_count(), "platform": platform.platform(),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
-
-
 def _model_settings(model) -> dict:
     c = model.config
     heads = c.num_attention_heads
@@ -513,7 +491,7 @@ def _check_lengths(lengths, available: int, max_positions: int | None) -> list[i
     if not lengths:
         raise ValueError("lengths must name at least one sequence length")
     for n in lengths:
-        _check_positive("lengths", n)
+        check_int("lengths", n, 1)
         if n < 2:
             raise ValueError(f"lengths: {n} is too short to score a next token (need >= 2)")
         if n > available:
@@ -573,10 +551,9 @@ def long_context_eval(model, tokens: torch.Tensor, *, lengths: Sequence[int] = D
         runs[name] = dict(value)
     if generation_cache not in GENERATION_CACHES:
         raise ValueError(f"generation_cache must be one of {', '.join(GENERATION_CACHES)}, got {generation_cache!r}")
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
-        raise ValueError(f"new_tokens must be a non-negative int, got {new_tokens!r}")
+    check_int("new_tokens", new_tokens, 0)
     prompt_tokens = lengths[0] if prompt_tokens is None else prompt_tokens
-    _check_positive("prompt_tokens", prompt_tokens)
+    check_int("prompt_tokens", prompt_tokens, 1)
     if new_tokens:
         if prompt_tokens > tokens.numel():
             raise ValueError(f"prompt_tokens: {prompt_tokens} asked for but the text has {tokens.numel()} tokens")
@@ -604,7 +581,7 @@ def long_context_eval(model, tokens: torch.Tensor, *, lengths: Sequence[int] = D
                 else None,
                 "text_tokens": tokens.numel(), "device": str(device), "dtype": str(next(model.parameters()).dtype)
                 .replace("torch.", ""), "peak_memory_method": PEAK_MEMORY_METHOD.get(device.type, "not measured")}
-    result = HFLongContextResult(settings=settings, env=_environment(model, device), schedules={
+    result = HFLongContextResult(settings=settings, env=environment(device), schedules={
         name: {**r, "spec": _jsonable(r["spec"]),
                "backend": None if r["kind"] == "reference" else _prefill_backend(r["spec"], msettings, lengths[-1],
                                                                                  device, model.dtype)}

@@ -46,7 +46,7 @@ import torch
 
 from .._extras import figure, progress
 from ..nn import ModelConfig, SparseTransformer
-from ..ops.common import check_bool, check_int
+from .._checks import check_bool, check_int
 from ..train.lm import TrainConfig, _autocast, _optimizer, lr_at, optimizer_step
 from .tasks.listops import (
     LISTOPS_SPLIT_SIZES,
@@ -124,7 +124,7 @@ def listops_mechanisms(*, window: int = 32, block: int = 16, num_features: int =
     """
     for name, value in (("window", window), ("block", block), ("num_features", num_features),
                         ("bucket_size", bucket_size), ("n_hashes", n_hashes)):
-        check_int(name, value)
+        check_int(name, value, 1)
     check_int("seed", seed, minimum=0)
     return {
         "dense": "full",
@@ -155,7 +155,7 @@ def listops_logits(model: SparseTransformer, tokens: torch.Tensor, lengths: torc
         raise ValueError(f"lengths must be an integer tensor of shape ({tokens.shape[0]},), got "
                          f"{tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
     if max_batch is not None:
-        check_int("max_batch", max_batch)
+        check_int("max_batch", max_batch, 1)
     lengths = lengths.cpu()
     if tokens.shape[0] and not (1 <= int(lengths.min()) and int(lengths.max()) <= tokens.shape[1]):
         raise ValueError(f"lengths must be in [1, {tokens.shape[1]}] (the padded length), got "
@@ -179,7 +179,7 @@ def evaluate_listops_model(model: SparseTransformer, data: ListOpsData, *, batch
                            dtype: str = "float32") -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of `model` on `data`, in batches of `batch` examples
     taken in order of length (so a batch holds few distinct lengths)."""
-    check_int("batch", batch)
+    check_int("batch", batch, 1)
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -425,7 +425,7 @@ def train_listops(mechanisms, *, train_examples: int, val_examples: int, test_ex
     for name, value in (("train_examples", train_examples), ("val_examples", val_examples),
                         ("test_examples", test_examples), ("dim", dim), ("layers", layers), ("heads", heads),
                         ("batch", batch), ("steps", steps), ("eval_every", eval_every)):
-        check_int(name, value)
+        check_int(name, value, 1)
     check_int("warmup", warmup, minimum=0)
     check_int("seed", seed, minimum=0)
     for split, value in (("val", val_examples), ("test", test_examples)):
@@ -442,7 +442,7 @@ def train_listops(mechanisms, *, train_examples: int, val_examples: int, test_ex
         raise ValueError(f"pooling must be 'mean' or 'first', got {pooling!r}")
     if batch > train_examples:
         raise ValueError(f"batch ({batch}) must be <= train_examples ({train_examples})")
-    sort_chunk = train_examples if sort_chunk is None else check_int("sort_chunk", sort_chunk)
+    sort_chunk = train_examples if sort_chunk is None else check_int("sort_chunk", sort_chunk, 1)
     if sort_chunk < batch:
         raise ValueError(f"sort_chunk ({sort_chunk}) must be >= batch ({batch})")
     check_bool("resume", resume)

@@ -66,9 +66,9 @@ from typing import Any
 import torch
 
 from .. import _extras
+from .._checks import check_bool, check_fraction, check_int
 from ..ops.mechanisms import PATTERN, Mechanism, attention, mechanism_info, parse_params
 from ..patterns import BlockLayout, Pattern
-from .tasks._common import check_int
 
 __all__ = [
     "DEFAULT_MECHANISMS",
@@ -109,7 +109,7 @@ def needle_defaults(name: str, length: int, *, causal: bool = True, seed: int = 
     Randomness (Performer's features, LSH's rotations) is seeded with `seed` so results repeat.
     """
     info = mechanism_info(name)
-    n = check_int(length, "length", minimum=1)
+    n = check_int("length", length, minimum=1)
     w = max(1, n // 16)
     sinks = min(4, w // 2)
     table: dict[str, dict] = {
@@ -260,19 +260,6 @@ def _check_real(value, name: str, *, positive: bool = False) -> float:
     return float(value)
 
 
-def _check_depth(depth) -> float:
-    if isinstance(depth, bool) or not isinstance(depth, numbers.Real):
-        raise TypeError(f"depth must be a number in [0, 1], got {type(depth).__name__} {depth!r}")
-    d = float(depth)
-    if not 0.0 <= d <= 1.0:  # NaN fails too
-        raise ValueError(f"depth must be in [0, 1], got {depth!r}")
-    return d
-
-
-def _check_seed(seed) -> int:
-    return check_int(seed, "seed", minimum=0)
-
-
 def _needle_position(length: int, depth: float, num_queries: int) -> int:
     return round(depth * (length - num_queries))
 
@@ -312,12 +299,12 @@ def _at(base: dict, needle: int) -> Haystack:
 
 
 def _check_common(heads, dim, strength, trials, num_queries, seed) -> tuple:
-    heads = check_int(heads, "heads", minimum=1)
-    dim = check_int(dim, "dim", minimum=2)  # one marker channel and at least one content channel
+    heads = check_int("heads", heads, minimum=1)
+    dim = check_int("dim", dim, minimum=2)  # one marker channel and at least one content channel
     strength = _check_real(strength, "strength", positive=True)
-    trials = check_int(trials, "trials", minimum=1)
-    num_queries = check_int(num_queries, "num_queries", minimum=1)
-    return heads, dim, strength, trials, num_queries, _check_seed(seed)
+    trials = check_int("trials", trials, minimum=1)
+    num_queries = check_int("num_queries", num_queries, minimum=1)
+    return heads, dim, strength, trials, num_queries, check_int("seed", seed, 0)
 
 
 def _check_dtype(dtype) -> torch.dtype:
@@ -334,8 +321,8 @@ def make_haystack(length: int, depth: float, *, trials: int = 1, heads: int = 4,
     background at every depth, the one `needle_grid` uses; random numbers are drawn in float64
     on CPU and then cast, so a seed gives the same haystack on every device."""
     heads, dim, strength, trials, num_queries, seed = _check_common(heads, dim, strength, trials, num_queries, seed)
-    length = check_int(length, "length", minimum=num_queries)
-    depth = _check_depth(depth)
+    length = check_int("length", length, minimum=num_queries)
+    depth = check_fraction("depth", depth)
     base = _base(length, trials, heads, dim, num_queries, seed, strength, device, _check_dtype(dtype))
     return _at(base, _needle_position(length, depth, num_queries))
 
@@ -469,7 +456,7 @@ def _check_lengths(lengths, num_queries: int) -> list[int]:
     values = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
     if not values:
         raise ValueError("lengths must not be empty")
-    out = [check_int(n, "each length", minimum=max(1, num_queries)) for n in values]
+    out = [check_int("each length", n, minimum=max(1, num_queries)) for n in values]
     if len(set(out)) != len(out):
         raise ValueError(f"lengths must be distinct, got {out}")
     return out
@@ -481,7 +468,7 @@ def _check_depths(depths) -> list[float]:
     values = depths.tolist() if isinstance(depths, torch.Tensor) else list(depths)
     if not values:
         raise ValueError("depths must not be empty")
-    return [_check_depth(d) for d in values]
+    return [check_fraction("depth", d) for d in values]
 
 
 def _unique_labels(labels: list[str]) -> list[str]:
@@ -521,8 +508,7 @@ def needle_grid(mechanisms=None, lengths: Sequence[int] = DEFAULT_LENGTHS, depth
     A mechanism that raises at some length is recorded in `errors` (with a warning) and its
     cells stay NaN; spec errors (unknown name or key, bad value type) raise at once.
     """
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be True or False, got {type(causal).__name__} {causal!r}")
+    check_bool("causal", causal)
     heads, dim, strength, trials, num_queries, seed = _check_common(heads, dim, strength, trials, num_queries, seed)
     threshold = _check_real(threshold, "threshold")
     if not 0.0 <= threshold < 1.0:

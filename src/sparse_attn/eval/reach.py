@@ -71,6 +71,7 @@ from typing import Any
 
 import torch
 
+from .._checks import check_int
 from ..ops.mechanisms import DYNAMIC, KERNELIZED, Mechanism, as_mechanism
 from ..patterns import BlockLayout, Pattern
 from ..patterns.grid import UNBOUNDED, expand_ranges
@@ -207,16 +208,8 @@ class ReceptiveField:
 
 
 # -------------------------------------------------------------------- argument checks
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_depth(depth, layers: int) -> int:
-    return layers if depth is None else _check_int("depth", depth, 1)
+    return layers if depth is None else check_int("depth", depth, 1)
 
 
 def _check_queries(queries, n: int) -> torch.Tensor:
@@ -666,7 +659,7 @@ def _step(front: _Frontier, plan: _Plan, delta) -> None:
 def _pick_block(layers: list[_Layer], block) -> int:
     sizes = {layer.layout.block_q for layer in layers if layer.layout is not None}
     if block is not None:
-        block = _check_int("block", block, 1)
+        block = check_int("block", block, 1)
         if sizes and sizes != {block}:
             raise ValueError(f"block={block} differs from the block size of the BlockLayouts in the schedule "
                              f"({sorted(sizes)})")
@@ -703,12 +696,12 @@ def receptive_field(schedule, length: int, *, exact: bool | None = None, block: 
     Returns a `ReceptiveField`. Data-dependent layers make it an upper bound, flagged in
     `upper_bound` / `reasons`; see the module docstring for methods and costs.
     """
-    n = _check_int("length", length, 1)
+    n = check_int("length", length, 1)
     if exact is not None and not isinstance(exact, bool):
         raise TypeError(f"exact must be True, False or None, got {type(exact).__name__} {exact!r}")
     layers = [_resolve_layer(e, i, n) for i, e in enumerate(_schedule_entries(schedule))]
     L = len(layers)
-    max_depth = L if max_depth is None else _check_int("max_depth", max_depth, 1)
+    max_depth = L if max_depth is None else check_int("max_depth", max_depth, 1)
     if max_depth < L:
         raise ValueError(f"max_depth ({max_depth}) is smaller than the schedule ({L} layers)")
     dense = n <= _DENSE_AUTO_MAX if exact is None else exact
@@ -856,8 +849,8 @@ def plot_receptive_field(result: ReceptiveField, path, *, outputs: int = 4, widt
     Needs matplotlib (the `viz` extra); draws on a bare Figure (no pyplot state)."""
     if not isinstance(result, ReceptiveField):
         raise TypeError(f"result must be a ReceptiveField (from receptive_field), got {type(result).__name__}")
-    outputs = _check_int("outputs", outputs, 1)
-    width = _check_int("width", width, 1)
+    outputs = check_int("outputs", outputs, 1)
+    width = check_int("width", width, 1)
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:

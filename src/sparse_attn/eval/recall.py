@@ -85,7 +85,7 @@ from ..patterns import Pattern
 from ..train.lm import TrainConfig, _autocast, _optimizer, lr_at, optimizer_step
 from .reach import receptive_field
 from .tasks import MQAR_IGNORE_INDEX, mqar_dataset, passkey_batch, passkey_min_length
-from .tasks._common import check_fraction, check_int
+from .._checks import check_fraction, check_int
 
 __all__ = [
     "MQAR_FIRST_LAYER",
@@ -118,9 +118,9 @@ def default_schedules(num_layers: int = 2, window: int = 32, *, sinks: int = 4,
     first: a mechanism for layer 0 of every schedule, the compared layers coming after it
     (Zoology's MQAR models put a short convolution there; `"sliding_window:window=3"` is its
     stand-in here, which hands each position its previous tokens)."""
-    num_layers = check_int(num_layers, "num_layers", 1)
-    window = check_int(window, "window", 1)
-    sinks = check_int(sinks, "sinks", 0)
+    num_layers = check_int("num_layers", num_layers, 1)
+    window = check_int("window", window, 1)
+    sinks = check_int("sinks", sinks, 0)
     if first is not None and not isinstance(first, str):
         raise TypeError(f"first must be a mechanism spec string or None, got {type(first).__name__}")
     rest = num_layers - (first is not None)
@@ -177,15 +177,15 @@ def _model_configs(schedules, vocab_size: int, dim: int, layers: int, heads: int
 
 
 def _check_common(dim, layers, heads, batch, steps, lr, weight_decay, device, dtype):
-    dim = check_int(dim, "dim", 1)
-    layers = check_int(layers, "layers", 1)
-    heads = check_int(heads, "heads", 1)
+    dim = check_int("dim", dim, 1)
+    layers = check_int("layers", layers, 1)
+    heads = check_int("heads", heads, 1)
     if dim % heads:
         raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
     if (dim // heads) % 2:
         raise ValueError(f"dim // heads must be even for rotary embeddings, got {dim} // {heads} = {dim // heads}")
-    batch = check_int(batch, "batch", 1)
-    steps = check_int(steps, "steps", 1)
+    batch = check_int("batch", batch, 1)
+    steps = check_int("steps", steps, 1)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
         raise ValueError(f"lr must be a number > 0, got {lr!r}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or weight_decay < 0:
@@ -327,7 +327,7 @@ def passkey_loss(logits: torch.Tensor, tokens: torch.Tensor, answer_start: int, 
         raise ValueError(f"tokens must be an integer tensor (batch, length), got "
                          f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
     n, length = tokens.shape
-    answer_start = check_int(answer_start, "answer_start", 1, length - 1)
+    answer_start = check_int("answer_start", answer_start, 1, length - 1)
     if logits.shape[0] != n:
         raise ValueError(f"logits has {logits.shape[0]} rows but tokens has {n}")
     _answer_slice(logits, length, answer_start, length - answer_start)  # checks the length
@@ -354,7 +354,7 @@ def passkey_accuracy(logits: torch.Tensor, answer: torch.Tensor,
     n, digits = answer.shape
     if logits.shape[0] != n:
         raise ValueError(f"logits has {logits.shape[0]} rows but answer has {n}")
-    answer_start = check_int(answer_start, "answer_start", 1)
+    answer_start = check_int("answer_start", answer_start, 1)
     pred = _answer_slice(logits, answer_start + digits, answer_start, digits).argmax(-1)  # [N, D]
     per_digit = pred == answer.to(pred.device)
     return per_digit.all(1), per_digit
@@ -490,17 +490,17 @@ def passkey_experiment(schedules: Mapping[str, Any] | None = None, train_length:
     """
     dim, layers, heads, batch, steps, lr, weight_decay = _check_common(dim, layers, heads, batch, steps, lr,
                                                                        weight_decay, device, dtype)
-    digits = check_int(digits, "digits", 1, 18)
+    digits = check_int("digits", digits, 1, 18)
     minimum = passkey_min_length(digits)
-    train_length = check_int(train_length, "train_length", minimum)
+    train_length = check_int("train_length", train_length, minimum)
     if isinstance(test_lengths, (str, bytes)) or not isinstance(test_lengths, Sequence) or not test_lengths:
         raise ValueError(f"test_lengths must be a non-empty sequence of ints, got {test_lengths!r}")
-    lengths = [check_int(n, "test_lengths entry", minimum) for n in test_lengths]
+    lengths = [check_int("test_lengths entry", n, minimum) for n in test_lengths]
     if isinstance(depths, (str, bytes)) or not isinstance(depths, Sequence) or not depths:
         raise ValueError(f"depths must be a non-empty sequence of floats in [0, 1], got {depths!r}")
-    depth_list = [check_fraction(d, "depths entry") for d in depths]
-    test_examples = check_int(test_examples, "test_examples", 1)
-    seed = check_int(seed, "seed", 0)
+    depth_list = [check_fraction("depths entry", d) for d in depths]
+    test_examples = check_int("test_examples", test_examples, 1)
+    seed = check_int("seed", seed, 0)
     init = _check_init(init)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
@@ -629,17 +629,17 @@ def mqar_experiment(schedules: Mapping[str, Any] | None = None, num_kv_pairs_lis
     if isinstance(num_kv_pairs_list, (str, bytes)) or not isinstance(num_kv_pairs_list, Sequence) \
             or not num_kv_pairs_list:
         raise ValueError(f"num_kv_pairs_list must be a non-empty sequence of ints, got {num_kv_pairs_list!r}")
-    pair_counts = [check_int(p, "num_kv_pairs_list entry", 1) for p in num_kv_pairs_list]
+    pair_counts = [check_int("num_kv_pairs_list entry", p, 1) for p in num_kv_pairs_list]
     if batch < len(pair_counts):
         raise ValueError(f"batch ({batch}) must be >= len(num_kv_pairs_list) ({len(pair_counts)}): every batch "
                          "holds every pair count")
-    test_examples = check_int(test_examples, "test_examples", 1)
-    seed = check_int(seed, "seed", 0)
+    test_examples = check_int("test_examples", test_examples, 1)
+    seed = check_int("seed", seed, 0)
     init = _check_init(init)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    seq_len = check_int(seq_len, "seq_len", 2)
-    vocab_size = check_int(vocab_size, "vocab_size", 2)
+    seq_len = check_int("seq_len", seq_len, 2)
+    vocab_size = check_int("vocab_size", vocab_size, 2)
     tests = {p: mqar_dataset(test_examples, vocab_size=vocab_size, input_seq_len=seq_len, num_kv_pairs=p,
                              power_a=power_a, seed=_seed(seed, 4, p)) for p in pair_counts}  # also checks them
     schedules_default = schedules is None

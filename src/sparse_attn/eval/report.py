@@ -717,7 +717,7 @@ SECTIONS: list[tuple[str, list[tuple[str, _Renderer | None]], list[str]]] = [
 ]
 
 _ENV_COLUMNS = ("device", "gpu", "torch", "triton", "cuda", "python", "threads")
-_ENV_SKIP = {"platform", "date", "first_run", "gpu_memory_bytes", "cpu_count"}
+_ENV_SKIP = {"platform", "date", "first_run", "gpu_memory_bytes", "cpu_count", "device_name"}  # device_name: gpu or cpu
 
 
 def _anchor(title: str) -> str:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .. import patterns as P
-from ..ops.common import check_int
+from .._checks import check_int
 from ..patterns import Pattern
 from .attention import forget_pending, register_pending
 from .switch import _transformers, attention_layers

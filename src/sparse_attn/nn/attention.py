@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..backends import get_backend
-from ..ops.common import check_bool, check_int
+from .._checks import check_bool, check_int
 from ..ops.mechanisms import PATTERN, Mechanism, as_mechanism, attention
 from ..patterns import BlockLayout
 from .cache import KVCache
@@ -66,16 +66,16 @@ class SparseAttention(nn.Module):
                  head_dim: int | None = None, rope: bool = True, rope_base: float = 10000.0, dropout: float = 0.0,
                  bias: bool = False, backend: str = "auto", deterministic: bool | None = None):
         super().__init__()
-        check_int("dim", dim)
-        check_int("num_heads", num_heads)
-        num_kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads)
+        check_int("dim", dim, 1)
+        check_int("num_heads", num_heads, 1)
+        num_kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads, 1)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
         if head_dim is None:
             if dim % num_heads:
                 raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads}), or pass head_dim")
             head_dim = dim // num_heads
-        check_int("head_dim", head_dim)
+        check_int("head_dim", head_dim, 1)
         check_bool("rope", rope)
         check_bool("bias", bias)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:

@@ -39,7 +39,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..ops.common import check_int
+from .._checks import check_int
 from ..ops.gathered import attention_at_positions
 from ..ops.linear import linear_attention
 from ..ops.mechanisms import Mechanism, attention
@@ -207,7 +207,7 @@ class WindowCache(KVCache):
 
     def __init__(self, window: int) -> None:
         super().__init__()
-        self.window = check_int("window", window)
+        self.window = check_int("window", window, 1)
         self.k, self.v = _Ring(self.window), _Ring(self.window)
 
     def _tensors(self):
@@ -246,7 +246,7 @@ class SinkCache(KVCache):
     def __init__(self, sinks: int, window: int) -> None:
         super().__init__()
         self.sinks = check_int("sinks", sinks, minimum=0)
-        self.window = check_int("window", window)
+        self.window = check_int("window", window, 1)
         self.sink_k = self.sink_v = None  # unrotated [B, Hkv, <= sinks, D]
         self.k, self.v = _Ring(self.window), _Ring(self.window)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.common import check_int
+from .._checks import check_int
 
 
 def chunk_starts(length: int, chunk_len: int, overlap: int) -> list[int]:
@@ -29,7 +29,7 @@ def chunk_starts(length: int, chunk_len: int, overlap: int) -> list[int]:
 
 def chunked_forward(model, tokens: torch.Tensor, chunk_len: int, overlap: int) -> torch.Tensor:
     """model(tokens (B, n)) -> (B, n, ...) on chunks; returns (B, N, ...) stitched (see module docstring)."""
-    check_int("chunk_len", chunk_len)
+    check_int("chunk_len", chunk_len, 1)
     check_int("overlap", overlap, minimum=0)
     if 2 * overlap >= chunk_len:
         raise ValueError(f"overlap ({overlap}) must be less than half of chunk_len ({chunk_len})")

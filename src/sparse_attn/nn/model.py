@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..ops.common import check_int
+from .._checks import check_int
 from ..ops.mechanisms import Mechanism, as_mechanism
 from ..patterns import Band, Pattern
 from ..patterns.grid import UNBOUNDED
@@ -139,7 +139,7 @@ class _Stack(nn.Module):
 
     def advance(self, steps: int = 1) -> None:
         """Count optimizer steps (the warm-up schedule reads them)."""
-        self.train_step += check_int("steps", steps)
+        self.train_step += check_int("steps", steps, 1)
 
     def _apply_warmup(self, dense: str) -> None:
         weight = self.cfg.sparse_weight(int(self.train_step))
@@ -273,7 +273,7 @@ class SparseCausalLM(_Stack):
                 or temperature < 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if top_k is not None:
-            check_int("top_k", top_k)
+            check_int("top_k", top_k, 1)
         if lengths is not None:
             lengths = torch.tensor(_check_lengths(lengths, prompt), device=prompt.device)[:, None]  # [B, 1]
         start = prompt.shape[1] if lengths is None else int(lengths.min())

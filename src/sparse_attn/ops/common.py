@@ -1,5 +1,6 @@
-"""Argument checks and numerics shared by the op folders (linear, performer, topk, lsh, routing):
-one wording for every error, one rule for the accumulation dtype, one masked softmax."""
+"""Tensor checks and numerics shared by the op folders (linear, performer, topk, lsh, routing):
+one wording for every error, one rule for the accumulation dtype, one masked softmax. Scalar
+arguments (ints, bools, fractions) are checked by `sparse_attn._checks`."""
 
 from __future__ import annotations
 
@@ -7,23 +8,9 @@ import torch
 
 from ..backends.inputs import check_scale, check_tensor
 
-__all__ = ["check_int", "check_bool", "check_scale", "check_tensor", "check_self_attention_qkv", "accumulation_dtype",
+__all__ = ["check_scale", "check_tensor", "check_self_attention_qkv", "accumulation_dtype",
            "softmax_with_lse", "check_key_padding_mask"]
 
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """`value` as an int >= minimum; TypeError for non-ints (bools included), ValueError below."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
-    return value
 
 def check_self_attention_qkv(q, k, v):
     """Self-attention shapes with GQA: q [B, Hq, N, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv].

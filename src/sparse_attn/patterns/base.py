@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from .._checks import check_int
 from .grid import EMPTY, FULL, PARTIAL, BlockGrid, BlockSet
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,15 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
 # Elements evaluated at once when a block must be inspected element by element.
 _EVAL_BUDGET = 1 << 22
 _LAYOUT_CACHE_SIZE = 32
-
-
-def _check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        expected = "a non-negative int" if allow_zero else "a positive int (>= 1)"
-        raise ValueError(f"{name} must be {expected}, got {value}")
-    return value
 
 
 class Pattern(ABC):
@@ -189,10 +181,10 @@ class Pattern(ABC):
         return self.num_heads
 
     def _grid(self, q_len, kv_len, q_offset, block_q, block_kv, device) -> BlockGrid:
-        q_len = _check_positive_int("q_len", q_len, allow_zero=True)
-        kv_len = q_len if kv_len is None else _check_positive_int("kv_len", kv_len, allow_zero=True)
-        block_q = _check_positive_int("block_q", block_q)
-        block_kv = _check_positive_int("block_kv", block_kv)
+        q_len = check_int("q_len", q_len, 0)
+        kv_len = q_len if kv_len is None else check_int("kv_len", kv_len, 0)
+        block_q = check_int("block_q", block_q, 1)
+        block_kv = check_int("block_kv", block_kv, 1)
         if q_offset is None:
             if q_len > kv_len:
                 raise ValueError(
@@ -200,7 +192,7 @@ class Pattern(ABC):
                     "pass q_offset (the position of the first query) explicitly"
                 )
             q_offset = kv_len - q_len
-        q_offset = _check_positive_int("q_offset", q_offset, allow_zero=True)
+        q_offset = check_int("q_offset", q_offset, 0)
         device = torch.device("cpu") if device is None else device
         return BlockGrid(q_len, kv_len, q_offset, block_q, block_kv, device)
 

@@ -10,14 +10,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .base import DisjointUnion, Pattern, PerHead, _check_positive_int
+from .._checks import check_bool, check_int
+from .base import DisjointUnion, Pattern, PerHead
 from .primitives import Band, BlockCells, Columns, IndexSet, Predicate, Rows, Segments
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return value
 
 
 def full() -> Pattern:
@@ -37,8 +32,8 @@ def sliding_window(window: int, causal: bool = True) -> Pattern:
     * non-causal (Longformer's `attention_window`): query i sees i-W//2 .. i+W//2, i.e. itself and
       W//2 keys on each side (W+1 keys for even W).
     """
-    _check_bool("causal", causal)
-    window = _check_positive_int("window", window)
+    check_bool("causal", causal)
+    window = check_int("window", window, 1)
     name = f"sliding_window({window}, causal={causal})"
     return Band(0, window - 1, name=name) if causal else Band(-(window // 2), window // 2, name=name)
 
@@ -50,9 +45,9 @@ def dilated(window: int, dilation: int, causal: bool = True) -> Pattern:
     * non-causal: i + t*r for t in [-window//2, window//2].
     With dilation 1 this is `sliding_window`.
     """
-    _check_bool("causal", causal)
-    window = _check_positive_int("window", window)
-    dilation = _check_positive_int("dilation", dilation)
+    check_bool("causal", causal)
+    window = check_int("window", window, 1)
+    dilation = check_int("dilation", dilation, 1)
     name = f"dilated({window}, {dilation}, causal={causal})"
     if causal:
         return Band(0, (window - 1) * dilation, dilation, name=name)
@@ -64,8 +59,8 @@ def strided(stride: int, causal: bool = True) -> Pattern:
     """Sparse Transformer's strided pattern (Child et al. 2019): query i sees the previous
     `stride` keys (i - j < stride) and every key j with (i - j) % stride == 0.
     Non-causal: |i - j| < stride or (i - j) % stride == 0."""
-    _check_bool("causal", causal)
-    stride = _check_positive_int("stride", stride)
+    check_bool("causal", causal)
+    stride = check_int("stride", stride, 1)
     # Built from disjoint parts (local; multiples of the stride beyond it) so sparse_attention
     # can run the strided part by residue classes and merge: O(N*stride + N^2/stride) work.
     if causal:
@@ -79,9 +74,9 @@ def strided(stride: int, causal: bool = True) -> Pattern:
 def fixed(block: int, summary: int = 1, causal: bool = True) -> Pattern:
     """Sparse Transformer's fixed pattern: query i sees keys in its own block of `block`
     positions, plus the last `summary` positions of every block (the "summary" cells)."""
-    _check_bool("causal", causal)
-    block = _check_positive_int("block", block)
-    summary = _check_positive_int("summary", summary)
+    check_bool("causal", causal)
+    block = check_int("block", block, 1)
+    summary = check_int("summary", summary, 1)
     if summary > block:
         raise ValueError(f"summary must be <= block ({block}), got {summary}")
     pattern = Segments(size=block) | Columns(IndexSet(period=block, width=summary))
@@ -92,7 +87,7 @@ def _global_index_set(global_tokens, causal: bool = False) -> IndexSet:
     if isinstance(global_tokens, bool):
         raise TypeError("global_tokens must be an int (the first n tokens) or a sequence of indices, got bool")
     if isinstance(global_tokens, int):
-        _check_positive_int("global_tokens", global_tokens, allow_zero=True)
+        check_int("global_tokens", global_tokens, 0)
         # encoder: like the list form, the positions must exist; causal: a sequence that is
         # still growing (a short prompt) has the first min(n, length) as globals, as sinks do
         return IndexSet(prefix=global_tokens, named=not causal)
@@ -116,7 +111,7 @@ def longformer(window: int, global_tokens=0, causal: bool = False) -> Pattern:
     tokens, as attention sinks do, so a decoder can start from a short prompt.
     With causal=True the window is causal (W keys up to i) and everything is clipped to j <= i.
     """
-    _check_bool("causal", causal)
+    check_bool("causal", causal)
     globals_ = _global_index_set(global_tokens, causal)
     local = sliding_window(window, causal=causal)
     pattern = local | Rows(globals_) | Columns(globals_)
@@ -130,8 +125,8 @@ def streaming(sinks: int, window: int) -> Pattern:
     A sequence shorter than `sinks` is all sinks (as StreamingLLM's cache, which keeps the
     first min(sinks, seen) tokens): a short prompt must decode with the same pattern as a long
     one, so this is accepted, unlike Longformer's global count, which names positions."""
-    sinks = _check_positive_int("sinks", sinks, allow_zero=True)
-    window = _check_positive_int("window", window)
+    sinks = check_int("sinks", sinks, 0)
+    window = check_int("window", window, 1)
     return (Columns(IndexSet(prefix=sinks)) & Band(0, None, name="causal()")) | sliding_window(window, causal=True)
 
 
@@ -153,8 +148,8 @@ def block_sparse(layout, block_size: int | tuple[int, int]) -> Pattern:
     if layout.dim() not in (2, 3):
         raise ValueError(f"layout must have shape (H, NQB, NKB) or (NQB, NKB), got shape {tuple(layout.shape)}")
     cell_q, cell_kv = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    _check_positive_int("block_size", cell_q)
-    _check_positive_int("block_size", cell_kv)
+    check_int("block_size", cell_q, 1)
+    check_int("block_size", cell_kv, 1)
     per_head = layout.dim() == 3
     cells = layout if per_head else layout[None]
     h, r, c = cells.detach().cpu().ne(0).nonzero(as_tuple=True)
@@ -179,7 +174,7 @@ def bigbird(block: int, num_window_blocks: int = 3, num_global_blocks: int = 2, 
     blocks before the window, and inside its own block a query sees keys <= itself.
     """
     return BigBird(block, num_window_blocks, num_global_blocks, num_random_blocks, seed, num_heads,
-                   _check_bool("causal", causal))
+                   check_bool("causal", causal))
 
 
 class BigBird(Pattern):
@@ -187,14 +182,12 @@ class BigBird(Pattern):
                  causal=False):
         super().__init__()
         self.causal = causal
-        self.block = _check_positive_int("block", block)
-        self.num_window_blocks = _check_positive_int("num_window_blocks", num_window_blocks)
-        self.num_global_blocks = _check_positive_int("num_global_blocks", num_global_blocks, allow_zero=True)
-        self.num_random_blocks = _check_positive_int("num_random_blocks", num_random_blocks, allow_zero=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.seed = seed
-        self.num_heads = None if num_heads is None else _check_positive_int("num_heads", num_heads)
+        self.block = check_int("block", block, 1)
+        self.num_window_blocks = check_int("num_window_blocks", num_window_blocks, 1)
+        self.num_global_blocks = check_int("num_global_blocks", num_global_blocks, 0)
+        self.num_random_blocks = check_int("num_random_blocks", num_random_blocks, 0)
+        self.seed = check_int("seed", seed)
+        self.num_heads = None if num_heads is None else check_int("num_heads", num_heads, 1)
         self._cells: dict[int, Pattern] = {}
 
     def cells(self, length: int) -> Pattern:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..ops.common import check_int
+from .._checks import check_int
 
 _CONSONANTS = "bcdfghjklmnprstvz"
 _VOWELS = "aeiou"
@@ -63,7 +63,7 @@ def _record(rng: random.Random, index: int) -> str:
 
 def synthetic_corpus(num_bytes: int = 2_000_000, seed: int = 0) -> bytes:
     """`num_bytes` bytes of records (see the module docstring); the same seed, the same text."""
-    check_int("num_bytes", num_bytes)
+    check_int("num_bytes", num_bytes, 1)
     rng = random.Random(seed)
     parts, size, index = [], 0, 0
     while size < num_bytes:
@@ -78,7 +78,7 @@ def stdlib_corpus(num_bytes: int = 2_000_000) -> bytes:
     """The first `num_bytes` bytes of this Python's standard library sources (the .py files
     under the stdlib folder, in sorted order): real text that is on every machine, though it
     differs between Python versions."""
-    check_int("num_bytes", num_bytes)
+    check_int("num_bytes", num_bytes, 1)
     root = Path(random.__file__).resolve().parent
     out, size = [], 0
     for path in sorted(root.glob("*.py")):

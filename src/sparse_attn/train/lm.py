@@ -21,7 +21,7 @@ import torch
 
 from .._extras import figure, progress
 from ..nn import ModelConfig, SparseCausalLM
-from ..ops.common import check_int
+from .._checks import check_int
 from .corpus import TokenData
 
 
@@ -45,7 +45,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches"):
-            check_int(name, getattr(self, name))
+            check_int(name, getattr(self, name), 1)
         check_int("lr_warmup", self.lr_warmup, minimum=0)
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")

@@ -35,7 +35,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._common import check_int, seed_to_int
+from ..._checks import check_bool, check_int
+from ._common import seed_to_int
 
 __all__ = [
     "LISTOPS_OPERATORS",
@@ -151,7 +152,7 @@ def _as_random(seed: int | torch.Generator | random.Random) -> random.Random:
 
 
 def _check_shape_limits(max_depth, max_args) -> tuple[int, int]:
-    return check_int(max_depth, "max_depth", 1), check_int(max_args, "max_args", 2)
+    return check_int("max_depth", max_depth, 1), check_int("max_args", max_args, 2)
 
 
 def generate_listops_tree(
@@ -310,22 +311,21 @@ def listops_dataset(
         raise ValueError(f"split must be one of {list(LISTOPS_SPLIT_SIZES)}, got {split!r}")
     if num_examples is None:
         num_examples = LISTOPS_SPLIT_SIZES[split]
-    num_examples = check_int(num_examples, "num_examples", 1)
+    num_examples = check_int("num_examples", num_examples, 1)
     if split != "train" and num_examples > LISTOPS_SPLIT_SIZES[split]:
         raise ValueError(
             f"num_examples for split {split!r} must be <= {LISTOPS_SPLIT_SIZES[split]} (the split's "
             f"size: more would overlap the next split of the stream), got {num_examples}"
         )
     max_depth, max_args = _check_shape_limits(max_depth, max_args)
-    min_length = check_int(min_length, "min_length", 0)
-    max_length = check_int(max_length, "max_length", min_length + 2)
+    min_length = check_int("min_length", min_length, 0)
+    max_length = check_int("max_length", max_length, min_length + 2)
     if min_length + 1 > _max_tree_length(max_depth, max_args):
         raise ValueError(
             f"min_length must be below {_max_tree_length(max_depth, max_args)} (the longest tree "
             f"with max_depth={max_depth}, max_args={max_args}), got {min_length}"
         )
-    if not isinstance(prepend_cls, bool):
-        raise TypeError(f"prepend_cls must be a bool, got {type(prepend_cls).__name__}")
+    check_bool("prepend_cls", prepend_cls)
 
     offset = 0
     for name in _STREAM_ORDER[: _STREAM_ORDER.index(split)]:

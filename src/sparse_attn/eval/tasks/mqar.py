@@ -35,7 +35,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._common import check_int, torch_generator
+from ..._checks import check_bool, check_int
+from ._common import torch_generator
 
 __all__ = ["MQAR_IGNORE_INDEX", "MQARData", "mqar_dataset", "mqar_vocab_ranges"]
 
@@ -52,7 +53,7 @@ class MQARData(NamedTuple):
 
 def mqar_vocab_ranges(vocab_size: int) -> tuple[range, range]:
     """(keys, values): the token ranges keys and values are drawn from (0 is never a key)."""
-    vocab_size = check_int(vocab_size, "vocab_size", 2)
+    vocab_size = check_int("vocab_size", vocab_size, 2)
     return range(1, vocab_size // 2), range(vocab_size // 2, vocab_size)
 
 
@@ -72,9 +73,9 @@ def mqar_dataset(
     `power_a=0.01`); the paper varies the length from 64 to 512 and the pairs from 4 to 64.
     Train with `cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)`.
     """
-    num_examples = check_int(num_examples, "num_examples", 1)
-    num_kv_pairs = check_int(num_kv_pairs, "num_kv_pairs", 1)
-    input_seq_len = check_int(input_seq_len, "input_seq_len", 2)
+    num_examples = check_int("num_examples", num_examples, 1)
+    num_kv_pairs = check_int("num_kv_pairs", num_kv_pairs, 1)
+    input_seq_len = check_int("input_seq_len", input_seq_len, 2)
     if input_seq_len < 4 * num_kv_pairs:
         raise ValueError(
             f"input_seq_len must be >= 4 * num_kv_pairs = {4 * num_kv_pairs} (the pairs, then a distinct "
@@ -82,7 +83,7 @@ def mqar_dataset(
         )
     if input_seq_len % 2:
         raise ValueError(f"input_seq_len must be even (queries sit on even slots), got {input_seq_len}")
-    vocab_size = check_int(vocab_size, "vocab_size", 2)
+    vocab_size = check_int("vocab_size", vocab_size, 2)
     key_range, value_range = mqar_vocab_ranges(vocab_size)
     if len(key_range) < num_kv_pairs:
         raise ValueError(
@@ -93,8 +94,7 @@ def mqar_dataset(
         raise TypeError(f"power_a must be a float, got {type(power_a).__name__}")
     if not power_a > 0:
         raise ValueError(f"power_a must be > 0 (1 means uniform gaps), got {power_a}")
-    if not isinstance(random_non_queries, bool):
-        raise TypeError(f"random_non_queries must be a bool, got {type(random_non_queries).__name__}")
+    check_bool("random_non_queries", random_non_queries)
     generator = torch_generator(seed)
 
     context_len = 2 * num_kv_pairs

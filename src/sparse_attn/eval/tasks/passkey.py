@@ -32,7 +32,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._common import check_fraction, check_int, torch_generator
+from ..._checks import check_fraction, check_int
+from ._common import torch_generator
 
 __all__ = [
     "PASSKEY_VOCAB_SIZE",
@@ -91,7 +92,7 @@ def decode_bytes(tokens: torch.Tensor) -> str:
 
 def passkey_min_length(digits: int = 5) -> int:
     """The shortest sequence with a `digits`-digit passkey: the prompt with no filler at all."""
-    digits = check_int(digits, "digits", 1, _MAX_DIGITS)
+    digits = check_int("digits", digits, 1, _MAX_DIGITS)
     return _fixed_length(digits)
 
 
@@ -121,16 +122,16 @@ def passkey_batch(
     (`randint(0, n_filler)` characters). Passkeys are uniform over the `digits`-digit numbers.
     Returns `(tokens [N, L], answer_start, answer [N, digits], key_positions [N])`.
     """
-    num_examples = check_int(num_examples, "num_examples", 1)
-    digits = check_int(digits, "digits", 1, _MAX_DIGITS)
-    length_tokens = check_int(length_tokens, "length_tokens", 1)
+    num_examples = check_int("num_examples", num_examples, 1)
+    digits = check_int("digits", digits, 1, _MAX_DIGITS)
+    length_tokens = check_int("length_tokens", length_tokens, 1)
     if length_tokens < _fixed_length(digits):
         raise ValueError(
             f"length_tokens must be >= {_fixed_length(digits)} (the prompt with no filler and a "
             f"{digits}-digit answer), got {length_tokens}"
         )
     if depth is not None:
-        depth = check_fraction(depth, "depth")
+        depth = check_fraction("depth", depth)
     generator = torch_generator(seed)
     filler_chars = length_tokens - _fixed_length(digits)
     filler = _filler(filler_chars)

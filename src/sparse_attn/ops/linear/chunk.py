@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..._checks import check_bool
 from ...backends.inputs import check_qkv as check_sdpa_qkv
 from ..common import accumulation_dtype, check_key_padding_mask  # noqa: F401 (accumulation_dtype: naive/recurrent)
 
@@ -64,8 +65,7 @@ def _shape(t: torch.Tensor) -> str:
 def check_qkv(q, k, v, *, causal) -> None:
     """Shapes as SDPA (backends.inputs.check_qkv), plus causal's q_len <= kv_len."""
     check_sdpa_qkv(q, k, v)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    check_bool("causal", causal)
     if causal and q.shape[2] > k.shape[2]:
         raise ValueError(f"causal attention needs q_len <= kv_len (queries are the last positions), got "
                          f"q_len={q.shape[2]} > kv_len={k.shape[2]}")
@@ -267,8 +267,7 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, chunk_size=64,
     check_eps(eps)
     if initial_state is not None and not causal:
         raise ValueError("initial_state continues a causal sequence; it needs causal=True")
-    if not isinstance(return_state, bool):
-        raise TypeError(f"return_state must be a bool, got {return_state!r}")
+    check_bool("return_state", return_state)
     acc = accumulation_dtype(q.dtype)
     q_acc, k_acc, v_acc = q.to(acc), k.to(acc), v.to(acc)
     phi_q = apply_feature_map(phi, q_acc, "q")

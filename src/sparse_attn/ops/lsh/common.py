@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..common import (accumulation_dtype, check_bool, check_int, check_scale,  # noqa: F401 (lsh's modules import them here)
+from ..._checks import check_bool, check_int
+from ..common import (accumulation_dtype, check_scale,  # noqa: F401 (lsh's modules import them here)
                       check_self_attention_qkv, softmax_with_lse)
 
 

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from ..._checks import check_bool
 from ..common import accumulation_dtype, check_scale
 from ..linear.chunk import check_chunk_size, check_eps, check_qkv, drop_padded_keys, linear_attention_features
 from .features import KERNELS, PerformerFeatures, _check_generator
@@ -58,8 +59,7 @@ def resolve_features(head_dim, *, num_features, kernel, orthogonal, generator, f
         raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if not isinstance(orthogonal, bool):
-        raise TypeError(f"orthogonal must be a bool, got {orthogonal!r}")
+    check_bool("orthogonal", orthogonal)
     return PerformerFeatures(head_dim, num_features, kernel, orthogonal, _check_generator(generator), device=device)
 
 

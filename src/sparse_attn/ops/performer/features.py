@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from ..._checks import check_bool
+
 KERNELS = ("softmax", "relu")
 
 __all__ = ["KERNELS", "PerformerFeatures", "draw_projection", "softmax_kernel_estimate"]
@@ -89,8 +91,7 @@ class PerformerFeatures:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        if not isinstance(orthogonal, bool):
-            raise TypeError(f"orthogonal must be a bool, got {orthogonal!r}")
+        check_bool("orthogonal", orthogonal)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.head_dim = head_dim
@@ -148,8 +149,7 @@ class PerformerFeatures:
         Softmax kernel: stabilised by a max subtracted before exp, per row for queries (cancels
         in each row's normalisation), over all rows and features of the leading dims for keys (a
         constant per head, cancels too). The result is phi(x) up to that positive factor."""
-        if not isinstance(is_query, bool):
-            raise TypeError(f"is_query must be a bool, got {is_query!r}")
+        check_bool("is_query", is_query)
         if self.kernel == "relu":
             return torch.relu(self.projected(x)) / math.sqrt(self.num_features)
         logs = self.log_features(x)

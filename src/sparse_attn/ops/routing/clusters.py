@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..common import check_bool, check_int, check_scale, check_self_attention_qkv
+from ..._checks import check_bool, check_int
+from ..common import check_scale, check_self_attention_qkv
 from .kmeans import RoutingCentroids, initial_centroids
 
 
@@ -94,5 +95,5 @@ def member_masks(members, seq_len):
 def routing_sizes(seq_len: int) -> dict:
     """Roy et al.'s sizing for a sequence of seq_len tokens: about sqrt(N) / 2 clusters of
     N / clusters tokens each: {"num_clusters", "window"} for routing_attention."""
-    clusters = max(1, round(check_int("seq_len", seq_len) ** 0.5 / 2))
+    clusters = max(1, round(check_int("seq_len", seq_len, 1) ** 0.5 / 2))
     return {"num_clusters": clusters, "window": -(-seq_len // clusters)}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..common import check_int
+from ..._checks import check_int
 
 
 class RoutingCentroids(torch.nn.Module):

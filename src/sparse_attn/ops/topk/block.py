@@ -45,7 +45,8 @@ from ...patterns import BlockCells, BlockLayout, Pattern, Segments
 from ...patterns.grid import BlockGrid
 from ...patterns import causal as causal_pattern
 from ...patterns import full as full_pattern
-from ..common import accumulation_dtype, check_bool, check_int
+from ..._checks import check_bool, check_int
+from ..common import accumulation_dtype
 from ..sparse import sparse_attention
 
 
@@ -83,8 +84,8 @@ def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, top_k_blocks: int, block_
     """
     _, q_offset, _ = check_inputs(q, k, k, causal_pattern() if check_bool("causal", causal) else full_pattern(),
                                   None, q_offset, "auto")
-    check_int("top_k_blocks", top_k_blocks)
-    check_int("block_size", block_size)
+    check_int("top_k_blocks", top_k_blocks, 1)
+    check_int("block_size", block_size, 1)
     bsz, hq, nq, d = q.shape
     hkv, nkv = k.shape[1], k.shape[2]
     group = hq // hkv

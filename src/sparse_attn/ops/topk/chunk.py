@@ -34,7 +34,8 @@ from torch.autograd.function import once_differentiable
 from ...backends.inputs import check_inputs
 from ...patterns import causal as causal_pattern
 from ...patterns import full as full_pattern
-from ..common import accumulation_dtype, check_bool, check_int, check_key_padding_mask
+from ..._checks import check_bool, check_int
+from ..common import accumulation_dtype, check_key_padding_mask
 
 # Elements of one chunk's score block (and of its gathered keys + values): 64 MiB in fp32.
 SCORE_BLOCK_ELEMENTS = 1 << 24
@@ -210,9 +211,9 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int
     """
     pattern = causal_pattern() if check_bool("causal", causal) else full_pattern()
     _, q_offset, scale = check_inputs(q, k, v, pattern, scale, q_offset, "auto")
-    check_int("top_k", top_k)
+    check_int("top_k", top_k, 1)
     if chunk_size is not None:
-        check_int("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size, 1)
     if key_padding_mask is None:
         return _TopkAttention.apply(q, k, v, _Geometry(q, k, v, top_k, causal, q_offset, chunk_size), scale)
     key_real = check_key_padding_mask(key_padding_mask, k)

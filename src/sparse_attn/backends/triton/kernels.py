@@ -337,11 +337,14 @@ def block_sparse_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_base, stat_base,
-                stride_qn, stride_don, Lse2, Delta, kv_col_in_block, qk_scale, q_len,
+def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_base, dq_base, stat_base,
+                stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block, qk_scale, scale, q_len, kv_len,
                 LBQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
-                IS_PARTIAL: tl.constexpr, EVEN_Q: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
+                EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                FUSED_DQ: tl.constexpr):
+    """dK/dV of one kv tile over a run of transposed-CSR tiles; with FUSED_DQ also each tile
+    pair's dQ share (dS K * scale), added atomically in fp32 at dq_base."""
     TILES: tl.constexpr = LBQ // BM
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -360,118 +363,26 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
             rows = row0 + tl.arange(0, BM)
             keep = _mask_bits(bits_ptr + entry * (LBQ * WORDS), rows[None, :], kv_col_in_block[:, None], WORDS)
             pt = tl.where(keep, pt, 0.0)
-        dv += _dot(pt.to(do.dtype), do, IEEE)
-        dpt = _dot(v, tl.trans(do), IEEE)  # [BN, BM] = dP^T
-        dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(q.dtype), q, IEEE)
-    return dk, dv
-
-
-@triton.jit
-def block_sparse_bwd_dkdv_kernel(
-    Q, K, V, DO, GradK, GradV, Lse2, Delta,
-    tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, part_bits, kv_block_order,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    stride_lb, stride_lh,
-    qk_scale, scale, q_len, kv_len, num_kv_heads, group_size, num_kv_blocks,
-    PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
-    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-):
-    kt, bh = _program_tile(kv_block_order, num_kv_blocks, HEADS_FASTEST, LBK // BN)
-    b = (bh // num_kv_heads).to(tl.int64)
-    hk = bh % num_kv_heads
-    n0 = kt * BN
-    kv_block = n0 // LBK
-    TILES: tl.constexpr = LBQ // BM
-
-    offs_n = n0 + tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
-    offs_dv = tl.arange(0, BDV)
-    hk64 = hk.to(tl.int64)
-    k = _load_rows(K + b * stride_kb + hk64 * stride_kh, offs_n, stride_kn, offs_d, kv_len, D, BD, EVEN_KV, UPCAST)
-    v = _load_rows(V + b * stride_vb + hk64 * stride_vh, offs_n, stride_vn, offs_dv, kv_len, DV, BDV, EVEN_KV,
-                   UPCAST)
-    kv_col_in_block = n0 % LBK + tl.arange(0, BN)
-
-    dk = tl.zeros([BN, BD], dtype=tl.float32)
-    dv = tl.zeros([BN, BDV], dtype=tl.float32)
-    for g in range(0, group_size):  # every query head reading this kv head, in order: deterministic sums
-        h = (hk * group_size + g).to(tl.int64)
-        col = kv_block
-        if PER_HEAD:
-            col += h * num_kv_blocks
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        stat_base = b * stride_lb + h * stride_lh
-        f0 = tl.load(tfull_off + col) * TILES
-        f1 = tl.load(tfull_off + col + 1) * TILES
-        dk, dv = _dkdv_tiles(dk, dv, k, v, f0, f1, tfull_idx, tpart_mask, part_bits, q_base, do_base, stat_base,
-                             stride_qn, stride_don, Lse2, Delta, kv_col_in_block, qk_scale, q_len,
-                             LBQ, BM, BN, BD, BDV, D, DV, WORDS, False, EVEN_Q, IEEE, UPCAST)
-        p0 = tl.load(tpart_off + col) * TILES
-        p1 = tl.load(tpart_off + col + 1) * TILES
-        dk, dv = _dkdv_tiles(dk, dv, k, v, p0, p1, tpart_idx, tpart_mask, part_bits, q_base, do_base, stat_base,
-                             stride_qn, stride_don, Lse2, Delta, kv_col_in_block, qk_scale, q_len,
-                             LBQ, BM, BN, BD, BDV, D, DV, WORDS, True, EVEN_Q, IEEE, UPCAST)
-    in_kv = offs_n[:, None] < kv_len
-    rows = offs_n[:, None].to(tl.int64)
-    dk_ptrs = GradK + b * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * scale).to(GradK.dtype.element_ty), mask=in_kv & (offs_d[None, :] < D))
-    dv_ptrs = GradV + b * stride_dvb + hk64 * stride_dvh + rows * stride_dvn + offs_dv[None, :]
-    tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=in_kv & (offs_dv[None, :] < DV))
-
-
-# ------------------------------------------------------------ backward, fused (one pass)
-@triton.jit
-def _fused_bwd_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_base, dq_base, stat_base,
-                     stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block, qk_scale, scale,
-                     q_len, kv_len,
-                     LBQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                     D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
-                     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """_dkdv_tiles plus each tile pair's dQ partial (dS K * scale), added atomically in fp32."""
-    TILES: tl.constexpr = LBQ // BM
-    offs_d = tl.arange(0, BD)
-    offs_dv = tl.arange(0, BDV)
-    for t in range(t0, t1):
-        j = t // TILES  # transposed-CSR entry
-        qb = tl.load(idx_ptr + j)
-        row0 = (t % TILES) * BM
-        offs_m = qb * LBQ + row0 + tl.arange(0, BM)  # [BM] query rows
-        q = _load_rows(q_base, offs_m, stride_qn, offs_d, q_len, D, BD, EVEN_Q, UPCAST)  # [BM, BD]
-        do = _load_rows(do_base, offs_m, stride_don, offs_dv, q_len, DV, BDV, EVEN_Q, UPCAST)  # [BM, BDV]
-        lse2, delta = _load_row_stats(Lse2, Delta, stat_base + offs_m, offs_m, q_len, EVEN_Q)
-        st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM] = S^T
-        pt = tl.exp2(st - lse2[None, :])
-        if IS_PARTIAL:
-            entry = tl.load(entry_ptr + j).to(tl.int64)  # the packed mask (row of bits) of this block
-            rows = row0 + tl.arange(0, BM)
-            keep = _mask_bits(bits_ptr + entry * (LBQ * WORDS), rows[None, :], kv_col_in_block[:, None], WORDS)
-            pt = tl.where(keep, pt, 0.0)
-        elif not EVEN_KV:
+        elif FUSED_DQ and not EVEN_KV:
             # keys past kv_len (zero rows of k) must not reach dQ: exp2(0 - lse2) can overflow
+            # (dK/dV of those rows are never stored)
             pt = tl.where((offs_n < kv_len)[:, None], pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, IEEE)
         dpt = _dot(v, tl.trans(do), IEEE)  # [BN, BM] = dP^T
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)  # [BN, BM] = dS^T
         dk += _dot(dst, q, IEEE)
-        dq = _dot(tl.trans(dst), k, IEEE) * scale  # [BM, BD], this kv tile's share of dQ
-        dq_ptrs = dq_base + offs_m[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
-        if EVEN_Q and D == BD:
-            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
-        else:
-            tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), sem="relaxed")
+        if FUSED_DQ:
+            dq = _dot(tl.trans(dst), k, IEEE) * scale  # [BM, BD], this kv tile's share of dQ
+            dq_ptrs = dq_base + offs_m[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
+            if EVEN_Q and D == BD:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def block_sparse_bwd_fused_kernel(
+def block_sparse_bwd_dkdv_kernel(
     Q, K, V, DO, GradQAcc, GradK, GradV, Lse2, Delta,
     tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, part_bits, kv_block_order,
     stride_qb, stride_qh, stride_qn,
@@ -485,11 +396,12 @@ def block_sparse_bwd_fused_kernel(
     qk_scale, scale, q_len, kv_len, num_kv_heads, group_size, num_kv_blocks,
     PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
-    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
-    """One pass: the dk/dv kernel's walk (one program per (kv tile, batch * kv head), every
-    query head of the GQA group, the transposed layout), which also adds each tile pair's dQ
-    share into GradQAcc (fp32, zero-filled, [B, Hq, Nq, D], scale already applied)."""
+    """One program per (kv tile, batch * kv head), walking the transposed layout for every query
+    head of the GQA group (in order: deterministic dK/dV sums). FUSED_DQ: the one-pass backward,
+    which also adds each tile pair's dQ share into GradQAcc (fp32, zero-filled, [B, Hq, Nq, D],
+    scale applied); otherwise GradQAcc is unused and dQ comes from the dq kernel."""
     kt, bh = _program_tile(kv_block_order, num_kv_blocks, HEADS_FASTEST, LBK // BN)
     b = (bh // num_kv_heads).to(tl.int64)
     hk = bh % num_kv_heads
@@ -508,7 +420,7 @@ def block_sparse_bwd_fused_kernel(
 
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BDV], dtype=tl.float32)
-    for g in range(0, group_size):
+    for g in range(0, group_size):  # every query head reading this kv head, in order
         h = (hk * group_size + g).to(tl.int64)
         col = kv_block
         if PER_HEAD:
@@ -519,16 +431,16 @@ def block_sparse_bwd_fused_kernel(
         stat_base = b * stride_lb + h * stride_lh
         f0 = tl.load(tfull_off + col) * TILES
         f1 = tl.load(tfull_off + col + 1) * TILES
-        dk, dv = _fused_bwd_tiles(dk, dv, k, v, f0, f1, tfull_idx, tpart_mask, part_bits, q_base, do_base, dq_base,
-                                  stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block,
-                                  qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS, False, EVEN_Q,
-                                  EVEN_KV, IEEE, UPCAST)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, f0, f1, tfull_idx, tpart_mask, part_bits, q_base, do_base, dq_base,
+                             stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block,
+                             qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS, False, EVEN_Q,
+                             EVEN_KV, IEEE, UPCAST, FUSED_DQ)
         p0 = tl.load(tpart_off + col) * TILES
         p1 = tl.load(tpart_off + col + 1) * TILES
-        dk, dv = _fused_bwd_tiles(dk, dv, k, v, p0, p1, tpart_idx, tpart_mask, part_bits, q_base, do_base, dq_base,
-                                  stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block,
-                                  qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS, True, EVEN_Q,
-                                  EVEN_KV, IEEE, UPCAST)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, p0, p1, tpart_idx, tpart_mask, part_bits, q_base, do_base, dq_base,
+                             stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block,
+                             qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS, True, EVEN_Q,
+                             EVEN_KV, IEEE, UPCAST, FUSED_DQ)
     in_kv = offs_n[:, None] < kv_len
     rows = offs_n[:, None].to(tl.int64)
     dk_ptrs = GradK + b * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :]

@@ -132,7 +132,7 @@ def block_sparse_attn_bwd(
     scale: float, block_q: int, block_kv: int, per_head: bool, q_heads_fastest: bool, kv_heads_fastest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtypes. Deterministic: no atomics (see kernels.py)."""
-    from .kernels import block_sparse_bwd_dkdv_kernel, block_sparse_bwd_dq_kernel
+    from .kernels import block_sparse_bwd_dq_kernel
 
     q, k, v, out, dout = (_rows_contiguous(t) for t in (q, k, v, out, dout))
     bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv)
@@ -154,25 +154,39 @@ def block_sparse_attn_bwd(
         PER_HEAD=per_head, HEADS_FASTEST=q_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, **flags,
         **_launch_opts(cfg),
     )
-    cfg = tile_config(padded, "dkdv", block_q, block_kv, interpreted=interpreting(),
-                      element_size=q.element_size())
-    block_sparse_bwd_dkdv_kernel[_grid(-(-nkv // block_kv) * (block_kv // cfg.block_n), bsz * hkv, kv_heads_fastest)](
-        q, k, v, dout, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, bits,
-        kv_block_order,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
-        lse2.stride(0), lse2.stride(1),
-        *common, hkv, hq // hkv, -(-nkv // block_kv),
-        PER_HEAD=per_head, HEADS_FASTEST=kv_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, **flags,
-        **_launch_opts(cfg),
-    )
+    _launch_dkdv("dkdv", None, q, k, v, dout, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx,
+                 tpart_mask, bits, kv_block_order, scale, block_q, block_kv, per_head, kv_heads_fastest)
     return dq, dk, dvv
 
 
 @block_sparse_attn_bwd.register_fake
 def _(dout, dlse, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _launch_dkdv(phase, dq_acc, q, k, v, dout, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx,
+                 tpart_mask, bits, kv_block_order, scale, block_q, block_kv, per_head, kv_heads_fastest):
+    """The dk/dv kernel over the transposed layout; with `dq_acc` (fp32 [B, Hq, Nq, D]) it also
+    adds dQ atomically there (phase "fused": the one-pass backward), else phase "dkdv"."""
+    from .kernels import block_sparse_bwd_dkdv_kernel
+
+    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv)
+    cfg = tile_config(max(flags["BD"], flags["BDV"]), phase, block_q, block_kv, interpreted=interpreting(),
+                      element_size=q.element_size())
+    fused = dq_acc is not None
+    dq = dq_acc if fused else dk  # unread without FUSED_DQ: any tensor fills the slot
+    block_sparse_bwd_dkdv_kernel[_grid(-(-nkv // block_kv) * (block_kv // cfg.block_n), bsz * hkv, kv_heads_fastest)](
+        q, k, v, dout, dq, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, bits,
+        kv_block_order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
+        lse2.stride(0), lse2.stride(1),
+        scale * LOG2E, scale, nq, nkv, hkv, hq // hkv, -(-nkv // block_kv),
+        PER_HEAD=per_head, HEADS_FASTEST=kv_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, FUSED_DQ=fused, **flags,
+        **_launch_opts(cfg),
+    )
 
 
 # ------------------------------------------------------------------ backward, fused (one pass)
@@ -207,8 +221,6 @@ def block_sparse_attn_bwd_fused(
     """(dq, dk, dv) in the inputs' dtypes, in one pass over the transposed layout: dq's partial
     sums are added atomically into an fp32 buffer (not bitwise reproducible: see kernels.py),
     then converted to q's dtype. Same signature as block_sparse_attn_bwd."""
-    from .kernels import block_sparse_bwd_fused_kernel
-
     q, k, v, out, dout = (_rows_contiguous(t) for t in (q, k, v, out, dout))
     bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv)
     dk, dvv = (new_output(t.shape, t.dtype, t.device) for t in (k, v))
@@ -217,21 +229,8 @@ def block_sparse_attn_bwd_fused(
     if q.numel() == 0 or k.numel() == 0:
         return dq_acc.to(q.dtype), dk.zero_(), dvv.zero_()
     delta, lse2 = _bwd_row_stats(out, dout, lse, dlse, nq, hq, flags["BDV"], dv)
-    cfg = tile_config(max(flags["BD"], flags["BDV"]), "fused", block_q, block_kv, interpreted=interpreting(),
-                      element_size=q.element_size())
-    block_sparse_bwd_fused_kernel[_grid(-(-nkv // block_kv) * (block_kv // cfg.block_n), bsz * hkv,
-                                        kv_heads_fastest)](
-        q, k, v, dout, dq_acc, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, bits,
-        kv_block_order,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
-        lse2.stride(0), lse2.stride(1),
-        scale * LOG2E, scale, nq, nkv, hkv, hq // hkv, -(-nkv // block_kv),
-        PER_HEAD=per_head, HEADS_FASTEST=kv_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, **flags,
-        **_launch_opts(cfg),
-    )
+    _launch_dkdv("fused", dq_acc, q, k, v, dout, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx,
+                 tpart_mask, bits, kv_block_order, scale, block_q, block_kv, per_head, kv_heads_fastest)
     # the conversion: nothing to do for fp32 inputs (scale is applied in the kernel)
     return (dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)), dk, dvv
 

@@ -56,6 +56,16 @@ def time_gpu(fn, warmup_ms: float = 10, rep_ms: float = 50, slow_s: float = 0.02
     return statistics.median(samples), f"median of {len(samples)} synchronised calls"
 
 
+def bench_ms(fn) -> float:
+    """Median ms of `fn` on the GPU (one call first, then triton's do_bench): kernel tuning and
+    kernel-against-kernel comparisons."""
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
 def progress(iterable, **kwargs):
     """tqdm on stderr when installed; the bare iterable otherwise (progress is optional)."""
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, write_json  # noqa: E402
+from common import RESULTS, bench_ms, environment, write_json  # noqa: E402
 
 import sparse_attn  # noqa: E402
 from sparse_attn import patterns as P  # noqa: E402
@@ -36,14 +36,6 @@ CASES = [  # name, pattern expression, N, Hkv
     ("longformer4096_g64", "P.longformer(4096, 64)", 32768, 16),
     ("bigbird64", "P.bigbird(64, seed=0)", 16384, 16),
 ]
-
-
-def bench(fn):
-    import triton
-
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
 def main(argv=None) -> int:
@@ -76,10 +68,10 @@ def main(argv=None) -> int:
         row = {"case": name, "pattern": expr, "N": n, "H": h, "Hkv": hkv, "D": d, "allowed_pairs_total": pairs}
         grads = {}
         for label, op in (("fused", ops.block_sparse_attn_bwd_fused), ("deterministic", ops.block_sparse_attn_bwd)):
-            ms = bench(lambda: op(*bwd_args))
+            ms = bench_ms(lambda: op(*bwd_args))
             grads[label] = op(*bwd_args)
             qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-            both = bench(lambda: torch.autograd.grad(
+            both = bench_ms(lambda: torch.autograd.grad(
                 sparse_attn.sparse_attention(qq, kk, vv, layout, backend="triton",
                                              deterministic=label == "deterministic"), (qq, kk, vv), dout))
             row[f"{label}_bwd_ms"], row[f"{label}_fwd_bwd_ms"] = ms, both

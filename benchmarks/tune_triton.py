@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import bench_ms, environment, write_json  # noqa: E402
 
 import sparse_attn  # noqa: E402
 from sparse_attn import patterns as P  # noqa: E402
@@ -47,14 +47,6 @@ SMALL = {  # D=256: tiles that fit shared memory
     "dkdv": [C(32, 64, 4, 2), C(32, 128, 8, 2), C(64, 64, 8, 2), C(16, 64, 4, 3), C(32, 64, 8, 2)],
 }
 SMALL["fused"] = SMALL["dkdv"] + [C(64, 32, 8, 2)]
-
-
-def bench(fn):
-    import triton
-
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
 def main(argv=None) -> int:
@@ -86,7 +78,7 @@ def main(argv=None) -> int:
             for cfg in (SMALL if d > 128 else CANDIDATES)[phase]:
                 table[phase] = cfg
                 try:
-                    ms = bench(fn)
+                    ms = bench_ms(fn)
                     err = None
                 except Exception as e:  # out of shared memory etc.: record and go on
                     ms, err = None, f"{type(e).__name__}: {str(e)[:200]}"
@@ -111,8 +103,8 @@ def main(argv=None) -> int:
         for q_fast, kv_fast in itertools.product((False, True), repeat=2):
             plan.q_heads_fastest, plan.kv_heads_fastest = q_fast, kv_fast
             with torch.no_grad():
-                fwd = bench(lambda: sparse_attn.sparse_attention(q, k, v, layout, backend="triton"))
-            both = bench(lambda: torch.autograd.grad(sparse_attn.sparse_attention(q, k, v, layout, backend="triton"),
+                fwd = bench_ms(lambda: sparse_attn.sparse_attention(q, k, v, layout, backend="triton"))
+            both = bench_ms(lambda: torch.autograd.grad(sparse_attn.sparse_attention(q, k, v, layout, backend="triton"),
                                                      (q, k, v), dout))
             row = {"pattern": name, "N": n, "D": d, "q_heads_fastest": q_fast, "kv_heads_fastest": kv_fast,
                    "chosen_by_plan": [q_fast, kv_fast] == chosen, "fwd_ms": fwd, "fwd_bwd_ms": both}
@@ -120,8 +112,8 @@ def main(argv=None) -> int:
             print(row, flush=True)
         plan.q_heads_fastest, plan.kv_heads_fastest = chosen
         with torch.no_grad():
-            fwd = bench(lambda: sparse_attn.sparse_attention(q, k, v, layout, backend="flex"))
-        both = bench(lambda: torch.autograd.grad(sparse_attn.sparse_attention(q, k, v, layout, backend="flex"),
+            fwd = bench_ms(lambda: sparse_attn.sparse_attention(q, k, v, layout, backend="flex"))
+        both = bench_ms(lambda: torch.autograd.grad(sparse_attn.sparse_attention(q, k, v, layout, backend="flex"),
                                                  (q, k, v), dout))
         row = {"pattern": name, "N": n, "D": d, "method": "sparse_attn_flex", "fwd_ms": fwd, "fwd_bwd_ms": both}
         rows.append(row)

@@ -9,7 +9,13 @@
 Two functions registered under one name ("sparse_attn"): `row_mask` (the mask interface:
 returns a small `RowMask` of per-row padding, offsets and packed documents, never a dense mask)
 and `attention_forward` (the attention interface: runs `sparse_attention` with it). transformers
-is imported only by `enable` / `disable` / `register` (the `hf` extra).
+is imported only by `enable` / `disable` / `register` and the cache layers (the `hf` extra).
+
+Caches for `generate()` (hf/cache.py, imported on first use): `cache_for(model)` gives one
+`PatternCacheLayer` per layer (the keys the layer's pattern can still reach), or
+`SinkWindowLayer`s with `sinks_window=(sinks, window)`:
+
+    model.generate(ids, past_key_values=sparse_attn.hf.cache_for(model), max_new_tokens=256)
 """
 
 from .attention import MECHANISM_ATTR, attention_forward

@@ -203,6 +203,53 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+# --------------------------------------------------------------- the preset zoo
+def document_ids_for(n, sizes=(7, 30, 1, 19)):
+    """Document ids of n tokens in runs of the given sizes (a 1-token document among them)."""
+    ids = []
+    d = 0
+    while len(ids) < n:
+        ids.extend([d] * sizes[d % len(sizes)])
+        d += 1
+    return torch.tensor(ids[:n])
+
+
+def preset_zoo(n, heads=2, block=8):
+    """Every preset and some combinations for length n, by readable name: the patterns every
+    backend must compute as the float64 reference does. `block`: the block of BigBird and of
+    the block-sparse presets (a backend's natural block, so their edges fall on its tiles)."""
+    nb = -(-n // block)
+    g = torch.Generator().manual_seed(n)
+    return {
+        "full": P.full(),
+        "causal": P.causal(),
+        "window": P.sliding_window(17),
+        "window_nc": P.sliding_window(16, causal=False),
+        "dilated": P.dilated(5, 3),
+        "dilated_nc": P.dilated(4, 2, causal=False),
+        "strided": P.strided(9),
+        "strided_nc": P.strided(7, causal=False),
+        "fixed": P.fixed(10, 2),
+        "fixed_nc": P.fixed(12, 3, causal=False),
+        "longformer": P.longformer(9, [0, n // 2]),
+        "longformer_causal": P.longformer(9, 2, causal=True),
+        "bigbird": P.bigbird(block, seed=3),
+        "bigbird_heads": P.bigbird(block, seed=3, num_heads=heads),
+        "block_sparse": P.block_sparse(torch.rand(nb, nb, generator=g) < 0.4, block),
+        "block_sparse_heads": P.block_sparse(torch.rand(heads, nb, nb, generator=g) < 0.4, block),
+        "streaming": P.streaming(3, 11),
+        "document": P.document(document_ids_for(n)),
+        "document_causal": P.document(document_ids_for(n)) & P.causal(),
+        "per_head": P.per_head([P.sliding_window(5 + 3 * h) for h in range(heads)]),
+        "predicate": P.predicate(lambda b, h, q, kv: (q - kv) % 5 != 1),
+        "predicate_heads": P.predicate(lambda b, h, q, kv: kv <= q - h, num_heads=heads),
+        "union": P.sliding_window(6) | P.strided(11) | P.streaming(2, 1),
+        "intersection": P.sliding_window(30, causal=False) & P.dilated(10, 2, causal=False),
+        "mixed": (P.longformer(5, [3]) | P.per_head([P.fixed(8 + h) if h % 2 else P.causal() for h in range(heads)])) & P.causal(),
+    }
+
+
+
 def run_cli(capsys, *argv):
     """`sparse-attn ARGV` in-process: (exit code, stdout, stderr)."""
     from sparse_attn.cli import main

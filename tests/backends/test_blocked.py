@@ -15,6 +15,8 @@ from sa_testing import (
     dense_mask,
     make_qkv,
     masked_scores_lse,
+    preset_zoo,
+    document_ids_for,
     reference_f64,
     run_with_grads,
 )
@@ -23,46 +25,9 @@ import sparse_attn
 from sparse_attn import patterns as P
 
 
-def _doc_ids(n, sizes=(7, 30, 1, 19)):
-    ids = []
-    d = 0
-    while len(ids) < n:
-        ids.extend([d] * sizes[d % len(sizes)])
-        d += 1
-    return torch.tensor(ids[:n])
-
-
 def presets(n, heads=2):
-    """Every preset (and some combinations) for length n, with readable ids."""
-    nb = -(-n // 8)
-    g = torch.Generator().manual_seed(n)
-    return {
-        "full": P.full(),
-        "causal": P.causal(),
-        "window": P.sliding_window(17),
-        "window_nc": P.sliding_window(16, causal=False),
-        "dilated": P.dilated(5, 3),
-        "dilated_nc": P.dilated(4, 2, causal=False),
-        "strided": P.strided(9),
-        "strided_nc": P.strided(7, causal=False),
-        "fixed": P.fixed(10, 2),
-        "fixed_nc": P.fixed(12, 3, causal=False),
-        "longformer": P.longformer(9, [0, n // 2]),
-        "longformer_causal": P.longformer(9, 2, causal=True),
-        "bigbird": P.bigbird(8, seed=3),
-        "bigbird_heads": P.bigbird(8, seed=3, num_heads=heads),
-        "block_sparse": P.block_sparse(torch.rand(nb, nb, generator=g) < 0.4, 8),
-        "block_sparse_heads": P.block_sparse(torch.rand(heads, nb, nb, generator=g) < 0.4, 8),
-        "streaming": P.streaming(3, 11),
-        "document": P.document(_doc_ids(n)),
-        "document_causal": P.document(_doc_ids(n)) & P.causal(),
-        "per_head": P.per_head([P.sliding_window(5 + 3 * h) for h in range(heads)]),
-        "predicate": P.predicate(lambda b, h, q, kv: (q - kv) % 5 != 1),
-        "predicate_heads": P.predicate(lambda b, h, q, kv: kv <= q - h, num_heads=heads),
-        "union": P.sliding_window(6) | P.strided(11) | P.streaming(2, 1),
-        "intersection": P.sliding_window(30, causal=False) & P.dilated(10, 2, causal=False),
-        "mixed": (P.longformer(5, [3]) | P.per_head([P.fixed(8 + h) if h % 2 else P.causal() for h in range(heads)])) & P.causal(),
-    }
+    """The shared preset zoo (sa_testing.preset_zoo), block size 8 where a preset takes one."""
+    return preset_zoo(n, heads, block=8)
 
 
 N = 113
@@ -190,7 +155,7 @@ def _empty_row_patterns(n):
     none = P.predicate(lambda b, h, q, kv: q < 0)
     return {
         "block_sparse_empty_rows": (P.block_sparse(cells, 8), list(range(8, 16)) + list(range(24, 32))),
-        "document_and_empty": (P.document(_doc_ids(n)) & none, list(range(n))),
+        "document_and_empty": (P.document(document_ids_for(n)) & none, list(range(n))),
         "streaming_no_past": (P.streaming(0, 3) & P.predicate(lambda b, h, q, kv: q % 4 != 0),
                               list(range(0, n, 4))),
     }

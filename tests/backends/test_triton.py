@@ -22,7 +22,14 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from sa_testing import assert_fp32_close, assert_no_nan, check_backend_against_reference, make_qkv, reference_f64  # noqa: E402
+from sa_testing import (  # noqa: E402
+    assert_fp32_close,
+    assert_no_nan,
+    check_backend_against_reference,
+    make_qkv,
+    preset_zoo,
+    reference_f64,
+)
 
 import sparse_attn  # noqa: E402
 from sparse_attn import patterns as P  # noqa: E402
@@ -43,25 +50,16 @@ def nan_filled_outputs(monkeypatch):
     monkeypatch.setattr(triton_ops, "new_output", poisoned)
 
 
+# the zoo's patterns the interpreted kernels run in the default test run (each costs seconds)
+TRITON_PRESETS = ("full", "causal", "window", "window_nc", "dilated", "strided", "longformer", "bigbird",
+                  "bigbird_heads", "block_sparse_heads", "streaming", "per_head", "predicate_heads", "union")
+
+
 def presets(n, heads=HEADS):
-    nb = -(-n // 16)
-    g = torch.Generator().manual_seed(n)
-    return {
-        "full": P.full(),
-        "causal": P.causal(),
-        "window": P.sliding_window(17),
-        "window_nc": P.sliding_window(16, causal=False),
-        "dilated": P.dilated(5, 3),
-        "strided": P.strided(9),
-        "longformer": P.longformer(9, [0, n // 2]),
-        "bigbird": P.bigbird(16, seed=3),
-        "bigbird_heads": P.bigbird(16, seed=3, num_heads=heads),
-        "block_sparse_heads": P.block_sparse(torch.rand(heads, nb, nb, generator=g) < 0.4, 16),
-        "streaming": P.streaming(3, 11),
-        "per_head": P.per_head([P.sliding_window(5 + 3 * h) for h in range(heads)]),
-        "predicate_heads": P.predicate(lambda b, h, q, kv: kv <= q - h, num_heads=heads),
-        "union": P.sliding_window(6) | P.strided(11) | P.streaming(2, 1),
-    }
+    """The shared preset zoo (sa_testing.preset_zoo) at the kernels' 16-token blocks, the
+    subset TRITON_PRESETS."""
+    zoo = preset_zoo(n, heads, block=16)
+    return {name: zoo[name] for name in TRITON_PRESETS}
 
 
 def _layout(pattern, nq, nkv=None, block=16, q_offset=None):

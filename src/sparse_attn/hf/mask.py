@@ -257,7 +257,7 @@ def row_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offs
         query_position = positions + q_index0
         key_padding = None
         real_tail = kv_used < kv_length
-        full = first_real = None
+        full, first_real = None, torch.zeros(batch_size, dtype=torch.long)
     if real_tail and not causal:  # keys after the last query are dropped: only a causal layer never sees them
         raise ValueError(f"attention_mask: a bidirectional layer has keys after its last query (kv_length={kv_length}, "
                          f"queries end at {kv_used}: cross-attention or a static cache), which sparse_attn does not "
@@ -265,7 +265,5 @@ def row_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offs
     positions = positions.long()
     same = key_padding is None and bool((positions == positions[0]).all())
     kv_pos = int(positions[0]) if same else positions
-    if first_real is None:
-        first_real = torch.zeros(batch_size, dtype=torch.long)
     return RowMask(pattern, causal, kv_length, kv_used, kv_start, key_padding, kv_pos, query_position.long(), docs,
                    attention_mask, probe, full, first_real.long())

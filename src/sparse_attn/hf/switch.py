@@ -7,6 +7,7 @@ from typing import Sequence
 
 from .._extras import MissingExtra
 from ..ops import Mechanism
+from ..ops.common import eager_under_compile
 from ..ops.mechanisms import PATTERN
 from ..patterns import BlockLayout, Pattern
 from .attention import LEAKY, MECHANISM_ATTR, attention_forward
@@ -36,24 +37,11 @@ def register() -> str:
     the name, "sparse_attn", usable as `attn_implementation=` in `from_pretrained`."""
     attention_interface, mask_interface, _ = _transformers()
     attention_interface.register(NAME, attention_forward)
-    mask_interface.register(NAME, _eager_row_mask())
+    # row_mask runs eagerly under torch.compile (one graph break per mask): it reads the 2-D
+    # padding mask and the model's predicate on the CPU (Python per row); traced, dynamo broke
+    # the graph at every data-dependent step and gave up on the function anyway
+    mask_interface.register(NAME, eager_under_compile(row_mask))
     return NAME
-
-
-_EAGER_ROW_MASK: list = []
-
-
-def _eager_row_mask():
-    """`row_mask` as registered: run eagerly under torch.compile (one graph break per mask). It
-    reads the 2-D padding mask and the model's predicate on the CPU (.item(), Python per row)
-    to build a RowMask: traced, dynamo broke the graph inside it at every data-dependent step
-    and gave up on the function anyway. (Made on first use, as ops.sparse's eager path:
-    torch.compiler.disable imports torch._dynamo.)"""
-    if not _EAGER_ROW_MASK:
-        import torch
-
-        _EAGER_ROW_MASK.append(torch.compiler.disable(row_mask))
-    return _EAGER_ROW_MASK[0]
 
 
 def _text_config(model):

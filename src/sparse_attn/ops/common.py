@@ -76,3 +76,18 @@ def softmax_with_lse(scores: torch.Tensor, allowed: torch.Tensor):
     safe_total = torch.where(seen, total, torch.ones_like(total))
     lse = torch.where(seen, shift + torch.log(safe_total), torch.full_like(total, float("-inf")))
     return e / safe_total, lse.squeeze(-1)
+
+
+_EAGER: dict = {}  # function -> its torch.compiler.disable wrapper
+
+
+def eager_under_compile(fn):
+    """`fn` behind `torch.compiler.disable`: it runs eagerly inside torch.compile (one graph
+    break) instead of being traced. Made on first use and kept, so every caller gets the same
+    wrapper: torch.compiler.disable imports torch._dynamo, which doubles the package's import
+    time and imports triton before a test can set TRITON_INTERPRET. (A plain dict, not
+    functools.cache: dynamo traces a dict lookup, but breaks the graph at an lru_cache wrapper.)"""
+    wrapper = _EAGER.get(fn)
+    if wrapper is None:
+        wrapper = _EAGER[fn] = torch.compiler.disable(fn)
+    return wrapper

@@ -10,6 +10,7 @@ from ..backends.inputs import check_inputs
 from ..patterns import Band, BlockLayout, DisjointUnion, Pattern
 from ..patterns.rows import RowGeometry, row_view
 from .batch_rows import batch_geometries, is_per_row
+from .common import eager_under_compile
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | BlockLayout, *,
@@ -19,9 +20,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
                      deterministic: bool | None = None):
     if torch.compiler.is_compiling() and not _in_graph(q, k, v, pattern, backend, q_offset, kv_offset,
                                                        key_padding_mask, document_ids, deterministic):
-        return _eager()(q, k, v, pattern, scale=scale, backend=backend, return_lse=return_lse, q_offset=q_offset,
-                        kv_offset=kv_offset, key_padding_mask=key_padding_mask, document_ids=document_ids,
-                        deterministic=deterministic)
+        # calls whose backend is plain Python over a layout's plan (blocked, reference, flex's own
+        # compile) or that carry per-row geometry run eagerly (a graph break): traced, they would
+        # be specialised to every length and recompiled for each new one
+        return eager_under_compile(_sparse_attention)(
+            q, k, v, pattern, scale=scale, backend=backend, return_lse=return_lse, q_offset=q_offset,
+            kv_offset=kv_offset, key_padding_mask=key_padding_mask, document_ids=document_ids,
+            deterministic=deterministic)
     return _sparse_attention(q, k, v, pattern, scale=scale, backend=backend, return_lse=return_lse,
                              q_offset=q_offset, kv_offset=kv_offset, key_padding_mask=key_padding_mask,
                              document_ids=document_ids, deterministic=deterministic)
@@ -133,20 +138,6 @@ def _sparse_attention(
         layout.pattern.check_batch(q.shape[0], q.device)
     out, lse = chosen.forward(q, k, v, layout, scale, return_lse, deterministic=deterministic)
     return (out, lse) if return_lse else out
-
-
-# Inside torch.compile, calls whose backend is plain Python over a layout's plan (blocked,
-# reference, flex's own compile) or that carry per-row geometry run eagerly (a graph break):
-# traced, they would be specialised to every length and recompiled for each new one.
-# (Made on first use: torch.compiler.disable imports torch._dynamo, which doubles the package's
-# import time and imports triton before a test can set TRITON_INTERPRET.)
-_EAGER: list = []
-
-
-def _eager():
-    if not _EAGER:
-        _EAGER.append(torch.compiler.disable(_sparse_attention))
-    return _EAGER[0]
 
 
 sparse_attention.__doc__ = _sparse_attention.__doc__ + """

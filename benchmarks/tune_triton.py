@@ -36,11 +36,12 @@ CANDIDATES = {
     "dq": [C(128, 64, 8, 2), C(128, 64, 8, 3), C(128, 32, 8, 3), C(128, 32, 4, 3), C(64, 64, 4, 3), C(64, 32, 4, 4),
            C(128, 128, 8, 2)],
     "dkdv": [C(64, 128, 8, 2), C(64, 128, 8, 3), C(32, 128, 4, 3), C(64, 64, 4, 3), C(32, 64, 4, 4),
-             C(128, 128, 8, 2), C(64, 128, 4, 3)],
+             C(128, 128, 8, 2), C(64, 128, 4, 3), C(32, 64, 4, 3), C(64, 64, 4, 4), C(32, 128, 8, 3)],
 }
 # the fused backward: dk/dv's walk plus atomic dQ; 8 warps added since its register pressure is higher
 # (compiled for sm_90 with triton 3.9, D=128 64x64: 1720 bytes of stack with 4 warps, 704 with 8)
-CANDIDATES["fused"] = CANDIDATES["dkdv"] + [C(64, 64, 8, 2), C(64, 64, 8, 3), C(32, 128, 8, 2), C(128, 64, 8, 2)]
+CANDIDATES["fused"] = CANDIDATES["dkdv"] + [C(64, 64, 8, 2), C(64, 64, 8, 3), C(32, 128, 8, 2), C(128, 64, 8, 2),
+                                           C(64, 128, 8, 1), C(64, 128, 4, 2)]
 SMALL = {  # D=256: tiles that fit shared memory
     "fwd": [C(64, 64, 8, 2), C(64, 64, 4, 2), C(128, 32, 8, 2), C(64, 32, 4, 3), C(128, 64, 8, 2)],
     "dq": [C(64, 32, 4, 2), C(64, 64, 8, 2), C(32, 32, 4, 3), C(128, 32, 8, 2), C(64, 32, 8, 2)],
@@ -53,13 +54,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/tune_triton.json"))
     ap.add_argument("--dims", type=int, nargs="+", default=[128, 64, 256])
+    ap.add_argument("--length", type=int, default=32768, help="N for head dims up to 128 (D=256: N/2)")
+    ap.add_argument("--sections", nargs="+", choices=["tiles", "grid"], default=["tiles", "grid"],
+                    help="tiles: every candidate per phase; grid: grid orders and our flex backend")
     args = ap.parse_args(argv)
     dev = "cuda"
     rows, best = [], {}
     payload = {"env": environment(dev), "rows": rows, "best": best,
-               "setup": "B=1, H=16, bf16, causal window 4096; N=32768 (16384 for D=256); median ms of do_bench"}
-    for d in args.dims:
-        n = 16384 if d > 128 else 32768
+               "setup": f"B=1, H=16, bf16, causal window 4096; N={args.length} ({args.length // 2} for D=256); "
+                        "median ms of do_bench"}
+    for d in (args.dims if "tiles" in args.sections else []):
+        n = args.length // 2 if d > 128 else args.length
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, 16, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
         dout = torch.randn_like(q)
@@ -92,8 +97,11 @@ def main(argv=None) -> int:
         del q, k, v, dout, out, lse
         torch.cuda.empty_cache()
 
+    if "grid" not in args.sections:
+        print("best:", best)
+        return 0
     # grid order, and our flex backend as the yardstick, at D=128
-    n, d = 32768, 128
+    n, d = args.length, 128
     q, k, v = (torch.randn(1, 16, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
     for name, pattern in (("window4096", P.sliding_window(4096)), ("longformer4096_g64", P.longformer(4096, 64))):

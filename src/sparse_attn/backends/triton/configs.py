@@ -2,12 +2,14 @@
 
 Each phase (forward, backward dq, backward dk/dv, fused backward) gets (BM, BN, num_warps,
 num_stages): BM query rows x BN keys per tile. Tiles divide the layout's blocks (128 x 128 on
-CUDA), so one layout serves every phase. The table comes from `benchmarks/tune_triton.py` on an H100
-(torch 2.11, triton 3.6, bf16, causal window 4096 at 32K, B=1, H=16): see
-`benchmarks/results/tune_triton.json` for every candidate's time. Head dims that were not
-measured take the nearest measured entry's tiles, shrunk so the tiles fit shared memory.
-The fused backward ("fused": dk/dv's walk plus atomic dQ) is not measured yet: it takes the
-dk/dv tiles (`BORROWED`) until `benchmarks/tune_triton.py` has timed its candidates.
+CUDA), so one layout serves every phase. The D=128 entries come from `benchmarks/tune_triton.py`
+on the H200 (torch 2.11, triton 3.6, bf16, causal window 4096, B=1, H=16) at 32K and 128K
+tokens (`benchmarks/results/tune_triton_h200_32k.json`, `..._128k.json`: every candidate's
+time, FlexAttention's own tiles among them); D=64 and D=256 from the same script on an H100
+(`tune_triton.json`). Where 32K and 128K disagreed by a few percent (dq: 64 x 64 at 32K,
+128 x 64 at 128K) the entry is the 32K winner. Head dims that were not measured take the
+nearest measured entry's tiles, shrunk so the tiles fit shared memory. Phases without an
+entry of their own (the fused backward at D=64/256) borrow another phase's (`BORROWED`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class TileConfig:
 # padded head dim -> phase -> config
 TUNED: dict[int, dict[str, TileConfig]] = {
     64: {"fwd": TileConfig(128, 64, 4, 3), "dq": TileConfig(64, 64, 4, 3), "dkdv": TileConfig(64, 64, 4, 3)},
-    128: {"fwd": TileConfig(128, 128, 8, 3), "dq": TileConfig(64, 64, 4, 3), "dkdv": TileConfig(64, 64, 4, 3)},
+    128: {"fwd": TileConfig(128, 128, 8, 3), "dq": TileConfig(64, 64, 4, 3), "dkdv": TileConfig(64, 64, 4, 4),
+          "fused": TileConfig(64, 128, 8, 3)},
     256: {"fwd": TileConfig(128, 64, 8, 2), "dq": TileConfig(128, 32, 8, 2), "dkdv": TileConfig(64, 64, 8, 2)},
 }
 

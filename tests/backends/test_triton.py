@@ -7,8 +7,8 @@ triton is imported) at tiny shapes; on the GPU machine the same tests run on CUD
 unwritten tile fails loudly: every element is compared and NaN anywhere fails (the fused
 backward's dQ buffer is the exception: it is summed into, so it starts at zero).
 
-Both backwards are tested (`BACKWARDS`): the fused one-pass backward (the default,
-deterministic=False) and the three-launch one (deterministic=True)."""
+Both backwards are tested (`BACKWARDS`): the fused one-pass backward (deterministic=False)
+and the three-launch one (the default, deterministic=True)."""
 
 from __future__ import annotations
 

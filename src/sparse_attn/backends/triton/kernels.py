@@ -14,7 +14,7 @@ serves a forward that wants 128 x 64 tiles and a backward that wants 64 x 128 on
 Both backwards start with the same preprocess (one program per (query tile, batch * query
 head)): delta = rowsum(dO * O) - dlse and lse2 = lse in log2 units.
 
-* backward, deterministic (`deterministic=True`): three launches, 7 GEMMs per (query tile,
+* backward, deterministic (the default; `deterministic=True`): three launches, 7 GEMMs per (query tile,
   kv tile) pair. The dq kernel has one program per (query tile, batch * query head), walking
   the same CSR row as the forward (S, dP, dQ += dS K: 3 GEMMs). The dk/dv kernel has one
   program per (kv tile, batch * kv head), walking the *transposed* layout (for each kv block,
@@ -22,7 +22,7 @@ head)): delta = rowsum(dO * O) - dlse and lse2 = lse in log2 units.
   dK += dS^T Q: 4 GEMMs), so dk/dv of a kv head are summed inside one program. Every output
   element is written by exactly one program and summed in a fixed order: no atomics, bitwise
   reproducible by construction.
-* backward, fused (`deterministic=False`, the default): one program per (kv tile, batch * kv
+* backward, fused (`deterministic=False`): one program per (kv tile, batch * kv
   head) as the dk/dv kernel, which also computes each pair's share of dQ, dS K * scale, and
   adds it with `tl.atomic_add` into a zero-filled fp32 buffer [B, Hq, Nq, D]; a conversion to
   q's dtype follows (none for fp32). 5 GEMMs per pair (S and dP are no longer recomputed by a

@@ -94,17 +94,9 @@ DEFAULT_MECHANISMS = ("causal", "sliding_window", "longformer", "bigbird", "stre
 # --------------------------------------------------------------------------- defaults per length
 def needle_defaults(name: str, length: int, *, causal: bool = True, seed: int = 0) -> dict:
     """The parameters `needle_grid` gives mechanism `name` at sequence length `length` when a
-    spec does not set them: its registry entry's `budget` at w = N / 16 keys per query. For the
-    built-in mechanisms:
-
-    * sliding_window: window w; longformer: window w, the first max(1, N / 256) tokens global;
-    * bigbird: blocks of N / 64 (3 window + 1 global (causal) + 3 random blocks, seed 0);
-    * streaming: min(4, w / 2) sinks + a window of the rest of w; dilated: w / 2 keys, dilation 2;
-    * strided: stride w; fixed: blocks of w, one summary position;
-    * topk: top_k = w; block_topk: 4 blocks of N / 64; lsh: buckets of N / 128, 4 rounds
-      (2 chunks each: N / 16 keys), seeded; routing: N / w clusters of w members;
-    * linear: elu + 1 features; performer: 256 softmax features, seeded;
-    * `causal` for every mechanism that has the argument; full / causal / streaming take none.
+    spec does not set them: its registry entry's `budget` (`ops/mechanisms.py`) at about
+    w = N / 16 keys per query (e.g. sliding_window: window w; topk: top_k = w; lsh: buckets of
+    N / 128, 4 rounds), plus `causal` for every mechanism that has the argument.
 
     Randomness (Performer's features, LSH's rotations) is seeded with `seed` so results repeat.
     """

@@ -103,7 +103,8 @@ def test_compare_runs_it(toys, capsys):
     code, out, err = run_cli(capsys, "compare", "--length", "64", "--mechanisms", "keep_strongest:keep=64",
                              "toy_band", "--heads", "2", "--dim", "16", "--repeats", "1", "--no-progress")
     assert code == 0, err
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("keep_strongest", "toy_band"))}
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.startswith(("keep_strongest", "toy_band"))}
     assert float(rows["keep_strongest:keep=64"][-2]) < 1e-5  # keeping every key is dense attention
     assert float(rows["toy_band"][-2]) < 1e-5  # a pattern is exact against its own reference
 

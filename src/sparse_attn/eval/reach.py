@@ -263,7 +263,7 @@ def _mechanism_layer(m: Mechanism, index: int, n: int) -> _Layer:
     causal = m.params.get("causal", defaults["causal"].default if "causal" in defaults else False)
     stand_in = Band(0, None, name="causal()") if causal else Band(None, None, name="full()")
     shape = "causal" if causal else "dense"
-    if m.info.reach(m.params, n) == EVERY_KEY:
+    if m.info.receptive_field_at(m.params, n) == EVERY_KEY:
         # kernelized: every key gets a positive weight; dynamic: this one keeps every key here
         label = f"= {shape}" if m.kind == KERNELIZED else f"keeps every key: = {shape}"
         return _Layer(f"{name} ({label})", ("band", causal), pattern=stand_in)

@@ -19,7 +19,6 @@ TypeError naming them and the valid ones.
 from __future__ import annotations
 
 import inspect
-
 from typing import Any, Mapping
 
 from .. import patterns as P
@@ -27,8 +26,8 @@ from ..patterns import BlockLayout, Pattern
 from .linear import linear_attention
 from .lsh import lsh_attention
 from .performer import performer_attention
-from .registry import (CACHE_FULL, CACHE_STATE, DYNAMIC, EVERY_KEY, KERNELIZED, PATTERN, REFERENCE_LENGTH,
-                       UPPER_BOUND, MechanismInfo, mechanism_info, mechanisms, register_mechanism, scaled)
+from .registry import (CACHE_STATE, DYNAMIC, EVERY_KEY, KERNELIZED, PATTERN, UPPER_BOUND, MechanismInfo,
+                       mechanism_info, mechanisms, register_mechanism, scaled)
 from .routing import routing_attention, routing_sizes
 from .sparse import sparse_attention
 from .topk import block_topk_attention, topk_attention

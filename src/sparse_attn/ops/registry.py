@@ -110,7 +110,7 @@ class MechanismInfo:
         budget: mechanisms with nothing to size, such as full and causal)."""
         return dict(self.budget(length, keys, seed)) if self.budget is not None else {}
 
-    def reach(self, params: Mapping, length: int) -> str:
+    def receptive_field_at(self, params: Mapping, length: int) -> str:
         """EXACT, EVERY_KEY or UPPER_BOUND for one layer with `params` (as given) at `length`."""
         rf = self.receptive_field
         return rf(params, length) if callable(rf) else rf

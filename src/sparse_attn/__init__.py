@@ -9,15 +9,17 @@
 
 from . import backends, nn, patterns
 from .backends import BackendError, explain
-from .ops import (Mechanism, PerformerFeatures, RoutingCentroids, attention, block_topk_attention,
+from .ops import (Mechanism, MechanismInfo, PerformerFeatures, RoutingCentroids, attention, block_topk_attention,
                   linear_attention, linear_attention_step, lsh_attention, mechanisms, performer_attention,
-                  routing_attention, select_kv_blocks, sparse_attention, topk_attention)
+                  register_mechanism, routing_attention, select_kv_blocks, sparse_attention, topk_attention,
+                  unregister_mechanism)
 from .patterns import BlockLayout, Pattern
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "sparse_attention", "attention", "Mechanism", "mechanisms", "explain", "patterns", "backends", "nn", "Pattern",
+    "sparse_attention", "attention", "Mechanism", "mechanisms", "MechanismInfo", "register_mechanism",
+    "unregister_mechanism", "explain", "patterns", "backends", "nn", "Pattern",
     "BlockLayout", "BackendError", "linear_attention", "linear_attention_step", "performer_attention",
     "PerformerFeatures", "topk_attention", "block_topk_attention", "select_kv_blocks", "lsh_attention",
     "routing_attention", "RoutingCentroids",

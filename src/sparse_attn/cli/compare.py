@@ -124,10 +124,12 @@ def _jobs(cfg: CompareConfig, q, k, v) -> list[_Job]:
 
 def _mechanism_job(cfg: CompareConfig, spec: Spec, q, k, v) -> _Job:
     m = spec.mechanism
-    # random features / hashes / centroids are drawn from --seed, so rows are reproducible
+    takes = m.info.parameters()
+    # random features / hashes / centroids are drawn from --seed, so rows are reproducible: an op
+    # that takes a generator and was given no source of randomness gets one
     seeded = {"generator": torch.Generator(device=q.device).manual_seed(cfg.seed)} \
-        if m.name == "performer" and "generator" not in m.params else {}
-    backend = {"backend": cfg.backend} if m.name == "block_topk" else {}
+        if "generator" in takes and not {"generator", "seed", "features"} & set(m.params) else {}
+    backend = {"backend": cfg.backend} if "backend" in takes else {}  # runs on the block backends
     mech = type(m)(m.name, **{**m.params, **seeded})
 
     def run():

@@ -62,12 +62,12 @@ def _backend_names() -> list[str]:
     return ["auto"] + [b.name for b in list_backends()]
 
 
-SPEC_HELP = (
-    "A pattern is NAME or NAME:KEY=VALUE,... (e.g. sliding_window:window=512,causal=false).\n"
-    f"Defaults below are for --length >= {specs.REFERENCE_LENGTH}; shorter sequences get sizes scaled down\n"
-    "in proportion (see sparse_attn.patterns for what each argument means).\n\n"
-    "patterns (NAME  default KEY=VALUEs):\n" + specs.describe()
-)
+def spec_help() -> str:
+    """The specs epilog, from the mechanism registry as it is now (registered mechanisms included)."""
+    return ("A pattern is NAME or NAME:KEY=VALUE,... (e.g. sliding_window:window=512,causal=false).\n"
+            f"Defaults below are for --length >= {specs.REFERENCE_LENGTH}; shorter sequences get sizes scaled down\n"
+            "in proportion (see sparse_attn.patterns for what each argument means).\n\n"
+            "patterns (NAME  default KEY=VALUEs):\n" + specs.describe())
 
 COMPARE_DESCRIPTION = """\
 Run every pattern with sparse_attention() and dense attention (torch SDPA, full and causal)
@@ -123,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # compare ----------------------------------------------------------------------------
     p = sub.add_parser("compare", help="time, memory and error of patterns vs dense SDPA",
-                       description=COMPARE_DESCRIPTION, epilog=SPEC_HELP, formatter_class=_Formatter)
+                       description=COMPARE_DESCRIPTION, epilog=spec_help(), formatter_class=_Formatter)
     p.add_argument("--length", type=_positive_int, required=True, metavar="N", help="sequence length")
     # One list, extended by each flag (action="extend"): with nargs="+" alone the last flag replaced the others.
     p.add_argument("--patterns", "--mechanisms", nargs="+", action="extend", dest="specs", default=None, metavar="SPEC",
-                   help="patterns and/or mechanisms (linear, performer, topk, block_topk, lsh, routing) to run, "
+                   help=f"patterns and/or mechanisms ({', '.join(specs.MECHANISM_REGISTRY)}) to run, "
                         "NAME or NAME:KEY=VALUE,...; both flags may be given, and more than once: every spec gets "
                         f"a row (default: {' '.join(specs.DEFAULT_PATTERNS)})")
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default: %(default)s)")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="draw a pattern's mask (ASCII, or PNG with --png)",
                        description="Draw a pattern: the element mask in ASCII ('#' allowed, '.' not), the block map\n"
                                    "with --block (str(pattern.layout(...))), or an image with --png.",
-                       epilog=SPEC_HELP, formatter_class=_Formatter)
+                       epilog=spec_help(), formatter_class=_Formatter)
     p.add_argument("pattern", metavar="PATTERN", help="NAME or NAME:KEY=VALUE,...")
     p.add_argument("--length", type=_positive_int, default=64, metavar="N",
                    help="query positions (default: %(default)s)")

@@ -54,7 +54,6 @@ Parameters a spec or Mechanism does not give take the needle defaults for the le
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import time
@@ -67,7 +66,7 @@ import torch
 
 from .. import _extras
 from .._checks import check_bool, check_fraction, check_int
-from ..ops.mechanisms import PATTERN, Mechanism, attention, mechanism_info, parse_params
+from ..ops.mechanisms import Mechanism, attention, mechanism_info
 from ..patterns import BlockLayout, Pattern
 
 __all__ = [
@@ -95,40 +94,15 @@ DEFAULT_MECHANISMS = ("causal", "sliding_window", "longformer", "bigbird", "stre
 # --------------------------------------------------------------------------- defaults per length
 def needle_defaults(name: str, length: int, *, causal: bool = True, seed: int = 0) -> dict:
     """The parameters `needle_grid` gives mechanism `name` at sequence length `length` when a
-    spec does not set them. Each sees about w = N / 16 keys per query:
-
-    * sliding_window: window w; longformer: window w, the first max(1, N / 256) tokens global;
-    * bigbird: blocks of N / 64 (3 window + 1 global (causal) + 3 random blocks, seed 0);
-    * streaming: min(4, w / 2) sinks + a window of the rest of w; dilated: w / 2 keys, dilation 2;
-    * strided: stride w; fixed: blocks of w, one summary position;
-    * topk: top_k = w; block_topk: 4 blocks of N / 64; lsh: buckets of N / 128, 4 rounds
-      (2 chunks each: N / 16 keys), seeded; routing: N / w clusters of w members;
-    * linear: elu + 1 features; performer: 256 softmax features, seeded;
-    * `causal` for every mechanism that has the argument; full / causal / streaming take none.
+    spec does not set them: its registry entry's `budget` (`ops/mechanisms.py`) at about
+    w = N / 16 keys per query (e.g. sliding_window: window w; topk: top_k = w; lsh: buckets of
+    N / 128, 4 rounds), plus `causal` for every mechanism that has the argument.
 
     Randomness (Performer's features, LSH's rotations) is seeded with `seed` so results repeat.
     """
     info = mechanism_info(name)
     n = check_int("length", length, minimum=1)
-    w = max(1, n // 16)
-    sinks = min(4, w // 2)
-    table: dict[str, dict] = {
-        "sliding_window": {"window": w},
-        "longformer": {"window": w, "global_tokens": max(1, n // 256)},
-        "bigbird": {"block": max(1, n // 64), "num_window_blocks": 3, "num_global_blocks": 2,
-                    "num_random_blocks": 3, "seed": 0},
-        "streaming": {"sinks": sinks, "window": max(1, w - sinks)},
-        "dilated": {"window": max(1, w // 2), "dilation": 2},
-        "strided": {"stride": w},
-        "fixed": {"block": w, "summary": 1},
-        "linear": {"feature_map": "elu"},
-        "performer": {"num_features": 256, "kernel": "softmax", "generator": seed},
-        "topk": {"top_k": w},
-        "block_topk": {"top_k_blocks": 4, "block_size": max(1, n // 64)},
-        "lsh": {"bucket_size": max(1, n // 128), "n_hashes": 4, "seed": seed},
-        "routing": {"num_clusters": -(-n // w), "window": w},
-    }
-    params = dict(table.get(info.name, {}))
+    params = info.budget_at(n, max(1, n // 16), seed)  # the registry entry's `budget`
     if "causal" in info.parameters():
         params["causal"] = bool(causal)
     return params
@@ -145,13 +119,8 @@ def needle_mechanism(mechanism, length: int, *, causal: bool = True, seed: int =
     elif isinstance(mechanism, str):
         if not mechanism.strip():
             raise ValueError("a mechanism spec must be a non-empty string like 'topk:top_k=32', got ''")
-        head, _, rest = mechanism.strip().partition(":")
-        info = mechanism_info(head)
-        name = info.name
-        defaults = needle_defaults(name, length, causal=causal, seed=seed)
-        typed = {key: defaults.get(key, None if p.default is inspect.Parameter.empty else p.default)
-                 for key, p in info.parameters().items()}
-        given = parse_params(name, mechanism, rest, typed)
+        parsed = Mechanism.parse(mechanism)
+        name, given = parsed.name, dict(parsed.params)
     else:
         raise TypeError(f"mechanisms must be spec strings, Mechanisms or Patterns, got {type(mechanism).__name__}")
     defaults = needle_defaults(name, length, causal=causal, seed=seed)
@@ -181,7 +150,7 @@ def _rows_only(resolved) -> bool:
     only the query rows are computed (queries are the last Nq positions), with the same result."""
     if isinstance(resolved, Pattern):
         return True
-    return isinstance(resolved, Mechanism) and (resolved.kind == PATTERN or resolved.name == "topk")
+    return isinstance(resolved, Mechanism) and resolved.info.row_local
 
 
 # --------------------------------------------------------------------------- the haystack

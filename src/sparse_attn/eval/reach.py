@@ -17,11 +17,11 @@ What each kind of layer contributes:
 
 * Patterns (presets, combinators, per-head patterns, `BlockLayout`s) and pattern mechanism
   specs ("sliding_window:window=64"): exact.
-* Kernelized mechanisms (`linear`, `performer`): every key contributes, so dense attention
-  (causal when `causal=true`): exact.
-* Data-dependent mechanisms (`topk`, `block_topk`, `lsh`, `routing`) have no fixed receptive
-  field: they count as their upper bound (dense, or causal), and the result says so
-  (`upper_bound=True`, with a reason per layer). Then the coverages are upper bounds and
+* Other mechanisms, as their registry entry says (`MechanismInfo.receptive_field`):
+  kernelized ones (`linear`, `performer`) give every key a weight, so dense attention (causal
+  when `causal=true`): exact. Data-dependent ones (`topk`, `block_topk`, `lsh`, `routing`) have
+  no fixed receptive field: they count as their upper bound (dense, or causal), and the result
+  says so (`upper_bound=True`, with a reason per layer). Then the coverages are upper bounds and
   `min_depth_full` a lower bound. `topk` with `top_k >= length` and `block_topk` keeping every
   block are exact (they keep every key).
 
@@ -72,7 +72,8 @@ from typing import Any
 import torch
 
 from .._checks import check_int
-from ..ops.mechanisms import DYNAMIC, KERNELIZED, Mechanism, as_mechanism
+from ..ops.mechanisms import Mechanism, as_mechanism
+from ..ops.registry import EVERY_KEY, KERNELIZED, PATTERN
 from ..patterns import BlockLayout, Pattern
 from ..patterns.grid import UNBOUNDED, expand_ranges
 from ..patterns.primitives import Band
@@ -255,20 +256,17 @@ def _band_kind(pattern) -> tuple[int, int] | None:
 
 def _mechanism_layer(m: Mechanism, index: int, n: int) -> _Layer:
     name = str(m)
-    if m.kind not in (KERNELIZED, DYNAMIC):
+    if m.kind == PATTERN:
         scalar = all(v is None or isinstance(v, (bool, int, float, str)) for v in m.params.values())
         return _Layer(name, ("spec", name) if scalar else ("object", id(m)), pattern=m.pattern())
     defaults = m.info.parameters()
     causal = m.params.get("causal", defaults["causal"].default if "causal" in defaults else False)
     stand_in = Band(0, None, name="causal()") if causal else Band(None, None, name="full()")
     shape = "causal" if causal else "dense"
-    if m.kind == KERNELIZED:  # every key gets a positive weight
-        return _Layer(f"{name} (= {shape})", ("band", causal), pattern=stand_in)
-    keeps_all = ((m.name == "topk" and isinstance(m.params.get("top_k"), int) and m.params["top_k"] >= n)
-                 or (m.name == "block_topk" and isinstance(m.params.get("top_k_blocks"), int)
-                     and m.params["top_k_blocks"] * m.params.get("block_size", defaults["block_size"].default) >= n))
-    if keeps_all:
-        return _Layer(f"{name} (keeps every key: = {shape})", ("band", causal), pattern=stand_in)
+    if m.info.receptive_field_at(m.params, n) == EVERY_KEY:
+        # kernelized: every key gets a positive weight; dynamic: this one keeps every key here
+        label = f"= {shape}" if m.kind == KERNELIZED else f"keeps every key: = {shape}"
+        return _Layer(f"{name} ({label})", ("band", causal), pattern=stand_in)
     reason = (f"layer {index + 1} ({name}): {m.name} picks its keys from the data, so it has no fixed receptive "
               f"field; counted as {shape} attention, its largest")
     return _Layer(f"{name} (upper bound: {shape})", ("band", causal), pattern=stand_in, reason=reason)

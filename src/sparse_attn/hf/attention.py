@@ -17,8 +17,6 @@ from .mask import RowMask
 # The attribute `enable` sets on each attention module: its schedule entry (a Pattern, a
 # non-pattern Mechanism, or None = the model's own mask).
 MECHANISM_ATTR = "sparse_attn_mechanism"
-# Non-pattern mechanisms that pick keys from later positions even with causal=True (README).
-LEAKY = ("lsh", "routing", "block_topk")
 
 # id(keys a sparse_attn cache layer returned) -> (weakref to those keys, weakref to the layer): how
 # the attention function finds the cache layer whose keys it was handed (transformers does not pass

@@ -10,7 +10,7 @@ from ..ops import Mechanism
 from ..ops.common import eager_under_compile
 from ..ops.mechanisms import PATTERN
 from ..patterns import BlockLayout, Pattern
-from .attention import LEAKY, MECHANISM_ATTR, attention_forward
+from .attention import MECHANISM_ATTR, attention_forward
 from .mask import NAME, row_mask
 
 _PREVIOUS_ATTR = "_sparse_attn_previous"  # on the model: the implementation enable() replaced
@@ -102,10 +102,10 @@ def _entry(i: int, item, causal: bool, model_name: str):
             is_causal = item.params.get("causal", getattr(default, "default", False))
             if is_causal is not True:
                 raise ValueError(f"{where}: {item} is not causal (pass causal=true) but layer {i} of {model_name} is")
-            if item.name in LEAKY:
+            if item.info.leaky:  # the registry entry says what reads later positions
                 raise ValueError(f"{where}: {item.name} with causal=True still chooses its keys using later positions "
-                                 "(hash sort, cluster membership, query-block means), so a causal LM would read the "
-                                 "future through it; refused for causal layers")
+                                 f"({item.info.leaky}), so a causal LM would read the future through it; refused "
+                                 "for causal layers")
         return item
     raise TypeError(f"{where} must be None, a Pattern, a Mechanism or a spec string like "
                     f"'streaming:sinks=4,window=1020', got {type(item).__name__}")

@@ -41,10 +41,11 @@ import torch
 
 from .._checks import check_int
 from ..ops.gathered import attention_at_positions
-from ..ops.linear import linear_attention
 from ..ops.mechanisms import Mechanism, attention
+from ..ops.registry import CACHE_STATE, PATTERN, leaky_mechanisms
 from ..patterns import Band, Pattern
 from ..patterns import streaming as streaming_pattern
+from ..patterns.grid import UNBOUNDED
 
 
 class KVCache(ABC):
@@ -88,19 +89,19 @@ class KVCache(ABC):
         return ()
 
 
-# Mechanisms that, with causal=True, attend keys j <= i only but choose which of them row i gets
-# from later positions too (LSH's hash sort and its chunks, routing's balanced top-`window`
-# cluster membership, block top-k's query-block mean): a causal LM trained with them can read the
-# future through that choice, and no cache decodes them equal to their forward. (Kept here, not in
-# the mechanism registry, until the registry describes this as data.)
-LEAKY_SELECTION = {"lsh": "the hash sort and its chunks", "routing": "the balanced cluster membership",
-                   "block_topk": "the query block's mean score"}
+def leaky_selection() -> dict[str, str]:
+    """{name: what chooses} of the mechanisms that, with causal=True, attend keys j <= i only but
+    choose which of them row i gets from later positions too (LSH's hash sort and its chunks,
+    routing's balanced top-`window` cluster membership, block top-k's query-block mean): a causal
+    LM trained with them can read the future through that choice, and no cache decodes them equal
+    to their forward. The registry entry's `leaky` field says it."""
+    return leaky_mechanisms()
 
 
 def check_causal(mechanism, where: str, accepted_leaky=()) -> None:
     """The one rule for "this layer never sees a later token", for causal LMs and caches: every
     pattern must be provably causal (`Pattern.is_causal`), every other mechanism must run with
-    causal=true, and a mechanism of LEAKY_SELECTION is refused unless its name is in
+    causal=true, and a mechanism of `leaky_selection()` is refused unless its name is in
     `accepted_leaky` (None: nothing can accept it, as for a cache). Refused, not silently
     restricted, so the model runs the pattern its config names. `where` starts the message."""
     pattern = mechanism.pattern() if isinstance(mechanism, Mechanism) else mechanism
@@ -113,11 +114,11 @@ def check_causal(mechanism, where: str, accepted_leaky=()) -> None:
         if mechanism.params.get("causal") is not True:
             raise ValueError(f"{where}: {mechanism} must run with causal=true in a causal LM and its caches "
                              f"(e.g. '{mechanism.name}:causal=true')")
-        if mechanism.name in LEAKY_SELECTION and mechanism.name not in (accepted_leaky or ()):
+        if mechanism.info.leaky and mechanism.name not in (accepted_leaky or ()):
             remedy = ("no cache decodes it" if accepted_leaky is None else
                       f"to train with it anyway, accept that in ModelConfig(leaky_mechanisms=['{mechanism.name}'])")
             raise ValueError(f"{where}: {mechanism} attends keys j <= i only, but which keys row i gets "
-                             f"({LEAKY_SELECTION[mechanism.name]}) is decided from later positions too: a causal LM "
+                             f"({mechanism.info.leaky}) is decided from later positions too: a causal LM "
                              "trained with it can read the future through that choice, and its step-by-step "
                              f"decoding cannot equal its full forward; {remedy}")
 
@@ -283,7 +284,9 @@ class SinkCache(KVCache):
 
 class LinearStateCache(KVCache):
     """Causal linear attention's state (S, z): O(1) memory per layer; exact. The layer's mechanism
-    must be `linear` with causal=True (its feature map, chunk size and eps are used as given)."""
+    must be `linear` with causal=True (its feature map, chunk size and eps are used as given), or
+    any mechanism whose registry entry has cache=CACHE_STATE: its op takes `initial_state=` and
+    `return_state=True` and returns (out, state), as `linear_attention` does."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -294,15 +297,14 @@ class LinearStateCache(KVCache):
 
     def _attend(self, q, k, v, layer):
         m = layer.mechanism
-        if not (isinstance(m, Mechanism) and m.name == "linear" and m.params.get("causal") is True):
+        if not (isinstance(m, Mechanism) and m.info.cache == CACHE_STATE and m.params.get("causal") is True):
             raise ValueError(f"LinearStateCache decodes causal linear attention (mechanism 'linear:causal=true'), "
                              f"not {m}")
         n = q.shape[2]
         pos = torch.arange(self.position, self.position + n, device=q.device)
         q, k = _rotate(layer, q, pos), _rotate(layer, k, pos)
         params = {key: val for key, val in m.params.items() if key != "causal"}
-        out, self.state = linear_attention(q, k, v, causal=True, initial_state=self.state, return_state=True,
-                                           **params)
+        out, self.state = m.info.op(q, k, v, causal=True, initial_state=self.state, return_state=True, **params)
         self.position += n
         return out
 
@@ -332,3 +334,28 @@ class PatternCache(KVCache):
         keep = pattern.reachable(key_pos, self.position)  # evict what no future query can see
         self.k, self.v, self.positions = keys[:, :, keep], values[:, :, keep], key_pos[keep]
         return out
+
+
+def auto_cache(mechanism) -> KVCache:
+    """The smallest exact cache for a layer's mechanism (`SparseCausalLM.make_caches("auto")`).
+
+    A non-pattern mechanism gets the cache its registry entry names (`MechanismInfo.cache`):
+    CACHE_STATE with causal=true: `LinearStateCache`; a cache factory of its own: what it makes;
+    else `FullCache` (which refuses, at its first call, what no cache decodes). A pattern's cache
+    follows from the pattern: a causal (dilated) window: `WindowCache`; plain causal / full:
+    `FullCache` (SDPA over every key); anything else (globals + window, sinks + window, unions):
+    `PatternCache`, which keeps only the reachable keys."""
+    m = mechanism
+    if isinstance(m, Mechanism) and m.kind != PATTERN:
+        cache = m.info.cache
+        if callable(cache):
+            return cache(m)
+        if cache == CACHE_STATE and m.params.get("causal") is True:
+            return LinearStateCache()
+        return FullCache()
+    pattern = m.pattern() if isinstance(m, Mechanism) else m
+    if isinstance(pattern, Band) and pattern.lo >= 0 and pattern.hi != UNBOUNDED:  # a causal (dilated) window
+        return WindowCache(pattern.hi + 1)
+    if pattern is None or isinstance(pattern, Band):  # plain causal: SDPA over all
+        return FullCache()
+    return PatternCache()

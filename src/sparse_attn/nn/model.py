@@ -17,11 +17,10 @@ from torch import nn
 
 from .._checks import check_int
 from ..ops.mechanisms import Mechanism, as_mechanism
-from ..patterns import Band, Pattern
-from ..patterns.grid import UNBOUNDED
+from ..patterns import Pattern
 from .attention import SparseAttention, takes_deterministic
-from .cache import (LEAKY_SELECTION, FullCache, KVCache, LinearStateCache, PatternCache, SinkCache, WindowCache,
-                    check_causal)
+from .cache import (FullCache, KVCache, LinearStateCache, PatternCache, SinkCache, WindowCache, auto_cache,
+                    check_causal, leaky_selection)
 
 
 @dataclass
@@ -217,9 +216,10 @@ class SparseCausalLM(_Stack):
         if not isinstance(leaky, (list, tuple)) or not all(isinstance(name, str) for name in leaky):
             raise TypeError(f"leaky_mechanisms must be a list of mechanism names, got {type(leaky).__name__} "
                             f"({leaky!r})")
+        known = leaky_selection()
         for name in leaky:
-            if name not in LEAKY_SELECTION:
-                raise ValueError(f"leaky_mechanisms lists {name!r}; only {', '.join(sorted(LEAKY_SELECTION))} choose "
+            if name not in known:
+                raise ValueError(f"leaky_mechanisms lists {name!r}; only {', '.join(sorted(known))} choose "
                                  "keys from later positions")
         for i, block in enumerate(self.blocks):
             check_causal(block.attn.mechanism, f"layer {i}", leaky)
@@ -245,7 +245,7 @@ class SparseCausalLM(_Stack):
                   "sink": lambda: SinkCache(sinks, _need(window, "window")), "linear": LinearStateCache,
                   "pattern": PatternCache}
         if kind == "auto":
-            return [_auto_cache(block.attn) for block in self.blocks]
+            return [auto_cache(block.attn.mechanism) for block in self.blocks]
         if kind not in makers:
             raise ValueError(f"cache kind must be one of {', '.join(list(makers) + ['auto'])}, got {kind!r}")
         return [makers[kind]() for _ in self.blocks]
@@ -315,18 +315,6 @@ def _need(value, name):
     if value is None:
         raise ValueError(f"this cache kind needs {name}=")
     return value
-
-
-def _auto_cache(layer: SparseAttention) -> KVCache:
-    m = layer.mechanism
-    if isinstance(m, Mechanism) and m.name == "linear" and m.params.get("causal") is True:
-        return LinearStateCache()
-    pattern = m.pattern() if isinstance(m, Mechanism) else m
-    if isinstance(pattern, Band) and pattern.lo >= 0 and pattern.hi != UNBOUNDED:  # a causal (dilated) window
-        return WindowCache(pattern.hi + 1)
-    if pattern is None or isinstance(pattern, Band):  # topk, performer, ...; plain causal: SDPA over all
-        return FullCache()
-    return PatternCache()  # globals + window, sinks + window, unions: only the reachable keys
 
 
 def _sample(logits, temperature, top_k, generator):

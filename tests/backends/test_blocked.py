@@ -21,6 +21,8 @@ from sa_testing import (
     run_with_grads,
 )
 
+from conformance import Conformance, conformance_tests
+
 import sparse_attn
 from sparse_attn import patterns as P
 
@@ -34,13 +36,9 @@ N = 113
 PRESET_NAMES = list(presets(N))
 
 
-@pytest.mark.parametrize("name", PRESET_NAMES)
-def test_every_preset_small_blocks_fp32(name):
-    """Prebuilt layout with small, unequal blocks: many full/partial blocks and ragged edges."""
-    pattern = presets(N)[name]
-    q, k, v = make_qkv(2, 2, N, 24)
-    layout = pattern.layout(N, block_q=16, block_kv=8)
-    check_backend_against_reference(q, k, v, layout, return_lse=True)
+# The conformance suite (tests/conformance.py): the whole zoo, GQA, fewer queries than keys, on a
+# prebuilt layout with small, unequal blocks (many full/partial blocks and ragged edges).
+globals().update(conformance_tests(Conformance("blocked", layout_blocks=(16, 8))))
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)

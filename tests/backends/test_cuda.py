@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conformance import Conformance, conformance_tests
 
 import sparse_attn
 from sparse_attn import patterns as P
@@ -65,6 +66,14 @@ def test_flex_backend_on_cuda(name):
     g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
     g_out = torch.autograd.grad(out.square().sum(), (q, k, v))
     assert max(_rel(a, b) for a, b in zip(g_out, g_ref)) < 1e-4
+
+
+# The conformance suite (tests/conformance.py) for the flex backend on CUDA, fp32: a subset of
+# the zoo (FlexAttention compiles per layout, seconds each), GQA, fewer queries than keys.
+globals().update(conformance_tests(Conformance(
+    "flex", device="cuda", shapes=((515, 515), (17, 515)), zoo_block=16,
+    presets=("window", "longformer", "bigbird", "dilated", "strided", "streaming", "per_head", "union",
+             "document_causal", "predicate_heads"))))
 
 
 def test_auto_on_cuda_never_picks_reference():

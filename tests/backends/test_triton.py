@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from conformance import Conformance, conformance_tests  # noqa: E402
 from sa_testing import (  # noqa: E402
     assert_fp32_close,
     assert_no_nan,
@@ -66,15 +67,12 @@ def _layout(pattern, nq, nkv=None, block=16, q_offset=None):
     return pattern.layout(nq, nkv, block_q=block, block_kv=block, q_offset=q_offset, device=DEVICE)
 
 
-@BACKWARDS
-@pytest.mark.parametrize("name", list(presets(70)))
-def test_presets_fp32_prebuilt_layout(name, deterministic):
-    """A prebuilt 16x16 layout reaches the kernels as is: full blocks, partial bitmasks, ragged
-    edges; forward and the three gradients (also through lse), GQA 4:2, both backwards."""
-    n = 70
-    q, k, v = make_qkv(1, HEADS, n, 16, hkv=2, device=DEVICE)
-    check_backend_against_reference(q, k, v, _layout(presets(n)[name], n), backend="triton", return_lse=True,
-                                    deterministic=deterministic)
+# The conformance suite (tests/conformance.py), TRITON_PRESETS at N=70: a prebuilt 16x16 layout
+# reaches the kernels as is (full blocks, partial bitmasks, ragged edges); forward and the three
+# gradients (also through lse), GQA 4:2, both backwards.
+globals().update(conformance_tests(Conformance(
+    "triton", device=DEVICE, shapes=((70, 70),), presets=TRITON_PRESETS, zoo_block=16, layout_blocks=(16, 16),
+    variants={"fused": {"deterministic": False}, "three_launch": {"deterministic": True}})))
 
 
 @BACKWARDS
@@ -416,13 +414,9 @@ def test_gpu_scale_fp32_and_head_dims(d, dv):
     check_backend_against_reference(q, k, v, P.sliding_window(777), backend="triton", return_lse=True)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", sorted(presets(1000)))
-@pytest.mark.parametrize("nq,nkv", [(1000, 1000), (203, 1000)])
-def test_gpu_every_preset_low_precision(name, dtype, nq, nkv):
-    """Every preset and combinator at odd lengths, GQA, q_len != kv_len, with 128x128 blocks
-    and the tuned tiles: out, lse and all three gradients by FlashAttention's rule."""
-    q, k, v = make_qkv(2, HEADS, nq, 64, hkv=2, nkv=nkv, device="cuda", dtype=dtype)
-    check_backend_against_reference(q, k, v, presets(1000)[name], backend="triton", return_lse=True)
+# On the GPU: every preset and combinator of TRITON_PRESETS at odd lengths, GQA, q_len != kv_len,
+# with the backend's own 128x128 blocks and the tuned tiles, fp16 and bf16 (FlashAttention's rule).
+_gpu_suite = conformance_tests(Conformance(
+    "triton", device="cuda", dtypes=(torch.float16, torch.bfloat16), shapes=((1000, 1000), (203, 1000)),
+    presets=TRITON_PRESETS, zoo_block=16, batch=2, head_dim=64, marks=(pytest.mark.gpu,)))
+test_gpu_every_preset_low_precision = _gpu_suite.pop("test_conformance_triton")

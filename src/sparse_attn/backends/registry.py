@@ -79,7 +79,26 @@ class AttentionCall:
 
 
 class Backend(ABC):
-    """One way of computing attention. Subclasses set `name`, `caps` and implement `forward`."""
+    """One way of computing attention. Subclasses set `name`, `caps` and implement `forward`.
+
+    The contract every backend keeps (checked for each one by tests/backends/conformance.py):
+
+    * inputs: q [B, Hq, Nq, D], k [B, Hkv, Nkv, D], v [B, Hkv, Nkv, Dv] on one device, one
+      dtype, Hq % Hkv == 0 (query head h reads kv head h // (Hq / Hkv)); the layout is for
+      (Nq, Nkv, q_offset) and has 1 or Hq heads; inputs arrive already checked
+      (`backends.inputs.check_inputs`) and the dispatcher has already refused what `caps` /
+      `extra_reasons` exclude, so `forward` may assume it is wanted for this call;
+    * out: [B, Hq, Nq, Dv] in q's dtype; softmax over exactly the pairs the layout allows
+      (full blocks whole, partial blocks through the layout's pattern), scores times `scale`;
+    * lse (when return_lse): [B, Hq, Nq] natural-log log-sum-exp of the scaled allowed scores,
+      float32 (float64 for float64 inputs);
+    * rows that may see no key: out 0 and lse -inf, never NaN, and zero gradients;
+    * backward: gradients of out (and of lse, when returned and used) with respect to q, k, v,
+      in their dtypes; bitwise reproducible when the call asks for `deterministic=True` and the
+      backend declares `caps.deterministic`;
+    * accuracy: fp32/fp64 within the fp32 rule of the float64 reference, fp16/bf16 within
+      FlashAttention's rule (2x the low-precision reference's error, 3x for gradients).
+    """
 
     name: str = "?"
     caps: Capabilities

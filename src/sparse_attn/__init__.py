@@ -8,9 +8,9 @@
 """
 
 from . import backends, nn, patterns
-from .backends import BackendError, explain
+from .backends import BackendError
 from .ops import (Mechanism, MechanismInfo, PerformerFeatures, RoutingCentroids, attention, block_topk_attention,
-                  linear_attention, linear_attention_step, lsh_attention, mechanisms, performer_attention,
+                  explain, linear_attention, linear_attention_step, lsh_attention, mechanisms, performer_attention,
                   register_mechanism, routing_attention, select_kv_blocks, sparse_attention, topk_attention,
                   unregister_mechanism)
 from .patterns import BlockLayout, Pattern

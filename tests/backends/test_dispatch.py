@@ -234,3 +234,18 @@ def test_flex_forward_matches_reference():
     assert out.shape == ref.shape and not torch.isnan(out).any()
     err = float((out.double() - ref).abs().max())
     assert err <= 1e-5 * float(ref.abs().max()) + 1e-6, err
+
+
+@pytest.mark.parametrize("backend, make_pattern", [("sdpa", P.causal), ("reference", lambda: P.sliding_window(5)),
+                                                   ("reference", lambda: P.bigbird(8, seed=1))])
+def test_backends_that_read_no_layout_get_none_built(backend, make_pattern):
+    """sdpa and the reference never read blocks (`Capabilities.reads_layout` False): they get the
+    pattern at the call's lengths, bound and validated, and no layout is built or cached."""
+    pattern = make_pattern()
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    out = sparse_attn.sparse_attention(q, k, v, pattern, backend=backend)
+    assert not pattern._layouts
+    expected = sparse_attn.sparse_attention(q, k, v, pattern.layout(40, block_q=8), backend=backend)
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="out of range"):  # validated as a layout would be
+        sparse_attn.sparse_attention(q, k, v, P.longformer(5, [0, 45]), backend="reference")

@@ -34,7 +34,7 @@ from sa_testing import (  # noqa: E402
 
 import sparse_attn  # noqa: E402
 from sparse_attn import patterns as P  # noqa: E402
-from sparse_attn.backends import explain  # noqa: E402
+from sparse_attn import explain  # noqa: E402
 from sparse_attn.backends.triton import ops as triton_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -34,15 +34,13 @@ class ReferenceBackend(Backend):
         grads=True,
         gqa=True,
         dense=True,
+        reads_layout=False,
         notes="dense masked softmax; ground truth; O(Nq*Nkv) memory",
     )
 
-    def block_sizes(self, call):
-        return 128, 128  # the layout is only used for its pattern
-
     def forward(self, q, k, v, layout, scale, return_lse, *, deterministic=None):
-        g = layout.grid
-        mask = layout.pattern.to_dense(g.q_len, g.kv_len, q_offset=g.q_offset,
+        # `layout`: a PatternAt (no blocks: reads_layout is False) or a prebuilt BlockLayout
+        mask = layout.pattern.to_dense(layout.q_len, layout.kv_len, q_offset=layout.q_offset,
                                        num_heads=layout.num_heads if layout.num_heads > 1 else None,
                                        device=q.device)  # [H or 1, Nq, Nkv]
         out, lse = dense_attention(q, k, v, mask[None], scale)

@@ -45,6 +45,9 @@ class Capabilities:
     # layout's plan) run eagerly inside a compiled model: traced, they would be specialised and
     # recompiled for every new length.
     graph_traceable: bool = False
+    # reads the blocks of a layout; False (sdpa, reference): `forward` gets a `PatternAt` (the
+    # pattern at the call's lengths) and no layout is built for it
+    reads_layout: bool = True
     notes: str = ""
 
 

@@ -41,6 +41,7 @@ class SdpaBackend(Backend):
         returns_lse=False,
         deterministic=False,
         graph_traceable=True,
+        reads_layout=False,
         notes="full and causal patterns only (causal with q_offset 0, or queries at or after the last key)",
     )
 

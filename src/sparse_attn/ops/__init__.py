@@ -9,11 +9,11 @@ from .mechanisms import Mechanism, attention, mechanisms
 from .performer import PerformerFeatures, performer_attention
 from .registry import MechanismInfo, register_mechanism, unregister_mechanism
 from .routing import RoutingCentroids, routing_attention
-from .sparse import merge_partial_attention, sparse_attention
+from .sparse import explain, merge_partial_attention, sparse_attention
 from .topk import block_topk_attention, select_kv_blocks, topk_attention
 
 __all__ = [
-    "sparse_attention", "merge_partial_attention", "attention_at_positions", "attention", "Mechanism", "mechanisms",
+    "sparse_attention", "explain", "merge_partial_attention", "attention_at_positions", "attention", "Mechanism", "mechanisms",
     "MechanismInfo", "register_mechanism", "unregister_mechanism",
     "linear_attention", "linear_attention_step", "performer_attention", "PerformerFeatures",
     "topk_attention", "block_topk_attention", "select_kv_blocks", "lsh_attention", "routing_attention",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backends import AttentionCall, select
+from ..backends import AttentionCall, Explanation, explain_call, get_backend, select
 from ..backends.inputs import check_inputs
 from ..patterns import Band, BlockLayout, DisjointUnion, Pattern
 from ..patterns.rows import RowGeometry, row_view
@@ -71,7 +71,7 @@ def _sparse_attention(
             (to choose block sizes yourself).
         scale: score scale, default 1/sqrt(D).
         backend: "auto" or a backend name ("blocked", "flex", "sdpa", "reference", ...).
-            "auto" never picks a dense O(Nq*Nkv) backend for you; `backends.explain()` says why
+            "auto" never picks a dense O(Nq*Nkv) backend for you; `sparse_attn.explain()` says why
             it picked what it did. A forced backend that cannot serve the call raises
             `BackendError` with the reason.
         return_lse: also return the log-sum-exp of each row's scores, (B, Hq, Nq) (float32 for
@@ -116,19 +116,21 @@ def _sparse_attention(
         return _per_row(q, k, v, pattern, scale, backend, return_lse, q_offset, kv_offset, key_padding_mask,
                         document_ids, deterministic)
     pattern, q_offset, scale = check_inputs(q, k, v, pattern, scale, q_offset, backend)
-    if backend != "reference":  # the reference always evaluates the original predicate
-        if isinstance(pattern, Band) and pattern.residue_split() is not None:
-            return _residue_classes(q, k, v, pattern, scale, backend, return_lse, q_offset, deterministic)
-        if isinstance(pattern, DisjointUnion):
-            parts = [sparse_attention(q, k, v, p, scale=scale, backend=backend, return_lse=True, q_offset=q_offset,
-                                      deterministic=deterministic)
-                     for p in pattern.parts]
-            out, lse = merge_partial_attention(parts)
-            return (out, lse) if return_lse else out
+    rewrite = _rewrite(pattern, backend)
+    if rewrite is not None and rewrite[0] == "residue":
+        return _residue_classes(q, k, v, pattern, scale, backend, return_lse, q_offset, deterministic)
+    if rewrite is not None:  # "parts"
+        parts = [sparse_attention(q, k, v, p, scale=scale, backend=backend, return_lse=True, q_offset=q_offset,
+                                  deterministic=deterministic)
+                 for p in rewrite[1]]
+        out, lse = merge_partial_attention(parts)
+        return (out, lse) if return_lse else out
     layout = pattern if isinstance(pattern, BlockLayout) else None
     call = AttentionCall.of(q, k, v, layout.pattern if layout else pattern, q_offset, return_lse, deterministic)
     chosen = select(call, backend)
-    if layout is None:
+    if layout is None and not chosen.caps.reads_layout:  # sdpa, reference: no blocks to build
+        layout = pattern.at(q.shape[2], k.shape[2], q_offset=q_offset, device=q.device)
+    elif layout is None:
         block_q, block_kv = chosen.block_sizes(call)
         layout = pattern.layout(q.shape[2], k.shape[2], block_q=block_q, block_kv=block_kv, q_offset=q_offset,
                                 device=q.device)
@@ -138,6 +140,48 @@ def _sparse_attention(
         layout.pattern.check_batch(q.shape[0], q.device)
     out, lse = chosen.forward(q, k, v, layout, scale, return_lse, deterministic=deterministic)
     return (out, lse) if return_lse else out
+
+
+def _rewrite(pattern, backend: str):
+    """The rewrite `sparse_attention` applies before dispatch (`explain` shows the same one):
+    ("residue", (r, inner band)) for a token-level dilated band, run as r plain bands, one per
+    residue class of positions; ("parts", parts) for a `DisjointUnion`, each part run on its own
+    and merged by log-sum-exp; None otherwise, for prebuilt layouts, and always on the reference
+    backend, which evaluates the original predicate."""
+    if backend == "reference":
+        return None
+    if isinstance(pattern, Band) and pattern.residue_split() is not None:
+        return "residue", pattern.residue_split()
+    if isinstance(pattern, DisjointUnion):
+        return "parts", pattern.parts
+    return None
+
+
+def explain(q, k, v, pattern, *, backend: str = "auto", q_offset: int | None = None, return_lse: bool = False,
+            deterministic: bool | None = None) -> Explanation:
+    """Which backend `sparse_attention(q, k, v, pattern, ...)` would use, and why each other
+    backend was rejected; notes say which rewrite applies first (the same `_rewrite` the call
+    takes) and what the chosen backend costs beyond the attention itself (the triton kernels:
+    inputs they copy, head dims they pad). Returns an `Explanation` (print it)."""
+    pattern, q_offset, _ = check_inputs(q, k, v, pattern, None, q_offset, backend)
+    rewrite = _rewrite(pattern, backend)
+    notes = []
+    if rewrite is not None and rewrite[0] == "parts":
+        notes.append(f"disjoint union: its {len(rewrite[1])} parts run one by one (each dispatched like this "
+                     "call) and are merged by log-sum-exp")
+    if rewrite is not None and rewrite[0] == "residue":  # each residue class runs as a plain band
+        r, pattern = rewrite[1]
+        notes.append(f"dilation {r}: runs as {r} residue classes of {pattern!r} (about Nq/{r} queries each)")
+        q, k, v = q[:, :, ::r], k[:, :, ::r], v[:, :, ::r]
+        q_offset = q_offset // r
+    call_pattern = pattern.pattern if isinstance(pattern, BlockLayout) else pattern
+    # rewritten calls ask their parts for the log-sum-exp (to merge them)
+    ex = explain_call(AttentionCall.of(q, k, v, call_pattern, q_offset, return_lse or rewrite is not None,
+                                       deterministic), backend)
+    ex.notes.extend(notes)
+    if ex.chosen is not None:
+        ex.notes.extend(get_backend(ex.chosen).input_notes(q, k, v))
+    return ex
 
 
 sparse_attention.__doc__ = _sparse_attention.__doc__ + """

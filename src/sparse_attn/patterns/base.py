@@ -23,7 +23,7 @@ from .._checks import check_int
 from .grid import EMPTY, FULL, PARTIAL, BlockGrid, BlockSet
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .layout import BlockLayout
+    from .layout import BlockLayout, PatternAt
 
 # Elements evaluated at once when a block must be inspected element by element.
 _EVAL_BUDGET = 1 << 22
@@ -126,6 +126,16 @@ class Pattern(ABC):
         if len(self._layouts) > _LAYOUT_CACHE_SIZE:
             self._layouts.popitem(last=False)
         return layout
+
+    def at(self, q_len: int, kv_len: int | None = None, *, q_offset: int | None = None, device=None) -> "PatternAt":
+        """This pattern fixed at the given lengths, bound and validated as `layout()` does, with no
+        blocks built: what backends that never read a layout get (`Capabilities.reads_layout`)."""
+        from .layout import PatternAt
+
+        grid = self._grid(q_len, kv_len, q_offset, 1, 1, device)
+        bound = self.bind(grid)
+        bound._validate(grid)
+        return PatternAt(bound, grid, self.num_heads or 1)
 
     def _blocks(self, grid: BlockGrid) -> BlockSet:
         """All non-empty blocks. Default: classify the candidates."""

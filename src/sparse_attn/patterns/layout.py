@@ -38,6 +38,28 @@ class _Csr:
         return out
 
 
+class PatternAt:
+    """A pattern at given lengths, without blocks (`Pattern.at`): what a backend that never reads
+    a layout (sdpa, reference: `Capabilities.reads_layout` False) receives instead of a
+    `BlockLayout`, so none is built for it. It has the attributes such backends read from a
+    layout: `pattern` (bound to the lengths and validated), `q_len`, `kv_len`, `q_offset`,
+    `num_heads`, `device`."""
+
+    def __init__(self, pattern: "Pattern", grid: BlockGrid, num_heads: int) -> None:
+        self.pattern = pattern
+        self.grid = grid
+        self.num_heads = num_heads
+
+    q_len = property(lambda self: self.grid.q_len)
+    kv_len = property(lambda self: self.grid.kv_len)
+    q_offset = property(lambda self: self.grid.q_offset)
+    device = property(lambda self: self.grid.device)
+
+    def __repr__(self) -> str:
+        g = self.grid
+        return f"PatternAt({self.pattern!r}, q_len={g.q_len}, kv_len={g.kv_len}, q_offset={g.q_offset})"
+
+
 class BlockLayout:
     """The blocks of one pattern at given lengths and block sizes.
 

@@ -20,6 +20,8 @@ B=1, H=16, D=128, bf16 by default. Per length N and pattern, the methods (--meth
 * sparse_attn_triton: `sparse_attention(q, k, v, pattern, backend="triton")` through the pattern
   (rewrites apply; the backend picks its blocks). A fresh pattern object: its first call
   includes the layout build.
+* sparse_attn_triton_pointers: the same with TMA descriptors off (`ops.TMA_DEFAULT = False`:
+  the kernels' pointer loads, what GPUs before Hopper and misaligned inputs get).
 Forward under no_grad; forward+backward = `torch.autograd.grad(out, (q, k, v), dout)` with
 inputs that require grad; backward (pass `bwd`) = the same grad over one kept forward graph
 (`retain_graph=True`), the backward alone, for the per-phase table. Timings: `common.time_gpu` (do_bench median, or a few synchronised
@@ -61,7 +63,8 @@ PATTERNS = {
     "strided512": "P.strided(512)",  # Sparse Transformer strided, l = 512
     "causal": "P.causal()",
 }
-METHODS = ("sdpa_causal", "sdpa_mask", "flexattention", "flexattention_flash", "sparse_attn_flex", "sparse_attn_triton")
+METHODS = ("sdpa_causal", "sdpa_mask", "flexattention", "flexattention_flash", "sparse_attn_flex", "sparse_attn_triton",
+           "sparse_attn_triton_pointers")
 PASSES = ("fwd", "fwd_bwd", "bwd")
 FORMULAS = {
     "effective_tflops_fwd": "4*D*allowed_pairs_total / fwd_time; allowed_pairs_total = B*H*(allowed (q,k) pairs per head)",
@@ -247,7 +250,7 @@ class Runner:
         if method == "sparse_attn_flex":
             layout = f["layout"]
             return lambda q, k, v: sparse_attn.sparse_attention(q, k, v, layout, backend="flex")
-        if method == "sparse_attn_triton":
+        if method in ("sparse_attn_triton", "sparse_attn_triton_pointers"):
             if "triton_pattern" not in f:
                 f["triton_pattern"] = make_pattern(name)  # fresh: the first call builds its layout
             pattern = f["triton_pattern"]
@@ -315,6 +318,9 @@ class Runner:
         if "error" in row:  # cleaned up here, once the exception (and the tensors its frames hold) is gone
             self.after_failure(row["error"])
             return row
+        from sparse_attn.backends.triton import ops as triton_ops
+
+        triton_ops.TMA_DEFAULT = False if method == "sparse_attn_triton_pointers" else None  # for every pass
         for pass_ in a.passes:
             if pass_ != "fwd" and time.monotonic() > a.deadline_at:
                 row[f"{pass_}_skipped"] = "deadline"
@@ -326,6 +332,7 @@ class Runner:
             if f"{pass_}_error" in row:
                 self.after_failure(row[f"{pass_}_error"])
         del fwd
+        triton_ops.TMA_DEFAULT = None
         cleanup(self.device)
         return row
 

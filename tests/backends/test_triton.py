@@ -181,6 +181,26 @@ def _grads(q, k, v, pattern, dout, **kw):
     return torch.autograd.grad(out, (qq, kk, vv), dout)
 
 
+@BACKWARDS
+@pytest.mark.parametrize("name", ["window", "longformer", "per_head"])
+def test_pointer_loads_without_tma(monkeypatch, name, deterministic):
+    """The interpreter runs the TMA-descriptor loads by default (ops.tma_allowed); the pointer
+    loads that GPUs without TMA (and misaligned inputs) take are checked here."""
+    monkeypatch.setattr(triton_ops, "TMA_DEFAULT", False)
+    q, k, v = make_qkv(1, HEADS, 45, 24, hkv=2, device=DEVICE)
+    check_backend_against_reference(q, k, v, presets(45)[name], backend="triton", return_lse=True,
+                                    deterministic=deterministic)
+
+
+def test_huge_row_strides_are_copied(monkeypatch):
+    """In-tile offsets are int32: inputs whose row stride could pass 2^31 inside a tile are
+    copied first (ops.MAX_ROW_STRIDE, made small here so a [B, N, H, D] view crosses it)."""
+    monkeypatch.setattr(triton_ops, "MAX_ROW_STRIDE", 64)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(1, HEADS, 45, 16, device=DEVICE))
+    assert q.stride(2) == HEADS * 16 and triton_ops.needs_copy(q)
+    check_backend_against_reference(q, k, v, P.sliding_window(9), backend="triton", return_lse=True)
+
+
 def test_backward_is_deterministic():
     """deterministic=True, no atomics: two backward passes give bitwise-identical gradients
     (GQA group of 2)."""
@@ -412,6 +432,23 @@ def test_gpu_scale_fp32_and_head_dims(d, dv):
     n = 4096
     q, k, v = make_qkv(1, 2, n, d, dv=dv, device="cuda")
     check_backend_against_reference(q, k, v, P.sliding_window(777), backend="triton", return_lse=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@BACKWARDS
+def test_gpu_tma_and_its_fallback(deterministic):
+    """bf16 inputs with 16-byte aligned strides read their tiles through TMA descriptors on
+    sm90+; a view starting one element in (misaligned base) takes the pointer loads. Both exact."""
+    q, k, v = make_qkv(1, HEADS, 3000, 128, hkv=2, device="cuda", dtype=torch.bfloat16)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert triton_ops.tma_allowed(q, k, v) == hopper
+    check_backend_against_reference(q, k, v, P.longformer(700, [0, 999]), backend="triton", return_lse=True,
+                                    deterministic=deterministic)
+    shifted = [torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")[1:].view(t.shape).copy_(t) for t in (q, k, v)]
+    assert not triton_ops.tma_allowed(*shifted)
+    check_backend_against_reference(*shifted, P.longformer(700, [0, 999]), backend="triton", return_lse=True,
+                                    deterministic=deterministic)
 
 
 # On the GPU: every preset and combinator of TRITON_PRESETS at odd lengths, GQA, q_len != kv_len,

@@ -54,19 +54,53 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, offs_n, stride_n, offs_d, n_len, D: tl.constexpr, BD: tl.constexpr, EVEN_N: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """[len(offs_n), BD] rows of a (N, D) matrix; rows past n_len and columns past D read as 0.
-    Row offsets in int64: one head of N * D >= 2^31 elements would wrap in int32."""
-    ptrs = base + offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :]
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b with the accumulator fed to the MMA (no separate [M, N] fp32 add)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_rows(base, row0, stride_n, offs_d, n_len, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+               EVEN_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows [row0, row0 + BR) x [0, BD) of a (N, D) matrix; rows past n_len and columns past D
+    read as 0. The tile's start is one int64 scalar (one head of N * D >= 2^31 elements would
+    wrap in int32); offsets inside the tile stay int32 (ops checks BR * stride_n < 2^31), which
+    keeps the per-element address arithmetic 32-bit."""
+    rows = tl.arange(0, BR)
+    ptrs = base + row0.to(tl.int64) * stride_n + (rows[:, None] * stride_n + offs_d[None, :])
     if EVEN_N and D == BD:
         x = tl.load(ptrs)
     elif EVEN_N:
         x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
     else:
-        x = tl.load(ptrs, mask=(offs_n[:, None] < n_len) & (offs_d[None, :] < D), other=0.0)
+        x = tl.load(ptrs, mask=((row0 + rows)[:, None] < n_len) & (offs_d[None, :] < D), other=0.0)
     if UPCAST:  # the CPU interpreter's bf16 dot is wrong (it multiplies raw bits): compute in fp32
         x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _make_desc(base, n_len, stride_n, BR: tl.constexpr, BD: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr):
+    """A TMA descriptor of one head's (n_len, D) matrix in BR x BD boxes (out-of-bounds rows and
+    columns read as 0), or None without TMA."""
+    desc = None
+    if USE_TMA:
+        desc = tl.make_tensor_descriptor(base, shape=[n_len, D], strides=[stride_n, 1], block_shape=[BR, BD])
+    return desc
+
+
+@triton.jit
+def _load_tile(base, desc, row0, stride_n, offs_d, n_len, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+               EVEN_N: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+    """A [BR, BD] tile at row0, through the TMA descriptor when there is one."""
+    if USE_TMA:
+        x = desc.load([row0, 0])
+        if UPCAST:
+            x = x.to(tl.float32)
+    else:
+        x = _load_rows(base, row0, stride_n, offs_d, n_len, BR, D, BD, EVEN_N, UPCAST)
     return x
 
 
@@ -119,11 +153,12 @@ def _program_tile(block_order, num_blocks, HEADS_FASTEST: tl.constexpr, TILES_PE
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_base, stride_kn, stride_vn,
-               q_row_in_block, qk_scale, kv_len,
+def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_base, k_desc, v_desc, stride_kn,
+               stride_vn, q_row_in_block, qk_scale, kv_len,
                LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, LBQ: tl.constexpr,
-               IS_PARTIAL: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+               IS_PARTIAL: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+               USE_TMA: tl.constexpr):
     TILES: tl.constexpr = LBK // BN
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -131,8 +166,8 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_
         j = t // TILES  # CSR entry
         kb = tl.load(idx_ptr + j)
         col0 = (t % TILES) * BN  # first column of this tile inside its layout block
-        offs_n = kb * LBK + col0 + tl.arange(0, BN)  # [BN] key positions
-        k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, D, BD, EVEN_KV, UPCAST)  # [BN, BD]
+        n0 = kb * LBK + col0  # first key of the tile
+        k = _load_tile(k_base, k_desc, n0, stride_kn, offs_d, kv_len, BN, D, BD, EVEN_KV, UPCAST, USE_TMA)  # [BN, BD]
         s = _dot(q, tl.trans(k), IEEE)  # [BM, BN], unscaled
         if IS_PARTIAL:
             cols = col0 + tl.arange(0, BN)
@@ -140,7 +175,7 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_
             keep = _mask_bits(bits_ptr + mask * (LBQ * WORDS), q_row_in_block[:, None], cols[None, :], WORDS)
             s = tl.where(keep, s, float("-inf"))  # ragged keys are already cleared in the bits
         elif not EVEN_KV:
-            s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
+            s = tl.where((n0 + tl.arange(0, BN) < kv_len)[None, :], s, float("-inf"))
         # m is kept in scaled log2 units; scaling the row max (not S) lets s * scale - m be one FMA
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         if IS_PARTIAL or not EVEN_KV:
@@ -148,8 +183,8 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, DV, BDV, EVEN_KV, UPCAST)  # [BN, BDV]
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        v = _load_tile(v_base, v_desc, n0, stride_vn, offs_dv, kv_len, BN, DV, BDV, EVEN_KV, UPCAST, USE_TMA)  # [BN, BDV]
+        acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -166,9 +201,10 @@ def block_sparse_fwd_kernel(
     qk_scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
     PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
-    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Inner dims of q/k/v/out must be contiguous (stride 1)."""
+    """Inner dims of q/k/v/out must be contiguous (stride 1). USE_TMA: k and v tiles arrive
+    through TMA descriptors (ops.tma_allowed says when the strides allow it)."""
     qt, bh = _program_tile(q_block_order, num_q_blocks, HEADS_FASTEST, LBQ // BM)
     b = (bh // num_q_heads).to(tl.int64)
     h = bh % num_q_heads
@@ -182,10 +218,12 @@ def block_sparse_fwd_kernel(
     offs_m = q0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    q = _load_rows(Q + b * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qn, offs_d, q_len, D, BD, EVEN_Q,
+    q = _load_rows(Q + b * stride_qb + h.to(tl.int64) * stride_qh, q0, stride_qn, offs_d, q_len, BM, D, BD, EVEN_Q,
                    UPCAST)  # [BM, BD]
     k_base = K + b * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b * stride_vb + hk.to(tl.int64) * stride_vh
+    k_desc = _make_desc(k_base, kv_len, stride_kn, BN, BD, D, USE_TMA)
+    v_desc = _make_desc(v_base, kv_len, stride_vn, BN, BDV, DV, USE_TMA)
     q_row_in_block = q0 % LBQ + tl.arange(0, BM)
 
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -194,14 +232,14 @@ def block_sparse_fwd_kernel(
 
     f0 = tl.load(full_off + row) * TILES
     f1 = tl.load(full_off + row + 1) * TILES
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, f0, f1, full_idx, part_bits, part_mask, k_base, v_base, stride_kn,
-                               stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
-                               False, EVEN_KV, IEEE, UPCAST)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, f0, f1, full_idx, part_bits, part_mask, k_base, v_base, k_desc,
+                               v_desc, stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV,
+                               D, DV, WORDS, LBQ, False, EVEN_KV, IEEE, UPCAST, USE_TMA)
     p0 = tl.load(part_off + row) * TILES
     p1 = tl.load(part_off + row + 1) * TILES
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p0, p1, part_idx, part_bits, part_mask, k_base, v_base, stride_kn,
-                               stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
-                               True, EVEN_KV, IEEE, UPCAST)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p0, p1, part_idx, part_bits, part_mask, k_base, v_base, k_desc,
+                               v_desc, stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV,
+                               D, DV, WORDS, LBQ, True, EVEN_KV, IEEE, UPCAST, USE_TMA)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -252,11 +290,12 @@ def bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_base, stride_kn, stride_vn,
-              q_row_in_block, qk_scale, kv_len,
+def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_base, k_desc, v_desc,
+              stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len,
               LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, LBQ: tl.constexpr,
-              IS_PARTIAL: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+              IS_PARTIAL: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+              USE_TMA: tl.constexpr):
     TILES: tl.constexpr = LBK // BN
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -264,9 +303,9 @@ def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_bas
         j = t // TILES
         kb = tl.load(idx_ptr + j)
         col0 = (t % TILES) * BN
-        offs_n = kb * LBK + col0 + tl.arange(0, BN)
-        k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, D, BD, EVEN_KV, UPCAST)  # [BN, BD]
-        v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, DV, BDV, EVEN_KV, UPCAST)  # [BN, BDV]
+        n0 = kb * LBK + col0
+        k = _load_tile(k_base, k_desc, n0, stride_kn, offs_d, kv_len, BN, D, BD, EVEN_KV, UPCAST, USE_TMA)  # [BN, BD]
+        v = _load_tile(v_base, v_desc, n0, stride_vn, offs_dv, kv_len, BN, DV, BDV, EVEN_KV, UPCAST, USE_TMA)  # [BN, BDV]
         s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BM, BN]
         p = tl.exp2(s - lse2[:, None])
         if IS_PARTIAL:
@@ -275,10 +314,10 @@ def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_bas
             keep = _mask_bits(bits_ptr + mask * (LBQ * WORDS), q_row_in_block[:, None], cols[None, :], WORDS)
             p = tl.where(keep, p, 0.0)
         elif not EVEN_KV:
-            p = tl.where((offs_n < kv_len)[None, :], p, 0.0)
+            p = tl.where((n0 + tl.arange(0, BN) < kv_len)[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), IEEE)  # [BM, BN]
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+        dq = _dot_acc(ds.to(k.dtype), k, dq, IEEE)
     return dq
 
 
@@ -295,7 +334,7 @@ def block_sparse_bwd_dq_kernel(
     qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
     PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
-    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     qt, bh = _program_tile(q_block_order, num_q_blocks, HEADS_FASTEST, LBQ // BM)
     b = (bh // num_q_heads).to(tl.int64)
@@ -311,38 +350,41 @@ def block_sparse_bwd_dq_kernel(
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     h64 = h.to(tl.int64)
-    q = _load_rows(Q + b * stride_qb + h64 * stride_qh, offs_m, stride_qn, offs_d, q_len, D, BD, EVEN_Q, UPCAST)
-    do = _load_rows(DO + b * stride_dob + h64 * stride_doh, offs_m, stride_don, offs_dv, q_len, DV, BDV, EVEN_Q,
+    q = _load_rows(Q + b * stride_qb + h64 * stride_qh, q0, stride_qn, offs_d, q_len, BM, D, BD, EVEN_Q, UPCAST)
+    do = _load_rows(DO + b * stride_dob + h64 * stride_doh, q0, stride_don, offs_dv, q_len, BM, DV, BDV, EVEN_Q,
                     UPCAST)
     stat = b * stride_lb + h64 * stride_lh + offs_m
     lse2, delta = _load_row_stats(Lse2, Delta, stat, offs_m, q_len, EVEN_Q)
     k_base = K + b * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b * stride_vb + hk.to(tl.int64) * stride_vh
+    k_desc = _make_desc(k_base, kv_len, stride_kn, BN, BD, D, USE_TMA)
+    v_desc = _make_desc(v_base, kv_len, stride_vn, BN, BDV, DV, USE_TMA)
     q_row_in_block = q0 % LBQ + tl.arange(0, BM)
 
     dq = tl.zeros([BM, BD], dtype=tl.float32)
     f0 = tl.load(full_off + row) * TILES
     f1 = tl.load(full_off + row + 1) * TILES
-    dq = _dq_tiles(dq, q, do, lse2, delta, f0, f1, full_idx, part_bits, part_mask, k_base, v_base, stride_kn, stride_vn,
-                   q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ, False, EVEN_KV, IEEE,
-                   UPCAST)
+    dq = _dq_tiles(dq, q, do, lse2, delta, f0, f1, full_idx, part_bits, part_mask, k_base, v_base, k_desc, v_desc,
+                   stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
+                   False, EVEN_KV, IEEE, UPCAST, USE_TMA)
     p0 = tl.load(part_off + row) * TILES
     p1 = tl.load(part_off + row + 1) * TILES
-    dq = _dq_tiles(dq, q, do, lse2, delta, p0, p1, part_idx, part_bits, part_mask, k_base, v_base, stride_kn, stride_vn,
-                   q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ, True, EVEN_KV, IEEE,
-                   UPCAST)
+    dq = _dq_tiles(dq, q, do, lse2, delta, p0, p1, part_idx, part_bits, part_mask, k_base, v_base, k_desc, v_desc,
+                   stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
+                   True, EVEN_KV, IEEE, UPCAST, USE_TMA)
     dq_ptrs = (GradQ + b * stride_dqb + h64 * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqn
                + offs_d[None, :])
     tl.store(dq_ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_base, dq_base, stat_base,
-                stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block, qk_scale, scale, q_len, kv_len,
+def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_base, q_desc, do_desc, dq_base,
+                stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block, qk_scale, scale,
+                q_len, kv_len,
                 LBQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
                 EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                FUSED_DQ: tl.constexpr):
+                FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr):
     """dK/dV of one kv tile over a run of transposed-CSR tiles; with FUSED_DQ also each tile
     pair's dQ share (dS K * scale), added atomically in fp32 at dq_base."""
     TILES: tl.constexpr = LBQ // BM
@@ -352,9 +394,11 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
         j = t // TILES  # transposed-CSR entry
         qb = tl.load(idx_ptr + j)
         row0 = (t % TILES) * BM  # first query row of this tile inside its layout block
-        offs_m = qb * LBQ + row0 + tl.arange(0, BM)
-        q = _load_rows(q_base, offs_m, stride_qn, offs_d, q_len, D, BD, EVEN_Q, UPCAST)  # [BM, BD]
-        do = _load_rows(do_base, offs_m, stride_don, offs_dv, q_len, DV, BDV, EVEN_Q, UPCAST)  # [BM, BDV]
+        m0 = qb * LBQ + row0  # first query of the tile
+        offs_m = m0 + tl.arange(0, BM)
+        q = _load_tile(q_base, q_desc, m0, stride_qn, offs_d, q_len, BM, D, BD, EVEN_Q, UPCAST, USE_TMA)  # [BM, BD]
+        do = _load_tile(do_base, do_desc, m0, stride_don, offs_dv, q_len, BM, DV, BDV, EVEN_Q, UPCAST,
+                        USE_TMA)  # [BM, BDV]
         lse2, delta = _load_row_stats(Lse2, Delta, stat_base + offs_m, offs_m, q_len, EVEN_Q)
         st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM] = S^T
         pt = tl.exp2(st - lse2[None, :])
@@ -367,13 +411,14 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
             # keys past kv_len (zero rows of k) must not reach dQ: exp2(0 - lse2) can overflow
             # (dK/dV of those rows are never stored)
             pt = tl.where((offs_n < kv_len)[:, None], pt, 0.0)
-        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dv = _dot_acc(pt.to(do.dtype), do, dv, IEEE)
         dpt = _dot(v, tl.trans(do), IEEE)  # [BN, BM] = dP^T
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)  # [BN, BM] = dS^T
-        dk += _dot(dst, q, IEEE)
+        dk = _dot_acc(dst, q, dk, IEEE)
         if FUSED_DQ:
             dq = _dot(tl.trans(dst), k, IEEE) * scale  # [BM, BD], this kv tile's share of dQ
-            dq_ptrs = dq_base + offs_m[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
+            dq_ptrs = (dq_base + m0.to(tl.int64) * stride_dqn
+                       + (tl.arange(0, BM)[:, None] * stride_dqn + offs_d[None, :]))
             if EVEN_Q and D == BD:
                 tl.atomic_add(dq_ptrs, dq, sem="relaxed")
             else:
@@ -397,6 +442,7 @@ def block_sparse_bwd_dkdv_kernel(
     PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, FUSED_DQ: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """One program per (kv tile, batch * kv head), walking the transposed layout for every query
     head of the GQA group (in order: deterministic dK/dV sums). FUSED_DQ: the one-pass backward,
@@ -413,8 +459,8 @@ def block_sparse_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     hk64 = hk.to(tl.int64)
-    k = _load_rows(K + b * stride_kb + hk64 * stride_kh, offs_n, stride_kn, offs_d, kv_len, D, BD, EVEN_KV, UPCAST)
-    v = _load_rows(V + b * stride_vb + hk64 * stride_vh, offs_n, stride_vn, offs_dv, kv_len, DV, BDV, EVEN_KV,
+    k = _load_rows(K + b * stride_kb + hk64 * stride_kh, n0, stride_kn, offs_d, kv_len, BN, D, BD, EVEN_KV, UPCAST)
+    v = _load_rows(V + b * stride_vb + hk64 * stride_vh, n0, stride_vn, offs_dv, kv_len, BN, DV, BDV, EVEN_KV,
                    UPCAST)
     kv_col_in_block = n0 % LBK + tl.arange(0, BN)
 
@@ -429,18 +475,20 @@ def block_sparse_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + h * stride_doh
         dq_base = GradQAcc + b * stride_dqb + h * stride_dqh
         stat_base = b * stride_lb + h * stride_lh
+        q_desc = _make_desc(q_base, q_len, stride_qn, BM, BD, D, USE_TMA)
+        do_desc = _make_desc(do_base, q_len, stride_don, BM, BDV, DV, USE_TMA)
         f0 = tl.load(tfull_off + col) * TILES
         f1 = tl.load(tfull_off + col + 1) * TILES
-        dk, dv = _dkdv_tiles(dk, dv, k, v, f0, f1, tfull_idx, tpart_mask, part_bits, q_base, do_base, dq_base,
-                             stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block,
-                             qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS, False, EVEN_Q,
-                             EVEN_KV, IEEE, UPCAST, FUSED_DQ)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, f0, f1, tfull_idx, tpart_mask, part_bits, q_base, do_base, q_desc, do_desc,
+                             dq_base, stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n,
+                             kv_col_in_block, qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS,
+                             False, EVEN_Q, EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA)
         p0 = tl.load(tpart_off + col) * TILES
         p1 = tl.load(tpart_off + col + 1) * TILES
-        dk, dv = _dkdv_tiles(dk, dv, k, v, p0, p1, tpart_idx, tpart_mask, part_bits, q_base, do_base, dq_base,
-                             stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n, kv_col_in_block,
-                             qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS, True, EVEN_Q,
-                             EVEN_KV, IEEE, UPCAST, FUSED_DQ)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, p0, p1, tpart_idx, tpart_mask, part_bits, q_base, do_base, q_desc, do_desc,
+                             dq_base, stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n,
+                             kv_col_in_block, qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS,
+                             True, EVEN_Q, EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA)
     in_kv = offs_n[:, None] < kv_len
     rows = offs_n[:, None].to(tl.int64)
     dk_ptrs = GradK + b * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :]

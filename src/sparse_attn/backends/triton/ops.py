@@ -37,22 +37,85 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# Offsets inside one tile are int32 (tile starts are int64): a row stride so large that
+# 256 rows of it pass 2^31 elements takes a copy.
+MAX_ROW_STRIDE = 2**31 // 256
+
+
 def needs_copy(x: torch.Tensor) -> bool:
-    """The kernels need unit stride on the head dim; any other strides are read in place
-    (offsets are int64, so no size forces a copy)."""
-    return x.stride(-1) != 1
+    """The kernels need unit stride on the head dim and row strides that keep in-tile offsets in
+    int32; any other strides are read in place (tile starts are int64, so no size forces a copy)."""
+    return x.stride(-1) != 1 or x.stride(-2) >= MAX_ROW_STRIDE
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous() if needs_copy(x) else x
 
 
-def _common(q, k, v, block_q, block_kv):
+# TMA (Hopper's tensor memory accelerator) for the tiles the kernels' inner loops read: None
+# picks it where `tma_allowed` holds; False/True force it off/on (True still needs it allowed).
+TMA_DEFAULT: bool | None = None
+
+
+def tma_allowed(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need an sm90+ GPU, a Triton that makes them on the device, 16-byte
+    aligned base addresses and row/head/batch strides, and unit stride on the head dim."""
+    if interpreting():
+        return True  # the interpreter emulates descriptors: CPU tests run the TMA path too
+    t = tensors[0]
+    if t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    import triton.language as tl
+
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    for x in tensors:
+        size = x.element_size()
+        if size != 2:  # fp32 (a checking path on GPU) keeps pointer loads
+            return False
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or any((s * size) % 16 for s in x.stride()[:-1]):
+            return False
+        if x.shape[-1] * size < 16:
+            return False
+    return True
+
+
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    if TMA_DEFAULT is False:
+        return False
+    allowed = tma_allowed(*tensors)
+    if allowed:
+        _ensure_allocator()
+    return allowed
+
+
+def _ensure_allocator() -> None:
+    """Device-made TMA descriptors live in a scratch buffer that Triton asks an allocator for;
+    install one (a torch allocation on the launch device) unless the process set its own."""
+    import triton
+
+    try:
+        from triton.runtime import _allocation
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another Triton: install ours
+        pass
+
+    def allocate(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    triton.set_allocator(allocate)
+
+
+def _common(q, k, v, block_q, block_kv, *loop_read):
+    """Shapes and the constexpr flags every kernel takes; `loop_read`: the tensors the launch's
+    inner loop reads tile by tile (TMA needs all of them aligned)."""
     bsz, hq, nq, d = q.shape
     hkv, nkv, dv = k.shape[1], k.shape[2], v.shape[3]
     flags = dict(LBQ=block_q, LBK=block_kv, BD=_padded(d), BDV=_padded(dv), D=d, DV=dv,
                  WORDS=-(-block_kv // 32), EVEN_Q=nq % block_q == 0, EVEN_KV=nkv % block_kv == 0,
-                 IEEE=q.dtype == torch.float32, UPCAST=interpreting() and q.dtype == torch.bfloat16)
+                 IEEE=q.dtype == torch.float32, UPCAST=interpreting() and q.dtype == torch.bfloat16,
+                 USE_TMA=_use_tma(*loop_read) if loop_read else False)
     return bsz, hq, nq, d, hkv, nkv, dv, flags
 
 
@@ -95,7 +158,7 @@ def block_sparse_attn_fwd(
     from .kernels import block_sparse_fwd_kernel
 
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
-    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv)
+    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv, k, v)
     out = new_output((bsz, hq, nq, dv), q.dtype, q.device)
     lse = new_output((bsz, hq, nq), torch.float32, q.device)
     if out.numel() == 0:
@@ -135,7 +198,7 @@ def block_sparse_attn_bwd(
     from .kernels import block_sparse_bwd_dq_kernel
 
     q, k, v, out, dout = (_rows_contiguous(t) for t in (q, k, v, out, dout))
-    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv)
+    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv, k, v)
     dq, dk, dvv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dvv.zero_()
@@ -170,7 +233,7 @@ def _launch_dkdv(phase, dq_acc, q, k, v, dout, dk, dvv, lse2, delta, tfull_off, 
     adds dQ atomically there (phase "fused": the one-pass backward), else phase "dkdv"."""
     from .kernels import block_sparse_bwd_dkdv_kernel
 
-    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv)
+    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv, q, dout)
     cfg = tile_config(max(flags["BD"], flags["BDV"]), phase, block_q, block_kv, interpreted=interpreting(),
                       element_size=q.element_size())
     fused = dq_acc is not None

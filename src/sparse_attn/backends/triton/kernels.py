@@ -82,16 +82,6 @@ def _load_rows(base, row0, stride_n, offs_d, n_len, BR: tl.constexpr, D: tl.cons
 
 
 @triton.jit
-def _make_desc(base, n_len, stride_n, BR: tl.constexpr, BD: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr):
-    """A TMA descriptor of one head's (n_len, D) matrix in BR x BD boxes (out-of-bounds rows and
-    columns read as 0), or None without TMA."""
-    desc = None
-    if USE_TMA:
-        desc = tl.make_tensor_descriptor(base, shape=[n_len, D], strides=[stride_n, 1], block_shape=[BR, BD])
-    return desc
-
-
-@triton.jit
 def _load_tile(base, desc, row0, stride_n, offs_d, n_len, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                EVEN_N: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     """A [BR, BD] tile at row0, through the TMA descriptor when there is one."""
@@ -222,8 +212,13 @@ def block_sparse_fwd_kernel(
                    UPCAST)  # [BM, BD]
     k_base = K + b * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b * stride_vb + hk.to(tl.int64) * stride_vh
-    k_desc = _make_desc(k_base, kv_len, stride_kn, BN, BD, D, USE_TMA)
-    v_desc = _make_desc(v_base, kv_len, stride_vn, BN, BDV, DV, USE_TMA)
+    # TMA descriptors of this head's (kv_len, D) k and v in BN-row boxes (rows and columns past
+    # the ends read as 0); made inline: Triton 3.6 returns no descriptor from a jit function
+    k_desc = None
+    v_desc = None
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[kv_len, D], strides=[stride_kn, 1], block_shape=[BN, BD])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_len, DV], strides=[stride_vn, 1], block_shape=[BN, BDV])
     q_row_in_block = q0 % LBQ + tl.arange(0, BM)
 
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -357,8 +352,13 @@ def block_sparse_bwd_dq_kernel(
     lse2, delta = _load_row_stats(Lse2, Delta, stat, offs_m, q_len, EVEN_Q)
     k_base = K + b * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b * stride_vb + hk.to(tl.int64) * stride_vh
-    k_desc = _make_desc(k_base, kv_len, stride_kn, BN, BD, D, USE_TMA)
-    v_desc = _make_desc(v_base, kv_len, stride_vn, BN, BDV, DV, USE_TMA)
+    # TMA descriptors of this head's (kv_len, D) k and v in BN-row boxes (rows and columns past
+    # the ends read as 0); made inline: Triton 3.6 returns no descriptor from a jit function
+    k_desc = None
+    v_desc = None
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[kv_len, D], strides=[stride_kn, 1], block_shape=[BN, BD])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_len, DV], strides=[stride_vn, 1], block_shape=[BN, BDV])
     q_row_in_block = q0 % LBQ + tl.arange(0, BM)
 
     dq = tl.zeros([BM, BD], dtype=tl.float32)
@@ -475,8 +475,12 @@ def block_sparse_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + h * stride_doh
         dq_base = GradQAcc + b * stride_dqb + h * stride_dqh
         stat_base = b * stride_lb + h * stride_lh
-        q_desc = _make_desc(q_base, q_len, stride_qn, BM, BD, D, USE_TMA)
-        do_desc = _make_desc(do_base, q_len, stride_don, BM, BDV, DV, USE_TMA)
+        q_desc = None
+        do_desc = None
+        if USE_TMA:  # as the forward's: this head's q and dO in BM-row boxes
+            q_desc = tl.make_tensor_descriptor(q_base, shape=[q_len, D], strides=[stride_qn, 1], block_shape=[BM, BD])
+            do_desc = tl.make_tensor_descriptor(do_base, shape=[q_len, DV], strides=[stride_don, 1],
+                                                block_shape=[BM, BDV])
         f0 = tl.load(tfull_off + col) * TILES
         f1 = tl.load(tfull_off + col + 1) * TILES
         dk, dv = _dkdv_tiles(dk, dv, k, v, f0, f1, tfull_idx, tpart_mask, part_bits, q_base, do_base, q_desc, do_desc,

@@ -29,18 +29,23 @@ class _Csr:
         self.rows = rows  # [nnz] int64, row of each entry
 
     @classmethod
-    def from_counts(cls, counts: torch.Tensor, cols: torch.Tensor, nnz: int) -> "_Csr":
-        """Rows of `counts` [R] entries each (their sum is `nnz`, known to the caller), values
-        `cols` [nnz] in row order. No bincount and no host read: what a layout built on the
-        device (block top-k) uses."""
+    def from_counts(cls, counts: torch.Tensor, nnz: int) -> "_Csr":
+        """Rows of `counts` [R] entries each (their sum is `nnz`, known to the caller); the
+        caller then fills `indices` [nnz] (int32, ascending per row), e.g. from `rows` and
+        `slots()`. No bincount and no host read: what a layout built on the device (block
+        top-k) uses."""
         self = cls.__new__(cls)
         self.counts = counts.to(torch.int64)
         self.offsets = torch.cat([self.counts.new_zeros(1), torch.cumsum(self.counts, 0)])
-        self.indices = cols.to(torch.int32)
         # output_size: repeat_interleave would otherwise read the total back from the device
         self.rows = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), self.counts,
                                             output_size=nnz)
+        self.indices = torch.zeros(nnz, dtype=torch.int32, device=counts.device)
         return self
+
+    def slots(self) -> torch.Tensor:
+        """[nnz] int64: each entry's position within its row."""
+        return torch.arange(self.rows.numel(), device=self.rows.device) - self.offsets[self.rows]
 
     def padded(self, width: int | None = None) -> torch.Tensor:
         """[R, width] kv block indices, each row left-aligned and padded with 0."""

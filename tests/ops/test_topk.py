@@ -435,6 +435,26 @@ def test_device_path_reads_nothing_back():
             int(picks.max())
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_device_plan_equals_the_table_plan(causal):
+    """The triton plan of the device layout walks the same blocks in the same order, with the
+    same masks, as the plan of the table-built layout (the path before): same kernel work."""
+    from sparse_attn.backends.triton.plan import TritonPlan
+
+    n, bs = (600 if causal else 640), 64  # not causal: whole 32-blocks in every 64-cell
+    q, k, _ = qkv(1, 2, n, 8, dtype=torch.float32)
+    sel, picks = _select(q, k, 3, bs, causal, 0)
+    grid = BlockGrid(n, n, 0, 32, 32, torch.device("cpu"))
+    pattern = selection_pattern(sel, bs, n, n, 0, causal=causal)
+    new = TritonPlan(device_selection_layout(sel, picks, pattern, bs, grid, causal=causal))
+    old = TritonPlan(selection_layout(sel, pattern, bs, grid, causal=causal))
+    for name in ("full_off", "full_idx", "part_off", "part_idx", "q_block_order", "tfull_off", "tfull_idx",
+                 "tpart_off", "tpart_idx", "kv_block_order"):
+        assert torch.equal(getattr(new, name), getattr(old, name)), name
+    assert torch.equal(new.bits[new.part_mask.long()], old.bits[old.part_mask.long()])
+    assert torch.equal(new.bits[new.tpart_mask.long()], old.bits[old.tpart_mask.long()])
+
+
 def test_select_ties_go_to_the_lowest_block():
     """Equal scores: the naive reference's stable order (lower kv block first), causal or not."""
     q = torch.ones(1, 2, 64, 4, dtype=F64)

@@ -203,6 +203,94 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+# ------------------------------------------------------------------- host reads
+class HostReadError(AssertionError):
+    """An op read a tensor's values back to the host inside `NoHostReads`."""
+
+
+_aten = torch.ops.aten
+# aten ops whose output depends on the host knowing tensor values: on CUDA each is a
+# device -> host synchronisation (item/bool/int/float all reach _local_scalar_dense)
+_HOST_READ_OPS = {
+    _aten._local_scalar_dense.default, _aten.nonzero.default, _aten.argwhere.default, _aten._unique2.default,
+    _aten.unique_dim.default, _aten.unique_consecutive.default, _aten.bincount.default,
+    _aten.masked_select.default, _aten.equal.default, _aten.is_nonzero.default, _aten.histc.default,
+}
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails the test (`HostReadError`) when code inside reads tensor values back to the host:
+    `.item()`, `bool(t)` / `int(t)` / `if t`, `.tolist()`, `.numpy()`, `nonzero` /
+    `torch.where(cond)`, `unique`, `bincount`, `masked_select`, indexing or index_put with a
+    bool mask, `repeat_interleave` without `output_size`, `torch.equal`, copies to the CPU from
+    another device. On CUDA, `torch.cuda.set_sync_debug_mode("error")` is armed as well, so any
+    synchronising call fails too. It works on CPU tensors (where nothing synchronises), so CPU
+    tests catch a host read before it costs a stall on the GPU.
+
+    Our own kernels (custom ops in the `sparse_attn` namespace) run unchecked inside: under
+    TRITON_INTERPRET=1 they run on numpy; on CUDA the sync debug mode still watches them.
+    Ops that merely allocate or compute stay allowed."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel_depth = 0
+        self._patched = {}
+        self._sync_mode = None
+
+    def _fail(self, what):
+        raise HostReadError(f"host read inside NoHostReads: {what}")
+
+    def __enter__(self):
+        for name in ("tolist", "numpy", "__array__"):
+            real = getattr(torch.Tensor, name)
+            self._patched[name] = real
+
+            def guarded(t, *args, _real=real, _name=name, **kwargs):
+                if self.kernel_depth == 0:
+                    self._fail(f"Tensor.{_name}()")
+                return _real(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, guarded)
+        if torch.cuda.is_available():
+            self._sync_mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            for name, real in self._patched.items():
+                setattr(torch.Tensor, name, real)
+            self._patched.clear()
+            if self._sync_mode is not None:
+                torch.cuda.set_sync_debug_mode(self._sync_mode)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "sparse_attn":  # our kernels: see the class docstring
+            self.kernel_depth += 1
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.kernel_depth -= 1
+        if func in _HOST_READ_OPS:
+            self._fail(str(func))
+        if func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            self._fail("repeat_interleave without output_size (it sums the repeats on the host)")
+        if func in (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default,
+                    _aten._index_put_impl_.default):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices):
+                self._fail(f"{func} with a bool mask (its size is the mask's count)")
+        if func in (_aten._to_copy.default, _aten.copy_.default):
+            src = args[1] if func is _aten.copy_.default else args[0]
+            dst = args[0].device if func is _aten.copy_.default else kwargs.get("device", src.device)
+            if isinstance(src, torch.Tensor) and torch.device(dst).type == "cpu" and src.device.type != "cpu":
+                self._fail(f"copy from {src.device} to the CPU")
+        return func(*args, **kwargs)
+
+
 # --------------------------------------------------------------- the preset zoo
 def document_ids_for(n, sizes=(7, 30, 1, 19)):
     """Document ids of n tokens in runs of the given sizes (a 1-token document among them)."""

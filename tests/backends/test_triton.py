@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 
 from conformance import Conformance, conformance_tests  # noqa: E402
 from sa_testing import (  # noqa: E402
+    NoHostReads,
     assert_fp32_close,
     assert_no_nan,
     check_backend_against_reference,
@@ -296,23 +297,35 @@ def test_torch_compile_traces_without_graph_breaks(deterministic):
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_topk_selection_layout(causal):
     """Block top-k with selection blocks of 64 over 32-blocks (CPU interpreter; 128 on CUDA):
-    the layout built from the selection, one mask evaluation per mask class, then the
-    kernels; equal to the dense reference on the selection's pattern, with gradients."""
-    from sparse_attn.ops.topk.block import select_kv_blocks, selection_pattern
+    the layout built on the device from the selection with no host read (NoHostReads: on CUDA
+    the sync debug mode too) from selection to kernels, forward and backward; equal to the
+    dense reference on the selection's pattern, with gradients, and bitwise equal to the same
+    selection run through the table-built layout (`selection_layout`, the path before)."""
+    from sparse_attn.ops.topk.block import select_kv_blocks, selection_layout, selection_pattern
+    from sparse_attn.patterns.grid import BlockGrid
 
-    n = 200 if DEVICE == "cpu" else 1000
+    n = (200 if causal else 192) if DEVICE == "cpu" else 1000  # not causal: cells of whole kernel blocks
     bs = 64 if DEVICE == "cpu" else 256
-    q, k, v = make_qkv(1, HEADS, n, 16, hkv=2, device=DEVICE, requires_grad=True)
+    block = 32 if DEVICE == "cpu" else 128
+    q, k, v = make_qkv(1, 2, n, 16, hkv=1, device=DEVICE, requires_grad=True)
     dout = torch.randn_like(q)
-    out = sparse_attn.block_topk_attention(q, k, v, 2, bs, causal=causal, backend="triton")
-    g = torch.autograd.grad((out * dout).sum(), (q, k, v))
-    pattern = selection_pattern(select_kv_blocks(q, k, 2, bs, causal=causal), bs, n, n, 0, causal=causal)
+    with NoHostReads():
+        out = sparse_attn.block_topk_attention(q, k, v, 2, bs, causal=causal, backend="triton")
+        g = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    selection = select_kv_blocks(q, k, 2, bs, causal=causal)
+    pattern = selection_pattern(selection, bs, n, n, 0, causal=causal)
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     ref = sparse_attn.sparse_attention(q64, k64, v64, pattern, backend="reference")
     g_ref = torch.autograd.grad((ref * dout.double()).sum(), (q64, k64, v64))
     assert_fp32_close(out, ref)
     for a, e in zip(g, g_ref):
         assert_fp32_close(a, e, what="gradient")
+    table_layout = selection_layout(selection, pattern, bs, BlockGrid(n, n, 0, block, block, q.device), causal=causal)
+    before = sparse_attn.sparse_attention(q, k, v, table_layout, backend="triton")
+    g_before = torch.autograd.grad((before * dout).sum(), (q, k, v))
+    assert torch.equal(out, before)
+    for a, e in zip(g, g_before):
+        assert torch.equal(a, e)
 
 
 @BACKWARDS

@@ -9,13 +9,13 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from sa_testing import LargestTensor, assert_fp32_close, assert_low_precision_close, max_abs_err, reference_f64
+from sa_testing import HostReadError, LargestTensor, NoHostReads, assert_fp32_close, assert_low_precision_close, max_abs_err, reference_f64
 
 from sparse_attn import patterns as P
 from sparse_attn.ops.topk import block_topk_attention, select_kv_blocks, topk_attention
 from sparse_attn.ops.topk import chunk as topk_chunk
 from sparse_attn.ops.topk import block as block_module
-from sparse_attn.ops.topk.block import _block_means, selection_layout, selection_pattern
+from sparse_attn.ops.topk.block import _block_means, _select, device_selection_layout, selection_layout, selection_pattern
 from sparse_attn.patterns.grid import BlockGrid
 from sparse_attn.ops.topk.naive import (
     block_topk_attention_naive,
@@ -342,16 +342,128 @@ def test_selection_layout_equals_the_patterns_layout(causal):
                 assert (same == same[0]).all()
 
 
-def test_block_topk_takes_the_selection_layout_when_aligned(monkeypatch):
-    calls = []
-    real = block_module.selection_layout
-    monkeypatch.setattr(block_module, "selection_layout", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+def test_block_topk_takes_the_device_layout_when_aligned(monkeypatch):
+    """Aligned calls build the layout on the device; the table path (`selection_layout`) is
+    left for aligned calls whose counts depend on the selection; unaligned ones classify."""
+    calls = {"device": [], "table": []}
+    for name, key in (("device_selection_layout", "device"), ("selection_layout", "table")):
+        real = getattr(block_module, name)
+        monkeypatch.setattr(block_module, name, lambda *a, _r=real, _k=key, **kw: calls[_k].append(_r(*a, **kw))
+                            or calls[_k][-1])
     q, k, v = qkv(1, 2, 128, 8)
     block_topk_attention(q, k, v, 2, 64, causal=True, backend="blocked")  # blocked picks 64-blocks here
-    assert calls
-    calls.clear()
-    block_topk_attention(q[:, :, 1:], k, v, 2, 64, causal=True, backend="blocked")  # q_offset 1
-    assert not calls
+    assert calls["device"][-1] is not None and not calls["table"]
+    block_topk_attention(q[:, :, 1:], k, v, 2, 64, causal=True, backend="blocked")  # q_offset 1: unaligned
+    assert len(calls["device"]) == 1 and not calls["table"]
+    # not causal, 128-cells over 64-blocks, the last cell (22 keys) holds one 64-block, not two:
+    # counts depend on whether it is picked
+    q, k, v = qkv(1, 2, 22, 8, nkv=150)
+    block_topk_attention(q, k, v, 1, 128, backend="blocked", q_offset=128)
+    assert calls["device"][-1] is None and len(calls["table"]) == 1
+
+
+# (Nq, Nkv, selection block, layout block, top_k): layouts the device path builds
+DEVICE_LAYOUT_CASES = [(nq, nkv, bs, block, top_k)
+                       for nq, nkv, bs, block, top_k in itertools.product([1, 37, 64, 200], [64, 200, 256],
+                                                                          [32, 64], [16, 32], [1, 3])
+                       if nq <= nkv and (nkv - nq) % block == 0]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_device_selection_layout_equals_the_patterns_layout(causal):
+    """The layout built on the device from the picks has the blocks and elements the selection's
+    pattern classifies to, kv blocks ascending per row, mask classes that only join equal masks;
+    and where it declines (None) it is because counts would depend on the selection."""
+    built = 0
+    for nq, nkv, bs, block, top_k in DEVICE_LAYOUT_CASES:
+        q_offset = nkv - nq
+        q, k, _ = qkv(2, 2, nq, 8, hkv=1, nkv=nkv)
+        sel, picks = _select(q, k, top_k, bs, causal, q_offset)
+        pattern = selection_pattern(sel, bs, nq, nkv, q_offset, causal=causal)
+        grid = BlockGrid(nq, nkv, q_offset, block, block, torch.device("cpu"))
+        layout = device_selection_layout(sel, picks, pattern, bs, grid, causal=causal)
+        ragged_cells = -(-nkv // block) != (bs // block) * -(-nkv // bs)
+        if layout is None:
+            assert not causal and ragged_cells, (nq, nkv, bs, block, top_k)
+            continue
+        built += 1
+        expected = pattern.layout(nq, nkv, block_q=block, block_kv=block, q_offset=q_offset)
+        case = (nq, nkv, bs, block, top_k)
+        assert torch.equal(layout.block_states(), expected.block_states()), case
+        assert torch.equal(layout.to_dense(), expected.to_dense()), case
+        for csr in (layout.full, layout.partial):
+            assert torch.equal(csr.offsets, torch.cat([torch.zeros(1, dtype=torch.int64), csr.counts.cumsum(0)]))
+            same_row = csr.rows[1:] == csr.rows[:-1]
+            assert (csr.indices[1:][same_row] > csr.indices[:-1][same_row]).all(), case
+        part = layout.partial
+        if part.indices.numel():
+            g = layout.grid
+            masks = layout.element_masks(torch.div(part.rows, g.num_q_blocks, rounding_mode="floor"),
+                                         part.rows % g.num_q_blocks, part.indices.long())
+            h, qb, kb = layout.mask_class_blocks.unbind(1)
+            representative = layout.element_masks(h, qb, kb)  # [n_classes, block, block]
+            assert set(layout.partial_mask_class.tolist()) == set(range(representative.shape[0]))  # all used
+            cls = layout.partial_mask_class
+            # padded query rows (past nq) are never stored by kernels: compare real rows only
+            rows = torch.arange(block)[None, :]
+            real = ((part.rows % g.num_q_blocks)[:, None] * block + rows < nq) & (qb[cls][:, None] * block + rows < nq)
+            assert ((masks == representative[cls]) | ~real[:, :, None]).all(), case
+    assert built == len(DEVICE_LAYOUT_CASES) if causal else built > 15
+
+
+def test_device_path_reads_nothing_back():
+    """Selection, device layout and the triton kernel plan (forward and backward walks) with
+    no host read (NoHostReads), and NoHostReads does fail once a read is added."""
+    from sparse_attn.backends.triton.plan import TritonPlan
+
+    q, k, _ = qkv(2, 4, 200, 8, hkv=2, nkv=256, dtype=torch.float32)
+    for causal in (False, True):
+        grid = BlockGrid(200, 256, 56, 8, 8, torch.device("cpu"))
+        with NoHostReads():
+            sel, picks = _select(q, k, 3, 16, causal, 56)
+            pattern = selection_pattern(sel, 16, 200, 256, 56, causal=causal)
+            layout = device_selection_layout(sel, picks, pattern, 16, grid, causal=causal)
+            plan = TritonPlan(layout)
+            plan.tensors(backward=True)
+        assert layout is not None
+        assert plan.part_idx.numel() == (layout.num_heads * layout.num_q_blocks if causal else 0)
+        if causal:  # kv_len 256 is a multiple of 8: one mask class, the causal diagonal
+            assert plan.bits.shape[0] == 1 and torch.equal(plan.part_mask, torch.zeros_like(plan.part_mask))
+    with pytest.raises(HostReadError, match="_local_scalar_dense"):
+        with NoHostReads():
+            sel, picks = _select(q, k, 3, 16, True, 56)
+            int(picks.max())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_device_plan_equals_the_table_plan(causal):
+    """The triton plan of the device layout walks the same blocks in the same order, with the
+    same masks, as the plan of the table-built layout (the path before): same kernel work."""
+    from sparse_attn.backends.triton.plan import TritonPlan
+
+    n, bs = (600 if causal else 640), 64  # not causal: whole 32-blocks in every 64-cell
+    q, k, _ = qkv(1, 2, n, 8, dtype=torch.float32)
+    sel, picks = _select(q, k, 3, bs, causal, 0)
+    grid = BlockGrid(n, n, 0, 32, 32, torch.device("cpu"))
+    pattern = selection_pattern(sel, bs, n, n, 0, causal=causal)
+    new = TritonPlan(device_selection_layout(sel, picks, pattern, bs, grid, causal=causal))
+    old = TritonPlan(selection_layout(sel, pattern, bs, grid, causal=causal))
+    for name in ("full_off", "full_idx", "part_off", "part_idx", "q_block_order", "tfull_off", "tfull_idx",
+                 "tpart_off", "tpart_idx", "kv_block_order"):
+        assert torch.equal(getattr(new, name), getattr(old, name)), name
+    assert torch.equal(new.bits[new.part_mask.long()], old.bits[old.part_mask.long()])
+    assert torch.equal(new.bits[new.tpart_mask.long()], old.bits[old.tpart_mask.long()])
+
+
+def test_select_ties_go_to_the_lowest_block():
+    """Equal scores: the naive reference's stable order (lower kv block first), causal or not."""
+    q = torch.ones(1, 2, 64, 4, dtype=F64)
+    k = torch.ones(1, 1, 64, 4, dtype=F64)
+    k[:, :, 40:48] = 2.0  # kv block 5 beats the rest; every other block ties
+    for causal in (False, True):
+        for top_k in (1, 2, 3):
+            sel = select_kv_blocks(q, k, top_k, 8, causal=causal)
+            assert torch.equal(sel, select_kv_blocks_naive(q, k, top_k, 8, causal=causal)), (causal, top_k)
 
 
 def test_block_topk_is_sparse():

@@ -28,6 +28,25 @@ class _Csr:
         self.indices = cols.to(torch.int32)  # [nnz]
         self.rows = rows  # [nnz] int64, row of each entry
 
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, nnz: int) -> "_Csr":
+        """Rows of `counts` [R] entries each (their sum is `nnz`, known to the caller); the
+        caller then fills `indices` [nnz] (int32, ascending per row), e.g. from `rows` and
+        `slots()`. No bincount and no host read: what a layout built on the device (block
+        top-k) uses."""
+        self = cls.__new__(cls)
+        self.counts = counts.to(torch.int64)
+        self.offsets = torch.cat([self.counts.new_zeros(1), torch.cumsum(self.counts, 0)])
+        # output_size: repeat_interleave would otherwise read the total back from the device
+        self.rows = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), self.counts,
+                                            output_size=nnz)
+        self.indices = torch.zeros(nnz, dtype=torch.int32, device=counts.device)
+        return self
+
+    def slots(self) -> torch.Tensor:
+        """[nnz] int64: each entry's position within its row."""
+        return torch.arange(self.rows.numel(), device=self.rows.device) - self.offsets[self.rows]
+
     def padded(self, width: int | None = None) -> torch.Tensor:
         """[R, width] kv block indices, each row left-aligned and padded with 0."""
         max_count = int(self.counts.max()) if self.counts.numel() else 0
@@ -68,7 +87,8 @@ class BlockLayout:
     """
 
     def __init__(self, pattern: "Pattern | None", grid: BlockGrid, num_heads: int, full: _Csr, partial: _Csr,
-                 partial_mask_class: torch.Tensor | None = None) -> None:
+                 partial_mask_class: torch.Tensor | None = None, mask_class_blocks: torch.Tensor | None = None,
+                 work_bounds: tuple[float, float, float, float] | None = None) -> None:
         self.pattern = pattern
         self.grid = grid
         self.num_heads = num_heads
@@ -77,6 +97,14 @@ class BlockLayout:
         # Optional [n_partial] int64: partial blocks with equal class have equal element masks,
         # so kernels may evaluate the pattern once per class (None: every block its own).
         self.partial_mask_class = partial_mask_class
+        # Optional int64 [n_classes, 3]: one (head, q block, kv block) per class, the classes
+        # then being 0..n_classes-1: masks are evaluated there with no deduplication (which
+        # would read the class ids back to the host).
+        self.mask_class_blocks = mask_class_blocks
+        # Optional host numbers (max, mean) blocks per (head, query block) row and (bound on max,
+        # mean) per (head, kv block) column, for layouts whose counts are known without reading
+        # the device (kernels schedule by them).
+        self.work_bounds = work_bounds
         self.cache: dict = {}  # per-backend plans derived from this layout (e.g. gathered masks)
 
     @classmethod
@@ -112,6 +140,16 @@ class BlockLayout:
         if partial_mask_class is not None:
             cls_of = partial_mask_class.reshape(heads * nqb, nkb)[part.rows, part.indices.long()].long()
         return cls(pattern, grid, heads, csr(full), part, cls_of)
+
+    @classmethod
+    def from_csr(cls, pattern: "Pattern", grid: BlockGrid, num_heads: int, full: _Csr, partial: _Csr, *,
+                 partial_mask_class: torch.Tensor, mask_class_blocks: torch.Tensor,
+                 work_bounds: tuple[float, float, float, float]) -> "BlockLayout":
+        """A layout from CSR arrays built on the device by a caller that knows its blocks (block
+        top-k's selection: `_Csr.from_counts`), kv blocks ascending within each row, full and
+        partial disjoint. The attributes are documented in `__init__`; `pattern` must allow
+        exactly the pairs the blocks imply, as for `from_block_tables`."""
+        return cls(pattern, grid, num_heads, full, partial, partial_mask_class, mask_class_blocks, work_bounds)
 
     def cached(self, key: str, build):
         """`self.cache[key]`, built by `build()` on first use (backends' per-layout plans)."""

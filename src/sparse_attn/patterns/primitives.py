@@ -455,19 +455,45 @@ class BlockCells(Pattern):
         self.shape = shape  # (H, rows, cols)
         self.cell_q, self.cell_kv = cell_q, cell_kv
         key = (head * shape[1] + row) * shape[2] + col
-        key = torch.unique(key)
-        self._col = key % shape[2]
-        rest = _floor_div(key, shape[2])
-        self._row = rest % shape[1]
-        self._head = _floor_div(rest, shape[1])
+        self._set_coords(torch.unique(key))
         self.num_heads = shape[0] if per_head else None
         self.name = name
         self._table = None
 
+    @classmethod
+    def from_table(cls, table: torch.Tensor, *, cell_q: int, cell_kv: int, per_head: bool,
+                   name: str = "block_sparse") -> "BlockCells":
+        """Cells given as a dense bool table [H, rows, cols], kept on its device. Nothing is read
+        back to the host: the coordinates are derived only when something asks for them (block
+        classification, `is_causal`, `repr`), so a caller that brings its own layout (block
+        top-k's device path) builds this pattern without a device -> host synchronisation."""
+        self = cls.__new__(cls)
+        Pattern.__init__(self)
+        self.shape = tuple(table.shape)
+        self.cell_q, self.cell_kv = cell_q, cell_kv
+        self._key = None
+        self.num_heads = self.shape[0] if per_head else None
+        self.name = name
+        self._table = _PerDevice(table.to(torch.bool))
+        return self
+
+    def _set_coords(self, key: torch.Tensor) -> None:
+        self._key = key  # [nnz] sorted (head, row, col) keys of the set cells
+
+    def _coords(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(head, row, col) int64 [nnz] of the set cells, sorted."""
+        if self._key is None:  # from_table: the one place this pattern reads its table back
+            self._key = self._table.source.reshape(-1).nonzero().squeeze(1)
+        key = self._key
+        col = key % self.shape[2]
+        rest = _floor_div(key, self.shape[2])
+        return _floor_div(rest, self.shape[1]), rest % self.shape[1], col
+
     def table(self, device) -> torch.Tensor:
         if self._table is None:  # built where the coordinates live
-            t = torch.zeros(self.shape, dtype=torch.bool, device=self._col.device)
-            t[self._head, self._row, self._col] = True
+            head, row, col = self._coords()
+            t = torch.zeros(self.shape, dtype=torch.bool, device=col.device)
+            t[head, row, col] = True
             self._table = _PerDevice(t)
         return self._table.on(device)
 
@@ -485,17 +511,18 @@ class BlockCells(Pattern):
 
     def is_causal(self):
         # every pair of every set cell: the cell's last key precedes (or is) its first query
-        return bool(((self._col + 1) * self.cell_kv - 1 <= self._row * self.cell_q).all())
+        _, row, col = self._coords()
+        return bool(((col + 1) * self.cell_kv - 1 <= row * self.cell_q).all())
 
     def natural_block(self):
         return min(self.cell_q, self.cell_kv)
 
     def _candidate_count(self, grid):
-        return self._col.numel() * (1 + -(-self.cell_q // grid.block_q)) * (1 + -(-self.cell_kv // grid.block_kv))
+        return self._coords()[2].numel() * (1 + -(-self.cell_q // grid.block_q)) * (1 + -(-self.cell_kv // grid.block_kv))
 
     def _blocks(self, grid):
         dev = grid.device
-        head, row, col = self._head.to(dev), self._row.to(dev), self._col.to(dev)
+        head, row, col = (t.to(dev) for t in self._coords())
         r0, c0 = row * self.cell_q, col * self.cell_kv
         r1, c1 = r0 + self.cell_q, c0 + self.cell_kv
         # each set cell -> the query blocks it overlaps -> the kv blocks it overlaps
@@ -528,7 +555,9 @@ class BlockCells(Pattern):
                 f"(H, {rows}, {cols})")
 
     def __repr__(self):
-        return f"{self.name}({self.shape[1]}x{self.shape[2]} blocks of {self.cell_q}, {self._col.numel()} set)"
+        if self._key is None:  # from_table: counting the set cells would read the table back
+            return f"{self.name}({self.shape[1]}x{self.shape[2]} blocks of {self.cell_q})"
+        return f"{self.name}({self.shape[1]}x{self.shape[2]} blocks of {self.cell_q}, {self._key.numel()} set)"
 
 
 class _IndexRead(Exception):

@@ -360,10 +360,12 @@ def triton_attention(q, k, v, layout, scale: float, deterministic: bool | None =
         raise ValueError(f"layout is for q_len {g.q_len}, kv_len {g.kv_len}; got q_len {q.shape[2]}, "
                          f"kv_len {k.shape[2]}")
     plan = get_plan(layout)
+    # the transposed walk (dk/dv) only when a backward can follow: inference never builds it
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     # copied here, not inside the op: autograd then saves the copies, so the backward does not copy again
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
-    return block_sparse_attn_fwd(q, k, v, *plan.tensors(), float(scale), g.block_q, g.block_kv,
-                                 layout.num_heads > 1, *plan.flags(), resolve_deterministic(deterministic))
+    return block_sparse_attn_fwd(q, k, v, *plan.tensors(backward), float(scale), g.block_q, g.block_kv,
+                                 layout.num_heads > 1, *plan.flags(backward), resolve_deterministic(deterministic))
 
 
 def check_block(name: str, value: int) -> str | None:

@@ -34,40 +34,82 @@ import torch
 _MASK_CHUNK_ELEMENTS = 1 << 22
 
 
+def _transposed_attribute(name: str) -> property:
+    """A TritonPlan attribute of the transposed walk, built on first access."""
+    def get(self):
+        self.backward_tensors()
+        return self._backward[name]
+    return property(get, doc=f"`{name}` of the transposed walk (built on first use).")
+
+
 class TritonPlan:
     """Layout-derived kernel inputs, on the layout's device (all contiguous).
 
     Forward / dq (rows = (head, query block)): full_off/full_idx, part_off/part_idx, bits (the
     distinct packed masks) and part_mask (int32, the row of bits of each partial CSR entry).
-    dk/dv (columns = (head, kv block)): tfull_off/tfull_idx, tpart_off/tpart_idx (query block
-    indices), tpart_entry (the CSR entry of each transposed partial block) and tpart_mask
-    (int32, its row of bits: what the kernel reads).
+    dk/dv (columns = (head, kv block)), built on first use (`tensors(backward=True)`), so a
+    forward that records no gradient never pays for them: tfull_off/tfull_idx,
+    tpart_off/tpart_idx (query block indices), tpart_mask (int32, the row of bits of each
+    transposed partial block: what the kernel reads) and kv_block_order.
+
+    Nothing here reads the device back to the host for a layout built on the device with its
+    counts known (`BlockLayout.from_csr`: block top-k), so such a plan is queued behind the
+    work that made the layout; other layouts decide the schedule flags from their counts.
     """
 
     def __init__(self, layout) -> None:
         g = layout.grid
+        self.layout = layout
         self.words = -(-g.block_kv // 32)
         self.full_off = layout.full.offsets.contiguous()
         self.full_idx = layout.full.indices.contiguous()
         self.part_off = layout.partial.offsets.contiguous()
         self.part_idx = layout.partial.indices.contiguous()
         self.bits, self.part_mask = pack_partial_masks(layout, self.words)
-        self.tfull_off, self.tfull_idx, _ = _transpose(layout.full, layout)
-        self.tpart_off, self.tpart_idx, self.tpart_entry = _transpose(layout.partial, layout)
-        self.tpart_mask = self.part_mask[self.tpart_entry].contiguous()
-        heads = layout.num_heads
-        row_work = (self.full_off.diff() + self.part_off.diff()).reshape(heads, g.num_q_blocks).amax(0)
-        col_work = (self.tfull_off.diff() + self.tpart_off.diff()).reshape(heads, g.num_kv_blocks).amax(0)
-        self.q_block_order, self.q_heads_fastest = _schedule(row_work)
-        self.kv_block_order, self.kv_heads_fastest = _schedule(col_work)
+        row_work = (self.full_off.diff() + self.part_off.diff()).reshape(layout.num_heads, g.num_q_blocks).amax(0)
+        bounds = layout.work_bounds
+        self.q_block_order, self.q_heads_fastest = _schedule(row_work, None if bounds is None else bounds[:2])
+        self._backward = None
 
-    def tensors(self) -> list[torch.Tensor]:
+    def backward_tensors(self) -> list[torch.Tensor]:
+        """[tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, kv_block_order]: the
+        transposed walk for dk/dv, built once, on first use."""
+        if self._backward is None:
+            layout, g = self.layout, self.layout.grid
+            tfull_off, tfull_idx, _ = _transpose(layout.full, layout)
+            tpart_off, tpart_idx, tpart_entry = _transpose(layout.partial, layout)
+            tpart_mask = self.part_mask[tpart_entry].contiguous()
+            col_work = (tfull_off.diff() + tpart_off.diff()).reshape(layout.num_heads, g.num_kv_blocks).amax(0)
+            bounds = layout.work_bounds
+            kv_order, kv_heads_fastest = _schedule(col_work, None if bounds is None else bounds[2:])
+            self._backward = dict(tfull_off=tfull_off, tfull_idx=tfull_idx, tpart_off=tpart_off, tpart_idx=tpart_idx,
+                                  tpart_mask=tpart_mask, kv_block_order=kv_order, tpart_entry=tpart_entry,
+                                  kv_heads_fastest=kv_heads_fastest)
+        b = self._backward
+        return [b["tfull_off"], b["tfull_idx"], b["tpart_off"], b["tpart_idx"], b["tpart_mask"], b["kv_block_order"]]
+
+    tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, kv_block_order, tpart_entry, kv_heads_fastest = (
+        _transposed_attribute(n) for n in ("tfull_off", "tfull_idx", "tpart_off", "tpart_idx", "tpart_mask",
+                                           "kv_block_order", "tpart_entry", "kv_heads_fastest"))
+
+    def tensors(self, backward: bool = True) -> list[torch.Tensor]:
+        """The op's 13 plan arguments; without `backward` the dk/dv ones are empty placeholders
+        (the forward kernel does not read them, and no backward will run)."""
+        if backward:
+            tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, kv_order = self.backward_tensors()
+        else:
+            none64 = self.full_off.new_empty(0)
+            none32 = self.full_idx.new_empty(0)
+            tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, kv_order = (none64, none32, none64, none32,
+                                                                                 none32, none32)
         return [self.full_off, self.full_idx, self.part_off, self.part_idx, self.bits, self.part_mask,
-                self.q_block_order, self.tfull_off, self.tfull_idx, self.tpart_off, self.tpart_idx, self.tpart_mask,
-                self.kv_block_order]
+                self.q_block_order, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, kv_order]
 
-    def flags(self) -> list[bool]:
-        return [self.q_heads_fastest, self.kv_heads_fastest]
+    def flags(self, backward: bool = True) -> list[bool]:
+        """(q_heads_fastest, kv_heads_fastest); the second is False without `backward`."""
+        if backward:
+            self.backward_tensors()
+        return [self.q_heads_fastest, bool(backward and self._backward["kv_heads_fastest"])]
 
 
 # A layout whose busiest row does more than this many times the mean row's work launches the
@@ -76,25 +118,32 @@ class TritonPlan:
 IMBALANCE = 4.0
 
 
-def _schedule(work: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def _schedule(work: torch.Tensor, known: tuple[float, float] | None = None) -> tuple[torch.Tensor, bool]:
     """Blocks in the order the kernel visits them (busiest first, else in order) and whether
-    the work is imbalanced enough to put heads fastest."""
+    the work is imbalanced enough to put heads fastest: from `known` (max or a bound on it,
+    mean), host numbers of a layout built on the device, else read from `work`."""
     order = torch.argsort(-work, stable=True).to(torch.int32).contiguous()
-    mean = float(work.float().mean()) if work.numel() else 0.0
-    return order, bool(work.numel() and float(work.max()) > IMBALANCE * max(mean, 1e-9))
+    if known is not None:
+        busiest, mean = known
+    else:
+        mean = float(work.float().mean()) if work.numel() else 0.0
+        busiest = float(work.max()) if work.numel() else 0.0
+    return order, bool(work.numel() and busiest > IMBALANCE * max(mean, 1e-9))
 
 
 def _transpose(csr, layout):
     """CSR over (head, kv block) columns: offsets [H * NKB + 1] int64, query block indices
-    [nnz] int32, and the original CSR entry of each [nnz] int64. O(nnz log nnz)."""
+    [nnz] int32, and the original CSR entry of each [nnz] int64. A stable sort by column keeps
+    each column's query blocks ascending (the CSR is row-major), and the offsets come from
+    searchsorted, not bincount, so nothing is read back to the host. O(nnz log nnz)."""
     g = layout.grid
     nqb, nkb = g.num_q_blocks, g.num_kv_blocks
     head = torch.div(csr.rows, nqb, rounding_mode="floor")
     qb = csr.rows % nqb
     col = head * nkb + csr.indices.long()
-    order = torch.argsort(col * nqb + qb)
-    counts = torch.bincount(col, minlength=layout.num_heads * nkb)
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    sorted_col, order = torch.sort(col, stable=True)
+    bounds = torch.arange(layout.num_heads * nkb + 1, device=col.device, dtype=sorted_col.dtype)
+    offsets = torch.searchsorted(sorted_col, bounds)  # first entry of each column, and nnz at the end
     return offsets.contiguous(), qb[order].to(torch.int32).contiguous(), order.contiguous()
 
 
@@ -114,14 +163,16 @@ def pack_partial_masks(layout, words: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.zeros(1, bq, words, dtype=torch.int32, device=dev),
                 torch.zeros(0, dtype=torch.int32, device=dev))
     layout._require_pattern().prepare(dev)
+    if layout.mask_class_blocks is not None:  # classes 0..n-1 with a block each: no deduplication
+        head, q_block, kv_block = layout.mask_class_blocks.unbind(1)
+        return (_pack(layout.element_masks(head, q_block, kv_block), words, weights_device=dev),
+                layout.partial_mask_class.to(torch.int32).contiguous())
     entries, inverse = None, None  # the CSR entries whose masks are evaluated (None: all of them)
     if layout.partial_mask_class is not None:  # one evaluation per class, then a gather
         classes, inverse = torch.unique(layout.partial_mask_class, return_inverse=True)
         first = torch.full((classes.numel(),), n, dtype=torch.int64, device=dev)
         entries = first.scatter_reduce_(0, inverse, torch.arange(n, device=dev), "amin")
         n = classes.numel()
-    # weights of the 32 bits of a word, as int64 so the sum does not overflow
-    weights = torch.ones(1, dtype=torch.int64, device=dev) << torch.arange(32, device=dev)
     chunk = max(1, _MASK_CHUNK_ELEMENTS // (bq * bk))
     uniques, local = [], []  # per chunk: its distinct masks, and each evaluated block's index among all of them
     seen = 0
@@ -131,11 +182,8 @@ def pack_partial_masks(layout, words: int) -> tuple[torch.Tensor, torch.Tensor]:
         r = csr.rows[pick]
         ok = layout.element_masks(torch.div(r, g.num_q_blocks, rounding_mode="floor"), r % g.num_q_blocks,
                                   csr.indices[pick].long())  # [c, LBQ, LBK]
-        if bk < words * 32:
-            ok = torch.nn.functional.pad(ok, (0, words * 32 - bk))
-        packed = (ok.reshape(e1 - e0, bq, words, 32).long() * weights).sum(-1)  # [c, LBQ, words] in [0, 2^32)
-        packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed)  # two's complement int32
-        u, inv = torch.unique(packed.to(torch.int32).reshape(e1 - e0, bq * words), dim=0, return_inverse=True)
+        packed = _pack(ok, words, weights_device=dev)  # [c, LBQ, words]
+        u, inv = torch.unique(packed.reshape(e1 - e0, bq * words), dim=0, return_inverse=True)
         uniques.append(u)
         local.append(inv + seen)
         seen += u.shape[0]
@@ -144,6 +192,19 @@ def pack_partial_masks(layout, words: int) -> tuple[torch.Tensor, torch.Tensor]:
     if inverse is not None:
         mask = mask[inverse]
     return bits.reshape(-1, bq, words).contiguous(), mask.to(torch.int32).contiguous()
+
+
+def _pack(ok: torch.Tensor, words: int, *, weights_device) -> torch.Tensor:
+    """bool [n, LBQ, LBK] element masks -> int32 [n, LBQ, words] packed bits (see the module
+    docstring)."""
+    n, bq, bk = ok.shape
+    if bk < words * 32:
+        ok = torch.nn.functional.pad(ok, (0, words * 32 - bk))
+    # weights of the 32 bits of a word, as int64 so the sum does not overflow
+    weights = torch.ones(1, dtype=torch.int64, device=weights_device) << torch.arange(32, device=weights_device)
+    packed = (ok.reshape(n, bq, words, 32).long() * weights).sum(-1)  # [n, LBQ, words] in [0, 2^32)
+    packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed)  # two's complement int32
+    return packed.to(torch.int32).contiguous()
 
 
 def get_plan(layout) -> TritonPlan:

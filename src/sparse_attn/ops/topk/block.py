@@ -19,7 +19,8 @@ Selection (`select_kv_blocks`), per batch element and query head:
   causal LM trained with it can read the future through the selection, and step-by-step
   decoding cannot equal the full forward (`SparseCausalLM` refuses it unless listed in
   `ModelConfig.leaky_mechanisms`).
-Ties are broken by `torch.topk`. The selection is not differentiated.
+Ties go to the lower kv block index (as the naive reference's stable sort does), the same on
+every device. The selection is not differentiated.
 
 Attention (`block_topk_attention`): the selection differs per batch element and head, so the
 batch is folded into the heads (q -> [1, B * Hq, Nq, D], k/v -> [1, B * Hkv, Nkv, D], which
@@ -43,6 +44,7 @@ from ...backends import AttentionCall, select
 from ...backends.inputs import check_inputs
 from ...patterns import BlockCells, BlockLayout, Pattern, Segments
 from ...patterns.grid import BlockGrid
+from ...patterns.layout import _Csr  # the layout's CSR type, built here on the device
 from ...patterns import causal as causal_pattern
 from ...patterns import full as full_pattern
 from ..._checks import check_bool, check_int
@@ -59,17 +61,71 @@ def _query_blocks(q_offset: int, q_len: int, block_size: int) -> tuple[int, int]
     return first, (q_offset + q_len - 1) // block_size - first + 1
 
 
-def _block_means(x: torch.Tensor, lead: int, block_size: int, num_blocks: int) -> torch.Tensor:
+def _block_means(x: torch.Tensor, lead: int, block_size: int, num_blocks: int,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """Means over blocks of rows of x [B, H, N, E], where row i sits at slot lead + i of a
     sequence cut into num_blocks blocks of block_size slots: [B, H, num_blocks, E], each mean
-    over the rows actually present (ragged first / last blocks divide by their real count)."""
+    over the rows actually present (ragged first / last blocks divide by their real count).
+    Summed in `dtype` (default x's) without a converted copy of x."""
     n = x.shape[2]
     tail = num_blocks * block_size - lead - n
-    padded = torch.nn.functional.pad(x, (0, 0, lead, tail))  # [B, H, num_blocks * block_size, E]
-    sums = padded.unflatten(2, (num_blocks, block_size)).sum(3)
+    padded = torch.nn.functional.pad(x, (0, 0, lead, tail)) if lead or tail else x  # [B, H, NB * block_size, E]
+    sums = padded.unflatten(2, (num_blocks, block_size)).sum(3, dtype=dtype or x.dtype)
     start = torch.arange(num_blocks, device=x.device) * block_size
     count = (torch.clamp(start + block_size, max=lead + n) - torch.clamp(start, min=lead)).clamp(min=1)
     return sums / count[:, None].to(sums.dtype)
+
+
+def _top_k_lowest_index_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """bool like scores [..., M]: exactly k per row (k <= M), the k highest scores, ties at the
+    k-th value going to the lowest indices (the naive reference's stable sort), whatever
+    `torch.topk` does with ties on a device. O(M) per row, no host read."""
+    kth = scores.topk(k, dim=-1).values[..., -1:]  # [..., 1] the k-th highest value
+    above = scores > kth
+    tied = scores == kth
+    room = k - above.sum(-1, keepdim=True, dtype=torch.int32)  # tied entries still to take
+    return above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))
+
+
+def _ascending_indices(chosen: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 [..., k]: the indices of a bool [..., M] with exactly k set per row, ascending."""
+    slot = chosen.cumsum(-1, dtype=torch.int32) - 1  # [..., M] rank among the row's chosen
+    slot = torch.where(chosen, slot, k).long()  # the unchosen all land in a spare last slot
+    index = torch.arange(chosen.shape[-1], device=chosen.device).expand(chosen.shape)
+    out = torch.zeros(*chosen.shape[:-1], k + 1, dtype=torch.int64, device=chosen.device)
+    return out.scatter_(-1, slot, index)[..., :k]
+
+
+def _select(q: torch.Tensor, k: torch.Tensor, top_k_blocks: int, block_size: int, causal: bool,
+            q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(selection bool [B, Hq, NQB, NKB], picks int64 [B, Hq, NQB, min(top_k_blocks, NKB)]): the
+    selection of `select_kv_blocks` (arguments already checked) and, per row, the kv blocks
+    the top-k picked, ascending. With causal, a row with fewer eligible blocks than that picks
+    them all and then ineligible ones (after them, being later blocks): its first
+    min(k, first + row + 1) picks are the selection. Everything stays on the device."""
+    bsz, hq, nq, d = q.shape
+    hkv, nkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    num_kv_blocks = -(-nkv // block_size)
+    first, num_q_blocks = _query_blocks(q_offset, nq, block_size)
+    with torch.no_grad():
+        cdt = accumulation_dtype(q.dtype)
+        key_means = _block_means(k.detach(), 0, block_size, num_kv_blocks, cdt)  # [B, Hkv, NKB, D]
+        query_means = _block_means(q.detach(), q_offset - first * block_size, block_size, num_q_blocks,
+                                   cdt)  # [B, Hq, NQB, D]
+        grouped = query_means.reshape(bsz, hkv, group * num_q_blocks, d)
+        scores = torch.matmul(grouped, key_means.transpose(-1, -2)).reshape(bsz, hq, num_q_blocks, num_kv_blocks)
+        q_block = torch.arange(num_q_blocks, device=q.device)[:, None] + first  # [NQB, 1] absolute index
+        kv_block = torch.arange(num_kv_blocks, device=q.device)[None, :]  # [1, NKB]
+        if causal:
+            scores = scores.masked_fill(kv_block > q_block, float("-inf")).masked_fill(kv_block == q_block,
+                                                                                      float("inf"))
+        kept = min(top_k_blocks, num_kv_blocks)
+        chosen = _top_k_lowest_index_ties(scores, kept)  # [B, Hq, NQB, NKB]
+        picks = _ascending_indices(chosen, kept)
+        if causal:  # rows with fewer eligible blocks than k also picked -inf ones
+            chosen = chosen & (kv_block <= q_block)
+        return chosen, picks
 
 
 def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, top_k_blocks: int, block_size: int, *, causal: bool = False,
@@ -86,44 +142,26 @@ def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, top_k_blocks: int, block_
                                   None, q_offset, "auto")
     check_int("top_k_blocks", top_k_blocks, 1)
     check_int("block_size", block_size, 1)
-    bsz, hq, nq, d = q.shape
-    hkv, nkv = k.shape[1], k.shape[2]
-    group = hq // hkv
-    num_kv_blocks = -(-nkv // block_size)
-    first, num_q_blocks = _query_blocks(q_offset, nq, block_size)
-    with torch.no_grad():
-        cdt = accumulation_dtype(q.dtype)
-        key_means = _block_means(k.detach().to(cdt), 0, block_size, num_kv_blocks)  # [B, Hkv, NKB, D]
-        query_means = _block_means(q.detach().to(cdt), q_offset - first * block_size, block_size,
-                                   num_q_blocks)  # [B, Hq, NQB, D]
-        grouped = query_means.reshape(bsz, hkv, group * num_q_blocks, d)
-        scores = torch.matmul(grouped, key_means.transpose(-1, -2)).reshape(bsz, hq, num_q_blocks, num_kv_blocks)
-        q_block = torch.arange(num_q_blocks, device=q.device)[:, None] + first  # [NQB, 1] absolute index
-        kv_block = torch.arange(num_kv_blocks, device=q.device)[None, :]  # [1, NKB]
-        eligible = kv_block <= q_block if causal else torch.ones_like(kv_block, dtype=torch.bool)
-        if causal:
-            scores = scores.masked_fill(~eligible, float("-inf")).masked_fill(kv_block == q_block, float("inf"))
-        _, pick = scores.topk(min(top_k_blocks, num_kv_blocks), dim=-1)
-        selection = torch.zeros(scores.shape, dtype=torch.bool, device=q.device).scatter_(-1, pick, True)
-        return selection & eligible  # rows with fewer eligible blocks than k also picked -inf ones
+    return _select(q, k, top_k_blocks, block_size, causal, q_offset)[0]
 
 
 def selection_pattern(selection: torch.Tensor, block_size: int, q_len: int, kv_len: int, q_offset: int, *,
                       causal: bool = False, always: Pattern | None = None) -> Pattern:
     """The per-head pattern (heads = B * Hq, head b * Hq + h) of a selection [B, Hq, NQB, NKB]
     from `select_kv_blocks`, OR'd with `always` and, with `causal`, restricted to keys <= the
-    query's position."""
-    heads = selection.shape[0] * selection.shape[1]
-    num_q_blocks, num_kv_blocks = selection.shape[2:]
+    query's position. Its cells stay a dense table on the selection's device (built with no
+    host read; coordinates are derived only if a layout is classified from the pattern)."""
+    bsz, hq, num_q_blocks, num_kv_blocks = selection.shape
     first, _ = _query_blocks(q_offset, q_len, block_size)
-    cells = selection.reshape(heads, num_q_blocks, num_kv_blocks)
+    rows = -(-max(q_offset + q_len, kv_len) // block_size)  # BlockCells' rows cover every position
+    cells = selection.reshape(bsz * hq, num_q_blocks, num_kv_blocks)
     if causal:  # own blocks come from the shared causal part; the past ones need no mask
         q_block = torch.arange(num_q_blocks, device=cells.device)[:, None] + first
         cells = cells & (torch.arange(num_kv_blocks, device=cells.device)[None, :] < q_block)
-    head, row, col = cells.nonzero(as_tuple=True)  # stays on the selection's device
-    rows = -(-max(q_offset + q_len, kv_len) // block_size)  # BlockCells' rows cover every position
-    pattern: Pattern = BlockCells(head, row + first, col, shape=(heads, rows, num_kv_blocks), cell_q=block_size,
-                                  cell_kv=block_size, per_head=True, name="block_topk")
+    table = torch.zeros(bsz * hq, rows, num_kv_blocks, dtype=torch.bool, device=cells.device)
+    table[:, first:first + num_q_blocks] = cells
+    pattern: Pattern = BlockCells.from_table(table, cell_q=block_size, cell_kv=block_size, per_head=True,
+                                             name="block_topk")
     if causal:
         pattern = pattern | (Segments(size=block_size) & causal_pattern())
     if always is not None:
@@ -167,7 +205,92 @@ def selection_layout(selection: torch.Tensor, pattern: Pattern, block_size: int,
     return BlockLayout.from_block_tables(pattern, grid, full, partial, mask_class.expand(heads, -1, -1))
 
 
-def _attend_folded(q, k, v, selection, block_size, causal, always, scale, backend, q_offset, deterministic):
+def _row_counts(kernel_q_block, kernel_per_cell: int, kept: int, causal: bool):
+    """(full, partial) blocks of the device layout's rows at absolute kernel query blocks
+    `kernel_q_block` (a numpy array on the host or a tensor on the device: one formula for
+    both, so the host's total always matches the device's rows). See device_selection_layout."""
+    if not causal:
+        return kernel_q_block * 0 + kept * kernel_per_cell, kernel_q_block * 0
+    cell = kernel_q_block // kernel_per_cell
+    past_cells = (cell + 1).clip(max=kept) - 1
+    return past_cells * kernel_per_cell + (kernel_q_block - cell * kernel_per_cell), kernel_q_block * 0 + 1
+
+
+def device_selection_layout(selection: torch.Tensor, picks: torch.Tensor, pattern: Pattern, block_size: int,
+                            grid: BlockGrid, *, causal: bool) -> BlockLayout | None:
+    """The BlockLayout of a selection on `grid`, built on the selection's device with no host
+    read (no nonzero, no unique, no bincount), or None where its block counts depend on the
+    selection (then `selection_layout` builds it, reading counts back).
+
+    `picks` [B, Hq, NQB, k] are `_select`'s ascending kv blocks per selection row; `pattern`
+    is `selection_pattern(selection, ...)` without `always`. Layout
+    blocks b = grid.block_q = grid.block_kv must divide block_size (m = block_size / b kernel
+    blocks per cell) and grid.q_offset. Kernel query block P (absolute) lies in cell row
+    a = P // m; its blocks:
+    * causal (needs every query before kv_len, so each row's own cell exists): full, the
+      m kernel blocks of each of its min(k, a + 1) - 1 selected past cells (its first picks),
+      then its own cell's kernel blocks before P; partial, the diagonal block P (one mask:
+      causal, or causal and the ragged last kv block);
+    * not causal (needs every cell to hold m kernel blocks, so kv blocks are
+      ceil(kv_len / b) = m * cells): full, the m kernel blocks of each of its k picks.
+    Each row's count is then a formula of P alone, so the CSR offsets and the total are known
+    on the host, and every entry is computed from its (row, slot) by arithmetic and a gather.
+    """
+    import numpy as np  # host arithmetic on counts, deliberately not torch (no tensor is read back)
+
+    b = grid.block_q
+    m = block_size // b
+    heads = selection.shape[0] * selection.shape[1]
+    kept = picks.shape[-1]
+    first, _ = _query_blocks(grid.q_offset, grid.q_len, block_size)
+    nqb, nkb = grid.num_q_blocks, grid.num_kv_blocks
+    p_first = grid.q_offset // b
+    if causal and grid.q_end > grid.kv_len:
+        return None
+    if not causal and nkb != m * selection.shape[3]:
+        return None
+    host_full, host_part = _row_counts(np.arange(nqb, dtype=np.int64) + p_first, m, kept, causal)
+    dev = picks.device
+    kernel_q_block = torch.arange(nqb, device=dev) + p_first  # [NQB'] absolute
+    full_counts, part_counts = _row_counts(kernel_q_block, m, kept, causal)
+    full = _Csr.from_counts(full_counts.repeat(heads), heads * int(host_full.sum()))  # rows = (head, q block)
+    part = _Csr.from_counts(part_counts.repeat(heads), heads * int(host_part.sum()))
+
+    picks = picks.reshape(heads, -1, kept)  # [H', NQB, k]
+    head = torch.div(full.rows, nqb, rounding_mode="floor")
+    big_p = full.rows % nqb + p_first  # absolute kernel query block of each entry
+    cell = torch.div(big_p, m, rounding_mode="floor")
+    slot = full.slots()
+    pick = picks[head, cell - first, torch.clamp(torch.div(slot, m, rounding_mode="floor"), max=kept - 1)]
+    kv = pick * m + slot % m  # the slot-th kernel block of the picked cells
+    if causal:
+        past = ((cell + 1).clamp(max=kept) - 1) * m
+        kv = torch.where(slot < past, kv, cell * m + (slot - past))  # then the own cell's blocks before P
+    full.indices = kv.to(torch.int32)
+    classes, blocks = None, None
+    if causal:
+        diagonal = part.rows % nqb + p_first
+        part.indices = diagonal.to(torch.int32)
+        # two mask classes at most: the diagonal block (causal), and the diagonal block that is
+        # also the ragged last kv block (causal, keys >= kv_len off); one block stands for each
+        ragged_last = nkb - 1 if grid.kv_len % b else -1
+        last_row_ragged = p_first + nqb - 1 == ragged_last
+        representatives = ([0] if nqb > 1 or not last_row_ragged else []) + ([nqb - 1] if last_row_ragged else [])
+        classes = torch.where(diagonal == ragged_last, len(representatives) - 1, 0)
+        blocks = torch.zeros(len(representatives), 3, dtype=torch.int64, device=dev)  # (head 0, q block, kv block)
+        for i, row in enumerate(representatives):  # fills, not host -> device copies
+            blocks[i, 1] = row
+            blocks[i, 2] = p_first + row
+    row_work = host_full + host_part
+    work = (float(row_work.max()), float(row_work.mean()), float(nqb), float(row_work.sum()) / nkb)
+    if classes is None:
+        classes = torch.zeros(0, dtype=torch.int64, device=dev)
+        blocks = torch.zeros(0, 3, dtype=torch.int64, device=dev)
+    return BlockLayout.from_csr(pattern, grid, heads, full, part, partial_mask_class=classes,
+                                mask_class_blocks=blocks, work_bounds=work)
+
+
+def _attend_folded(q, k, v, selection, picks, block_size, causal, always, scale, backend, q_offset, deterministic):
     """Batch folded into heads: one sparse_attention call with a (B * Hq)-head pattern."""
     bsz, hq, nq, d = q.shape
     hkv, nkv = k.shape[1], k.shape[2]
@@ -180,8 +303,12 @@ def _attend_folded(q, k, v, selection, block_size, causal, always, scale, backen
         call = AttentionCall.of(q, k, v, target, q_offset, False, deterministic)
         block_q, block_kv = select(call, backend).block_sizes(call)
         if always is None and block_q == block_kv and block_size % block_q == 0 and q_offset % block_q == 0:
+            # the layout straight from the selection: on the device with no host read where the
+            # block counts allow it, else from the selection table (reads counts back)
             grid = BlockGrid(nq, nkv, q_offset, block_q, block_kv, q.device)
-            target = selection_layout(selection, target, block_size, grid, causal=causal)
+            layout = device_selection_layout(selection, picks, target, block_size, grid, causal=causal)
+            target = layout if layout is not None else selection_layout(selection, target, block_size, grid,
+                                                                        causal=causal)
     out = sparse_attention(q, k, v, target, scale=scale, backend=backend, q_offset=q_offset,
                            deterministic=deterministic)
     return out.reshape(bsz, hq, nq, v.shape[3])
@@ -224,12 +351,14 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_
         raise ValueError(f"always is defined for {always.num_heads} heads but q has {q.shape[1]} heads")
     if always is not None:  # the batch is folded into heads below, where b would always be 0
         always.check_batch(q.shape[0], q.device)
-    selection = select_kv_blocks(q, k, top_k_blocks, block_size, causal=causal, q_offset=q_offset)
+    check_int("top_k_blocks", top_k_blocks, 1)
+    check_int("block_size", block_size, 1)
+    selection, picks = _select(q, k, top_k_blocks, block_size, causal, q_offset)
     args = (block_size, causal, always, scale, backend, q_offset, deterministic)
     if always is not None and always.num_heads is not None and q.shape[0] > 1:
         # a per-head `always` has Hq heads, not B * Hq: one call per batch element
-        out = torch.cat([_attend_folded(q[b:b + 1], k[b:b + 1], v[b:b + 1], selection[b:b + 1], *args)
-                         for b in range(q.shape[0])])
+        out = torch.cat([_attend_folded(q[b:b + 1], k[b:b + 1], v[b:b + 1], selection[b:b + 1], picks[b:b + 1],
+                                        *args) for b in range(q.shape[0])])
     else:
-        out = _attend_folded(q, k, v, selection, *args)
+        out = _attend_folded(q, k, v, selection, picks, *args)
     return (out, selection) if return_selection else out

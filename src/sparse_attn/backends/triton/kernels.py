@@ -156,7 +156,7 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_
         j = t // TILES  # CSR entry
         kb = tl.load(idx_ptr + j)
         col0 = (t % TILES) * BN  # first column of this tile inside its layout block
-        n0 = kb * LBK + col0  # first key of the tile
+        n0 = (kb * LBK + col0).to(tl.int32)  # first key of the tile (t is int64: CSR offsets; TMA wants int32)
         k = _load_tile(k_base, k_desc, n0, stride_kn, offs_d, kv_len, BN, D, BD, EVEN_KV, UPCAST, USE_TMA)  # [BN, BD]
         s = _dot(q, tl.trans(k), IEEE)  # [BM, BN], unscaled
         if IS_PARTIAL:
@@ -298,7 +298,7 @@ def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_bas
         j = t // TILES
         kb = tl.load(idx_ptr + j)
         col0 = (t % TILES) * BN
-        n0 = kb * LBK + col0
+        n0 = (kb * LBK + col0).to(tl.int32)
         k = _load_tile(k_base, k_desc, n0, stride_kn, offs_d, kv_len, BN, D, BD, EVEN_KV, UPCAST, USE_TMA)  # [BN, BD]
         v = _load_tile(v_base, v_desc, n0, stride_vn, offs_dv, kv_len, BN, DV, BDV, EVEN_KV, UPCAST, USE_TMA)  # [BN, BDV]
         s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BM, BN]
@@ -394,7 +394,7 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
         j = t // TILES  # transposed-CSR entry
         qb = tl.load(idx_ptr + j)
         row0 = (t % TILES) * BM  # first query row of this tile inside its layout block
-        m0 = qb * LBQ + row0  # first query of the tile
+        m0 = (qb * LBQ + row0).to(tl.int32)  # first query of the tile (int32 for TMA)
         offs_m = m0 + tl.arange(0, BM)
         q = _load_tile(q_base, q_desc, m0, stride_qn, offs_d, q_len, BM, D, BD, EVEN_Q, UPCAST, USE_TMA)  # [BM, BD]
         do = _load_tile(do_base, do_desc, m0, stride_don, offs_dv, q_len, BM, DV, BDV, EVEN_Q, UPCAST,

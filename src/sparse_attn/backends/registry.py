@@ -160,11 +160,11 @@ class Backend(ABC):
         backend with one backward ignores it: the dispatcher has already refused a
         non-deterministic one when it is True and gradients are needed."""
 
-    def backward_from_stats(self, q, k, v, layout: "BlockLayout", scale: float, out, lse, dout):
+    def backward_from_stats(self, q, k, v, layout: "BlockLayout", scale: float, out, lse, dout, dlse=None):
         """(dq, dk, dv) of one part of an attention split over key sets (a context-parallel step):
         q [B, Hq, Nq, D] against this part's keys k, v under `layout`, where `out` [B, Hq, Nq, Dv]
         and `lse` [B, Hq, Nq] are the *whole* attention's (all parts merged by log-sum-exp) and
-        `dout` its output gradient. Summing the parts' dq (and placing each part's dk, dv) gives
+        `dout` (and `dlse`, or None) its gradients. Summing the parts' dq (and placing each part's dk, dv) gives
         the gradients of the whole. Rows with lse -inf get zero gradients.
 
         This default recomputes the part's forward with autograd and pulls the merge's gradient
@@ -180,6 +180,8 @@ class Backend(ABC):
             w = torch.where(torch.isinf(lse_w) | torch.isinf(lse_p.to(acc)), torch.zeros_like(w), w)  # [B, Hq, Nq]
             d_out_p = (w[..., None] * dout.to(acc)).to(out_p.dtype)
             d_lse_p = w * (dout.to(acc) * (out_p.to(acc) - out.to(acc))).sum(-1)
+            if dlse is not None:  # d lse / d lse_p = w_p
+                d_lse_p = d_lse_p + w * dlse.to(acc)
             grads = torch.autograd.grad((out_p, lse_p), (q_, k_, v_), (d_out_p, d_lse_p.to(lse_p.dtype)),
                                         allow_unused=True)
         return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v)))

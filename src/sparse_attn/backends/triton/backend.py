@@ -71,8 +71,8 @@ class TritonBackend(Backend):
         out, lse = triton_attention(q, k, v, layout, scale, deterministic)
         return out, (lse if return_lse else None)
 
-    def backward_from_stats(self, q, k, v, layout, scale, out, lse, dout):
-        return triton_backward_from_stats(q, k, v, layout, scale, out, lse, dout)
+    def backward_from_stats(self, q, k, v, layout, scale, out, lse, dout, dlse=None):
+        return triton_backward_from_stats(q, k, v, layout, scale, out, lse, dout, dlse)
 
 
 register(TritonBackend())

@@ -309,7 +309,7 @@ def check_block(name: str, value: int) -> str | None:
     return None
 
 
-def triton_backward_from_stats(q, k, v, layout, scale: float, out, lse, dout):
+def triton_backward_from_stats(q, k, v, layout, scale: float, out, lse, dout, dlse=None):
     """(dq, dk, dv) of one key part of a split attention from the whole attention's (out, lse):
     the deterministic three-launch backward, which reads only those (`Backend.backward_from_stats`)."""
     g = layout.grid
@@ -317,5 +317,6 @@ def triton_backward_from_stats(q, k, v, layout, scale: float, out, lse, dout):
         raise ValueError(f"layout is for q_len {g.q_len}, kv_len {g.kv_len}; got q_len {q.shape[2]}, "
                          f"kv_len {k.shape[2]}")
     plan = get_plan(layout)
-    return block_sparse_attn_bwd(dout.contiguous(), None, q, k, v, out, lse.float().contiguous(), *plan.tensors(),
+    dlse = None if dlse is None else dlse.float().contiguous()
+    return block_sparse_attn_bwd(dout.contiguous(), dlse, q, k, v, out, lse.float().contiguous(), *plan.tensors(),
                                  float(scale), g.block_q, g.block_kv, layout.num_heads > 1, *plan.flags())

@@ -55,6 +55,10 @@ class ContextParallelAttention(nn.Module):
         self.sharding = sharding
         self.scheme = scheme
 
+    def set_warmup(self, dense, sparse_weight: float) -> None:
+        """The model's dense-to-sparse schedule reaches the wrapped layer (forward refuses a blend)."""
+        self.inner.set_warmup(dense, sparse_weight)
+
     def forward(self, x: torch.Tensor, positions=None, cache=None, padding_mask=None) -> torch.Tensor:
         a = self.inner
         for name, value in (("cache", cache), ("padding_mask", padding_mask), ("positions", positions)):

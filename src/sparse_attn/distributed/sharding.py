@@ -146,7 +146,10 @@ def zigzag(num_tokens: int, world_size: int, unit: int = 128) -> Sharding:
         mine = []
         for c in (r, chunks - 1 - r):
             if bounds[c + 1] > bounds[c]:
-                mine.append(_run(bounds[c], bounds[c + 1], num_tokens, unit))
+                run = _run(bounds[c], bounds[c + 1], num_tokens, unit)
+                if mine and mine[-1][1] == run[0]:  # the middle rank's two chunks touch: one run
+                    run = (mine.pop()[0], run[1])
+                mine.append(run)
         runs.append(tuple(mine))
     return Sharding(num_tokens, unit, tuple(runs))
 

@@ -470,4 +470,10 @@ class BlockedBackend(Backend):
         return out, (lse if return_lse else None)
 
 
+    def backward_from_stats(self, q, k, v, layout, scale, out, lse, dout, dlse=None):
+        # blocked_backward reads only the saved (out, lse): given the whole attention's, it is
+        # exactly this part's share of the gradients
+        return blocked_backward(q, k, v, out, lse, dout, dlse, get_plan(layout), scale)
+
+
 register(BlockedBackend())

@@ -160,6 +160,32 @@ class Backend(ABC):
         backend with one backward ignores it: the dispatcher has already refused a
         non-deterministic one when it is True and gradients are needed."""
 
+    def backward_from_stats(self, q, k, v, layout: "BlockLayout", scale: float, out, lse, dout, dlse=None):
+        """(dq, dk, dv) of one part of an attention split over key sets (a context-parallel step):
+        q [B, Hq, Nq, D] against this part's keys k, v under `layout`, where `out` [B, Hq, Nq, Dv]
+        and `lse` [B, Hq, Nq] are the *whole* attention's (all parts merged by log-sum-exp) and
+        `dout` (and `dlse`, or None) its gradients. Summing the parts' dq (and placing each part's dk, dv) gives
+        the gradients of the whole. Rows with lse -inf get zero gradients.
+
+        This default recomputes the part's forward with autograd and pulls the merge's gradient
+        through its (out, lse): out = sum_p w_p out_p with w_p = exp(lse_p - lse), so
+        d out_p = w_p dout and d lse_p = w_p rowsum(dout * (out_p - out)). Backends whose
+        backward reads a saved (out, lse) override it with that backward directly."""
+        with torch.enable_grad():
+            q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
+            out_p, lse_p = self.forward(q_, k_, v_, layout, scale, True)
+            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+            lse_w = lse.to(acc)
+            w = torch.exp(lse_p.to(acc) - torch.where(torch.isinf(lse_w), torch.zeros_like(lse_w), lse_w))
+            w = torch.where(torch.isinf(lse_w) | torch.isinf(lse_p.to(acc)), torch.zeros_like(w), w)  # [B, Hq, Nq]
+            d_out_p = (w[..., None] * dout.to(acc)).to(out_p.dtype)
+            d_lse_p = w * (dout.to(acc) * (out_p.to(acc) - out.to(acc))).sum(-1)
+            if dlse is not None:  # d lse / d lse_p = w_p
+                d_lse_p = d_lse_p + w * dlse.to(acc)
+            grads = torch.autograd.grad((out_p, lse_p), (q_, k_, v_), (d_out_p, d_lse_p.to(lse_p.dtype)),
+                                        allow_unused=True)
+        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v)))
+
     def __repr__(self) -> str:
         return f"<backend {self.name}>"
 

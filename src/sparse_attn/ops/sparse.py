@@ -316,6 +316,8 @@ def merge_partial_attention(parts):
     total = weights.sum(0)
     seen = total > 0
     safe_total = torch.where(seen, total, torch.ones_like(total))
-    out = sum(w[..., None].to(o.dtype) * o for w, (o, _) in zip(weights / safe_total, parts))
+    # summed in fp32 (fp64 for fp64 parts), not in a half-precision output dtype
+    acc = torch.float64 if parts[0][0].dtype == torch.float64 else torch.float32
+    out = sum(w[..., None].to(acc) * o.to(acc) for w, (o, _) in zip(weights / safe_total, parts)).to(parts[0][0].dtype)
     lse = torch.where(seen, m + torch.log(safe_total), torch.full_like(m, float("-inf")))
     return out, lse

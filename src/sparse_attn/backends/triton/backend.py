@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from ..registry import Backend, Capabilities, register
-from .ops import _padded, check_block, interpreting, needs_copy, triton_attention
+from .ops import _padded, check_block, interpreting, needs_copy, triton_attention, triton_backward_from_stats
 
 _CAPS = Capabilities(
     devices=frozenset({"cuda"}),
@@ -70,6 +70,9 @@ class TritonBackend(Backend):
     def forward(self, q, k, v, layout, scale, return_lse, *, deterministic=None):
         out, lse = triton_attention(q, k, v, layout, scale, deterministic)
         return out, (lse if return_lse else None)
+
+    def backward_from_stats(self, q, k, v, layout, scale, out, lse, dout, dlse=None):
+        return triton_backward_from_stats(q, k, v, layout, scale, out, lse, dout, dlse)
 
 
 register(TritonBackend())

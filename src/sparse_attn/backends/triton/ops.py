@@ -372,3 +372,16 @@ def check_block(name: str, value: int) -> str | None:
     if value < 16 or value & (value - 1):
         return f"{name} must be a power of two >= 16 for the triton kernel, got {value}"
     return None
+
+
+def triton_backward_from_stats(q, k, v, layout, scale: float, out, lse, dout, dlse=None):
+    """(dq, dk, dv) of one key part of a split attention from the whole attention's (out, lse):
+    the deterministic three-launch backward, which reads only those (`Backend.backward_from_stats`)."""
+    g = layout.grid
+    if (q.shape[2], k.shape[2]) != (g.q_len, g.kv_len):
+        raise ValueError(f"layout is for q_len {g.q_len}, kv_len {g.kv_len}; got q_len {q.shape[2]}, "
+                         f"kv_len {k.shape[2]}")
+    plan = get_plan(layout)
+    dlse = None if dlse is None else dlse.float().contiguous()
+    return block_sparse_attn_bwd(dout.contiguous(), dlse, q, k, v, out, lse.float().contiguous(), *plan.tensors(),
+                                 float(scale), g.block_q, g.block_kv, layout.num_heads > 1, *plan.flags())

@@ -1,0 +1,89 @@
+"""Context-parallel traffic from the planner: bytes of k/v each rank receives per layer in the
+forward (the backward returns as many bytes of dK/dV) for the patterns of gpu_patterns.py,
+against a ring and an all-gather (every rank receives every other shard's k and v) and Ulysses
+(q, k, v of the shard for the other ranks' heads, plus the outputs back). No tensors are
+allocated: this is the plan's count, which the gloo tests check equals the bytes actually sent.
+
+    PYTHONPATH=src python3 benchmarks/cp_traffic.py                       # writes results/cp_traffic.json
+    PYTHONPATH=src python3 benchmarks/cp_traffic.py --lengths 131072 --world-sizes 8
+
+B=1, Hq=16, Hkv=8, D=Dv=128, bf16, blocks of 128 (the triton backend's on CUDA). The sharding is
+the one `choose_sharding` picks (contiguous for bands, head-tail for causal, balanced on row
+costs otherwise); `plan` is the most any rank receives (the planner sends each needed key once:
+at key granularity the analytic minimum for that sharding); ring / all-gather: (N - N_r) keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, write_json  # noqa: E402
+
+from sparse_attn import patterns as P  # noqa: E402
+from sparse_attn.distributed import choose_scheme, choose_sharding, plan_context_parallel  # noqa: E402
+from sparse_attn.distributed.ulysses import ulysses_bytes  # noqa: E402
+
+PATTERNS = {  # gpu_patterns.py's, less strided512 (every query block touches every earlier kv block
+    # partially: its plan needs O(N^2 / 128) element-mask work on the CPU)
+    "window4096_causal": "P.sliding_window(4096)",
+    "longformer4096_g64": "P.longformer(4096, 64)",
+    "bigbird128": "P.bigbird(128)",
+    "dilated4096_r2_causal": "P.dilated(4096, 2)",
+    "causal": "P.causal()",
+}
+B, HQ, HKV, D, ITEMSIZE, BLOCK = 1, 16, 8, 128, 2, 128
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[131072, 524288, 1048576])
+    ap.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--max-nonlocal", type=int, default=131072,
+                    help="longest N for the patterns other than the window (causal's layout has N^2/2 blocks; "
+                         "the dilated band's blocks are all partial: their element masks take many minutes on a CPU "
+                         "past it)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "cp_traffic.json")
+    args = ap.parse_args()
+    rows = []
+    per_key = B * HKV * 2 * D * ITEMSIZE
+    for name, code in PATTERNS.items():
+        for n in args.lengths:
+            if name != "window4096_causal" and n > args.max_nonlocal:
+                continue
+            pattern = eval(code, {"P": P})
+            t0 = time.perf_counter()
+            layout = pattern.layout(n, block_q=BLOCK)
+            for p in args.world_sizes:
+                sharding = choose_sharding(pattern, layout, n, p, BLOCK)
+                plan = plan_context_parallel(layout, sharding)
+                keys = plan.keys_matrix()
+                keys.fill_diagonal_(0)
+                received = keys.sum(1)
+                ring = max(n - sharding.length(r) for r in range(p)) * per_key
+                u = ulysses_bytes(sharding, B, HQ, HKV, D, D, ITEMSIZE)
+                row = dict(pattern=name, code=code, n=n, world_size=p,
+                           sharding=("contiguous" if len(set(map(len, sharding.runs))) == 1
+                                     and len(sharding.runs[0]) == 1 and max(sharding.lengths()) - min(sharding.lengths()) <= BLOCK
+                                     else "zigzag" if name == "causal" else "balanced"),
+                           plan_bytes_max=int(received.max()) * per_key, plan_bytes_mean=float(received.double().mean()) * per_key,
+                           ring_bytes=ring, all_gather_bytes=ring, ulysses_bytes=u,
+                           busy_pairs=plan.busy_pairs(), max_hop=plan.max_hop(),
+                           scheme=choose_scheme(plan, HQ % p == 0 and HKV % p == 0, u, per_key),
+                           plan_seconds=round(time.perf_counter() - t0, 2))
+                rows.append(row)
+                print(f"{name:24s} N={n:>8d} P={p}  plan {row['plan_bytes_max'] / 1e6:8.1f} MB  ring/all-gather "
+                      f"{ring / 1e6:8.1f} MB  ulysses {u / 1e6:7.1f} MB  -> {row['scheme']}", flush=True)
+                t0 = time.perf_counter()
+    write_json(args.out, dict(benchmark="cp_traffic", units="bytes received per rank per layer, forward",
+                              shapes=dict(batch=B, q_heads=HQ, kv_heads=HKV, head_dim=D, dtype="bfloat16", block=BLOCK),
+                              environment=environment(), rows=rows))
+
+
+if __name__ == "__main__":
+    main()

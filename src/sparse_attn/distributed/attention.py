@@ -1,0 +1,411 @@
+"""`context_parallel_attention`: sparse attention over a sequence sharded across ranks.
+
+Each rank holds its shard of q, k, v (`[B, H, N_r, D]`, positions given by a `Sharding`). The
+plan (plan.py) says which keys each rank needs from each other rank; only those move. Every
+scheme computes the same steps - one backend call per (rank, source) pair with keys, over the
+step's local layout - and merges them by log-sum-exp in fp32. Schemes differ in transport:
+
+* halo: all needed exchanges posted at once (bounded reach: windows, dilated, sinks, globals);
+* ring: P-1 rounds, round t exchanging with ranks r+t / r-t, each round's compute overlapping the
+  next round's transfer; rounds with nothing to move are skipped (causal, near-dense layouts);
+* alltoall: one uneven all-to-all (irregular sparsity: BigBird, block top-k);
+* ulysses (ulysses.py): all-to-all over heads, every rank then attends the whole sequence for
+  H/P heads.
+
+Backward: one `torch.autograd.Function` per call; per step the backend's `backward_from_stats`
+recomputes from the saved merged (out, lse); dK/dV go back to their owners (the forward's
+exchanges reversed: the same bytes) and are summed in rank order: deterministic.
+
+Before the first exchange the ranks all-gather their shapes, dtype, pattern and sharding
+digests: a bad input on any rank raises the same ValueError on every rank instead of hanging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..backends.registry import _PREFERENCE, AttentionCall, get_backend, list_backends
+from ..patterns import BlockLayout, Pattern
+from ..patterns.grid import UNBOUNDED
+from .comm import Comm
+from .plan import ContextPlan, plan_context_parallel
+from .sharding import Sharding, balanced, contiguous, zigzag
+
+__all__ = ["context_parallel_attention", "choose_scheme", "choose_sharding", "SCHEMES", "merge_step"]
+
+SCHEMES = ("auto", "halo", "ring", "alltoall", "ulysses")
+_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _accumulation_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_step(acc_out, acc_lse, out, lse):
+    """Online log-sum-exp merge of one step's (out, lse) into fp32 (fp64) accumulators, in place.
+    Rows that see nothing in either keep out 0 and lse -inf."""
+    lse = lse.to(acc_lse.dtype)
+    new = torch.logaddexp(acc_lse, lse)  # -inf when both are -inf
+    ref = torch.where(torch.isinf(new), torch.zeros_like(new), new)
+    w_old = torch.exp(acc_lse - ref)[..., None]
+    w_new = torch.exp(lse - ref)[..., None]
+    acc_out.mul_(w_old).add_(w_new * out.to(acc_out.dtype))
+    acc_lse.copy_(new)
+
+
+def choose_sharding(pattern: Pattern, layout: BlockLayout, num_tokens: int, world_size: int, unit: int) -> Sharding:
+    """Contiguous for patterns with bounded reach (bands and their unions), head-tail (zigzag) for
+    causal, a greedy split on the layout's row costs otherwise."""
+    if pattern.band_bounds() is not None and not _is_causal_full(pattern):
+        return contiguous(num_tokens, world_size, unit)
+    if _is_causal_full(pattern):
+        return zigzag(num_tokens, world_size, unit)
+    return balanced(layout, world_size, unit)
+
+
+def _is_causal_full(pattern: Pattern) -> bool:
+    b = pattern.band_bounds()  # causal: 0 <= i - j <= unbounded
+    return b is not None and b[0] >= 0 and b[1] >= UNBOUNDED and b[2] == 1
+
+
+def choose_scheme(plan: ContextPlan, ulysses_ok: bool, ulysses_bytes: int, kv_bytes_per_key: int) -> str:
+    """The scheme for a plan: Ulysses when heads split evenly and it moves fewer bytes per rank
+    than the plan; else halo when ranks exchange with few others (at most 2 per rank on average),
+    ring when most pairs exchange, the uneven all-to-all in between. Halo, ring and all-to-all
+    move the same (the plan's) bytes; they differ in how the transfers are scheduled."""
+    p = plan.world_size
+    keys = plan.keys_matrix()
+    keys.fill_diagonal_(0)
+    plan_bytes = int(keys.sum(1).max()) * kv_bytes_per_key if p > 1 else 0
+    if ulysses_ok and p > 1 and ulysses_bytes < plan_bytes:
+        return "ulysses"
+    pairs = plan.busy_pairs()
+    if pairs <= 2 * p:
+        return "halo"
+    if pairs >= p * (p - 1) // 2:
+        return "ring"
+    return "alltoall"
+
+
+def _pick_backend(name: str, call: AttentionCall):
+    """A backend that reads layouts (the steps run on layouts) and serves the call."""
+    if name != "auto":
+        b = get_backend(name)
+        why = b.reasons_not_to_use(call)
+        if not b.caps.reads_layout:
+            why = why + ["reads no layout (context-parallel steps are layouts)"]
+        return b, why
+    names = [b.name for b in list_backends()]
+    order = _PREFERENCE.get(call.device_type, []) + [n for n in names if n not in _PREFERENCE.get(call.device_type, [])]
+    rejected = []
+    for n in order:
+        b = get_backend(n)
+        if not b.caps.reads_layout or b.caps.dense:
+            continue
+        why = b.reasons_not_to_use(call)
+        if not why:
+            return b, []
+        rejected.append(f"{n}: {'; '.join(why)}")
+    return None, ["no layout backend serves the call: " + " | ".join(rejected)]
+
+
+def _digest(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def _local_problems(q, k, v, pattern, sharding, scheme, scale) -> list[str]:
+    why = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            return [f"{name} must be a 4-D tensor [B, H, N_local, D], got "
+                    f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"]
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        why.append(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        why.append(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        why.append(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: batch and local length must "
+                   "agree, and k, v share their heads")
+    if q.shape[3] != k.shape[3]:
+        why.append(f"q and k head dims differ: {q.shape[3]} vs {k.shape[3]}")
+    if k.shape[1] == 0 or q.shape[1] % max(k.shape[1], 1):
+        why.append(f"kv heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
+    if not isinstance(pattern, Pattern):
+        why.append(f"pattern must be a Pattern (sparse_attn.patterns), got {type(pattern).__name__}")
+    elif pattern.num_heads is not None and pattern.num_heads != q.shape[1]:
+        why.append(f"pattern is per-head for {pattern.num_heads} heads, q has {q.shape[1]}")
+    if sharding is not None and not isinstance(sharding, Sharding):
+        why.append(f"sharding must be a Sharding (sparse_attn.distributed.sharding), got {type(sharding).__name__}")
+    if scheme not in SCHEMES:
+        why.append(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+        why.append(f"scale must be a positive float or None, got {scale!r}")
+    return why
+
+
+class _Setup:
+    """Everything the ranks agreed on: plan, backend, scale, scheme."""
+
+    def __init__(self, comm, plan, backend, scale, scheme, pattern, layout):
+        self.comm, self.plan, self.backend, self.scale, self.scheme = comm, plan, backend, scale, scheme
+        self.pattern, self.layout = pattern, layout
+
+
+def _agree(comm: Comm, q, k, v, pattern, sharding, scheme, backend, scale) -> _Setup:
+    """All ranks check their inputs, all-gather them and either all go on or all raise."""
+    why = _local_problems(q, k, v, pattern, sharding, scheme, scale)
+    block = (0, 0)
+    chosen = None
+    if not why:
+        call = AttentionCall.of(q, k, v, pattern, 0, True)
+        chosen, reasons = _pick_backend(backend, call)
+        if reasons:
+            why.append(f"backend={backend!r}: " + "; ".join(reasons))
+        else:
+            block = chosen.block_sizes(call)
+            try:
+                pattern.check_batch(q.shape[0], q.device)
+            except ValueError as e:
+                why.append(str(e))
+    ok = not why
+    shape = list(q.shape) + [k.shape[1], v.shape[3]] if ok else [0] * 6
+    dtype_code = _DTYPES.index(q.dtype) if ok else -1
+    pattern_digest = _digest(repr(pattern)) if ok else 0
+    sharding_digest = _digest(sharding.key()) if isinstance(sharding, Sharding) else 0
+    backend_digest = _digest(chosen.name if chosen else None, scheme, scale)
+    mine = [int(not ok), *shape, dtype_code, *block, pattern_digest, sharding_digest, backend_digest,
+            int(q.device.type == "cuda") if ok else -1]
+    table = comm.all_gather_ints(mine)  # [P, fields]
+    bad = [r for r in range(comm.world_size) if table[r, 0]]
+    if bad:
+        messages = [None] * comm.world_size
+        dist.all_gather_object(messages, "; ".join(why), group=comm.group)
+        raise ValueError("context_parallel_attention refused on rank(s) " + ", ".join(
+            f"{r}: {messages[r]}" for r in bad))
+    names = ["B", "Hq", "N_local", "D", "Hkv", "Dv", "dtype", "block_q", "block_kv", "pattern", "sharding",
+             "backend/scheme/scale", "device type"]
+    fields = dict(zip(names, table[:, 1:].T))
+    for name, column in fields.items():
+        if name == "N_local":
+            continue
+        if not bool((column == column[0]).all()):
+            raise ValueError(f"context_parallel_attention: ranks disagree on {name}: "
+                             f"{dict(enumerate(column.tolist()))} (every rank must pass the same pattern, "
+                             "sharding, backend, scheme, scale, dtype and shapes except the local length)")
+    lengths = fields["N_local"].tolist()
+    num_tokens = sum(lengths)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    unit = math.lcm(*block)
+    layout = pattern.layout(num_tokens, block_q=block[0], block_kv=block[1], device=q.device)
+    if sharding is None:
+        sharding = choose_sharding(pattern, layout, num_tokens, comm.world_size, unit)
+    if sharding.world_size != comm.world_size:
+        raise ValueError(f"sharding is for {sharding.world_size} ranks, the group has {comm.world_size}")
+    if sharding.lengths() != lengths:
+        raise ValueError(f"local lengths {dict(enumerate(lengths))} do not match the sharding's "
+                         f"{dict(enumerate(sharding.lengths()))} ({sharding.describe()})")
+    plan = plan_context_parallel(layout, sharding)
+    if scheme == "auto":
+        from .ulysses import ulysses_bytes, ulysses_refusal
+
+        itemsize = q.element_size()
+        kv_per_key = plan.bytes_per_key(q.shape[0], k.shape[1], q.shape[3], v.shape[3], itemsize)
+        u_bytes = ulysses_bytes(sharding, q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3], itemsize)
+        scheme = choose_scheme(plan, ulysses_refusal(pattern, q.shape[1], k.shape[1], comm.world_size) is None,
+                               u_bytes, kv_per_key)
+    return _Setup(comm, plan, chosen, scale, scheme, pattern, layout)
+
+
+def context_parallel_attention(q, k, v, pattern: Pattern, *, group=None, sharding: Sharding | None = None,
+                               scheme: str = "auto", backend: str = "auto", scale: float | None = None,
+                               return_lse: bool = False):
+    """Attention of this rank's queries over the whole sharded sequence.
+
+    q [B, Hq, N_r, D], k, v [B, Hkv, N_r, D/Dv]: this rank's shard (positions
+    `sharding.positions(rank)`). pattern: a `Pattern` over global positions 0..N-1 (self
+    attention, N = sum of the shards). group: a `Comm`, a `DeviceMesh` (1-D, or with a "cp"
+    dimension), a process group, or None (the default group). sharding: None picks one
+    (`choose_sharding`). scheme: "auto" (`choose_scheme`), "halo", "ring", "alltoall", "ulysses".
+    backend: the block backend of each step ("auto": the device's preferred one that reads
+    layouts). Returns out [B, Hq, N_r, Dv] (and lse [B, Hq, N_r] float32 with return_lse);
+    differentiable in q, k, v (and through lse)."""
+    comm = group if isinstance(group, Comm) else Comm(group)
+    setup = _agree(comm, q, k, v, pattern, sharding, scheme, backend, scale)
+    if setup.scheme == "ulysses":
+        from .ulysses import ulysses_attention
+
+        out, lse = ulysses_attention(q, k, v, setup, return_lse)
+    else:
+        out, lse = _PlannedAttention.apply(q, k, v, setup)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------- transport
+def _pack(x_k, x_v, index):
+    """[B, Hkv, n, D + Dv]: the keys and values at local indices `index`, in one message."""
+    return torch.cat([x_k.index_select(2, index), x_v.index_select(2, index)], -1)
+
+
+class _Transfers:
+    """Moves one message per busy (receiver, source) pair; `rounds()` yields the sources whose
+    messages are ready, in the order the scheme makes them ready."""
+
+    def __init__(self, setup: _Setup, sends: dict, recv_shapes: dict, dtype, device, kind: str):
+        self.setup, self.sends, self.recv_shapes = setup, sends, recv_shapes
+        self.dtype, self.device, self.kind = dtype, device, kind
+
+    def run(self):
+        """Generator of (source, message) pairs; `None` source first: the caller's chance to do
+        local work while the first transfer is in flight."""
+        comm, scheme = self.setup.comm, self.setup.scheme
+        p, rank = comm.world_size, comm.rank
+        if scheme == "ring":
+            pending = self._post(1)
+            yield None, None
+            for t in range(1, p):
+                got = self._wait(pending)
+                pending = self._post(t + 1) if t + 1 < p else None
+                for src, msg in got.items():
+                    yield src, msg
+            return
+        if scheme == "alltoall":
+            handle = self._post_all_to_all()
+        else:  # halo: every pair at once
+            handle = self._post_p2p(self.sends, self.recv_shapes)
+        yield None, None
+        got = self._wait(handle)
+        for src in sorted(got):
+            yield src, got[src]
+
+    def _post(self, t: int):
+        p, rank = self.setup.comm.world_size, self.setup.comm.rank
+        dst, src = (rank + t) % p, (rank - t) % p
+        sends = {dst: self.sends[dst]} if dst in self.sends else {}
+        recvs = {src: self.recv_shapes[src]} if src in self.recv_shapes else {}
+        return self._post_p2p(sends, recvs)
+
+    def _post_p2p(self, sends, recv_shapes):
+        comm = self.setup.comm
+        ops, out = [], {}
+        for src, shape in recv_shapes.items():
+            out[src] = torch.empty(shape, dtype=self.dtype, device=self.device)
+            ops.append(dist.P2POp(dist.irecv, out[src], comm.global_rank(src), comm.group))
+        keep = []
+        for dst, t in sends.items():
+            t = t.contiguous()
+            keep.append(t)
+            ops.append(dist.P2POp(dist.isend, t, comm.global_rank(dst), comm.group))
+            comm.stats.add(self.kind, t.numel() * t.element_size())
+        reqs = dist.batch_isend_irecv(ops) if ops else []
+        return reqs, out, keep
+
+    def _post_all_to_all(self):
+        comm = self.setup.comm
+        flat_in, in_splits = [], []
+        for dst in range(comm.world_size):
+            t = self.sends.get(dst)
+            in_splits.append(0 if t is None else t.numel())
+            if t is not None:
+                flat_in.append(t.reshape(-1))
+                comm.stats.add(self.kind, t.numel() * t.element_size())
+        out_splits = [math.prod(self.recv_shapes[s]) if s in self.recv_shapes else 0 for s in range(comm.world_size)]
+        flat_out = torch.empty(sum(out_splits), dtype=self.dtype, device=self.device)
+        flat_in = torch.cat(flat_in) if flat_in else torch.empty(0, dtype=self.dtype, device=self.device)
+        work = dist.all_to_all_single(flat_out, flat_in, out_splits, in_splits, group=comm.group, async_op=True)
+        out, offset = {}, 0
+        for src, n in enumerate(out_splits):
+            if src in self.recv_shapes:
+                out[src] = flat_out[offset:offset + n].view(self.recv_shapes[src])
+            offset += n
+        return [work], out, [flat_in]
+
+    @staticmethod
+    def _wait(handle):
+        if handle is None:
+            return {}
+        reqs, out, _keep = handle
+        for r in reqs:
+            r.wait()
+        return out
+
+
+# ---------------------------------------------------------------------------- the scheme
+def step_buffers(step, message, k_dim: int):
+    """The step's kv buffers [B, Hkv, buffer_len, D] / [.., Dv] from a message [B, Hkv, n, D+Dv]:
+    keys at their slots, zeros elsewhere (no local query may see those)."""
+    b, h, _, width = message.shape
+    buf = message.new_zeros(b, h, step.buffer_len, width)
+    buf.index_copy_(2, step.slots.to(message.device), message)
+    return buf[..., :k_dim], buf[..., k_dim:]
+
+
+class _PlannedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, setup: _Setup):
+        comm, plan, backend = setup.comm, setup.plan, setup.backend
+        rank, d = comm.rank, q.shape[3]
+        acc = _accumulation_dtype(q.dtype)
+        bsz, hq, n_local = q.shape[:3]
+        acc_out = torch.zeros(bsz, hq, n_local, v.shape[3], dtype=acc, device=q.device)
+        acc_lse = torch.full((bsz, hq, n_local), float("-inf"), dtype=acc, device=q.device)
+        steps = {s.source: s for s in plan.steps_of(rank)}
+        sends = {st.rank: _pack(k, v, st.source_index.to(q.device)) for st in plan.sends_of(rank) if st.rank != rank}
+        recv_shapes = {s: (bsz, k.shape[1], st.num_keys, d + v.shape[3]) for s, st in steps.items() if s != rank}
+        buffers = {}
+
+        def run_step(source, message):
+            kb, vb = step_buffers(steps[source], message, d)
+            buffers[source] = (kb, vb)
+            o, lse = backend.forward(q, kb, vb, steps[source].layout, setup.scale, True)
+            merge_step(acc_out, acc_lse, o, lse)
+
+        for source, message in _Transfers(setup, sends, recv_shapes, k.dtype, k.device, "kv").run():
+            if source is None:  # local keys while the first transfer is in flight
+                if rank in steps:
+                    run_step(rank, _pack(k, v, steps[rank].source_index.to(q.device)))
+            else:
+                run_step(source, message)
+        out = acc_out.to(q.dtype)
+        lse = acc_lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        ctx.setup, ctx.buffers = setup, buffers
+        ctx.save_for_backward(q, out, lse)
+        ctx.kv_shapes = (k.shape, v.shape)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        setup = ctx.setup
+        comm, plan, backend = setup.comm, setup.plan, setup.backend
+        q, out, lse = ctx.saved_tensors
+        rank = comm.rank
+        k_shape, v_shape = ctx.kv_shapes
+        d = k_shape[3]
+        acc = _accumulation_dtype(q.dtype)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        back = {}  # source -> [B, Hkv, n, D + Dv]: dK, dV of its keys, in its key order
+        for step in plan.steps_of(rank):  # source order: a fixed sum
+            kb, vb = ctx.buffers[step.source]
+            dq_s, dk_s, dv_s = backend.backward_from_stats(q, kb, vb, step.layout, setup.scale, out, lse, dout, dlse)
+            dq += dq_s.to(acc)
+            slots = step.slots.to(q.device)
+            back[step.source] = torch.cat([dk_s.index_select(2, slots), dv_s.index_select(2, slots)], -1)
+        sends = {s: m for s, m in back.items() if s != rank}
+        recv_shapes = {st.rank: (k_shape[0], k_shape[1], st.num_keys, d + v_shape[3])
+                       for st in plan.sends_of(rank) if st.rank != rank}
+        got = {}
+        for source, message in _Transfers(setup, sends, recv_shapes, q.dtype, q.device, "dkv").run():
+            if source is not None:
+                got[source] = message
+        if rank in back:
+            got[rank] = back[rank]
+        dkv = torch.zeros(k_shape[0], k_shape[1], k_shape[2], d + v_shape[3], dtype=acc, device=q.device)
+        for st in plan.sends_of(rank):  # receivers in rank order: deterministic
+            dkv.index_add_(2, st.source_index.to(q.device), got[st.rank].to(acc))
+        ctx.buffers = None
+        return dq.to(q.dtype), dkv[..., :d].to(q.dtype), dkv[..., d:].to(q.dtype), None

@@ -1,0 +1,119 @@
+"""Point-to-point and all-to-all exchanges over a torch.distributed process group, with every
+byte sent counted (`CommStats`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Comm", "CommStats", "resolve_group"]
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent, by exchange kind ("kv", "dkv", "a2a", "agree"), and message count."""
+
+    bytes_sent: dict = field(default_factory=dict)
+    messages: int = 0
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self.bytes_sent[kind] = self.bytes_sent.get(kind, 0) + int(nbytes)
+        self.messages += 1
+
+    def total(self, *kinds: str) -> int:
+        return sum(v for k, v in self.bytes_sent.items() if not kinds or k in kinds)
+
+    def reset(self) -> None:
+        self.bytes_sent.clear()
+        self.messages = 0
+
+
+def resolve_group(group):
+    """A process group from a `DeviceMesh` (1-D, or a mesh with a "cp"/"context" dimension), a
+    process group, or None (the default group)."""
+    if group is None:
+        if not dist.is_initialized():
+            raise ValueError("group is None and torch.distributed is not initialised: call "
+                             "torch.distributed.init_process_group first or pass a DeviceMesh / process group")
+        return dist.group.WORLD
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover
+        DeviceMesh = ()
+    if isinstance(group, DeviceMesh):
+        if group.ndim == 1:
+            return group.get_group()
+        names = group.mesh_dim_names or ()
+        for name in ("cp", "context"):
+            if name in names:
+                return group.get_group(name)
+        raise ValueError(f"group is a {group.ndim}-D DeviceMesh with dims {names}: name one dimension 'cp' or "
+                         "'context', or pass mesh['cp']")
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    raise TypeError(f"group must be a DeviceMesh, a ProcessGroup or None, got {type(group).__name__}")
+
+
+class Comm:
+    """One rank's view of a process group."""
+
+    def __init__(self, group) -> None:
+        self.group = resolve_group(group)
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.stats = CommStats()
+
+    def global_rank(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank)
+
+    def exchange(self, sends: dict, recv_shapes: dict, dtype, device, kind: str) -> dict:
+        """Point-to-point: send sends[dst] (a tensor) to each dst and receive a tensor of
+        recv_shapes[src] from each src, all posted at once. Returns {src: tensor}."""
+        ops, out = [], {}
+        for src, shape in recv_shapes.items():
+            out[src] = torch.empty(shape, dtype=dtype, device=device)
+            ops.append(dist.P2POp(dist.irecv, out[src], self.global_rank(src), self.group))
+        for dst, t in sends.items():
+            t = t.contiguous()
+            ops.append(dist.P2POp(dist.isend, t, self.global_rank(dst), self.group))
+            self.stats.add(kind, t.numel() * t.element_size())
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        return out
+
+    def all_to_all(self, sends: dict, recv_shapes: dict, dtype, device, kind: str) -> dict:
+        """One uneven all-to-all (`all_to_all_single` with split sizes): the same contract as
+        `exchange`; pairs with nothing to move send zero elements."""
+        flat_in, in_splits = [], []
+        for dst in range(self.world_size):
+            t = sends.get(dst)
+            n = 0 if t is None else t.numel()
+            in_splits.append(n)
+            if t is not None:
+                flat_in.append(t.reshape(-1))
+                self.stats.add(kind, n * t.element_size())
+        out_splits = [int(torch.Size(recv_shapes[s]).numel()) if s in recv_shapes else 0
+                      for s in range(self.world_size)]
+        flat_out = torch.empty(sum(out_splits), dtype=dtype, device=device)
+        flat_in = torch.cat(flat_in) if flat_in else torch.empty(0, dtype=dtype, device=device)
+        dist.all_to_all_single(flat_out, flat_in, out_splits, in_splits, group=self.group)
+        out, offset = {}, 0
+        for src, n in enumerate(out_splits):
+            if src in recv_shapes:
+                out[src] = flat_out[offset:offset + n].view(recv_shapes[src])
+            offset += n
+        return out
+
+    def all_gather_ints(self, values: list[int], kind: str = "agree") -> torch.Tensor:
+        """[P, len(values)] int64: every rank's values (the shape agreement before an exchange)."""
+        mine = torch.tensor(values, dtype=torch.int64)
+        backend = dist.get_backend(self.group)
+        if backend == "nccl":
+            mine = mine.cuda()
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine, group=self.group)
+        self.stats.add(kind, mine.numel() * 8 * (self.world_size - 1))
+        return torch.stack(gathered).cpu()

@@ -183,11 +183,13 @@ def _grads(q, k, v, pattern, dout, **kw):
 
 
 @BACKWARDS
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("name", ["window", "longformer", "per_head"])
-def test_pointer_loads_without_tma(monkeypatch, name, deterministic):
-    """The interpreter runs the TMA-descriptor loads by default (ops.tma_allowed); the pointer
-    loads that GPUs without TMA (and misaligned inputs) take are checked here."""
-    monkeypatch.setattr(triton_ops, "TMA_DEFAULT", False)
+def test_tile_loads_tma_and_pointers(monkeypatch, name, tma, deterministic):
+    """By default (ops.TMA_PHASES) the forward loads tiles through pointers and the backward
+    through TMA descriptors (the interpreter emulates them); here every phase takes one kind:
+    pointers (GPUs without TMA, misaligned inputs) or TMA (TMA_DEFAULT=True)."""
+    monkeypatch.setattr(triton_ops, "TMA_DEFAULT", tma)
     q, k, v = make_qkv(1, HEADS, 45, 24, hkv=2, device=DEVICE)
     check_backend_against_reference(q, k, v, presets(45)[name], backend="triton", return_lse=True,
                                     deterministic=deterministic)

@@ -52,8 +52,13 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous() if needs_copy(x) else x
 
 
-# TMA (Hopper's tensor memory accelerator) for the tiles the kernels' inner loops read: None
-# picks it where `tma_allowed` holds; False/True force it off/on (True still needs it allowed).
+# TMA (Hopper's tensor memory accelerator) for the tiles the kernels' inner loops read, per
+# phase, where `tma_allowed` holds. Measured side by side on the H200 (gpu_patterns, 128K, bf16,
+# D=128; benchmarks/results/gpu_patterns_r3_h200_128k.json): the forward is faster with pointer
+# loads (causal window 4096: 10.29 vs 10.82 ms; every pattern 1-7%), the backward with TMA
+# (forward+backward 41.95 vs 45.02 ms with the forward on TMA; causal 583.8 vs 640.7).
+TMA_PHASES = {"fwd": False, "dq": True, "dkdv": True, "fused": True}
+# None: TMA_PHASES; False / True: off / on (where allowed) in every phase (benchmarks, tests).
 TMA_DEFAULT: bool | None = None
 
 
@@ -80,8 +85,9 @@ def tma_allowed(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _use_tma(*tensors: torch.Tensor) -> bool:
-    if TMA_DEFAULT is False:
+def _use_tma(phase: str, *tensors: torch.Tensor) -> bool:
+    wanted = TMA_PHASES[phase] if TMA_DEFAULT is None else TMA_DEFAULT
+    if not wanted:
         return False
     allowed = tma_allowed(*tensors)
     if allowed:
@@ -107,15 +113,15 @@ def _ensure_allocator() -> None:
     triton.set_allocator(allocate)
 
 
-def _common(q, k, v, block_q, block_kv, *loop_read):
+def _common(q, k, v, block_q, block_kv, *loop_read, phase: str | None = None):
     """Shapes and the constexpr flags every kernel takes; `loop_read`: the tensors the launch's
-    inner loop reads tile by tile (TMA needs all of them aligned)."""
+    inner loop reads tile by tile (TMA needs all of them aligned), in `phase` (TMA_PHASES)."""
     bsz, hq, nq, d = q.shape
     hkv, nkv, dv = k.shape[1], k.shape[2], v.shape[3]
     flags = dict(LBQ=block_q, LBK=block_kv, BD=_padded(d), BDV=_padded(dv), D=d, DV=dv,
                  WORDS=-(-block_kv // 32), EVEN_Q=nq % block_q == 0, EVEN_KV=nkv % block_kv == 0,
                  IEEE=q.dtype == torch.float32, UPCAST=interpreting() and q.dtype == torch.bfloat16,
-                 USE_TMA=_use_tma(*loop_read) if loop_read else False)
+                 USE_TMA=_use_tma(phase, *loop_read) if loop_read else False)
     return bsz, hq, nq, d, hkv, nkv, dv, flags
 
 
@@ -158,7 +164,7 @@ def block_sparse_attn_fwd(
     from .kernels import block_sparse_fwd_kernel
 
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
-    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv, k, v)
+    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv, k, v, phase="fwd")
     out = new_output((bsz, hq, nq, dv), q.dtype, q.device)
     lse = new_output((bsz, hq, nq), torch.float32, q.device)
     if out.numel() == 0:
@@ -198,7 +204,7 @@ def block_sparse_attn_bwd(
     from .kernels import block_sparse_bwd_dq_kernel
 
     q, k, v, out, dout = (_rows_contiguous(t) for t in (q, k, v, out, dout))
-    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv, k, v)
+    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv, k, v, phase="dq")
     dq, dk, dvv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dvv.zero_()
@@ -233,7 +239,7 @@ def _launch_dkdv(phase, dq_acc, q, k, v, dout, dk, dvv, lse2, delta, tfull_off, 
     adds dQ atomically there (phase "fused": the one-pass backward), else phase "dkdv"."""
     from .kernels import block_sparse_bwd_dkdv_kernel
 
-    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv, q, dout)
+    bsz, hq, nq, d, hkv, nkv, dv, flags = _common(q, k, v, block_q, block_kv, q, dout, phase=phase)
     cfg = tile_config(max(flags["BD"], flags["BDV"]), phase, block_q, block_kv, interpreted=interpreting(),
                       element_size=q.element_size())
     fused = dq_acc is not None

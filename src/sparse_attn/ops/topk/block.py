@@ -277,10 +277,11 @@ def device_selection_layout(selection: torch.Tensor, picks: torch.Tensor, patter
         last_row_ragged = p_first + nqb - 1 == ragged_last
         representatives = ([0] if nqb > 1 or not last_row_ragged else []) + ([nqb - 1] if last_row_ragged else [])
         classes = torch.where(diagonal == ragged_last, len(representatives) - 1, 0)
-        blocks = torch.zeros(len(representatives), 3, dtype=torch.int64, device=dev)  # (head 0, q block, kv block)
-        for i, row in enumerate(representatives):  # fills, not host -> device copies
-            blocks[i, 1] = row
-            blocks[i, 2] = p_first + row
+        # (head 0, q block, kv block) of each; built by arange arithmetic: assigning Python ints
+        # into a CUDA tensor copies each from the host, and every such copy synchronises
+        step = representatives[-1] - representatives[0]
+        rows = representatives[0] + step * torch.arange(len(representatives), dtype=torch.int64, device=dev)
+        blocks = torch.stack([torch.zeros_like(rows), rows, rows + p_first], dim=1)
     row_work = host_full + host_part
     work = (float(row_work.max()), float(row_work.mean()), float(nqb), float(row_work.sum()) / nkb)
     if classes is None:

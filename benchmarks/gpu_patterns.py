@@ -241,6 +241,12 @@ class Runner:
             seconds, _ = self.time(build)
             row["create_block_mask_ms"] = seconds * 1e3
             if self.flex is None:
+                # the `bwd` pass differentiates one kept graph repeatedly (retain_graph=True), which
+                # AOTAutograd's donated buffers forbid ("compiled with non-empty donated buffers");
+                # off, FlexAttention's backward alone can be timed like ours
+                import torch._functorch.config as functorch_config
+
+                functorch_config.donated_buffer = False
                 self.flex = torch.compile(flex_attention)
             flex = self.flex
             if method == "flexattention_flash":  # the FlashAttention-4 (CuTe DSL) backend, where torch has it

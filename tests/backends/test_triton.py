@@ -195,13 +195,16 @@ def test_tile_loads_tma_and_pointers(monkeypatch, name, tma, deterministic):
                                     deterministic=deterministic)
 
 
-def test_huge_row_strides_are_copied(monkeypatch):
-    """In-tile offsets are int32: inputs whose row stride could pass 2^31 inside a tile are
-    copied first (ops.MAX_ROW_STRIDE, made small here so a [B, N, H, D] view crosses it)."""
+@BACKWARDS
+def test_wide_rows_take_int64_in_tile_offsets(monkeypatch, deterministic):
+    """In-tile offsets are int32 unless a row stride could pass 2^31 inside a tile
+    (ops.MAX_ROW_STRIDE, made small here so a [B, N, H, D] view crosses it): then int64, in place.
+    (test_triton_robust reads rows 2^27 elements apart for real.)"""
     monkeypatch.setattr(triton_ops, "MAX_ROW_STRIDE", 64)
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(1, HEADS, 45, 16, device=DEVICE))
-    assert q.stride(2) == HEADS * 16 and triton_ops.needs_copy(q)
-    check_backend_against_reference(q, k, v, P.sliding_window(9), backend="triton", return_lse=True)
+    assert q.stride(2) == HEADS * 16 and triton_ops.wide_rows(q) and not triton_ops.needs_copy(q)
+    check_backend_against_reference(q, k, v, P.sliding_window(9), backend="triton", return_lse=True,
+                                    deterministic=deterministic)
 
 
 def test_backward_is_deterministic():

@@ -63,13 +63,18 @@ def _dot_acc(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _load_rows(base, row0, stride_n, offs_d, n_len, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-               EVEN_N: tl.constexpr, UPCAST: tl.constexpr):
+               EVEN_N: tl.constexpr, UPCAST: tl.constexpr, WIDE_ROWS: tl.constexpr):
     """Rows [row0, row0 + BR) x [0, BD) of a (N, D) matrix; rows past n_len and columns past D
     read as 0. The tile's start is one int64 scalar (one head of N * D >= 2^31 elements would
-    wrap in int32); offsets inside the tile stay int32 (ops checks BR * stride_n < 2^31), which
-    keeps the per-element address arithmetic 32-bit."""
+    wrap in int32); offsets inside the tile stay int32, which keeps the per-element address
+    arithmetic 32-bit, unless WIDE_ROWS (a row stride so large that 256 rows pass 2^31
+    elements: ops.wide_rows)."""
     rows = tl.arange(0, BR)
-    ptrs = base + row0.to(tl.int64) * stride_n + (rows[:, None] * stride_n + offs_d[None, :])
+    if WIDE_ROWS:
+        in_tile = rows[:, None].to(tl.int64) * stride_n + offs_d[None, :]
+    else:
+        in_tile = rows[:, None] * stride_n + offs_d[None, :]
+    ptrs = base + row0.to(tl.int64) * stride_n + in_tile
     if EVEN_N and D == BD:
         x = tl.load(ptrs)
     elif EVEN_N:
@@ -83,14 +88,14 @@ def _load_rows(base, row0, stride_n, offs_d, n_len, BR: tl.constexpr, D: tl.cons
 
 @triton.jit
 def _load_tile(base, desc, row0, stride_n, offs_d, n_len, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-               EVEN_N: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+               EVEN_N: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr):
     """A [BR, BD] tile at row0, through the TMA descriptor when there is one."""
     if USE_TMA:
         x = desc.load([row0, 0])
         if UPCAST:
             x = x.to(tl.float32)
     else:
-        x = _load_rows(base, row0, stride_n, offs_d, n_len, BR, D, BD, EVEN_N, UPCAST)
+        x = _load_rows(base, row0, stride_n, offs_d, n_len, BR, D, BD, EVEN_N, UPCAST, WIDE_ROWS)
     return x
 
 
@@ -148,7 +153,7 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_
                LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, LBQ: tl.constexpr,
                IS_PARTIAL: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-               USE_TMA: tl.constexpr):
+               USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr):
     TILES: tl.constexpr = LBK // BN
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -157,7 +162,7 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_
         kb = tl.load(idx_ptr + j)
         col0 = (t % TILES) * BN  # first column of this tile inside its layout block
         n0 = (kb * LBK + col0).to(tl.int32)  # first key of the tile (t is int64: CSR offsets; TMA wants int32)
-        k = _load_tile(k_base, k_desc, n0, stride_kn, offs_d, kv_len, BN, D, BD, EVEN_KV, UPCAST, USE_TMA)  # [BN, BD]
+        k = _load_tile(k_base, k_desc, n0, stride_kn, offs_d, kv_len, BN, D, BD, EVEN_KV, UPCAST, USE_TMA, WIDE_ROWS)  # [BN, BD]
         s = _dot(q, tl.trans(k), IEEE)  # [BM, BN], unscaled
         if IS_PARTIAL:
             cols = col0 + tl.arange(0, BN)
@@ -173,7 +178,7 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, v_desc, n0, stride_vn, offs_dv, kv_len, BN, DV, BDV, EVEN_KV, UPCAST, USE_TMA)  # [BN, BDV]
+        v = _load_tile(v_base, v_desc, n0, stride_vn, offs_dv, kv_len, BN, DV, BDV, EVEN_KV, UPCAST, USE_TMA, WIDE_ROWS)  # [BN, BDV]
         acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
     return acc, m_i, l_i
@@ -192,6 +197,7 @@ def block_sparse_fwd_kernel(
     PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+    WIDE_ROWS: tl.constexpr,
 ):
     """Inner dims of q/k/v/out must be contiguous (stride 1). USE_TMA: k and v tiles arrive
     through TMA descriptors (ops.tma_allowed says when the strides allow it)."""
@@ -209,7 +215,7 @@ def block_sparse_fwd_kernel(
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     q = _load_rows(Q + b * stride_qb + h.to(tl.int64) * stride_qh, q0, stride_qn, offs_d, q_len, BM, D, BD, EVEN_Q,
-                   UPCAST)  # [BM, BD]
+                   UPCAST, WIDE_ROWS)  # [BM, BD]
     k_base = K + b * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b * stride_vb + hk.to(tl.int64) * stride_vh
     # TMA descriptors of this head's (kv_len, D) k and v in BN-row boxes (rows and columns past
@@ -229,12 +235,12 @@ def block_sparse_fwd_kernel(
     f1 = tl.load(full_off + row + 1) * TILES
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, f0, f1, full_idx, part_bits, part_mask, k_base, v_base, k_desc,
                                v_desc, stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV,
-                               D, DV, WORDS, LBQ, False, EVEN_KV, IEEE, UPCAST, USE_TMA)
+                               D, DV, WORDS, LBQ, False, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS)
     p0 = tl.load(part_off + row) * TILES
     p1 = tl.load(part_off + row + 1) * TILES
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p0, p1, part_idx, part_bits, part_mask, k_base, v_base, k_desc,
                                v_desc, stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV,
-                               D, DV, WORDS, LBQ, True, EVEN_KV, IEEE, UPCAST, USE_TMA)
+                               D, DV, WORDS, LBQ, True, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -290,7 +296,7 @@ def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_bas
               LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, LBQ: tl.constexpr,
               IS_PARTIAL: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-              USE_TMA: tl.constexpr):
+              USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr):
     TILES: tl.constexpr = LBK // BN
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -299,8 +305,8 @@ def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_bas
         kb = tl.load(idx_ptr + j)
         col0 = (t % TILES) * BN
         n0 = (kb * LBK + col0).to(tl.int32)
-        k = _load_tile(k_base, k_desc, n0, stride_kn, offs_d, kv_len, BN, D, BD, EVEN_KV, UPCAST, USE_TMA)  # [BN, BD]
-        v = _load_tile(v_base, v_desc, n0, stride_vn, offs_dv, kv_len, BN, DV, BDV, EVEN_KV, UPCAST, USE_TMA)  # [BN, BDV]
+        k = _load_tile(k_base, k_desc, n0, stride_kn, offs_d, kv_len, BN, D, BD, EVEN_KV, UPCAST, USE_TMA, WIDE_ROWS)  # [BN, BD]
+        v = _load_tile(v_base, v_desc, n0, stride_vn, offs_dv, kv_len, BN, DV, BDV, EVEN_KV, UPCAST, USE_TMA, WIDE_ROWS)  # [BN, BDV]
         s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BM, BN]
         p = tl.exp2(s - lse2[:, None])
         if IS_PARTIAL:
@@ -330,6 +336,7 @@ def block_sparse_bwd_dq_kernel(
     PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+    WIDE_ROWS: tl.constexpr,
 ):
     qt, bh = _program_tile(q_block_order, num_q_blocks, HEADS_FASTEST, LBQ // BM)
     b = (bh // num_q_heads).to(tl.int64)
@@ -345,9 +352,9 @@ def block_sparse_bwd_dq_kernel(
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     h64 = h.to(tl.int64)
-    q = _load_rows(Q + b * stride_qb + h64 * stride_qh, q0, stride_qn, offs_d, q_len, BM, D, BD, EVEN_Q, UPCAST)
+    q = _load_rows(Q + b * stride_qb + h64 * stride_qh, q0, stride_qn, offs_d, q_len, BM, D, BD, EVEN_Q, UPCAST, WIDE_ROWS)
     do = _load_rows(DO + b * stride_dob + h64 * stride_doh, q0, stride_don, offs_dv, q_len, BM, DV, BDV, EVEN_Q,
-                    UPCAST)
+                    UPCAST, WIDE_ROWS)
     stat = b * stride_lb + h64 * stride_lh + offs_m
     lse2, delta = _load_row_stats(Lse2, Delta, stat, offs_m, q_len, EVEN_Q)
     k_base = K + b * stride_kb + hk.to(tl.int64) * stride_kh
@@ -366,12 +373,12 @@ def block_sparse_bwd_dq_kernel(
     f1 = tl.load(full_off + row + 1) * TILES
     dq = _dq_tiles(dq, q, do, lse2, delta, f0, f1, full_idx, part_bits, part_mask, k_base, v_base, k_desc, v_desc,
                    stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
-                   False, EVEN_KV, IEEE, UPCAST, USE_TMA)
+                   False, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS)
     p0 = tl.load(part_off + row) * TILES
     p1 = tl.load(part_off + row + 1) * TILES
     dq = _dq_tiles(dq, q, do, lse2, delta, p0, p1, part_idx, part_bits, part_mask, k_base, v_base, k_desc, v_desc,
                    stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
-                   True, EVEN_KV, IEEE, UPCAST, USE_TMA)
+                   True, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS)
     dq_ptrs = (GradQ + b * stride_dqb + h64 * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqn
                + offs_d[None, :])
     tl.store(dq_ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D))
@@ -384,7 +391,7 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
                 LBQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
                 EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr):
+                FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr):
     """dK/dV of one kv tile over a run of transposed-CSR tiles; with FUSED_DQ also each tile
     pair's dQ share (dS K * scale), added atomically in fp32 at dq_base."""
     TILES: tl.constexpr = LBQ // BM
@@ -396,9 +403,9 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
         row0 = (t % TILES) * BM  # first query row of this tile inside its layout block
         m0 = (qb * LBQ + row0).to(tl.int32)  # first query of the tile (int32 for TMA)
         offs_m = m0 + tl.arange(0, BM)
-        q = _load_tile(q_base, q_desc, m0, stride_qn, offs_d, q_len, BM, D, BD, EVEN_Q, UPCAST, USE_TMA)  # [BM, BD]
+        q = _load_tile(q_base, q_desc, m0, stride_qn, offs_d, q_len, BM, D, BD, EVEN_Q, UPCAST, USE_TMA, WIDE_ROWS)  # [BM, BD]
         do = _load_tile(do_base, do_desc, m0, stride_don, offs_dv, q_len, BM, DV, BDV, EVEN_Q, UPCAST,
-                        USE_TMA)  # [BM, BDV]
+                        USE_TMA, WIDE_ROWS)  # [BM, BDV]
         lse2, delta = _load_row_stats(Lse2, Delta, stat_base + offs_m, offs_m, q_len, EVEN_Q)
         st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM] = S^T
         pt = tl.exp2(st - lse2[None, :])
@@ -417,8 +424,10 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
         dk = _dot_acc(dst, q, dk, IEEE)
         if FUSED_DQ:
             dq = _dot(tl.trans(dst), k, IEEE) * scale  # [BM, BD], this kv tile's share of dQ
-            dq_ptrs = (dq_base + m0.to(tl.int64) * stride_dqn
-                       + (tl.arange(0, BM)[:, None] * stride_dqn + offs_d[None, :]))
+            dq_rows = tl.arange(0, BM)[:, None]
+            if WIDE_ROWS:
+                dq_rows = dq_rows.to(tl.int64)
+            dq_ptrs = dq_base + m0.to(tl.int64) * stride_dqn + (dq_rows * stride_dqn + offs_d[None, :])
             if EVEN_Q and D == BD:
                 tl.atomic_add(dq_ptrs, dq, sem="relaxed")
             else:
@@ -442,7 +451,7 @@ def block_sparse_bwd_dkdv_kernel(
     PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, FUSED_DQ: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr,
 ):
     """One program per (kv tile, batch * kv head), walking the transposed layout for every query
     head of the GQA group (in order: deterministic dK/dV sums). FUSED_DQ: the one-pass backward,
@@ -459,9 +468,9 @@ def block_sparse_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     hk64 = hk.to(tl.int64)
-    k = _load_rows(K + b * stride_kb + hk64 * stride_kh, n0, stride_kn, offs_d, kv_len, BN, D, BD, EVEN_KV, UPCAST)
+    k = _load_rows(K + b * stride_kb + hk64 * stride_kh, n0, stride_kn, offs_d, kv_len, BN, D, BD, EVEN_KV, UPCAST, WIDE_ROWS)
     v = _load_rows(V + b * stride_vb + hk64 * stride_vh, n0, stride_vn, offs_dv, kv_len, BN, DV, BDV, EVEN_KV,
-                   UPCAST)
+                   UPCAST, WIDE_ROWS)
     kv_col_in_block = n0 % LBK + tl.arange(0, BN)
 
     dk = tl.zeros([BN, BD], dtype=tl.float32)
@@ -486,13 +495,13 @@ def block_sparse_bwd_dkdv_kernel(
         dk, dv = _dkdv_tiles(dk, dv, k, v, f0, f1, tfull_idx, tpart_mask, part_bits, q_base, do_base, q_desc, do_desc,
                              dq_base, stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n,
                              kv_col_in_block, qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS,
-                             False, EVEN_Q, EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA)
+                             False, EVEN_Q, EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS)
         p0 = tl.load(tpart_off + col) * TILES
         p1 = tl.load(tpart_off + col + 1) * TILES
         dk, dv = _dkdv_tiles(dk, dv, k, v, p0, p1, tpart_idx, tpart_mask, part_bits, q_base, do_base, q_desc, do_desc,
                              dq_base, stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n,
                              kv_col_in_block, qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS,
-                             True, EVEN_Q, EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA)
+                             True, EVEN_Q, EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS)
     in_kv = offs_n[:, None] < kv_len
     rows = offs_n[:, None].to(tl.int64)
     dk_ptrs = GradK + b * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :]

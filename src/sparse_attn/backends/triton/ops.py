@@ -37,15 +37,19 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-# Offsets inside one tile are int32 (tile starts are int64): a row stride so large that
-# 256 rows of it pass 2^31 elements takes a copy.
+# Offsets inside one tile are int32 (tile starts are int64), unless a row stride is so large
+# that 256 rows of it pass 2^31 elements: then the kernels compile with int64 in-tile offsets.
 MAX_ROW_STRIDE = 2**31 // 256
 
 
 def needs_copy(x: torch.Tensor) -> bool:
-    """The kernels need unit stride on the head dim and row strides that keep in-tile offsets in
-    int32; any other strides are read in place (tile starts are int64, so no size forces a copy)."""
-    return x.stride(-1) != 1 or x.stride(-2) >= MAX_ROW_STRIDE
+    """The kernels need unit stride on the head dim; any other strides are read in place (tile
+    starts are int64, in-tile offsets too for very wide rows: no size forces a copy)."""
+    return x.stride(-1) != 1
+
+
+def wide_rows(*tensors: torch.Tensor) -> bool:
+    return any(t.stride(-2) >= MAX_ROW_STRIDE for t in tensors)
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +125,8 @@ def _common(q, k, v, block_q, block_kv, *loop_read, phase: str | None = None):
     flags = dict(LBQ=block_q, LBK=block_kv, BD=_padded(d), BDV=_padded(dv), D=d, DV=dv,
                  WORDS=-(-block_kv // 32), EVEN_Q=nq % block_q == 0, EVEN_KV=nkv % block_kv == 0,
                  IEEE=q.dtype == torch.float32, UPCAST=interpreting() and q.dtype == torch.bfloat16,
-                 USE_TMA=_use_tma(phase, *loop_read) if loop_read else False)
+                 USE_TMA=_use_tma(phase, *loop_read) if loop_read else False,
+                 WIDE_ROWS=wide_rows(q, k, v, *loop_read))
     return bsz, hq, nq, d, hkv, nkv, dv, flags
 
 

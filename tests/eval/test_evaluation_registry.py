@@ -77,9 +77,10 @@ def test_registered_evaluation_is_a_subcommand(toy, capsys, tmp_path):
 
     assert main(["eval", "toy_squares", "--help"]) == 0
     help_text = capsys.readouterr().out
-    for flag in ("--n", "--skip", "--seed", "--json", "--plot", "--no-progress"):
+    for flag in ("--n", "--skip", "--seed", "--json", "--no-progress"):
         assert flag in help_text
     assert "--device" not in help_text  # device = False
+    assert "--plot" not in help_text  # no plot(): nothing to draw
 
     out = tmp_path / "toy_squares.json"
     assert main(["eval", "toy_squares", "--n", "5", "--json", str(out)]) == 0
@@ -179,3 +180,22 @@ def test_builtin_results_round_trip(name):
     else:  # the trained ones and hf: the protocol's methods exist (their runs are tested in tests/eval, tests/cli)
         assert type(evaluation).from_dict is not Evaluation.from_dict
         assert type(evaluation).plot is not Evaluation.plot
+
+
+def test_benchmark_runner_iterates_the_registry(toy, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import evaluations as runner
+    finally:
+        sys.path.pop(0)
+    assert runner.main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "toy_squares" in listing and "needle" in listing and "hf " not in listing  # hf: its own command
+    assert runner.main(["--results", str(tmp_path), "toy_squares", "--n", "3"]) == 0
+    assert json.loads((tmp_path / "toy_squares.json").read_text())["total"] == 5
+    with pytest.raises(SystemExit):
+        runner.main(["--results", str(tmp_path), "nope"])
+    assert "name must be one of" in capsys.readouterr().err

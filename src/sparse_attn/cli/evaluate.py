@@ -25,12 +25,13 @@ def _description() -> str:
             "/ 2 (bad arguments) like every sparse-attn command.")
 
 
-def _common(p: argparse.ArgumentParser, *, device: bool) -> None:
+def _common(p: argparse.ArgumentParser, *, device: bool, plot: bool) -> None:
     if device:
         p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: %(default)s)")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON")
-    p.add_argument("--plot", metavar="FILE", help="write a picture (needs matplotlib)")
+    if plot:
+        p.add_argument("--plot", metavar="FILE", help="write a picture (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress on stderr (a bar on a terminal, else a line every 10 s)")
 
@@ -45,7 +46,7 @@ def add_eval_parser(subparsers, formatter=Formatter) -> argparse.ArgumentParser:
         t = sub.add_parser(evaluation.name, help=evaluation.help, description=evaluation.description,
                            formatter_class=formatter)
         evaluation.add_arguments(t)
-        _common(t, device=evaluation.device)
+        _common(t, device=evaluation.device, plot=evaluation.draws_pictures())
         t.set_defaults(handler=cmd_eval, parser=t, evaluation=evaluation)
     return p
 
@@ -56,17 +57,18 @@ def cmd_eval(args) -> int:
     if evaluation.device:
         check_device(args.device, parser)
     check_output(parser, "--json", args.json)
-    check_output(parser, "--plot", args.plot)
-    if args.plot:
+    plot = getattr(args, "plot", None)
+    check_output(parser, "--plot", plot)
+    if plot:
         require_matplotlib()
     started = time.perf_counter()
     result = evaluation.run(args, parser)
     print(evaluation.summary(result, time.perf_counter() - started))
     if args.json:
         write_json(args.json, result.to_dict())
-    if args.plot:
-        evaluation.plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    if plot:
+        evaluation.plot(result, plot)
+        print(f"wrote {plot}")
     failure = evaluation.failure(result)
     if failure:
         print(f"{PROG}: error: {failure}", file=sys.stderr)

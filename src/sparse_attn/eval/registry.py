@@ -7,8 +7,8 @@ An evaluation is a module with its task and one `Evaluation` subclass registered
         name = "echo"                       # sparse-attn eval echo; results echo*.json / echo*.png
         help = "one line for sparse-attn eval --help"
 
-        def add_arguments(self, parser):    # its own flags; --device --seed --json --plot
-            parser.add_argument("--n", type=positive_int, default=3)  # --no-progress are added for it
+        def add_arguments(self, parser):    # its own flags; --device --seed --json --no-progress
+            parser.add_argument("--n", type=positive_int, default=3)  # (and --plot with plot()) are added
 
         def run(self, args, parser):        # checks (parser.error: exit 2), then the work
             return EchoResult(args.n)       # a result: to_dict / from_dict / summary
@@ -76,7 +76,8 @@ class Evaluation:
 
     # the command line ------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add this evaluation's own flags (the CLI adds --device, --seed, --json, --plot, --no-progress)."""
+        """Add this evaluation's own flags (the CLI adds --device, --seed, --json, --no-progress, and
+        --plot when it overrides `plot`)."""
 
     def run(self, args: argparse.Namespace, parser: argparse.ArgumentParser) -> EvaluationResult:
         """Check the arguments (a bad one: `parser.error(...)`, exit 2), then run; a failure at
@@ -97,8 +98,12 @@ class Evaluation:
         raise NotImplementedError(f"evaluation {self.name!r} does not define from_dict()")
 
     def plot(self, result: EvaluationResult, path) -> None:
-        """Write the picture of `result` to `path` (needs matplotlib)."""
+        """Write the picture of `result` to `path` (needs matplotlib). Not overridden: the
+        evaluation draws nothing, and its subcommand has no --plot."""
         raise NotImplementedError(f"evaluation {self.name!r} draws no picture")
+
+    def draws_pictures(self) -> bool:
+        return type(self).plot is not Evaluation.plot
 
     def render(self, data: Any, name: str, blocks: ReportBlocks) -> str:
         """The report's block for one result file (`name`: its stem, whose .png goes with it)."""

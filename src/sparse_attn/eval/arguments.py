@@ -16,8 +16,8 @@ import torch
 
 from ..backends import BackendError
 
-__all__ = ["check_device", "check_output", "fraction", "int_at_least", "non_negative_int", "one_line", "parse_schedules",
-           "positive_float", "positive_int", "probability", "require_matplotlib", "try_mechanism"]
+__all__ = ["check_device", "check_output", "fraction", "int_at_least", "non_negative_int", "one_line",
+           "parse_schedules", "positive_float", "positive_int", "probability", "require_matplotlib", "try_mechanism"]
 
 
 def int_at_least(minimum: int):
@@ -116,7 +116,8 @@ def try_mechanism(parser: argparse.ArgumentParser, flag: str, text: str, mechani
         parser.error(f"{flag} {text}: {one_line(exc)}")
 
 
-def parse_schedules(parser: argparse.ArgumentParser, texts: list[str] | None, flag: str = "--mechanisms") -> dict | None:
+def parse_schedules(parser: argparse.ArgumentParser, texts: list[str] | None,
+                    flag: str = "--mechanisms") -> dict | None:
     """NAME=SPEC[;SPEC...] -> {NAME: spec or [spec per layer]} (None for None)."""
     if texts is None:
         return None

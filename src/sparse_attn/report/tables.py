@@ -374,7 +374,8 @@ def block_topk_gpu_table(data: dict, *, results_dir: PathLike | None = None, lin
 
         lines.append(
             f"| {r['N']:,} | {r['top_k_blocks']}/{r['kv_blocks']} ({100 * r['selected_pairs_fraction']:.1f}% of pairs) "
-            f"| {file_ms('select_ms')} | {file_ms('old_layout_ms')} / {file_ms('layout_ms')} | {file_ms('layout_via_pattern_ms')} | "
+            f"| {file_ms('select_ms')} | {file_ms('old_layout_ms')} / {file_ms('layout_ms')} | "
+            f"{file_ms('layout_via_pattern_ms')} | "
             f"{file_ms('old_plan_ms')} / {file_ms('plan_ms')} | {file_ms('kernel_ms')} | "
             f"{file_ms('old_end_to_end_ms')} / {file_ms('triton_end_to_end_ms')} | {ratio('new_end_to_end_over_kernel')} | "
             f"{file_ms('sdpa_causal_ms')} | {ratio('speedup_vs_sdpa_causal')} | {file_ms('triton_end_to_end_fwd_bwd_ms')} | "

@@ -221,3 +221,11 @@ def test_html_is_one_self_contained_page(results, tmp_path):
     assert "![" not in html and "](" not in html.split("<pre>")[0]  # no Markdown left outside code
     assert '<a href="results/decode.json"><code>decode.json</code></a>' in html
     assert "<td>window|64</td>" in html
+
+
+def test_html_without_markdown_names_the_extra(results, tmp_path, monkeypatch):
+    from sparse_attn._extras import MissingExtra
+
+    monkeypatch.setitem(__import__("sys").modules, "markdown", None)  # as if not installed
+    with pytest.raises(MissingExtra, match=r"sparse_attn\[report\]"):
+        report.markdown_to_html("# x")

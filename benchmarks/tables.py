@@ -8,7 +8,7 @@ GPU pattern results may be split over several runs: every benchmarks/results/gpu
 (or the files given with --gpu-json) is merged, a later file's row replacing an earlier one for
 the same (pattern, N, method) unless only the earlier one has timings.
 
-The renderers live in sparse_attn.eval.report (which also writes the one-page report,
+The renderers live in sparse_attn.report (which also writes the one-page report,
 `sparse-attn report`); this script binds them to this repository's results folder and README.
 """
 
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sparse_attn.eval import report
+from sparse_attn import report
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -78,3 +78,41 @@ def test_imports_point_down(path):
     upward = [f"line {line}: imports sparse_attn.{target} (floor {FLOORS[target]} > {own})"
               for line, target in _imports(path) if target in FLOORS and FLOORS[target] > own]
     assert not upward, f"{path.relative_to(SRC)} imports upward: " + "; ".join(upward)
+
+
+# The upper floors hold each command / page in its own module: they share public helpers only
+# (cli/args.py, eval/arguments.py, report/text.py), and none imports another in a circle.
+COMMAND_FOLDERS = ("cli", "report")
+
+
+def _local_imports(path: Path):
+    """(imported sibling module, names) for each `from .x import ...` / `from . import x` of the same folder."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                yield node.module.split(".")[0], [a.name for a in node.names]
+            else:
+                for alias in node.names:
+                    yield alias.name, []
+
+
+@pytest.mark.parametrize("folder", COMMAND_FOLDERS)
+def test_command_modules_share_no_private_names_and_no_circle(folder):
+    paths = {p.stem: p for p in (SRC / folder).glob("*.py")}
+    private = [f"{name}.py imports {module}.{n}" for name, p in paths.items() for module, names in _local_imports(p)
+               for n in names if n.startswith("_")]
+    assert not private, f"private names imported across {folder}/ modules: " + "; ".join(private)
+    graph = {name: {m for m, _ in _local_imports(p) if m in paths and m != name} for name, p in paths.items()}
+
+    def reach(start):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        return seen
+
+    circles = sorted(name for name in graph if name in reach(name))
+    assert not circles, f"{folder}/ modules that import themselves through others: {circles}"

@@ -1,5 +1,6 @@
 """Optional dependencies, imported only where used: matplotlib (the `viz` extra) for pictures,
-tqdm (the `progress` extra) for progress bars. A missing one fails with the pip command."""
+tqdm (the `progress` extra) for progress bars, markdown (the `report` extra) for the report's
+HTML page. A missing one fails with the pip command."""
 
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ def figure(**kw):
         raise MissingExtra("writing pictures needs matplotlib: pip install 'sparse_attn[viz]' "
                            f"(or pip install matplotlib) ({exc})") from None
     return Figure(**kw)
+
+
+def markdown_module():
+    """The `markdown` package (Python-Markdown), for the report's HTML page."""
+    try:
+        import markdown
+    except ImportError as exc:
+        raise MissingExtra("writing HTML needs the markdown package: pip install 'sparse_attn[report]' "
+                           f"(or pip install markdown) ({exc})") from None
+    return markdown
 
 
 def progress(iterable, *, enabled: bool = True, lines_every: float = 10.0, **kw):

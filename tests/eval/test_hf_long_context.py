@@ -101,7 +101,7 @@ def test_result_round_trip_summary_and_plot(tmp_path):
     H.plot_hf_long_context(again, folder / "hf_tiny.png")
     assert (folder / "hf_tiny.png").stat().st_size > 0
     # `sparse-attn report` shows it under Evaluation, with its picture
-    from sparse_attn.eval.report import write_report
+    from sparse_attn.report import write_report
 
     write_report(folder, tmp_path / "report.md")
     page = (tmp_path / "report.md").read_text()

@@ -9,6 +9,7 @@ inputs: for a pattern its own masked reference (exactness), for a non-pattern me
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,9 @@ from .._env import environment
 from .._extras import progress
 from .. import patterns as P
 from ..eval import measure
-from .main import _one_line, check_device
+from .args import (Formatter, backend_names, check_device, check_output, non_negative_int, one_line, parse_spec,
+                   positive_int, require_matplotlib, spec_help)
+from . import specs
 from .specs import Spec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -170,7 +173,7 @@ def check_config(cfg: CompareConfig) -> None:
             with torch.no_grad():
                 _mechanism_job(cfg, spec, *small).run()
         except (ValueError, TypeError, BackendError) as exc:
-            raise ValueError(f"{spec.text}: {_one_line(exc)}") from exc
+            raise ValueError(f"{spec.text}: {one_line(exc)}") from exc
 
 
 def _progress(jobs, enabled: bool):
@@ -292,3 +295,100 @@ def write_json(path: str, rows: list[Row], env: dict) -> None:
     with open(path, "w") as f:
         json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, f, indent=2)
         f.write("\n")
+
+
+COMPARE_DESCRIPTION = """\
+Run every pattern with sparse_attention() and dense attention (torch SDPA, full and causal)
+on the same random q/k/v, and print one row each:
+
+  density   exact fraction of allowed (query, key) pairs (layout.density())
+  backend   what the dispatcher picks (sparse_attn.explain(...).chosen)
+  time      median of --repeats calls after one warm-up (time.perf_counter; CUDA synchronised)
+  peak      most memory torch held at once during one extra call, above what it held before
+            the call (output included). CUDA: torch.cuda.max_memory_allocated(). CPU: torch
+            keeps no CPU allocator statistics and tracemalloc cannot see torch's allocations,
+            so it is the running maximum over torch.profiler's allocation/free events
+            (profile_memory=True); scratch that BLAS/OpenMP allocate outside torch is not seen.
+  max/mean err
+            |out - reference| where the reference is the dense masked `reference` backend in
+            float64 on the same inputs; on --error-rows query rows (evenly spaced 64-row
+            segments, first and last included; 0 = all), skipped ("-") above --max-dense-length.
+"""
+
+
+def add_compare_parser(subparsers, formatter=Formatter) -> argparse.ArgumentParser:
+    """Register `sparse-attn compare` on `subparsers`; returns its parser."""
+    p = subparsers.add_parser("compare", help="time, memory and error of patterns vs dense SDPA",
+                       description=COMPARE_DESCRIPTION, epilog=spec_help(), formatter_class=formatter)
+    p.add_argument("--length", type=positive_int, required=True, metavar="N", help="sequence length")
+    # One list, extended by each flag (action="extend"): with nargs="+" alone the last flag replaced the others.
+    p.add_argument("--patterns", "--mechanisms", nargs="+", action="extend", dest="specs", default=None, metavar="SPEC",
+                   help=f"patterns and/or mechanisms ({', '.join(specs.MECHANISM_REGISTRY)}) to run, "
+                        "NAME or NAME:KEY=VALUE,...; both flags may be given, and more than once: every spec gets "
+                        f"a row (default: {' '.join(specs.DEFAULT_PATTERNS)})")
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size (default: %(default)s)")
+    p.add_argument("--heads", type=positive_int, default=8, help="query heads (default: %(default)s)")
+    p.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (GQA); default: --heads")
+    p.add_argument("--dim", type=positive_int, default=64, help="head dim (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"],
+                   help="dtype of q/k/v (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
+    p.add_argument("--backend", default="auto",
+                   help=f"backend for the patterns: one of {', '.join(backend_names())} (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="timed calls per row, after one warm-up (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random q/k/v (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (torch.set_num_threads; default: torch's choice, "
+                        f"{torch.get_num_threads()} here). On a busy machine fewer threads give steadier timings")
+    p.add_argument("--max-dense-length", type=non_negative_int, default=8192, metavar="N",
+                   help="check errors against the dense reference only up to this length (default: %(default)s)")
+    p.add_argument("--error-rows", type=non_negative_int, default=1024, metavar="R",
+                   help="query rows checked against the float64 reference (0: all rows; the check is dense, "
+                        "O(R x N) per pattern; default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="write rows and environment as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write a bar chart (time and peak memory); needs matplotlib")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (a bar on a terminal, else a line as each row finishes)")
+    p.set_defaults(handler=cmd_compare, parser=p)
+    return p
+
+
+def cmd_compare(args) -> int:
+    parser = args.parser
+    if args.backend not in backend_names():
+        parser.error(f"--backend must be one of {', '.join(backend_names())}, got {args.backend!r}")
+    if args.kv_heads is not None and args.heads % args.kv_heads:
+        parser.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    check_device(args.device, parser)
+    check_output(parser, "--json", args.json)
+    check_output(parser, "--plot", args.plot)
+    pattern_specs = [parse_spec(parser, text, args.length) for text in args.specs or specs.DEFAULT_PATTERNS]
+    for spec in pattern_specs:
+        if spec.pattern is not None and spec.pattern.num_heads not in (None, args.heads):
+            parser.error(f"{spec.text}: the pattern has {spec.pattern.num_heads} heads but --heads is {args.heads}")
+    if args.plot:
+        require_matplotlib()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = CompareConfig(length=args.length, specs=pattern_specs, batch=args.batch, heads=args.heads,
+                        kv_heads=args.kv_heads, dim=args.dim, dtype=args.dtype, device=args.device,
+                        backend=args.backend, repeats=args.repeats, seed=args.seed,
+                        max_dense_length=args.max_dense_length, error_rows=args.error_rows,
+                        progress=not args.no_progress)
+    try:
+        check_config(cfg)
+    except ValueError as exc:
+        parser.error(str(exc))
+    rows, env = run_compare(cfg)
+    print(format_table(rows, env, cfg))
+    if args.json:
+        write_json(args.json, rows, env)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .plots import plot_compare
+
+        plot_compare(rows, env, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+

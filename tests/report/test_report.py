@@ -1,4 +1,4 @@
-"""The one-page report (sparse_attn.eval.report): sections from a small results folder, links
+"""The one-page report (sparse_attn.report): sections from a small results folder, links
 relative to the report and pointing at files that exist, notes instead of exceptions, the
 README renderers' link prefix, HTML."""
 
@@ -10,7 +10,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from sparse_attn.eval import report
+from sparse_attn import report
 from sparse_attn.eval.needle import needle_grid
 from sparse_attn.eval.reach import receptive_field
 
@@ -69,7 +69,7 @@ def test_report_sections_and_sources(results, tmp_path):
     for title in ("Environment", "Speed and memory vs length", "Fidelity", "Decoding", "Training", "Evaluation",
                   "Other files"):
         assert f"\n## {title}\n" in text
-        assert f"(#{report._anchor(title)})" in text  # contents
+        assert f"(#{report.anchor(title)})" in text  # contents
 
     env = _section(text, "Environment")
     assert "2.13.0+cpu" in env and "`decode.json`" in env and "`needle.json`" in env  # needle: from its config
@@ -221,3 +221,11 @@ def test_html_is_one_self_contained_page(results, tmp_path):
     assert "![" not in html and "](" not in html.split("<pre>")[0]  # no Markdown left outside code
     assert '<a href="results/decode.json"><code>decode.json</code></a>' in html
     assert "<td>window|64</td>" in html
+
+
+def test_html_without_markdown_names_the_extra(results, tmp_path, monkeypatch):
+    from sparse_attn._extras import MissingExtra
+
+    monkeypatch.setitem(__import__("sys").modules, "markdown", None)  # as if not installed
+    with pytest.raises(MissingExtra, match=r"sparse_attn\[report\]"):
+        report.markdown_to_html("# x")

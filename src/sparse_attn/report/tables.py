@@ -130,7 +130,7 @@ def gpu_table(paths: Sequence[PathLike], *, results_dir: PathLike | None = None,
     order = list(payloads[0]["patterns"])
     pairs = sorted({(p, n) for p, n, m in rows if m != "sdpa_causal" or (p, n, "sparse_attn_triton") in rows},
                    key=lambda pn: (order.index(pn[0]) if pn[0] in order else len(order), pn[1]))
-    failures = []
+    failures: dict[tuple[str, str, str], list[str]] = {}
     for pattern, n in pairs:
         got = {m: rows.get((pattern, n, m)) for m in GPU_METHODS}
         causal = rows.get(("causal", n, "sdpa_causal"))
@@ -148,10 +148,11 @@ def gpu_table(paths: Sequence[PathLike], *, results_dir: PathLike | None = None,
         for m, r in got.items():
             for key, stage in (("error", "setup"), ("fwd_error", "fwd"), ("fwd_bwd_error", "fwd+bwd"),
                                ("bwd_error", "bwd")):
-                if r and key in r:
-                    failures.append(f"{pattern} N={n:,} {GPU_METHODS[m]} {stage}: {r[key][:160]}")
+                if r and key in r:  # one entry per (method, stage, message): the same error repeats per row
+                    failures.setdefault((GPU_METHODS[m], stage, r[key][:160]), []).append(f"{pattern} {n:,}")
     if failures:
-        lines += ["", "Failures: " + "; ".join(failures) + "."]
+        lines += ["", "Failures: " + "; ".join(f"{method} {stage} ({', '.join(where)}): {message}"
+                                                for (method, stage, message), where in failures.items()) + "."]
     not_run = [x for p in payloads for x in p.get("not_run", [])]
     if not_run:
         lines += ["", f"Not run (deadline of the run): {', '.join(not_run)}."]
@@ -435,6 +436,14 @@ def train_compare_table(data: dict, name: str = "train_compare", *, results_dir:
     return "\n".join(lines)
 
 
+def _with_backward(r: dict | None, derive: bool = False) -> dict | None:
+    """The row with `bwd_ms` = forward+backward - forward (marked `bwd_derived`) where the
+    backward alone was not timed, or everywhere with `derive` (so two rows compare alike)."""
+    if r is None or ("bwd_ms" in r and not derive) or "fwd_ms" not in r or "fwd_bwd_ms" not in r:
+        return r
+    return {**r, "bwd_ms": r["fwd_bwd_ms"] - r["fwd_ms"], "bwd_derived": True}
+
+
 def gpu_phase_table(paths: Sequence[PathLike]) -> str:
     """Per phase (forward, backward alone), per pattern and length: our triton time against
     FlexAttention's (and its FLASH backend where it ran), so the next gap is visible. Empty when
@@ -445,18 +454,23 @@ def gpu_phase_table(paths: Sequence[PathLike]) -> str:
     if not timed:
         return ""
     lines = ["**Per phase: triton against FlexAttention** (same runs as the table above; backward = "
-             "`torch.autograd.grad` over one kept forward graph, the backward alone). ms, median; `FA / ours` above 1 "
-             "= we are faster.",
+             "`torch.autograd.grad` over one kept forward graph, the backward alone; marked * where that could not "
+             "be timed and the backward is forward+backward - forward). ms, median; `FA / ours` above 1 = we are "
+             "faster.",
              "",
              "| pattern | N | fwd ours | fwd FlexAttention | fwd FA / ours | fwd FLASH backend | bwd ours "
              "| bwd FlexAttention | bwd FA / ours | bwd FLASH backend |",
              "|" + "---|" * 10]
     for pattern, n in timed:
-        tri, fa = rows.get((pattern, n, "sparse_attn_triton")), rows.get((pattern, n, "flexattention"))
-        fl = rows.get((pattern, n, "flexattention_flash"))
+        got = [rows.get((pattern, n, m)) for m in ("sparse_attn_triton", "flexattention", "flexattention_flash")]
+        derive = any(r is not None and "bwd_ms" not in r for r in got[:2])  # ours and FlexAttention alike
+        tri, fa, fl = (_with_backward(r, derive) for r in got)
+
+        def bwd(r):
+            return _gpu_ms(r, "bwd") + ("*" if r and r.get("bwd_derived") else "")
+
         lines.append(f"| {pattern} | {n:,} | {_gpu_ms(tri, 'fwd')} | {_gpu_ms(fa, 'fwd')} | {_ratio(fa, tri, 'fwd')} | "
-                     f"{_gpu_ms(fl, 'fwd')} | {_gpu_ms(tri, 'bwd')} | {_gpu_ms(fa, 'bwd')} | {_ratio(fa, tri, 'bwd')} | "
-                     f"{_gpu_ms(fl, 'bwd')} |")
+                     f"{_gpu_ms(fl, 'fwd')} | {bwd(tri)} | {bwd(fa)} | {_ratio(fa, tri, 'bwd')} | {bwd(fl)} |")
     return "\n".join(lines)
 
 

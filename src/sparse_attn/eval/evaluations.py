@@ -267,10 +267,20 @@ class _Recall(Evaluation):
     def add_arguments(self, t):
         trained_task_arguments(t, self.name)
 
-    def _experiment(self):
+    def _recall(self, what: str):
+        """eval/recall.py's `<name>_experiment`, `<Name>Result` or `plot_<name>` for this task."""
         from . import recall
 
-        return recall.passkey_experiment if self.name == "passkey" else recall.mqar_experiment
+        return getattr(recall, what.format(name=self.name, Name={"passkey": "Passkey", "mqar": "MQAR"}[self.name]))
+
+    def _experiment(self):
+        return self._recall("{name}_experiment")
+
+    def from_dict(self, data):
+        return self._recall("{Name}Result").from_dict(data)
+
+    def plot(self, result, path):
+        self._recall("plot_{name}")(result, path)
 
     def run(self, args, parser):
         schedules = parse_schedules(parser, args.mechanisms)
@@ -322,31 +332,11 @@ class Passkey(_Recall):
     help = "passkey retrieval with small trained causal LMs"
     title = "Passkey retrieval"
 
-    def from_dict(self, data):
-        from .recall import PasskeyResult
-
-        return PasskeyResult.from_dict(data)
-
-    def plot(self, result, path):
-        from .recall import plot_passkey
-
-        plot_passkey(result, path)
-
 
 class MQAR(_Recall):
     name = "mqar"
     help = "multi-query associative recall with small trained models"
     title = "Multi-query associative recall"
-
-    def from_dict(self, data):
-        from .recall import MQARResult
-
-        return MQARResult.from_dict(data)
-
-    def plot(self, result, path):
-        from .recall import plot_mqar
-
-        plot_mqar(result, path)
 
 
 class ListOps(Evaluation):

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from .checkpointing import add_checkpoint_flags, checkpoint_options
 from .main import (PROG, _check_output, _non_negative_int, _positive_int, _require_matplotlib, _try_mechanism,
                    check_device)
 
@@ -136,8 +137,8 @@ def _task_arguments(name: str, t: argparse.ArgumentParser) -> None:
         t.add_argument("--train-examples", type=_positive_int, default=None)
         t.add_argument("--min-length", type=_non_negative_int, default=None)
         t.add_argument("--max-length", type=_positive_int, default=None)
-        t.add_argument("--checkpoint", metavar="DIR", default=None, help="per-mechanism checkpoints (with --resume)")
-        t.add_argument("--resume", action="store_true", help="continue from --checkpoint; finished ones are kept")
+        t.add_argument("--checkpoint", metavar="DIR", default=None, help="the same as --checkpoint-dir")
+    add_checkpoint_flags(t)  # per-model checkpoints and a time budget (train.loop)
 
 
 def _prepare_outputs(args) -> None:
@@ -281,6 +282,8 @@ def _run_recall(args, schedules) -> int:
                                "batch": "batch", "lr": "lr", "init": "init"})
     _check_recall(args, schedules, {**_defaults(recall.passkey_experiment if args.task == "passkey"
                                                 else recall.mqar_experiment), **common})
+    common.update(checkpoint=args.checkpoint_dir, resume=args.resume,
+                  **checkpoint_options(args.parser, args, args.checkpoint_dir))
     if args.task == "passkey":
         extra = _overrides(args, {"train_length": "train_length", "test_lengths": "test_lengths"})
         result = recall.passkey_experiment(schedules, **common, **extra, seed=args.seed, device=args.device,
@@ -291,6 +294,10 @@ def _run_recall(args, schedules) -> int:
         result = recall.mqar_experiment(schedules, **common, **extra, seed=args.seed, device=args.device,
                                         progress=not args.no_progress)
         plot = recall.plot_mqar
+    if result.unfinished:
+        print(f"stopped early (--max-minutes {args.max_minutes}): not trained to the end: "
+              f"{', '.join(f'{n} ({s} steps)' for n, s in result.unfinished.items())}; checkpointed in "
+              f"{args.checkpoint_dir}, run again with --resume to go on")
     print(result.summary())
     if args.json:
         _write_json(args.json, result.to_dict())
@@ -351,8 +358,15 @@ def _run_listops(args, schedules) -> int:
     mechanisms = schedules or listops_mechanisms(**mechanism_args, seed=args.seed)
     _check_model(args.parser, args, mechanisms, vocab_size=len(LISTOPS_VOCAB), dim=settings["dim"],
                  layers=settings["layers"], heads=settings["heads"], length=settings["max_length"], encoder=True)
-    result = train_listops(mechanisms, **settings, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,
-                           progress=not args.no_progress)
+    if args.checkpoint and args.checkpoint_dir and args.checkpoint != args.checkpoint_dir:
+        args.parser.error("give --checkpoint DIR or --checkpoint-dir DIR, not both")
+    directory = args.checkpoint_dir or args.checkpoint
+    result = train_listops(mechanisms, **settings, seed=args.seed, checkpoint=directory, resume=args.resume,
+                           progress=not args.no_progress, **checkpoint_options(args.parser, args, directory))
+    unfinished = [name for name, run in result.runs.items() if run.steps_done < settings["steps"]]
+    if unfinished or len(result.runs) < len(mechanisms):
+        print(f"stopped early (--max-minutes {args.max_minutes}): {', '.join(unfinished)} checkpointed in "
+              f"{directory}; run again with --resume to go on")
     print(result.summary())
     if args.json:
         _write_json(args.json, result.to_dict())

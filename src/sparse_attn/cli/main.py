@@ -26,6 +26,7 @@ from .. import __version__
 from .._extras import MissingExtra
 from ..backends import BackendError
 from . import specs
+from .checkpointing import add_checkpoint_flags
 
 PROG = "sparse-attn"
 
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from --checkpoint up to --steps, with the model flags it was trained with: "
                         "with the same flags the result equals an uninterrupted run; a larger --steps extends "
                         "it (the learning-rate schedule is then stretched to the new length)")
+    add_checkpoint_flags(g, resume=False)  # --checkpoint-dir DIR: the checkpoint is DIR/train.pt
     g.add_argument("--json", metavar="FILE",
                    help="write history, final val loss, configs and environment as JSON")
     g.add_argument("--plot", metavar="FILE", help="write the loss curves (needs matplotlib)")

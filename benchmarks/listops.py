@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ from sparse_attn.eval.listops_train import (
     train_listops,
 )
 
+STARTED = time.monotonic()  # --max-minutes counts from here
 # Per-step history points kept in the JSON (evaluation steps are always kept).
 HISTORY_POINTS = 500
 
@@ -95,6 +97,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on CPU: a shared machine)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="directory for per-mechanism checkpoints")
     ap.add_argument("--resume", action="store_true", help="continue from --checkpoint (finished ones are kept)")
+    ap.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
+    ap.add_argument("--checkpoint-minutes", type=float, default=None, help="also checkpoint every M minutes")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="time budget of this process (from its start): training checkpoints and stops before it "
+                         "runs out; run again with --resume to go on. Unfinished runs stay out of the JSON")
     ap.add_argument("--data-cache", type=Path, default=Path(tempfile.gettempdir()) / "sparse_attn_listops_data",
                     help="where the generated splits are kept between runs")
     ap.add_argument("--data-only", action="store_true",
@@ -129,11 +136,24 @@ def main(argv=None) -> int:
     plot = args.plot or out.with_suffix(".png")
     device = torch.device(p["device"])
 
+    if (args.max_minutes or args.checkpoint_every or args.checkpoint_minutes) and args.checkpoint is None:
+        ap.error("--max-minutes, --checkpoint-every and --checkpoint-minutes need --checkpoint DIR")
     merged: ListOpsResult | None = None
     for name, spec in table.items():
+        budget = None if args.max_minutes is None else args.max_minutes - (time.monotonic() - STARTED) / 60
+        if budget is not None and budget <= 0:
+            print(f"{name}: not started, --max-minutes {args.max_minutes} spent", file=sys.stderr)
+            break
         result = train_listops({name: spec}, **p, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,
-                               data_cache=args.data_cache, progress=not args.no_progress)
+                               checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
+                               max_minutes=budget, data_cache=args.data_cache, progress=not args.no_progress)
         run = result.runs[name]
+        if not run.finished:  # the budget ran out: the checkpoint has it, the JSON keeps finished runs only
+            last = run.evals()[-1] if run.evals() else (0, float("nan"))
+            print(f"{name}: stopped at step {run.steps_done}/{p['steps']} (checkpointed in {args.checkpoint}; "
+                  f"{run.train_seconds:.0f} s training so far, {run.steps_per_s:.2f} steps/s; val "
+                  f"{100 * last[1]:.2f}% at step {last[0]}); run again with --resume", file=sys.stderr)
+            break
         run.history = thin(run.history, p["steps"])
         maj = result.majority_accuracy
         print(f"{name}: val {100 * run.val_accuracy:.2f}%, test {100 * run.test_accuracy:.2f}% (majority "
@@ -145,7 +165,8 @@ def main(argv=None) -> int:
         plot_listops(merged, plot, title=f"ListOps ({args.preset} preset): {merged.settings['min_length']} < length < "
                                          f"{merged.settings['max_length']}, {p['train_examples']} train trees, dim "
                                          f"{p['dim']} x {p['layers']} layers, {p['steps']} steps, batch {p['batch']}")
-    print(merged.summary())
+    if merged is not None:
+        print(merged.summary())
     return 0
 
 

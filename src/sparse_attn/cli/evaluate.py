@@ -363,7 +363,7 @@ def _run_listops(args, schedules) -> int:
     directory = args.checkpoint_dir or args.checkpoint
     result = train_listops(mechanisms, **settings, seed=args.seed, checkpoint=directory, resume=args.resume,
                            progress=not args.no_progress, **checkpoint_options(args.parser, args, directory))
-    unfinished = [name for name, run in result.runs.items() if run.steps_done < settings["steps"]]
+    unfinished = [name for name, run in result.runs.items() if not run.finished]
     if unfinished or len(result.runs) < len(mechanisms):
         print(f"stopped early (--max-minutes {args.max_minutes}): {', '.join(unfinished)} checkpointed in "
               f"{directory}; run again with --resume to go on")

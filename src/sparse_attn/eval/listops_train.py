@@ -228,6 +228,12 @@ class ListOpsRun:
         return [(h["step"], h["val_accuracy"]) for h in self.history if "val_accuracy" in h]
 
     @property
+    def finished(self) -> bool:
+        """Trained to the end and tested (False when max_minutes stopped it first): only then is
+        there a test accuracy."""
+        return not math.isnan(self.test_accuracy)
+
+    @property
     def lra_name(self) -> str | None:
         return LRA_LISTOPS_NAMES.get(self.name)
 
@@ -472,7 +478,7 @@ def train_listops(mechanisms, *, train_examples: int, val_examples: int, test_ex
         result.runs[name] = _train_one(name, spec, splits, settings, cfg, pooling, sort_chunk, path, resume, progress,
                                        checkpoint_every, checkpoint_minutes,
                                        None if max_minutes is None else max_minutes - (time.monotonic() - began) / 60)
-        if result.runs[name].steps_done < steps:  # the time budget ran out: the others wait for the next call
+        if not result.runs[name].finished:  # the time budget ran out: the others wait for the next call
             break
     return result
 
@@ -541,6 +547,8 @@ def _train_one(name, spec, splits, settings, cfg: TrainConfig, pooling, sort_chu
         run.calls_per_step = state["calls"] / done.step if done.step else math.nan
         if not done.finished:  # stopped by max_minutes: the checkpoint holds the rest
             return run
+        if max_minutes is not None and done.session_seconds + done.last_eval_seconds > 60 * max_minutes:
+            return run  # trained, but testing (as long as a validation pass) would overrun: on resume
         evals = run.evals()
         run.val_accuracy = evals[-1][1] if evals else math.nan
         now = time.perf_counter()

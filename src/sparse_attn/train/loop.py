@@ -147,6 +147,7 @@ class LoopResult:
     train_seconds: float = 0.0  # optimizer steps, summed over sessions
     eval_seconds: float = 0.0  # evaluations, summed over sessions
     session_seconds: float = 0.0  # this session's wall time in run()
+    last_eval_seconds: float = 0.0  # the last evaluation's duration in this session (0: none ran)
     checkpoints_written: int = 0  # in this session
 
     @property
@@ -305,7 +306,7 @@ class TrainLoop:
                 r.history.append(entry)
                 self._sync()
                 began = _now()
-                eval_cost = began - now
+                eval_cost = r.last_eval_seconds = began - now
                 r.eval_seconds += eval_cost
                 if self.on_eval is not None:
                     self.on_eval(entry)

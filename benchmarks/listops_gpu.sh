@@ -72,7 +72,7 @@ steps=()
 [ -n "${STEPS:-}" ] && steps=(--steps "$STEPS")
 timeout $((${left_s%.*} + 60)) python3 benchmarks/listops.py --preset $PRESET --only $NAMES "${steps[@]}" \
     --checkpoint "$WORK/checkpoints" --resume --checkpoint-minutes 2 --max-minutes "$minutes" \
-    --data-cache "$WORK/data" --out "$results" --no-progress 2>&1 | tr '\r' '\n' | tee -a "$log"
+    --data-cache "$WORK/data" --out "$results" 2>&1 | tr '\r' '\n' | tee -a "$log"
 say "training stopped"
 # 5. what the next machine needs, under $OUT
 [ -f "$results" ] && cp "$results" "$OUT/gpu_state/listops_gpu.json"

@@ -10,10 +10,12 @@ With the library's default of 32 layouts kept per pattern, almost every step met
 layout had been dropped. `train_listops` now keeps one per length for the run.
 
 Each mechanism is trained twice from the same initial weights, with the default cache
-("default_cache") and with one layout per length ("per_length_cache"), in three stretches: `--steps`
-steps from the start (cold: lengths seen for the first time), one evaluation pass over the
-validation split (as `train_listops` makes every `eval_every` steps: it meets every length), and
-`--steps` more (warm: what most of an LRA run looks like after its first evaluation).
+("default_cache") and with one layout per length ("per_length_cache"), side by side (one step of
+each in turn, so that the load of a shared machine falls on both alike), in three stretches:
+`--steps` steps from the start (cold: lengths seen for the first time), one evaluation pass over
+the validation split (as `train_listops` makes every `eval_every` steps: it meets every length),
+and `--steps` more (warm: what most of an LRA run looks like after its first evaluation).
+steps/s counts the steps' own time (synchronised), not the other variant's.
 
 Phases of a step (synchronised on CUDA between phases, which costs a little):
   batch       indices of the step, tokens cut to the longest row, moved to the device
@@ -118,39 +120,52 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def profile_steps(model, optimizer, batches, train, first_step, steps, device, dtype, timer) -> dict:
-    totals = defaultdict(float)
-    calls = 0
-    timer.seconds = 0.0
-    built_before = (timer.layouts_built, timer.plans_built)
-    sync(device)
-    began = time.perf_counter()
-    for step in range(first_step, first_step + steps):
-        t0 = time.perf_counter()
-        idx = batches(step)
-        lengths = train.lengths[idx]
-        x = train.tokens[idx, : int(lengths.max())].to(device, torch.long)
-        y = train.labels[idx].to(device)
-        calls += len(torch.unique(lengths))
-        sync(device)
-        t1 = time.perf_counter()
-        layout_before = timer.seconds
-        with autocast(device, dtype):
-            logits = listops_logits(model, x, lengths).float()
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        t_host = time.perf_counter()
-        sync(device)
-        t2 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sync(device)
-        t3 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        model.advance()
-        sync(device)
-        t4 = time.perf_counter()
+class Run:
+    """One variant's model, optimizer and phase totals."""
+
+    def __init__(self, spec, p, splits, args, cache_size):
+        self.device, self.dtype, self.cache_size = torch.device(p["device"]), p["dtype"], cache_size
+        cfg = ModelConfig(vocab_size=len(LISTOPS_VOCAB), dim=p["dim"], num_layers=p["layers"], num_heads=p["heads"],
+                          mlp_ratio=p["mlp_ratio"], mechanisms=spec)
+        torch.manual_seed(args.seed)
+        self.model = SparseTransformer(cfg, num_classes=NUM_CLASSES, pooling="mean").to(self.device)
+        self.optimizer = adamw(self.model, lr=p["lr"], weight_decay=p["weight_decay"])
+        self.train, self.val, self.eval_batch = splits["train"], splits["val"], 2 * p["batch"]
+        self.batches = SortedBatches(self.train.lengths, p["batch"], len(self.train.lengths), args.seed)
+        self.stretches: dict = {}
+
+    def cache(self):
+        return layout_cache(self.cache_size) if self.cache_size else contextlib.nullcontext()
+
+    def step(self, step: int, timer: PhaseTimer, totals: dict) -> None:
+        device, model = self.device, self.model
+        with self.cache():
+            t0 = time.perf_counter()
+            idx = self.batches(step)
+            lengths = self.train.lengths[idx]
+            x = self.train.tokens[idx, : int(lengths.max())].to(device, torch.long)
+            y = self.train.labels[idx].to(device)
+            totals["calls"] += len(torch.unique(lengths))
+            sync(device)
+            t1 = time.perf_counter()
+            layout_before, built_before = timer.seconds, timer.layouts_built
+            with autocast(device, self.dtype):
+                logits = listops_logits(model, x, lengths).float()
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            t_host = time.perf_counter()
+            sync(device)
+            t2 = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sync(device)
+            t3 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            self.optimizer.step()
+            model.advance()
+            sync(device)
+            t4 = time.perf_counter()
         layout = timer.seconds - layout_before
+        totals["layouts_built"] += timer.layouts_built - built_before
         totals["batch"] += t1 - t0
         totals["layout"] += layout
         totals["forward"] += t2 - t1 - layout
@@ -158,38 +173,42 @@ def profile_steps(model, optimizer, batches, train, first_step, steps, device, d
         totals["backward"] += t3 - t2
         totals["optimizer"] += t4 - t3
         totals["step"] += t4 - t0
-    wall = time.perf_counter() - began
-    per_step = {k: v / steps for k, v in totals.items()}
-    per_step["other"] = (wall - totals["step"]) / steps + per_step["step"] - sum(
-        per_step[k] for k in ("batch", "layout", "forward", "backward", "optimizer"))
-    return {"steps": steps, "steps_per_s": steps / wall, "seconds_per_step": per_step,
-            "forward_calls_per_step": calls / steps, "layouts_built": timer.layouts_built - built_before[0],
-            "plans_built": timer.plans_built - built_before[1]}
+
+    def evaluate(self, timer: PhaseTimer) -> dict:
+        with self.cache():
+            sync(self.device)
+            began, built = time.perf_counter(), timer.layouts_built
+            evaluate_listops_model(self.model, self.val, batch=self.eval_batch, device=self.device, dtype=self.dtype)
+            sync(self.device)
+            self.model.train()
+        return {"seconds": time.perf_counter() - began, "examples": len(self.val.labels),
+                "layouts_built": timer.layouts_built - built}
 
 
-def run_one(name, spec, p, splits, args, cache_size, timer) -> dict:
-    device = torch.device(p["device"])
-    cfg = ModelConfig(vocab_size=len(LISTOPS_VOCAB), dim=p["dim"], num_layers=p["layers"], num_heads=p["heads"],
-                      mlp_ratio=p["mlp_ratio"], mechanisms=spec)
-    torch.manual_seed(args.seed)
-    model = SparseTransformer(cfg, num_classes=NUM_CLASSES, pooling="mean").to(device)
-    optimizer = adamw(model, lr=p["lr"], weight_decay=p["weight_decay"])
-    train = splits["train"]
-    batches = SortedBatches(train.lengths, p["batch"], len(train.lengths), args.seed)
-    out = {"layout_cache_size": cache_size or "library default (32)"}
-    with layout_cache(cache_size) if cache_size else contextlib.nullcontext():
-        model.train()
-        out["cold"] = profile_steps(model, optimizer, batches, train, 0, args.steps, device, p["dtype"], timer)
-        sync(device)
-        began = time.perf_counter()
-        built = timer.layouts_built
-        evaluate_listops_model(model, splits["val"], batch=2 * p["batch"], device=device, dtype=p["dtype"])
-        sync(device)
-        out["evaluation"] = {"seconds": time.perf_counter() - began, "examples": len(splits["val"].labels),
-                             "layouts_built": timer.layouts_built - built}
-        model.train()
-        out["warm"] = profile_steps(model, optimizer, batches, train, args.steps, args.steps, device, p["dtype"],
-                                    timer)
+def summarise(totals: dict, steps: int) -> dict:
+    per_step = {k: totals[k] / steps for k in ("batch", "layout", "forward", "forward_host", "backward",
+                                                "optimizer", "step")}
+    per_step["other"] = max(0.0, per_step["step"] - sum(per_step[k] for k in ("batch", "layout", "forward",
+                                                                              "backward", "optimizer")))
+    return {"steps": steps, "steps_per_s": steps / totals["step"], "seconds_per_step": per_step,
+            "forward_calls_per_step": totals["calls"] / steps, "layouts_built": totals["layouts_built"]}
+
+
+def profile_mechanism(spec, p, splits, args, variants: dict, timer) -> dict:
+    """The variants {label: cache size or None} trained side by side, one step of each in turn,
+    so that a shared machine's load falls on both alike."""
+    runs = {label: Run(spec, p, splits, args, size) for label, size in variants.items()}
+    out = {label: {"layout_cache_size": size or "library default (32)"} for label, size in variants.items()}
+    for stretch, first in (("cold", 0), ("warm", args.steps)):
+        totals = {label: defaultdict(float) for label in runs}
+        for step in range(first, first + args.steps):
+            for label, run in runs.items():
+                run.step(step, timer, totals[label])
+        for label in runs:
+            out[label][stretch] = summarise(totals[label], args.steps)
+        if stretch == "cold":
+            for label, run in runs.items():
+                out[label]["evaluation"] = run.evaluate(timer)
     return out
 
 
@@ -225,15 +244,14 @@ def main(argv=None) -> int:
     results = {}
     try:
         for name in args.mechanisms:
-            results[name] = {}
-            for label, size in (("default_cache", None), ("per_length_cache", per_length)):
-                results[name][label] = run_one(name, table[name], p, splits, args, size, timer)
-                r = results[name][label]
+            results[name] = profile_mechanism(table[name], p, splits, args,
+                                              {"default_cache": None, "per_length_cache": per_length}, timer)
+            for label, r in results[name].items():
                 print(f"{name:15s} {label:17s} cold {r['cold']['steps_per_s']:6.2f} steps/s "
-                      f"({r['cold']['layouts_built']} layouts built), eval {r['evaluation']['seconds']:.1f} s, "
-                      f"warm {r['warm']['steps_per_s']:6.2f} steps/s ({r['warm']['layouts_built']} built); per warm "
-                      f"step ms: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in
-                                                r['warm']['seconds_per_step'].items()), flush=True)
+                      f"({r['cold']['layouts_built']:.0f} layouts built), eval {r['evaluation']['seconds']:.1f} s, "
+                      f"warm {r['warm']['steps_per_s']:6.2f} steps/s ({r['warm']['layouts_built']:.0f} built); per "
+                      f"warm step ms: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in
+                                                    r['warm']['seconds_per_step'].items()), flush=True)
     finally:
         timer.uninstall()
     payload = {"env": environment(torch.device(p["device"]).type), "preset": args.preset,

@@ -13,9 +13,10 @@
 # Each command writes the updated ones under $OUT/gpu_state/ (and $OUT/listops_gpu.png, a log):
 # copy them into gpu_state/ for the next command, and listops_gpu.json / .png into
 # benchmarks/results/ once every encoder is there. A run that finished is in the JSON and is
-# not trained again. A checkpoint is ~38 MB for these 3.2M-parameter encoders: carry one
-# encoder's parts per command (the working tree that travels is limited to 64 MiB, $OUT to 8
-# files).
+# not trained again. A checkpoint is ~38 MB for these 3.2M-parameter encoders (weights and
+# AdamW's two moments in float32): keep only the parts of the encoder being trained in gpu_state/
+# (the working tree that travels is limited to 64 MiB, and what comes back from $OUT to 8 files
+# of 16 MiB: one encoder per command).
 #
 # The data are generated, not downloaded (eval/tasks/listops.py: LRA's generator, seeded): the
 # 96K training trees take ~2-3 minutes of one CPU core, once per machine (kept in $WORK/data;

@@ -298,11 +298,14 @@ def _split_stats(data: ListOpsData) -> dict:
 
 
 def load_listops_splits(splits: dict[str, int], seed: int, min_length: int, max_length: int,
-                        cache: str | os.PathLike | None) -> dict[str, ListOpsData]:
+                        cache: str | os.PathLike | None, *, marks: Mapping[str, Mapping] | None = None,
+                        workers: int = 1) -> dict[str, ListOpsData]:
     """The splits {name: examples} of `listops_dataset` (with `<cls>` prepended) that
     `train_listops` trains and tests on, read from the directory `cache` when it holds them and
     written there when not (None: generated every time). Tokens are kept as uint8 (17 ids) on
-    the CPU; batches are widened and moved when used."""
+    the CPU; batches are widened and moved when used. `marks` {split: `listops_stream_marks`
+    of that split} lets `workers` processes generate a split at once (the same examples,
+    checked by digest)."""
     out = {}
     for split, n in splits.items():
         path = None
@@ -312,7 +315,8 @@ def load_listops_splits(splits: dict[str, int], seed: int, min_length: int, max_
                 saved = torch.load(path, weights_only=True)
                 out[split] = ListOpsData(saved["tokens"], saved["lengths"], saved["labels"])
                 continue
-        data = listops_dataset(split, n, seed=seed, min_length=min_length, max_length=max_length, prepend_cls=True)
+        data = listops_dataset(split, n, seed=seed, min_length=min_length, max_length=max_length, prepend_cls=True,
+                               marks=(marks or {}).get(split), workers=workers)
         data = ListOpsData(data.tokens.to(torch.uint8), data.lengths, data.labels)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

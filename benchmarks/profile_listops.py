@@ -4,6 +4,9 @@
     python benchmarks/profile_listops.py --preset cpu-small                 # this CPU, ~3 min
     python benchmarks/profile_listops.py --preset gpu --device cuda --data-cache DIR  # LRA size (H200)
 
+(--data-cache: where benchmarks/listops.py / listops_gpu.sh keep the generated splits; without
+it the LRA training split is generated first, in parallel from the marks in benchmarks/data/.)
+
 ListOps batches have varying lengths (LRA: ~1,500 distinct lengths from 500 to 2000; a batch sorted
 by length spans ~1.5 of them), and a pattern's layout and the backend's plan are built per length.
 With the library's default of 32 layouts kept per pattern, almost every step met a length whose
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from collections import defaultdict
@@ -42,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, write_json
+from listops import stream_marks
 
 from sparse_attn.eval.listops_train import (
     LAYOUT_CACHE_SPARE,
@@ -236,8 +241,10 @@ def main(argv=None) -> int:
     unknown = set(args.mechanisms) - set(table)
     if unknown:
         ap.error(f"--mechanisms: unknown {sorted(unknown)}; choose from {sorted(table)}")
-    splits = load_listops_splits({"train": p["train_examples"], "val": p["val_examples"]}, args.seed,
-                                 p["min_length"], p["max_length"], args.data_cache)
+    wanted = {"train": p["train_examples"], "val": p["val_examples"]}
+    splits = load_listops_splits(wanted, args.seed, p["min_length"], p["max_length"], args.data_cache,
+                                 marks=stream_marks(wanted, args.seed, p["min_length"], p["max_length"]),
+                                 workers=os.cpu_count() or 1)
     per_length = p["max_length"] - p["min_length"] + LAYOUT_CACHE_SPARE
     timer = PhaseTimer()
     timer.install()

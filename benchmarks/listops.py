@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="default: the preset's (cpu / cuda)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the preset's")
     ap.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    ap.add_argument("--lr", type=float, default=None, help="override the preset's peak learning rate")
+    ap.add_argument("--warmup", type=int, default=None, help="override the preset's warm-up steps")
     ap.add_argument("--only", nargs="+", default=None, help="run only these mechanisms")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on CPU: a shared machine)")
@@ -141,6 +143,10 @@ def main(argv=None) -> int:
     mechanism_args = p.pop("mechanisms")
     if args.steps:
         p["steps"] = args.steps
+    if args.lr:
+        p["lr"] = args.lr
+    if args.warmup is not None:
+        p["warmup"] = args.warmup
     p["device"] = args.device or p["device"]
     p["dtype"] = args.dtype or p["dtype"]
     if p["device"] == "cpu" or args.threads:

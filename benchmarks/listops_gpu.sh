@@ -26,7 +26,7 @@
 #
 # Environment: NAMES (encoders of listops_mechanisms: dense sliding_window longformer bigbird
 # linear performer lsh), MINUTES (the command's budget), STATE (gpu_state), WORK, OUT, STEPS
-# (override the preset's 5000, for a short trial), PRESET (gpu; cpu for a dry run of this script
+# (override the preset's 5000, for a short trial), EXTRA (more flags for listops.py), PRESET (gpu; cpu for a dry run of this script
 # on a CPU, with STATE and WORK elsewhere) and RESULTS (the results file to start from when
 # $STATE has none: benchmarks/results/listops_$PRESET.json).
 set -uo pipefail
@@ -73,7 +73,10 @@ minutes=$(python3 -c "print(round($left_s / 60, 3))")
 say "training $NAMES for at most $minutes min"
 steps=()
 [ -n "${STEPS:-}" ] && steps=(--steps "$STEPS")
-timeout $((${left_s%.*} + 60)) python3 benchmarks/listops.py --preset $PRESET --only $NAMES "${steps[@]}" \
+# EXTRA: more flags for benchmarks/listops.py (e.g. "--lr 5e-4 --warmup 500" to tune on a short
+# run; runs made with other settings replace the JSON's runs instead of joining them)
+read -r -a extra <<<"${EXTRA:-}"
+timeout $((${left_s%.*} + 60)) python3 benchmarks/listops.py --preset $PRESET --only $NAMES ${steps[@]+"${steps[@]}"} ${extra[@]+"${extra[@]}"} \
     --checkpoint "$WORK/checkpoints" --resume --checkpoint-minutes 2 --max-minutes "$minutes" \
     --data-cache "$WORK/data" --out "$results" 2>&1 | tr '\r' '\n' | tee -a "$log"
 say "training stopped"

@@ -318,6 +318,8 @@ def listops_dataset(
     draws of this stream, recorded once) lets `workers` processes draw the stretches between
     marks at once; their trees are then filtered and de-duplicated in stream order as above, and
     the result is checked against the digest the marks carry (ValueError if it differs).
+    With workers > 1 the processes are spawned: a script calling this at top level needs the
+    usual `if __name__ == "__main__":` guard.
     """
     if not isinstance(split, str) or split not in LISTOPS_SPLIT_SIZES:
         raise ValueError(f"split must be one of {list(LISTOPS_SPLIT_SIZES)}, got {split!r}")

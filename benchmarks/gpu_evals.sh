@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# (For LRA ListOps, benchmarks/listops_gpu.sh supersedes this script: one encoder at a time, resuming
+# from checkpoints carried between machines in gpu_state/.)
 # The evaluations' GPU presets on one GPU machine, as parallel processes sharing the GPU (none
 # of these small models fills an H100 alone): LRA ListOps, one process per encoder, and the
 # passkey and MQAR models (benchmarks/recall.py), one process per task.

@@ -20,6 +20,7 @@ from sparse_attn.eval.listops_train import (
 )
 from sparse_attn.eval.tasks import LISTOPS_VOCAB, listops_dataset
 from sparse_attn.nn import ModelConfig, SparseTransformer
+from sparse_attn.train import loop as loop_module
 
 TINY_MECHANISMS = listops_mechanisms(window=8, block=4, num_features=16, bucket_size=8, n_hashes=2)
 
@@ -132,15 +133,15 @@ def test_logits_are_differentiable_and_evaluation_counts(cache):
 
 def test_batches_cover_each_epoch_sorted_within_chunks():
     lengths = torch.randint(5, 40, (100,))
-    batches = lt._Batches(lengths, batch=8, sort_chunk=50, seed=3)
+    batches = lt.SortedBatches(lengths, batch=8, sort_chunk=50, seed=3)
     assert batches.per_epoch == 2 * (50 // 8)
     epoch = [batches(s) for s in range(batches.per_epoch)]
     seen = torch.cat(epoch)
     assert len(seen.unique()) == len(seen) == 96
-    again = lt._Batches(lengths, batch=8, sort_chunk=50, seed=3)
+    again = lt.SortedBatches(lengths, batch=8, sort_chunk=50, seed=3)
     assert all(torch.equal(again(s), b) for s, b in enumerate(epoch))
     assert not torch.equal(batches(batches.per_epoch), epoch[0])  # the next epoch is a new order
-    whole = lt._Batches(lengths, batch=8, sort_chunk=100, seed=3)
+    whole = lt.SortedBatches(lengths, batch=8, sort_chunk=100, seed=3)
     spans = [int(lengths[whole(s)].max() - lengths[whole(s)].min()) for s in range(whole.per_epoch)]
     assert sum(spans) <= 35  # sorted whole: batches are contiguous runs of lengths
 
@@ -153,14 +154,14 @@ def test_resume_equals_an_uninterrupted_run(cache, tmp_path, monkeypatch):
     class Crash(Exception):
         pass
 
-    save = lt._save_checkpoint
+    save = loop_module.write_checkpoint
 
     def save_then_crash(path, payload):
         save(path, payload)
         if payload["step"] == 3:
             raise Crash  # the process dies right after the step-3 checkpoint
 
-    monkeypatch.setattr(lt, "_save_checkpoint", save_then_crash)
+    monkeypatch.setattr(loop_module, "write_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         train_listops(mechanisms, checkpoint=tmp_path / "b", **args)
     monkeypatch.undo()
@@ -175,7 +176,7 @@ def test_resume_equals_an_uninterrupted_run(cache, tmp_path, monkeypatch):
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
     # a finished run is read back, not rerun
-    monkeypatch.setattr(lt, "_save_checkpoint", lambda *a: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(loop_module, "write_checkpoint", lambda *a: pytest.fail("a finished run was trained again"))
     again = train_listops(mechanisms, checkpoint=tmp_path / "b", resume=True, **args)
     assert again.runs["performer"].test_accuracy == b.test_accuracy
     monkeypatch.undo()

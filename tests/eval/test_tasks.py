@@ -384,3 +384,32 @@ def test_passkey_argument_errors_and_bytes():
     assert encode_bytes("A\n").tolist() == [65, 10]
     with pytest.raises(TypeError, match="tokens must be a torch.Tensor"):
         decode_bytes([65])
+
+
+def test_listops_from_stream_marks_equals_the_sequential_stream():
+    from sparse_attn.eval.tasks import listops_stream_marks
+
+    settings = {"seed": 3, "min_length": 20, "max_length": 60}
+    # test: the stream's first split; val: after test's 2,000 trees (offset); the stretches drawn in
+    # this process (the test below draws them in two processes)
+    for split, n, workers in (("test", 150, 1), ("val", 10, 1)):
+        sequential = listops_dataset(split, n, **settings, prepend_cls=True)
+        marks = listops_stream_marks(split, n, **settings, every=97 if split == "test" else 4000)
+        assert len(marks["states"]) == -(-marks["draws"] // marks["every"]) >= 2
+        fast = listops_dataset(split, n, **settings, prepend_cls=True, marks=marks, workers=workers)
+        assert all(torch.equal(a, b) for a, b in zip(fast, sequential))
+    with pytest.raises(ValueError, match="marks were made for"):
+        listops_dataset("val", 10, seed=4, min_length=20, max_length=60, marks=marks)
+    broken = {**marks, "states": marks["states"][1:] + marks["states"][:1]}
+    with pytest.raises(ValueError, match="digest"):
+        listops_dataset("val", 10, **settings, marks=broken)
+
+
+@pytest.mark.slow
+def test_listops_from_stream_marks_in_processes():
+    from sparse_attn.eval.tasks import listops_stream_marks
+
+    settings = {"seed": 3, "min_length": 20, "max_length": 60}
+    marks = listops_stream_marks("test", 150, **settings, every=97)
+    fast = listops_dataset("test", 150, **settings, marks=marks, workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(fast, listops_dataset("test", 150, **settings)))

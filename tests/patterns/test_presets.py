@@ -484,3 +484,21 @@ def test_is_causal():
     assert P.block_sparse(cells, 8).is_causal()
     cells[0, 2, 2] = True  # a diagonal cell lets its first query see later keys
     assert not P.block_sparse(cells, 8).is_causal()
+
+
+def test_layout_cache_keeps_every_length_inside_and_shrinks_back_outside():
+    from sparse_attn.patterns import layout_cache
+
+    pattern = P.sliding_window(8, causal=False)
+    lengths = range(20, 120)  # 100 lengths: more than the default 32 kept
+    with layout_cache(len(lengths)):
+        first = {n: pattern.layout(n, block_q=16) for n in lengths}
+        assert all(pattern.layout(n, block_q=16) is first[n] for n in lengths)  # no rebuild: the same objects
+    assert all(pattern.layout(n, block_q=16) is first[n] for n in lengths[-5:])  # still there until a new one
+    pattern.layout(500, block_q=16)
+    assert len(pattern._layouts) == 32  # the default again, least recently used dropped
+    again = pattern.layout(20, block_q=16)
+    assert again is not first[20] and torch.equal(again.to_dense(), first[20].to_dense())
+    with pytest.raises(ValueError, match="size"):
+        with layout_cache(0):
+            pass

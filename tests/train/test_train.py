@@ -22,6 +22,7 @@ from sparse_attn.train import (
     train_lm,
 )
 from sparse_attn.train import lm as lm_module
+from sparse_attn.train import loop as loop_module
 
 CORPUS_BYTES = 50_000
 
@@ -134,15 +135,15 @@ def test_resume_equals_an_uninterrupted_run(data, tmp_path, monkeypatch):
     class Crash(Exception):
         pass
 
-    save = lm_module.save_checkpoint
+    save = loop_module.write_checkpoint
 
-    def save_then_crash(path, model, optimizer, step, *args):
-        save(path, model, optimizer, step, *args)
-        if step == 6:
+    def save_then_crash(path, payload):
+        save(path, payload)
+        if payload["step"] == 6:
             raise Crash  # the process dies right after the step-6 checkpoint
 
     ckpt = tmp_path / "b.pt"
-    monkeypatch.setattr(lm_module, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(loop_module, "write_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         train_lm(model_cfg, cfg, data, checkpoint=str(ckpt), show_progress=False)
     monkeypatch.undo()
@@ -182,9 +183,9 @@ def test_checkpoint_is_atomic_and_loads_back(data, tmp_path, monkeypatch):
             out.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(lm_module.torch, "save", dies_mid_write)
+    monkeypatch.setattr(loop_module.torch, "save", dies_mid_write)
     with pytest.raises(OSError, match="disk full"):
-        lm_module.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), 99, tiny_train(), [])
+        loop_module.write_checkpoint(path, {"step": 99})
     monkeypatch.undo()
     assert load_checkpoint(path)[1]["step"] == 6  # the previous checkpoint is intact
 

@@ -24,12 +24,14 @@ from .._extras import write
 from ..nn import ModelConfig, SparseCausalLM
 from ..ops.mechanisms import Mechanism, as_mechanism
 from ..train import TokenData, TrainConfig, load_corpus, plot_loss_curves, train_lm
+from ..eval.arguments import add_checkpoint_flags, checkpoint_options
 from ..train.corpus import describe
 from .args import (PROG, Formatter, check_device, check_output, non_negative_int, positive_int, require_matplotlib,
                    try_mechanism)
 
 SAMPLE_TEMPERATURE = 0.8
 MAX_PROMPT = 128  # bytes of validation text the sample continues
+CHECKPOINT_NAME = "train.pt"  # the checkpoint's file in --checkpoint-dir
 
 
 TRAIN_DESCRIPTION = """\
@@ -108,6 +110,7 @@ def add_train_parser(subparsers, formatter=Formatter) -> argparse.ArgumentParser
                    help="continue from --checkpoint up to --steps, with the model flags it was trained with: "
                         "with the same flags the result equals an uninterrupted run; a larger --steps extends "
                         "it (the learning-rate schedule is then stretched to the new length)")
+    add_checkpoint_flags(g, resume=False)  # --checkpoint-dir DIR: the checkpoint is DIR/train.pt
     g.add_argument("--json", metavar="FILE",
                    help="write history, final val loss, configs and environment as JSON")
     g.add_argument("--plot", metavar="FILE", help="write the loss curves (needs matplotlib)")
@@ -162,7 +165,7 @@ def _model_config(parser, args) -> ModelConfig:
 def _check_resume(parser, args, model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
     """The checkpoint's step; refuses a checkpoint of another model before any training."""
     if not args.checkpoint:
-        parser.error("--resume needs --checkpoint FILE (the checkpoint to continue from)")
+        parser.error("--resume needs --checkpoint FILE or --checkpoint-dir DIR (the checkpoint to continue from)")
     if not os.path.isfile(args.checkpoint):
         parser.error(f"--resume: checkpoint {args.checkpoint} does not exist")
     try:
@@ -210,6 +213,12 @@ def cmd_train(args) -> int:
                                 eval_batches=args.eval_batches, seed=args.seed, device=args.device, dtype=args.dtype)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
+    if args.checkpoint_dir:
+        if args.checkpoint:
+            parser.error("give --checkpoint FILE or --checkpoint-dir DIR, not both")
+        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        args.checkpoint = os.path.join(args.checkpoint_dir, CHECKPOINT_NAME)
+    loop_options = checkpoint_options(parser, args, args.checkpoint, "--checkpoint FILE or --checkpoint-dir DIR")
     for flag, path in (("--checkpoint", args.checkpoint), ("--json", args.json), ("--plot", args.plot)):
         check_output(parser, flag, path)
     if args.corpus not in ("synthetic", "stdlib") and not os.path.isfile(args.corpus):
@@ -240,7 +249,11 @@ def cmd_train(args) -> int:
               f"train loss {entry['train_loss']:.4f}, {entry['elapsed_s']:.1f} s")
 
     model, result = train_lm(model_cfg, train_cfg, data, checkpoint=args.checkpoint, resume=args.resume,
-                             show_progress=not args.no_progress, label=f"train {label}", on_eval=report)
+                             show_progress=not args.no_progress, label=f"train {label}", on_eval=report,
+                             **loop_options)
+    if result.stopped_early:
+        print(f"stopped at step {result.history[-1]['step'] if result.history else start} of {args.steps}: "
+              f"--max-minutes {args.max_minutes} ran out; checkpointed in {args.checkpoint}, go on with --resume")
     done = result.history[-1]["step"] if result.history else 0
     sample = None
     if args.sample:
@@ -259,7 +272,7 @@ def cmd_train(args) -> int:
                   "corpus": {"source": args.corpus, "description": describe(args.corpus), "bytes": args.corpus_bytes,
                              "train_bytes": len(data.train), "val_bytes": len(data.val)},
                   "environment": environment(args.device), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "sample": sample, "history": result.history}
+                  "sample": sample, "stopped_early": result.stopped_early, "history": result.history}
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
             f.write("\n")

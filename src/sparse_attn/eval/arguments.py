@@ -16,8 +16,9 @@ import torch
 
 from ..backends import BackendError
 
-__all__ = ["check_device", "check_output", "fraction", "int_at_least", "non_negative_int", "one_line",
-           "parse_schedules", "positive_float", "positive_int", "probability", "require_matplotlib", "try_mechanism"]
+__all__ = ["add_checkpoint_flags", "check_device", "check_output", "checkpoint_options", "fraction", "int_at_least",
+           "non_negative_int", "one_line", "parse_schedules", "positive_float", "positive_int", "probability",
+           "require_matplotlib", "try_mechanism"]
 
 
 def int_at_least(minimum: int):
@@ -129,3 +130,36 @@ def parse_schedules(parser: argparse.ArgumentParser, texts: list[str] | None,
         parts = [s for s in specs.split(";") if s]
         out[name] = parts[0] if len(parts) == 1 else parts
     return out
+
+
+# ------------------------------------------------------------- checkpoints and time budget
+# The flags of the commands that train (`train`, `eval passkey|mqar|listops`), passed through
+# to `sparse_attn.train.loop.TrainLoop`.
+def add_checkpoint_flags(p, *, resume: bool = True) -> None:
+    """--checkpoint-dir, --resume, --checkpoint-every, --checkpoint-minutes, --max-minutes on
+    parser (or group) `p`; resume=False when `p` already has --resume."""
+    p.add_argument("--checkpoint-dir", metavar="DIR", default=None,
+                   help="write checkpoints (model, optimizer, random states, history) into DIR, atomically, at "
+                        "every evaluation, at the end and when --max-minutes stops the run")
+    if resume:
+        p.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoints in --checkpoint-dir (finished models are kept)")
+    p.add_argument("--checkpoint-every", type=positive_int, metavar="N", default=None,
+                   help="also checkpoint every N steps")
+    p.add_argument("--checkpoint-minutes", type=positive_float, metavar="M", default=None,
+                   help="also checkpoint every M minutes")
+    p.add_argument("--max-minutes", type=positive_float, metavar="M", default=None,
+                   help="stop training cleanly (checkpointed) before M minutes; go on later with --resume")
+
+
+def checkpoint_options(parser: argparse.ArgumentParser, args, where: str | None,
+                       needs: str = "--checkpoint-dir DIR") -> dict:
+    """The loop's keyword arguments from the flags; `where` is where checkpoints go (None: none).
+    Exit 2 when a flag needs checkpoints that were not asked for (`needs`: the flag that asks)."""
+    if where is None:
+        for flag, value in (("--resume", args.resume), ("--checkpoint-every", args.checkpoint_every),
+                            ("--checkpoint-minutes", args.checkpoint_minutes)):
+            if value:
+                parser.error(f"{flag} needs {needs} (where the checkpoints are)")
+    return {"checkpoint_every": args.checkpoint_every, "checkpoint_minutes": args.checkpoint_minutes,
+            "max_minutes": args.max_minutes}

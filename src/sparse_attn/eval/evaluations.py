@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from .arguments import non_negative_int, parse_schedules, positive_float, positive_int, probability, try_mechanism
+from .arguments import (add_checkpoint_flags, checkpoint_options, non_negative_int, parse_schedules, positive_float,
+                        positive_int, probability, try_mechanism)
 from .registry import Evaluation, register_evaluation
 
 
@@ -221,8 +222,8 @@ def trained_task_arguments(t, task: str) -> None:
         t.add_argument("--train-examples", type=positive_int, default=None)
         t.add_argument("--min-length", type=non_negative_int, default=None)
         t.add_argument("--max-length", type=positive_int, default=None)
-        t.add_argument("--checkpoint", metavar="DIR", default=None, help="per-mechanism checkpoints (with --resume)")
-        t.add_argument("--resume", action="store_true", help="continue from --checkpoint; finished ones are kept")
+        t.add_argument("--checkpoint", metavar="DIR", default=None, help="the same as --checkpoint-dir")
+    add_checkpoint_flags(t)  # per-model checkpoints and a time budget (train.loop)
 
 
 def _overrides(args, names: dict[str, str]) -> dict:
@@ -291,8 +292,15 @@ class _Recall(Evaluation):
             extra = _overrides(args, {"train_length": "train_length", "test_lengths": "test_lengths"})
         else:
             extra = _overrides(args, {"seq_len": "seq_len", "pairs": "num_kv_pairs_list", "vocab_size": "vocab_size"})
-        return self._experiment()(schedules, **common, **extra, seed=args.seed, device=args.device,
-                                  progress=not args.no_progress)
+        common.update(checkpoint=args.checkpoint_dir, resume=args.resume,
+                      **checkpoint_options(parser, args, args.checkpoint_dir))
+        result = self._experiment()(schedules, **common, **extra, seed=args.seed, device=args.device,
+                                    progress=not args.no_progress)
+        if result.unfinished:
+            print(f"stopped early (--max-minutes {args.max_minutes}): not trained to the end: "
+                  f"{', '.join(f'{n} ({s} steps)' for n, s in result.unfinished.items())}; checkpointed in "
+                  f"{args.checkpoint_dir}, run again with --resume to go on")
+        return result
 
     def _check(self, args, parser, schedules, settings: dict) -> None:
         from . import recall
@@ -365,8 +373,16 @@ class ListOps(Evaluation):
         mechanisms = schedules or listops_mechanisms(**mechanism_args, seed=args.seed)
         check_model(parser, args, mechanisms, vocab_size=len(LISTOPS_VOCAB), dim=settings["dim"],
                     layers=settings["layers"], heads=settings["heads"], length=settings["max_length"], encoder=True)
-        return train_listops(mechanisms, **settings, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,
-                             progress=not args.no_progress)
+        if args.checkpoint and args.checkpoint_dir and args.checkpoint != args.checkpoint_dir:
+            parser.error("give --checkpoint DIR or --checkpoint-dir DIR, not both")
+        directory = args.checkpoint_dir or args.checkpoint
+        result = train_listops(mechanisms, **settings, seed=args.seed, checkpoint=directory, resume=args.resume,
+                               progress=not args.no_progress, **checkpoint_options(parser, args, directory))
+        unfinished = [name for name, run in result.runs.items() if not run.finished]
+        if unfinished or len(result.runs) < len(mechanisms):
+            print(f"stopped early (--max-minutes {args.max_minutes}): {', '.join(unfinished)} checkpointed in "
+                  f"{directory}; run again with --resume to go on")
+        return result
 
     def from_dict(self, data):
         from .listops_train import ListOpsResult

@@ -47,7 +47,9 @@ import torch
 from .._extras import figure, progress
 from ..nn import ModelConfig, SparseTransformer
 from .._checks import check_bool, check_int
-from ..train.lm import TrainConfig, _autocast, _optimizer, lr_at, optimizer_step
+from ..patterns import layout_cache
+from ..train.lm import TrainConfig, lr_at
+from ..train.loop import TrainLoop, adamw, autocast, read_checkpoint
 from .tasks.listops import (
     LISTOPS_SPLIT_SIZES,
     LISTOPS_VOCAB,
@@ -69,6 +71,7 @@ __all__ = [
 ]
 
 NUM_CLASSES = 10
+LAYOUT_CACHE_SPARE = 32  # layouts kept per pattern beyond one per ListOps length (others' lengths)
 
 # LRA's ListOps test accuracy (%), Tay et al. 2021 ("Long Range Arena", ICLR 2021), Table 1.
 # Their setting: 96K training trees of 500 < length < 2000, a 6-layer, 512-wide encoder with 8
@@ -183,25 +186,19 @@ def evaluate_listops_model(model: SparseTransformer, data: ListOpsData, *, batch
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    cfg = _dtype_config(device, dtype)
     order = torch.argsort(data.lengths, stable=True)
     correct, loss = 0, 0.0
     for idx in order.split(batch):
         lengths = data.lengths[idx]
         x = data.tokens[idx, : int(lengths.max())].to(device, torch.long)
         y = data.labels[idx].to(device)
-        with _autocast(cfg):
+        with autocast(device, dtype):
             logits = listops_logits(model, x, lengths).float()
         correct += int((logits.argmax(-1) == y).sum())
         loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
     model.train(was_training)
     n = len(data.labels)
     return correct / n, loss / n
-
-
-def _dtype_config(device: torch.device, dtype: str) -> TrainConfig:
-    # _autocast reads device and dtype only
-    return TrainConfig(device=str(device), dtype=dtype)
 
 
 # ---- results ------------------------------------------------------------------------------
@@ -224,10 +221,17 @@ class ListOpsRun:
     steps_per_s: float = 0.0
     tokens_per_s: float = 0.0  # real (unpadded) training tokens per training second
     calls_per_step: float = 0.0  # mean forward calls per step (distinct lengths per batch)
+    steps_done: int = 0  # optimizer steps trained; below the settings' steps when max_minutes stopped the run
     history: list[dict] = field(default_factory=list)
 
     def evals(self) -> list[tuple[int, float]]:
         return [(h["step"], h["val_accuracy"]) for h in self.history if "val_accuracy" in h]
+
+    @property
+    def finished(self) -> bool:
+        """Trained to the end and tested (False when max_minutes stopped it first): only then is
+        there a test accuracy."""
+        return not math.isnan(self.test_accuracy)
 
     @property
     def lra_name(self) -> str | None:
@@ -294,11 +298,14 @@ def _split_stats(data: ListOpsData) -> dict:
 
 
 def load_listops_splits(splits: dict[str, int], seed: int, min_length: int, max_length: int,
-                        cache: str | os.PathLike | None) -> dict[str, ListOpsData]:
+                        cache: str | os.PathLike | None, *, marks: Mapping[str, Mapping] | None = None,
+                        workers: int = 1) -> dict[str, ListOpsData]:
     """The splits {name: examples} of `listops_dataset` (with `<cls>` prepended) that
     `train_listops` trains and tests on, read from the directory `cache` when it holds them and
     written there when not (None: generated every time). Tokens are kept as uint8 (17 ids) on
-    the CPU; batches are widened and moved when used."""
+    the CPU; batches are widened and moved when used. `marks` {split: `listops_stream_marks`
+    of that split} lets `workers` processes generate a split at once (the same examples,
+    checked by digest)."""
     out = {}
     for split, n in splits.items():
         path = None
@@ -308,7 +315,8 @@ def load_listops_splits(splits: dict[str, int], seed: int, min_length: int, max_
                 saved = torch.load(path, weights_only=True)
                 out[split] = ListOpsData(saved["tokens"], saved["lengths"], saved["labels"])
                 continue
-        data = listops_dataset(split, n, seed=seed, min_length=min_length, max_length=max_length, prepend_cls=True)
+        data = listops_dataset(split, n, seed=seed, min_length=min_length, max_length=max_length, prepend_cls=True,
+                               marks=(marks or {}).get(split), workers=workers)
         data = ListOpsData(data.tokens.to(torch.uint8), data.lengths, data.labels)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +327,7 @@ def load_listops_splits(splits: dict[str, int], seed: int, min_length: int, max_
     return out
 
 
-class _Batches:
+class SortedBatches:
     """Batch indices of step s: epoch e = s // per_epoch is a permutation drawn from (seed, e),
     stably sorted by length within chunks of `sort_chunk` examples, cut into full batches (the
     remainder of each chunk is left out of that epoch), the batches then shuffled."""
@@ -346,13 +354,6 @@ class _Batches:
             order = torch.randperm(len(batches), generator=gen)
             self._epoch, self._plan = epoch, [batches[i] for i in order]
         return self._plan[step % self.per_epoch]
-
-
-def _save_checkpoint(path: Path, payload: dict) -> None:
-    """Written to a temporary file and renamed: a crash mid-write keeps the previous one."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def _checkpoint_path(directory: str | os.PathLike, name: str) -> Path:
@@ -390,7 +391,9 @@ def train_listops(mechanisms, *, train_examples: int, val_examples: int, test_ex
                   lr: float, warmup: int, weight_decay: float, eval_every: int, seed: int, device="cpu",
                   dtype: str = "float32", pooling: str = "mean", sort_chunk: int | None = None,
                   checkpoint: str | os.PathLike | None = None, resume: bool = False,
-                  data_cache: str | os.PathLike | None = None, progress: bool = True) -> ListOpsResult:
+                  checkpoint_every: int | None = None, checkpoint_minutes: float | None = None,
+                  max_minutes: float | None = None, data_cache: str | os.PathLike | None = None,
+                  progress: bool = True) -> ListOpsResult:
     """Train one ListOps encoder per mechanism on the same data, and evaluate each.
 
     Args:
@@ -421,6 +424,7 @@ def train_listops(mechanisms, *, train_examples: int, val_examples: int, test_ex
     Returns a `ListOpsResult`: per mechanism, final and best validation accuracy, final test
     accuracy, history, timing and parameter count; the settings; the majority baseline.
     """
+    began = time.monotonic()
     table = _mechanism_table(mechanisms)
     for name, value in (("train_examples", train_examples), ("val_examples", val_examples),
                         ("test_examples", test_examples), ("dim", dim), ("layers", layers), ("heads", heads),
@@ -475,105 +479,87 @@ def train_listops(mechanisms, *, train_examples: int, val_examples: int, test_ex
         Path(checkpoint).mkdir(parents=True, exist_ok=True)
     for name, spec in table.items():
         path = None if checkpoint is None else _checkpoint_path(checkpoint, name)
-        result.runs[name] = _train_one(name, spec, splits, settings, cfg, pooling, sort_chunk, path, resume, progress)
+        result.runs[name] = _train_one(name, spec, splits, settings, cfg, pooling, sort_chunk, path, resume, progress,
+                                       checkpoint_every, checkpoint_minutes,
+                                       None if max_minutes is None else max_minutes - (time.monotonic() - began) / 60)
+        if not result.runs[name].finished:  # the time budget ran out: the others wait for the next call
+            break
     return result
 
 
-def _train_one(name, spec, splits, settings, cfg: TrainConfig, pooling, sort_chunk, path, resume, show) -> ListOpsRun:
+def _train_one(name, spec, splits, settings, cfg: TrainConfig, pooling, sort_chunk, path, resume, show,
+               checkpoint_every, checkpoint_minutes, max_minutes) -> ListOpsRun:
     device = torch.device(cfg.device)
     model_cfg = ModelConfig(vocab_size=len(LISTOPS_VOCAB), dim=settings["dim"], num_layers=settings["layers"],
                             num_heads=settings["heads"], mlp_ratio=settings["mlp_ratio"], mechanisms=spec)
     run_settings = {k: v for k, v in settings.items() if k != "mechanisms"}
     torch.manual_seed(cfg.seed)
     model = SparseTransformer(model_cfg, num_classes=NUM_CLASSES, pooling=pooling).to(device)
-    optimizer = _optimizer(model, cfg)
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = ListOpsRun(name=name, mechanism=spec, parameters=sum(p.numel() for p in model.parameters()))
-    start, calls, tokens = 0, 0, 0
-    if resume and path is not None and path.is_file():
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        if ckpt["model_config"] != model_cfg.to_dict() or ckpt["settings"] != run_settings:
-            raise ValueError(f"checkpoint {path} was made with other settings: {ckpt['settings']}, "
-                             f"model {ckpt['model_config']}")
-        if ckpt.get("run") is not None:  # finished
+    resume = resume and path is not None and path.is_file()
+    if resume:
+        ckpt = read_checkpoint(path)
+        if ckpt.get("model_config") != model_cfg.to_dict() or ckpt.get("settings") != run_settings:
+            raise ValueError(f"checkpoint {path} was made with other settings: {ckpt.get('settings')}, "
+                             f"model {ckpt.get('model_config')}")
+        if ckpt.get("run") is not None:  # finished and tested
             return ListOpsRun(**ckpt["run"])
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, calls, tokens = ckpt["step"], ckpt["calls"], ckpt["tokens"]
-        run.history, run.train_seconds, run.eval_seconds = ckpt["history"], ckpt["train_seconds"], ckpt["eval_seconds"]
-        run.best_val_accuracy, run.best_val_step = ckpt["best_val_accuracy"], ckpt["best_val_step"]
 
     train = splits["train"]
-    batches = _Batches(train.lengths, cfg.batch_size, sort_chunk, cfg.seed)
+    batches = SortedBatches(train.lengths, cfg.batch_size, sort_chunk, cfg.seed)
     eval_batch = 2 * cfg.batch_size
+    # counters kept in the checkpoint; the best validation accuracy starts as NaN (none yet)
+    state = {"calls": 0, "tokens": 0, "best_val_accuracy": math.nan, "best_val_step": 0}
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def save(step, finished=None):
-        if path is None:
-            return
-        _save_checkpoint(path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "model_config": model_cfg.to_dict(), "settings": run_settings, "history": run.history,
-            "train_seconds": run.train_seconds, "eval_seconds": run.eval_seconds, "calls": calls, "tokens": tokens,
-            "best_val_accuracy": run.best_val_accuracy, "best_val_step": run.best_val_step,
-            "run": None if finished is None else asdict(finished)})
-
-    model.train()
-    bar = progress(range(start, cfg.steps), enabled=show, desc=name, unit="step", initial=start, total=cfg.steps,
-                   mininterval=1.0)
-    sync()
-    began = time.perf_counter()
-    for step in bar:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def batch(step):
         idx = batches(step)
         lengths = train.lengths[idx]
-        x = train.tokens[idx, : int(lengths.max())].to(device, torch.long)
-        y = train.labels[idx].to(device)
-        calls += len(torch.unique(lengths))
-        tokens += int(lengths.sum())
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout and random draws: the same after a resume
-        with _autocast(cfg):
-            logits = listops_logits(model, x, lengths).float()
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        optimizer_step(model, optimizer, loss, cfg.grad_clip)
-        entry = {"step": step + 1, "train_loss": float(loss.detach()),
-                 "train_accuracy": float((logits.detach().argmax(-1) == y).double().mean()), "lr": lr}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            sync()
-            now = time.perf_counter()
-            run.train_seconds += now - began
-            acc, val_loss = evaluate_listops_model(model, splits["val"], batch=eval_batch, device=device,
-                                                   dtype=cfg.dtype)
-            entry.update(val_accuracy=acc, val_loss=val_loss, elapsed_s=run.train_seconds)
-            if not acc <= run.best_val_accuracy:  # also replaces the initial NaN
-                run.best_val_accuracy, run.best_val_step = acc, step + 1
-            run.history.append(entry)
-            sync()
-            began = time.perf_counter()
-            run.eval_seconds += began - now
-            save(step + 1)
-        else:
-            run.history.append(entry)
-        if hasattr(bar, "set_postfix"):
-            last = next((h["val_accuracy"] for h in reversed(run.history) if "val_accuracy" in h), math.nan)
-            bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val_acc=f"{last:.3f}", refresh=False)
-    if hasattr(bar, "close"):
-        bar.close()
+        state["calls"] += len(torch.unique(lengths))
+        state["tokens"] += int(lengths.sum())
+        return (train.tokens[idx, : int(lengths.max())].to(device, torch.long), lengths,
+                train.labels[idx].to(device))
 
-    now = time.perf_counter()
-    evals = run.evals()
-    run.val_accuracy = evals[-1][1] if evals else math.nan
-    run.test_accuracy, _ = evaluate_listops_model(model, splits["test"], batch=eval_batch, device=device,
-                                                  dtype=cfg.dtype)
+    def loss(model, batch):
+        x, lengths, y = batch
+        logits = listops_logits(model, x, lengths).float()
+        accuracy = float((logits.detach().argmax(-1) == y).double().mean())
+        return torch.nn.functional.cross_entropy(logits, y), {"train_accuracy": accuracy}
+
+    def evaluate(model, step):
+        acc, val_loss = evaluate_listops_model(model, splits["val"], batch=eval_batch, device=device, dtype=cfg.dtype)
+        if not acc <= state["best_val_accuracy"]:  # also replaces the initial NaN
+            state["best_val_accuracy"], state["best_val_step"] = acc, step
+        return {"val_accuracy": acc, "val_loss": val_loss}
+
+    loop = TrainLoop(model, optimizer, steps=cfg.steps, batches=batch, loss=loss, lr=lambda step: lr_at(step, cfg),
+                     evaluate=evaluate, eval_every=cfg.eval_every, grad_clip=cfg.grad_clip, device=device,
+                     dtype=cfg.dtype, step_seed=lambda step: cfg.seed * 1_000_003 + step, state=state,
+                     meta={"model_config": model_cfg.to_dict(), "settings": run_settings}, checkpoint=path,
+                     resume=resume, checkpoint_every=checkpoint_every if path else None,
+                     checkpoint_minutes=checkpoint_minutes if path else None, max_minutes=max_minutes,
+                     progress=show, label=name)
+    # every sequence length of the data (fewer than max_length - min_length) keeps its layouts and
+    # their kernel plans for the whole run, instead of rebuilding them at almost every step
+    with layout_cache(settings["max_length"] - settings["min_length"] + LAYOUT_CACHE_SPARE):
+        done = loop.run()
+        run.history, run.steps_done = done.history, done.step
+        run.train_seconds, run.eval_seconds = done.train_seconds, done.eval_seconds
+        run.best_val_accuracy, run.best_val_step = state["best_val_accuracy"], state["best_val_step"]
+        run.steps_per_s = done.step / run.train_seconds if run.train_seconds > 0 else math.nan
+        run.tokens_per_s = state["tokens"] / run.train_seconds if run.train_seconds > 0 else math.nan
+        run.calls_per_step = state["calls"] / done.step if done.step else math.nan
+        if not done.finished:  # stopped by max_minutes: the checkpoint holds the rest
+            return run
+        if max_minutes is not None and done.session_seconds + done.last_eval_seconds > 60 * max_minutes:
+            return run  # trained, but testing (as long as a validation pass) would overrun: on resume
+        evals = run.evals()
+        run.val_accuracy = evals[-1][1] if evals else math.nan
+        now = time.perf_counter()
+        run.test_accuracy, _ = evaluate_listops_model(model, splits["test"], batch=eval_batch, device=device,
+                                                      dtype=cfg.dtype)
     run.eval_seconds += time.perf_counter() - now
-    run.steps_per_s = cfg.steps / run.train_seconds if run.train_seconds > 0 else math.nan
-    run.tokens_per_s = tokens / run.train_seconds if run.train_seconds > 0 else math.nan
-    run.calls_per_step = calls / cfg.steps
-    save(cfg.steps, finished=run)
+    loop.save(run=asdict(run))
     return run
 
 

@@ -57,8 +57,8 @@ its reach as the context grows, and linear attention loses accuracy as the pairs
 state (a `head_dim x head_dim` matrix per head). Here, unlike in the passkey task, attention
 sinks do hold something: the first `sinks` tokens are the first key-value pairs.
 
-Training reuses `train.lm`'s AdamW groups (`_optimizer`), warm-up + cosine learning rate
-(`lr_at`) and bf16 autocast (`_autocast`); the batch of step s is drawn from a seed made of
+Training runs on `train.loop.TrainLoop` (AdamW without decay on norms, warm-up + cosine
+learning rate, bf16 autocast, checkpoints that resume bit for bit, a time budget); the batch of step s is drawn from a seed made of
 (seed, s), test sets from seeds no training batch uses. Models are re-initialised for their
 width (`scaled_init_`: Linear N(0, 1/fan_in), tied embedding N(0, 1/dim)) unless
 `init="model"`: with the models' GPT-2 init (N(0, 0.02)) width-64 models sat on a plateau for
@@ -69,9 +69,12 @@ learnt in 300 to 600).
 from __future__ import annotations
 
 import numbers
+import os
+import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,10 +85,11 @@ from .._extras import progress as _progress
 from ..nn import ModelConfig, SparseCausalLM
 from ..ops.mechanisms import PATTERN, Mechanism
 from ..patterns import Pattern
-from ..train.lm import TrainConfig, _autocast, _optimizer, lr_at, optimizer_step
+from ..train.lm import TrainConfig, lr_at
+from ..train.loop import TrainLoop, adamw, autocast
 from .reach import receptive_field
 from .tasks import MQAR_IGNORE_INDEX, mqar_dataset, passkey_batch, passkey_min_length
-from .._checks import check_fraction, check_int
+from .._checks import check_bool, check_fraction, check_int
 
 __all__ = [
     "MQAR_FIRST_LAYER",
@@ -254,9 +258,10 @@ def _set_backend(model: SparseCausalLM, backend: str) -> None:
 
 
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, batch_fn, loss_fn, *, label: str, show: bool, init: str,
-           backend: str):
-    """Train a fresh SparseCausalLM: batch_fn(step) -> batch (tensors on the device),
-    loss_fn(model, batch) -> scalar loss. Returns (model, training record)."""
+           backend: str, run: _Checkpoints):
+    """Train a fresh SparseCausalLM on `train.loop.TrainLoop`: batch_fn(step) -> batch (tensors
+    on the device), loss_fn(model, batch) -> scalar loss. Returns (model, training record, loop
+    result); the loop may stop early (run.max_minutes), checkpointed in run.directory."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = SparseCausalLM(model_cfg)
@@ -264,36 +269,68 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, batch_fn, loss_fn, *, label
         scaled_init_(model, embedding="fan_in" if init == "fan_in" else "unit")
     _set_backend(model, backend)
     model = model.to(device)
-    optimizer = _optimizer(model, cfg)
-    model.train()
-    every = max(1, cfg.steps // 50)
-    curve, losses = [], []
-    began = time.perf_counter()
-    bar = _progress(range(cfg.steps), enabled=show, desc=label, unit="step", mininterval=1.0)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        batch = batch_fn(step)
-        with _autocast(cfg):
-            loss = loss_fn(model, batch)
-        optimizer_step(model, optimizer, loss, cfg.grad_clip)
-        value = float(loss.detach())
-        losses.append(value)
-        if (step + 1) % every == 0 or step + 1 == cfg.steps:
-            curve.append([step + 1, sum(losses[-every:]) / len(losses[-every:])])
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    path = run.path(label)
+    settings = {"model_config": model_cfg.to_dict(), "train_config": asdict(cfg), "init": init, "backend": backend}
+
+    def check_resume(ckpt):
+        saved = {k: ckpt.get(k) for k in settings}
+        if saved != settings:
+            raise ValueError(f"checkpoint {path} was made with other settings: {saved}")
+
+    resume = run.resume and path is not None and path.is_file()
+    loop = TrainLoop(model, optimizer, steps=cfg.steps, batches=batch_fn, loss=loss_fn,
+                     lr=lambda step: lr_at(step, cfg), grad_clip=cfg.grad_clip, device=device, dtype=cfg.dtype,
+                     meta=settings, check_resume=check_resume, checkpoint=path, resume=resume,
+                     checkpoint_every=run.every if path is not None else None,
+                     checkpoint_minutes=run.minutes if path is not None else None,
+                     max_minutes=run.minutes_left(), progress=show, label=label)
+    result = loop.run()
     model.eval()
+    losses = [h["train_loss"] for h in result.history]
+    every = max(1, cfg.steps // 50)
+    curve = [[i + 1, sum(losses[max(0, i + 1 - every): i + 1]) / len(losses[max(0, i + 1 - every): i + 1])]
+             for i in range(len(losses)) if (i + 1) % every == 0 or i + 1 == cfg.steps]
     tail = losses[-max(1, cfg.steps // 10):]
-    return model, {"seconds": time.perf_counter() - began, "parameters": sum(p.numel() for p in model.parameters()),
-                   "final_loss": sum(tail) / len(tail), "loss_curve": curve}
+    return model, {"seconds": result.train_seconds, "parameters": sum(p.numel() for p in model.parameters()),
+                   "final_loss": sum(tail) / len(tail), "loss_curve": curve}, result
+
+
+@dataclass
+class _Checkpoints:
+    """Where and how often the experiments checkpoint each schedule's training, and the time
+    budget of the whole experiment (see `passkey_experiment`)."""
+
+    directory: str | os.PathLike | None = None
+    resume: bool = False
+    every: int | None = None
+    minutes: float | None = None
+    max_minutes: float | None = None
+    began: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self):
+        check_bool("resume", self.resume)
+        if self.directory is None and (self.resume or self.every is not None or self.minutes is not None):
+            raise ValueError("resume, checkpoint_every and checkpoint_minutes need checkpoint= (a directory)")
+        if self.directory is not None:
+            Path(self.directory).mkdir(parents=True, exist_ok=True)
+
+    def path(self, label: str) -> Path | None:
+        if self.directory is None:
+            return None
+        return Path(self.directory) / (re.sub(r"[^A-Za-z0-9_.-]+", "_", label) + ".pt")
+
+    def minutes_left(self) -> float | None:
+        if self.max_minutes is None:
+            return None
+        return max(1e-9, self.max_minutes - (time.monotonic() - self.began) / 60)
 
 
 def _logits(model, tokens: torch.Tensor, chunk: int, cfg: TrainConfig) -> torch.Tensor:
     outs = []
     with torch.no_grad():
         for part in tokens.split(chunk):
-            with _autocast(cfg):
+            with autocast(cfg.device, cfg.dtype):
                 outs.append(model(part.to(cfg.device)).float().cpu())
     return torch.cat(outs)
 
@@ -388,18 +425,20 @@ class PasskeyResult:
     reach: dict[str, list[dict]] = field(default_factory=dict)  # per length: span, farthest_back, key_reachable
     training: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
+    unfinished: dict[str, int] = field(default_factory=dict)  # schedule -> steps done, when max_minutes stopped it
 
     def to_dict(self) -> dict:
         return {"task": "passkey", "settings": self.settings, "schedules": self.schedules, "lengths": self.lengths,
                 "depths": self.depths, "accuracy": self.accuracy, "digit_accuracy": self.digit_accuracy,
                 "depth_accuracy": self.depth_accuracy, "reach": self.reach, "training": self.training,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "unfinished": self.unfinished}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> PasskeyResult:
         """The result back from `to_dict()` (e.g. read from JSON, to plot it again)."""
         return cls(**{k: data[k] for k in ("settings", "schedules", "lengths", "depths", "accuracy", "digit_accuracy",
-                                           "depth_accuracy", "reach", "training", "seconds")})
+                                           "depth_accuracy", "reach", "training", "seconds")},
+                   unfinished=dict(data.get("unfinished", {})))
 
     def summary(self) -> str:
         s = self.settings
@@ -466,7 +505,10 @@ def passkey_experiment(schedules: Mapping[str, Any] | None = None, train_length:
                        lm_weight: float = 0.0, window: int = 32,
                        depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), test_examples: int = 32,
                        weight_decay: float = 0.0, seed: int = 0, device: str = "cpu", dtype: str = "float32",
-                       init: str = "fan_in", backend: str = "auto", progress: bool = True) -> PasskeyResult:
+                       init: str = "fan_in", backend: str = "auto", progress: bool = True,
+                       checkpoint: str | os.PathLike | None = None, resume: bool = False,
+                       checkpoint_every: int | None = None, checkpoint_minutes: float | None = None,
+                       max_minutes: float | None = None) -> PasskeyResult:
     """Train one byte-level `SparseCausalLM` per schedule on passkey retrieval at
     `train_length`, then test at each of `test_lengths` (see the module docstring).
 
@@ -487,6 +529,13 @@ def passkey_experiment(schedules: Mapping[str, Any] | None = None, train_length:
     backend: block backend of the pattern layers ("auto"; "reference" is faster on CPU for
         sequences of a few hundred tokens or less, same results).
     progress: tqdm bars when installed.
+    checkpoint: a directory; each schedule's training is checkpointed there (`<task>_<name>.pt`)
+        at the end and every `checkpoint_every` steps / `checkpoint_minutes` minutes. With
+        resume=True a schedule whose file exists continues from it (a finished one is not
+        trained again; its test is rerun, deterministic).
+    max_minutes: a time budget for the whole experiment: training stops cleanly (checkpointed)
+        before it runs out; schedules not finished are listed in `result.unfinished` (name ->
+        steps done) and left out of the tables, for a later call with resume=True.
     """
     dim, layers, heads, batch, steps, lr, weight_decay = _check_common(dim, layers, heads, batch, steps, lr,
                                                                        weight_decay, device, dtype)
@@ -511,6 +560,7 @@ def passkey_experiment(schedules: Mapping[str, Any] | None = None, train_length:
         schedules = default_schedules(layers, window)
     configs = _model_configs(schedules, 256, dim, layers, heads)
     cfg = _train_config(train_length, batch, steps, lr, weight_decay, seed, device, dtype)
+    run = _Checkpoints(checkpoint, resume, checkpoint_every, checkpoint_minutes, max_minutes)
 
     began = time.perf_counter()
     tests = {n: [passkey_batch(test_examples, n, depth=d, digits=digits, seed=_seed(seed, 2, n, i))
@@ -533,8 +583,11 @@ def passkey_experiment(schedules: Mapping[str, Any] | None = None, train_length:
         return passkey_loss(model(tokens[:, :-1]), tokens, answer_start, lm_weight=lm_weight)
 
     for name, model_cfg in configs.items():
-        model, record = _train(model_cfg, cfg, batch_fn, loss_fn, label=f"passkey {name}", show=progress,
-                               init=init, backend=backend)
+        model, record, loop = _train(model_cfg, cfg, batch_fn, loss_fn, label=f"passkey {name}", show=progress,
+                                     init=init, backend=backend, run=run)
+        if not loop.finished:  # the time budget ran out: checkpointed, the rest waits for a resume
+            result.unfinished = {n: 0 for n in configs if n not in result.training} | {name: loop.step}
+            break
         result.training[name] = record
         acc, dig, per_depth, reach = [], [], [], []
         for n in lengths:
@@ -567,17 +620,18 @@ class MQARResult:
     reach: dict[str, list[float]] = field(default_factory=dict)  # fraction of queries whose value is reachable
     training: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
+    unfinished: dict[str, int] = field(default_factory=dict)  # schedule -> steps done, when max_minutes stopped it
 
     def to_dict(self) -> dict:
         return {"task": "mqar", "settings": self.settings, "schedules": self.schedules,
                 "num_kv_pairs": self.num_kv_pairs, "accuracy": self.accuracy, "reach": self.reach,
-                "training": self.training, "seconds": self.seconds}
+                "training": self.training, "seconds": self.seconds, "unfinished": self.unfinished}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> MQARResult:
         """The result back from `to_dict()` (e.g. read from JSON, to plot it again)."""
         return cls(**{k: data[k] for k in ("settings", "schedules", "num_kv_pairs", "accuracy", "reach", "training",
-                                           "seconds")})
+                                           "seconds")}, unfinished=dict(data.get("unfinished", {})))
 
     def summary(self) -> str:
         s = self.settings
@@ -611,7 +665,9 @@ def mqar_experiment(schedules: Mapping[str, Any] | None = None, num_kv_pairs_lis
                     heads: int = 4, batch: int = 48, lr: float = 3e-3, window: int = 8, power_a: float = 0.01,
                     test_examples: int = 256, weight_decay: float = 0.0, seed: int = 0, device: str = "cpu",
                     dtype: str = "float32", init: str = "fan_in", backend: str = "auto",
-                    progress: bool = True) -> MQARResult:
+                    progress: bool = True, checkpoint: str | os.PathLike | None = None, resume: bool = False,
+                    checkpoint_every: int | None = None, checkpoint_minutes: float | None = None,
+                    max_minutes: float | None = None) -> MQARResult:
     """Train one `SparseCausalLM` per schedule on MQAR with the pair counts of
     `num_kv_pairs_list` mixed in every batch, then report accuracy per pair count (see the
     module docstring).
@@ -622,7 +678,8 @@ def mqar_experiment(schedules: Mapping[str, Any] | None = None, num_kv_pairs_lis
         too with 3+ layers).
     seq_len, vocab_size, power_a: as `mqar_dataset` (every pair count must fit:
         4 * pairs <= seq_len, pairs < vocab_size // 2).
-    steps, batch, lr, weight_decay, init, backend, dtype, progress: as `passkey_experiment`.
+    steps, batch, lr, weight_decay, init, backend, dtype, progress, checkpoint, resume,
+    checkpoint_every, checkpoint_minutes, max_minutes: as `passkey_experiment`.
     """
     dim, layers, heads, batch, steps, lr, weight_decay = _check_common(dim, layers, heads, batch, steps, lr,
                                                                        weight_decay, device, dtype)
@@ -647,6 +704,7 @@ def mqar_experiment(schedules: Mapping[str, Any] | None = None, num_kv_pairs_lis
         schedules = default_schedules(layers, window, first=MQAR_FIRST_LAYER)
     configs = _model_configs(schedules, vocab_size, dim, layers, heads)
     cfg = _train_config(seq_len, batch, steps, lr, weight_decay, seed, device, dtype)
+    run = _Checkpoints(checkpoint, resume, checkpoint_every, checkpoint_minutes, max_minutes)
     rows_per = [batch // len(pair_counts) + (i < batch % len(pair_counts)) for i in range(len(pair_counts))]
 
     began = time.perf_counter()
@@ -672,8 +730,11 @@ def mqar_experiment(schedules: Mapping[str, Any] | None = None, num_kv_pairs_lis
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=MQAR_IGNORE_INDEX)
 
     for name, model_cfg in configs.items():
-        model, record = _train(model_cfg, cfg, batch_fn, loss_fn, label=f"mqar {name}", show=progress,
-                               init=init, backend=backend)
+        model, record, loop = _train(model_cfg, cfg, batch_fn, loss_fn, label=f"mqar {name}", show=progress,
+                                     init=init, backend=backend, run=run)
+        if not loop.finished:  # the time budget ran out: checkpointed, the rest waits for a resume
+            result.unfinished = {n: 0 for n in configs if n not in result.training} | {name: loop.step}
+            break
         result.training[name] = record
         acc, reach = [], []
         for p in pair_counts:

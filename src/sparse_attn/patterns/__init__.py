@@ -8,7 +8,7 @@
 No q/k/v tensors here: patterns only say which (query, key) pairs may interact.
 """
 
-from .base import DisjointUnion, Intersection, Pattern, PerHead, Union
+from .base import DisjointUnion, Intersection, Pattern, PerHead, Union, layout_cache
 from .grid import BlockGrid
 from .layout import BlockLayout
 from .presets import (
@@ -30,6 +30,7 @@ from .presets import (
 from .primitives import Band, BlockCells, Columns, IndexSet, Predicate, Rows, Segments
 
 __all__ = [
+    "layout_cache",
     "Pattern", "BlockLayout", "BlockGrid", "Union", "DisjointUnion", "Intersection", "PerHead",
     "full", "causal", "sliding_window", "dilated", "strided", "fixed", "longformer", "bigbird", "BigBird",
     "block_sparse", "streaming", "document", "per_head", "predicate",

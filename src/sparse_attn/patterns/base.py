@@ -13,6 +13,7 @@ Patterns are immutable; layouts are cached on the pattern per (lengths, offset, 
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -27,7 +28,26 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Elements evaluated at once when a block must be inspected element by element.
 _EVAL_BUDGET = 1 << 22
-_LAYOUT_CACHE_SIZE = 32
+_LAYOUT_CACHE_SIZE = 32  # layouts kept per pattern (least recently used dropped first), unless layout_cache() says
+_cache_size = [_LAYOUT_CACHE_SIZE]
+
+
+@contextlib.contextmanager
+def layout_cache(size: int):
+    """Keep up to `size` layouts per pattern inside this block (default 32), for work that meets
+    many sequence lengths: training on ListOps' ~1,500 lengths rebuilt every step's layout (and
+    the backend's plan cached on it) once the 32 most recent lengths were passed. Layouts are
+    the same objects either way, so results do not change. Outside the block each cache shrinks
+    back to the default at its next new layout. A layout costs O(non-empty blocks) memory plus
+    what backends cache on it (the blocked backend's element masks of partial blocks: up to
+    64 MiB each for long sequences, so keep `size` to the lengths really met)."""
+    check_int("size", size, 1)
+    previous = _cache_size[0]
+    _cache_size[0] = size
+    try:
+        yield
+    finally:
+        _cache_size[0] = previous
 
 
 class Pattern(ABC):
@@ -123,7 +143,7 @@ class Pattern(ABC):
         bound._validate(grid)
         layout = BlockLayout.from_block_set(bound, grid, bound._blocks(grid))
         self._layouts[key] = layout
-        if len(self._layouts) > _LAYOUT_CACHE_SIZE:
+        while len(self._layouts) > _cache_size[0]:
             self._layouts.popitem(last=False)
         return layout
 

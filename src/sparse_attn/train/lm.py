@@ -1,5 +1,6 @@
 """Training a `SparseCausalLM` on byte tokens: AdamW with linear warm-up and cosine decay,
-periodic validation loss, checkpoints that resume to the same result, and loss curves.
+periodic validation loss, checkpoints that resume to the same result (`train.loop`), and loss
+curves.
 
 Reproducible by construction: the batch of step s is drawn from a generator seeded with
 (seed, s) and dropout's generator is reseeded per step, so a run resumed from a checkpoint
@@ -12,17 +13,16 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .._extras import figure, progress
+from .._extras import figure
 from ..nn import ModelConfig, SparseCausalLM
 from .._checks import check_int
 from .corpus import TokenData
+from .loop import TrainLoop, adamw, autocast, warmup_cosine
 
 
 @dataclass
@@ -59,6 +59,7 @@ class TrainResult:
     final_val_loss: float = math.nan
     num_parameters: int = 0
     seconds: float = 0.0  # wall time of this process's steps (a resumed run counts its own)
+    stopped_early: bool = False  # max_minutes ran out before cfg.steps (checkpointed: resume goes on)
 
     def evals(self) -> list[tuple[int, float]]:
         return [(h["step"], h["val_loss"]) for h in self.history if "val_loss" in h]
@@ -66,22 +67,13 @@ class TrainResult:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine to min_lr."""
-    if step < cfg.lr_warmup:
-        return cfg.lr * (step + 1) / cfg.lr_warmup
-    done = (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, done)))
+    return warmup_cosine(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.lr_warmup, steps=cfg.steps)
 
 
 def _batch(data: TokenData, cfg: TrainConfig, step: int):
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     starts = torch.randint(0, len(data.train) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
     return data.windows("train", starts, cfg.seq_len)
-
-
-def _autocast(cfg: TrainConfig):
-    device = torch.device(cfg.device)
-    enabled = cfg.dtype == "bfloat16"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _loss(model, x, y):
@@ -101,40 +93,10 @@ def evaluate(model: SparseCausalLM, data: TokenData, cfg: TrainConfig) -> float:
     device = torch.device(cfg.device)
     for chunk in starts.split(cfg.batch_size):
         x, y = data.windows("val", chunk, cfg.seq_len)
-        with _autocast(cfg):
+        with autocast(device, cfg.dtype):
             total += float(_loss(model, x.to(device), y.to(device))) * len(chunk)
     model.train(was_training)
     return total / count
-
-
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    # no weight decay on norms (1-D weights); the tied embedding is decayed like a matrix
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-
-
-def optimizer_step(model, optimizer, loss: torch.Tensor, grad_clip: float) -> None:
-    """One update: backward, clip the gradient norm at grad_clip (0: no clipping), step, and count
-    the step (the dense-to-sparse warm-up reads the count). Shared by every training loop."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    model.advance()
-
-
-def save_checkpoint(path: str | os.PathLike, model: SparseCausalLM, optimizer, step: int, train_cfg: TrainConfig,
-                    history: list[dict]) -> None:
-    """Everything a resume needs, written to a temporary file and renamed (a crash mid-write
-    leaves the previous checkpoint intact)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "model_config": model.cfg.to_dict(), "train_config": asdict(train_cfg), "history": history}, tmp)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
@@ -146,13 +108,16 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
 
 
 def train_lm(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, *, checkpoint: str | None = None,
-             resume: bool = False, show_progress: bool = True, label: str = "train",
+             resume: bool = False, checkpoint_every: int | None = None, checkpoint_minutes: float | None = None,
+             max_minutes: float | None = None, show_progress: bool = True, label: str = "train",
              on_eval: Callable[[dict], None] | None = None) -> tuple[SparseCausalLM, TrainResult]:
     """Train a SparseCausalLM from scratch (or from `checkpoint` with resume=True) for cfg.steps
-    optimizer steps in total. With `checkpoint`, saves there at every evaluation and at the end.
-    `on_eval(entry)` is called after each evaluation with its history entry (step, train_loss,
-    lr, val_loss, elapsed_s), while training goes on: to report it as it happens. Progress:
-    `sparse_attn._extras.progress` (a bar on a terminal, plain lines elsewhere).
+    optimizer steps in total, on `train.loop.TrainLoop`. With `checkpoint` (a file), saves there
+    at every evaluation, every `checkpoint_every` steps / `checkpoint_minutes` minutes and at the
+    end; `max_minutes` stops the run cleanly (checkpointed, result.stopped_early) before it
+    would overrun. `on_eval(entry)` is called after each evaluation with its history entry
+    (step, train_loss, lr, val_loss, elapsed_s), while training goes on: to report it as it
+    happens. Progress: `sparse_attn._extras.progress` (a bar on a terminal, plain lines elsewhere).
 
     Returns (model, result); result.history holds train loss and learning rate per step and
     the validation loss every eval_every steps and at the last step.
@@ -161,43 +126,25 @@ def train_lm(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, *, check
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = SparseCausalLM(model_cfg).to(device)
-    optimizer = _optimizer(model, cfg)
-    start, history = 0, []
-    if resume:
-        if checkpoint is None or not Path(checkpoint).is_file():
-            raise ValueError(f"resume needs an existing checkpoint file, got {checkpoint!r}")
-        ckpt = torch.load(checkpoint, map_location=device, weights_only=True)
-        if ckpt["model_config"] != model_cfg.to_dict():
-            raise ValueError(f"checkpoint {checkpoint} holds a different model: {ckpt['model_config']}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, history = ckpt["step"], ckpt["history"]
-    result = TrainResult(history=history, num_parameters=sum(p.numel() for p in model.parameters()))
-    model.train()
-    began = time.perf_counter()
-    bar = progress(range(start, cfg.steps), enabled=show_progress, desc=label, unit="step", initial=start,
-                   total=cfg.steps, mininterval=1.0)  # mininterval: the bar's; lines off a terminal every 10 s
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x, y = (t.to(device) for t in _batch(data, cfg, step))
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: the same masks after a resume
-        with _autocast(cfg):
-            loss = _loss(model, x, y)
-        optimizer_step(model, optimizer, loss, cfg.grad_clip)
-        entry = {"step": step + 1, "train_loss": float(loss.detach()), "lr": lr_at(step, cfg)}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            entry["val_loss"] = evaluate(model, data, cfg)
-            entry["elapsed_s"] = time.perf_counter() - began
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, model, optimizer, step + 1, cfg, history + [entry])
-            if on_eval is not None:
-                on_eval(entry)
-        history.append(entry)
-        if hasattr(bar, "set_postfix"):
-            last_val = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), math.nan)
-            bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val=f"{last_val:.3f}", refresh=False)
-    result.seconds = time.perf_counter() - began
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def check_resume(ckpt):
+        if ckpt.get("model_config") != model_cfg.to_dict():
+            raise ValueError(f"checkpoint {checkpoint} holds a different model: {ckpt.get('model_config')}")
+
+    loop = TrainLoop(model, optimizer, steps=cfg.steps,
+                     batches=lambda step: tuple(t.to(device) for t in _batch(data, cfg, step)),
+                     loss=lambda model, batch: _loss(model, *batch), lr=lambda step: lr_at(step, cfg),
+                     evaluate=lambda model, step: {"val_loss": evaluate(model, data, cfg)}, eval_every=cfg.eval_every,
+                     grad_clip=cfg.grad_clip, device=device, dtype=cfg.dtype,
+                     step_seed=lambda step: cfg.seed * 1_000_003 + step,
+                     meta={"model_config": model_cfg.to_dict(), "train_config": asdict(cfg)},
+                     check_resume=check_resume, checkpoint=checkpoint, resume=resume,
+                     checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
+                     max_minutes=max_minutes, on_eval=on_eval, progress=show_progress, label=label)
+    run = loop.run()
+    result = TrainResult(history=run.history, num_parameters=sum(p.numel() for p in model.parameters()),
+                         seconds=run.session_seconds, stopped_early=run.stopped_early)
     evals = result.evals()
     result.final_val_loss = evals[-1][1] if evals else evaluate(model, data, cfg)
     return model, result

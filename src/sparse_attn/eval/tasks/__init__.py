@@ -22,6 +22,7 @@ from .listops import (
     generate_listops_tree,
     listops_dataset,
     listops_source,
+    listops_stream_marks,
     listops_tokens,
 )
 from .mqar import MQAR_IGNORE_INDEX, MQARData, mqar_dataset, mqar_vocab_ranges
@@ -54,6 +55,7 @@ __all__ = [
     "generate_listops_tree",
     "listops_dataset",
     "listops_source",
+    "listops_stream_marks",
     "listops_tokens",
     "mqar_dataset",
     "mqar_vocab_ranges",

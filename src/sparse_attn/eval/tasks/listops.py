@@ -29,8 +29,12 @@ instead of the iteration order of an unseeded `set`.
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import itertools
+import multiprocessing
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -49,6 +53,7 @@ __all__ = [
     "generate_listops_tree",
     "listops_dataset",
     "listops_source",
+    "listops_stream_marks",
     "listops_tokens",
 ]
 
@@ -284,6 +289,8 @@ def listops_dataset(
     max_depth: int = 10,
     max_args: int = 10,
     prepend_cls: bool = False,
+    marks: Mapping | None = None,
+    workers: int = 1,
 ) -> ListOpsData:
     """ListOps examples of one split: `(tokens [N, L], lengths [N], labels [N])`.
 
@@ -306,6 +313,13 @@ def listops_dataset(
 
     `tokens` is padded with `LISTOPS_VOCAB.pad_id` (0) to the longest example; with
     `prepend_cls` each row starts with `LISTOPS_VOCAB.cls_id` (counted in `lengths`).
+
+    Faster, same examples: `marks` from `listops_stream_marks` (the random state every so many
+    draws of this stream, recorded once) lets `workers` processes draw the stretches between
+    marks at once; their trees are then filtered and de-duplicated in stream order as above, and
+    the result is checked against the digest the marks carry (ValueError if it differs).
+    With workers > 1 the processes are spawned: a script calling this at top level needs the
+    usual `if __name__ == "__main__":` guard.
     """
     if not isinstance(split, str) or split not in LISTOPS_SPLIT_SIZES:
         raise ValueError(f"split must be one of {list(LISTOPS_SPLIT_SIZES)}, got {split!r}")
@@ -331,6 +345,10 @@ def listops_dataset(
     for name in _STREAM_ORDER[: _STREAM_ORDER.index(split)]:
         offset += LISTOPS_SPLIT_SIZES[name]
 
+    check_int("workers", workers, 1)
+    if marks is not None:
+        return _dataset_from_marks(marks, workers, split, num_examples, offset, seed_to_int(seed), min_length,
+                                   max_length, max_depth, max_args, prepend_cls)
     rng = random.Random(seed_to_int(seed))
     seen: set[bytes] = set()
     kept_ids: list[bytes] = []
@@ -359,6 +377,98 @@ def listops_dataset(
 
     prefix = bytes([LISTOPS_VOCAB.cls_id]) if prepend_cls else b""
     return _pad(kept_ids, prefix, torch.tensor(kept_labels, dtype=torch.long))
+
+
+def _marks_settings(seed: int, min_length: int, max_length: int, max_depth: int, max_args: int) -> dict:
+    return {"seed": seed, "min_length": min_length, "max_length": max_length, "max_depth": max_depth,
+            "max_args": max_args}
+
+
+def _digest(ids: list[bytes], labels: list[int]) -> str:
+    h = hashlib.sha256()
+    for row in ids:
+        h.update(len(row).to_bytes(4, "little"))
+        h.update(row)
+    h.update(bytes(labels))
+    return h.hexdigest()
+
+
+def listops_stream_marks(split: str = "train", num_examples: int | None = None, *, seed: int = 0,
+                         min_length: int = 500, max_length: int = 2000, max_depth: int = 10, max_args: int = 10,
+                         every: int = 100_000) -> dict:
+    """Walk the stream of `listops_dataset(split, num_examples, seed=..., ...)` once, as it
+    does, and return what lets `listops_dataset(..., marks=, workers=)` draw it in parallel:
+    the random state before every `every`-th draw, the number of draws the split needs, and a
+    digest of the split (JSON-ready). As slow as one `listops_dataset` call; made once per
+    setting and kept (benchmarks/data/)."""
+    if split not in LISTOPS_SPLIT_SIZES:
+        raise ValueError(f"split must be one of {list(LISTOPS_SPLIT_SIZES)}, got {split!r}")
+    num_examples = LISTOPS_SPLIT_SIZES[split] if num_examples is None else check_int("num_examples", num_examples, 1)
+    check_int("every", every, 1)
+    max_depth, max_args = _check_shape_limits(max_depth, max_args)
+    offset = sum(LISTOPS_SPLIT_SIZES[name] for name in _STREAM_ORDER[: _STREAM_ORDER.index(split)])
+    rng = random.Random(check_int("seed", seed, 0))
+    states, seen, ids, labels, draws = [], set(), [], [], 0
+    sampler = _sample_token_ids(rng, max_depth, max_args, max_tokens=max_length - 1)
+    while len(ids) < num_examples:
+        if draws % every == 0:
+            states.append(list(rng.getstate()[1]))  # before draw number `draws`
+        sample = next(sampler)
+        draws += 1
+        if sample is None or not min_length < len(sample[0]) < max_length or sample[0] in seen:
+            continue
+        seen.add(sample[0])
+        if len(seen) > offset:
+            ids.append(sample[0])
+            labels.append(sample[1])
+    return {"settings": _marks_settings(seed, min_length, max_length, max_depth, max_args), "split": split,
+            "num_examples": num_examples, "every": every, "draws": draws, "states": states,
+            "digest": _digest(ids, labels)}
+
+
+def _draw_stretch(state: list[int], count: int, max_depth: int, max_args: int, min_length: int,
+                  max_length: int) -> list[tuple[bytes, int]]:
+    """The trees of `count` draws from `state` whose length is in the window (in draw order)."""
+    rng = random.Random()
+    rng.setstate((3, tuple(state), None))
+    sampler = _sample_token_ids(rng, max_depth, max_args, max_tokens=max_length - 1)
+    return [s for s in itertools.islice(sampler, count) if s is not None and min_length < len(s[0]) < max_length]
+
+
+def _dataset_from_marks(marks, workers, split, num_examples, offset, seed, min_length, max_length, max_depth,
+                        max_args, prepend_cls) -> ListOpsData:
+    wanted = _marks_settings(seed, min_length, max_length, max_depth, max_args)
+    if not isinstance(marks, Mapping) or marks.get("settings") != wanted or marks.get("split") != split or \
+            marks.get("num_examples") != num_examples:
+        got = {k: marks.get(k) for k in ("settings", "split", "num_examples")} if isinstance(marks, Mapping) else marks
+        raise ValueError(f"marks were made for {got}, not for split {split!r} of {num_examples} examples with "
+                         f"{wanted}: make them with listops_stream_marks for these settings")
+    every, draws, states = marks["every"], marks["draws"], marks["states"]
+    jobs = [(state, min(every, draws - i * every), max_depth, max_args, min_length, max_length)
+            for i, state in enumerate(states)]
+    if workers == 1 or len(jobs) == 1:
+        stretches = [_draw_stretch(*job) for job in jobs]
+    else:  # spawn: the workers run pure Python, and fork beside torch's threads is not safe
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            stretches = list(pool.map(_draw_stretch, *zip(*jobs)))
+    seen: set[bytes] = set()
+    ids: list[bytes] = []
+    labels: list[int] = []
+    for row, label in itertools.chain.from_iterable(stretches):
+        if row in seen:
+            continue
+        seen.add(row)
+        if len(seen) > offset:
+            ids.append(row)
+            labels.append(label)
+            if len(ids) == num_examples:
+                break
+    if len(ids) != num_examples or _digest(ids, labels) != marks["digest"]:
+        raise ValueError(f"the marked stream gave other examples than the sequential one ({len(ids)} of "
+                         f"{num_examples}, digest mismatch): the marks do not belong to this generator")
+    prefix = bytes([LISTOPS_VOCAB.cls_id]) if prepend_cls else b""
+    return _pad(ids, prefix, torch.tensor(labels, dtype=torch.long))
 
 
 def _pad(rows: list[bytes], prefix: bytes, labels: torch.Tensor) -> ListOpsData:

@@ -8,6 +8,8 @@ block sizes; `triton_attention()` is the Python entry that unpacks a layout.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from typing import Optional
 
@@ -149,12 +151,25 @@ def _grid(tiles: int, heads: int, heads_fastest: bool) -> tuple[int, ...]:
     return (fast * slow,)
 
 
+def _on_input_device(fn):
+    """Run `fn` with its first tensor argument's CUDA device current: Triton launches on the
+    current device, so tensors on cuda:1 with cuda:0 current would be read by the wrong GPU."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _launch_opts(cfg):
     return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 # ------------------------------------------------------------------------------ forward
 @torch.library.custom_op("sparse_attn::block_sparse_attn_fwd", mutates_args=())
+@_on_input_device
 def block_sparse_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     full_off: torch.Tensor, full_idx: torch.Tensor, part_off: torch.Tensor, part_idx: torch.Tensor,
@@ -196,6 +211,7 @@ def _(q, k, v, *plan_and_args):
 
 # ----------------------------------------------------------------------------- backward
 @torch.library.custom_op("sparse_attn::block_sparse_attn_bwd", mutates_args=())
+@_on_input_device
 def block_sparse_attn_bwd(
     dout: torch.Tensor, dlse: Optional[torch.Tensor],
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -283,6 +299,7 @@ def _bwd_row_stats(out, dout, lse, dlse, nq, hq, bdv, dv):
 
 
 @torch.library.custom_op("sparse_attn::block_sparse_attn_bwd_fused", mutates_args=())
+@_on_input_device
 def block_sparse_attn_bwd_fused(
     dout: torch.Tensor, dlse: Optional[torch.Tensor],
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,

@@ -84,15 +84,22 @@ def _autocast(cfg: TrainConfig):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _loss(model, x, y):
-    logits = model(x)  # [B, N, V]
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+def _loss(model, x, y, parallel=None):
+    """Mean next-byte cross-entropy of the batch; with `parallel`, this rank's share of the
+    mean over the whole (global) batch, x and y being the whole batch [B, N]."""
+    if parallel is None:
+        logits = model(x)  # [B, N, V]
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    x_r, y_r = parallel.local(x, y)  # [B / dp, N_r]
+    logits = model(x_r)
+    local_sum = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y_r.flatten(), reduction="sum")
+    return parallel.share(local_sum, y.numel())
 
 
 @torch.no_grad()
-def evaluate(model: SparseCausalLM, data: TokenData, cfg: TrainConfig) -> float:
+def evaluate(model: SparseCausalLM, data: TokenData, cfg: TrainConfig, parallel=None) -> float:
     """Mean next-byte cross-entropy (nats) over eval_batches x batch_size fixed windows spread
-    evenly over the validation split."""
+    evenly over the validation split (with `parallel`, split over its ranks as in training)."""
     was_training = model.training
     model.eval()
     count = cfg.eval_batches * cfg.batch_size
@@ -102,7 +109,8 @@ def evaluate(model: SparseCausalLM, data: TokenData, cfg: TrainConfig) -> float:
     for chunk in starts.split(cfg.batch_size):
         x, y = data.windows("val", chunk, cfg.seq_len)
         with _autocast(cfg):
-            total += float(_loss(model, x.to(device), y.to(device))) * len(chunk)
+            loss = _loss(model, x.to(device), y.to(device), parallel)
+        total += float(loss if parallel is None else parallel.all_sum(loss)) * len(chunk)
     model.train(was_training)
     return total / count
 
@@ -115,11 +123,14 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                               {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def optimizer_step(model, optimizer, loss: torch.Tensor, grad_clip: float) -> None:
-    """One update: backward, clip the gradient norm at grad_clip (0: no clipping), step, and count
-    the step (the dense-to-sparse warm-up reads the count). Shared by every training loop."""
+def optimizer_step(model, optimizer, loss: torch.Tensor, grad_clip: float, parallel=None) -> None:
+    """One update: backward, (with `parallel`: gradients summed over its ranks), clip the gradient
+    norm at grad_clip (0: no clipping), step, and count the step (the dense-to-sparse warm-up
+    reads the count). Shared by every training loop."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if parallel is not None:
+        parallel.reduce_gradients(model)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -147,20 +158,30 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
 
 def train_lm(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, *, checkpoint: str | None = None,
              resume: bool = False, show_progress: bool = True, label: str = "train",
-             on_eval: Callable[[dict], None] | None = None) -> tuple[SparseCausalLM, TrainResult]:
+             on_eval: Callable[[dict], None] | None = None,
+             parallel=None) -> tuple[SparseCausalLM, TrainResult]:
     """Train a SparseCausalLM from scratch (or from `checkpoint` with resume=True) for cfg.steps
     optimizer steps in total. With `checkpoint`, saves there at every evaluation and at the end.
     `on_eval(entry)` is called after each evaluation with its history entry (step, train_loss,
     lr, val_loss, elapsed_s), while training goes on: to report it as it happens. Progress:
     `sparse_attn._extras.progress` (a bar on a terminal, plain lines elsewhere).
 
+    `parallel`: a `train.ContextParallel` (torch.distributed: each sequence split over context
+    ranks, the batch over data-parallel groups; every rank calls train_lm with the same
+    arguments and gets the same model and history; checkpoints are not written in this mode).
+
     Returns (model, result); result.history holds train loss and learning rate per step and
     the validation loss every eval_every steps and at the last step.
     """
     data.check_length(cfg.seq_len)
+    if parallel is not None and (checkpoint is not None or resume):
+        raise ValueError("checkpoint / resume are not supported with parallel (the context-parallel model's "
+                         "layers are wrapped): pass checkpoint=None")
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = SparseCausalLM(model_cfg).to(device)
+    if parallel is not None:
+        parallel.parallelize(model, cfg.seq_len, cfg.batch_size, 128)  # shards cut at multiples of every backend's blocks
     optimizer = _optimizer(model, cfg)
     start, history = 0, []
     if resume:
@@ -183,11 +204,12 @@ def train_lm(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, *, check
         x, y = (t.to(device) for t in _batch(data, cfg, step))
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: the same masks after a resume
         with _autocast(cfg):
-            loss = _loss(model, x, y)
-        optimizer_step(model, optimizer, loss, cfg.grad_clip)
-        entry = {"step": step + 1, "train_loss": float(loss.detach()), "lr": lr_at(step, cfg)}
+            loss = _loss(model, x, y, parallel)
+        optimizer_step(model, optimizer, loss, cfg.grad_clip, parallel)
+        reported = loss.detach() if parallel is None else parallel.all_sum(loss)
+        entry = {"step": step + 1, "train_loss": float(reported), "lr": lr_at(step, cfg)}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            entry["val_loss"] = evaluate(model, data, cfg)
+            entry["val_loss"] = evaluate(model, data, cfg, parallel)
             entry["elapsed_s"] = time.perf_counter() - began
             if checkpoint is not None:
                 save_checkpoint(checkpoint, model, optimizer, step + 1, cfg, history + [entry])
@@ -199,7 +221,7 @@ def train_lm(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, *, check
             bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val=f"{last_val:.3f}", refresh=False)
     result.seconds = time.perf_counter() - began
     evals = result.evals()
-    result.final_val_loss = evals[-1][1] if evals else evaluate(model, data, cfg)
+    result.final_val_loss = evals[-1][1] if evals else evaluate(model, data, cfg, parallel)
     return model, result
 
 

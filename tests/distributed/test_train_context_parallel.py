@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from gloo_pool import pool
 from sparse_attn.distributed import zigzag

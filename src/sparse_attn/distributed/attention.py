@@ -354,7 +354,7 @@ class _Transfers:
         """Generator of (source, message) pairs; `None` source first: the caller's chance to do
         local work while the first transfer is in flight."""
         comm, scheme = self.setup.comm, self.setup.scheme
-        p, rank = comm.world_size, comm.rank
+        p = comm.world_size
         if scheme == "ring":
             pending = self._post(1)
             yield None, None

@@ -1,17 +1,20 @@
-"""Context parallelism simulated on one device: P ranks' step kernels (the same plan and backend
-calls as the distributed schemes, communication replaced by slicing), timed step by step, against
-one unsplit call. Goal (issue #19): the sum over ranks of their compute <= 1.1x the unsplit call
+"""Context parallelism simulated on one device: P ranks' kernel launches (the same plan, launches
+and backend calls as the distributed scheme: one call per rank for halo / all-to-all, one per
+step for the ring; communication replaced by slicing), timed launch by launch, against one
+unsplit call. Goal (issue #19): the sum over ranks of their compute <= 1.1x the unsplit call
 for windows at 128K, P = 2, 4, 8 (bf16, H=16, Hkv=8, D=128, triton).
 
     PYTHONPATH=src python3 benchmarks/cp_simulate.py --out $OUT/cp_simulate.json          # H200
     TRITON_INTERPRET=1 python benchmarks/cp_simulate.py --device cpu --lengths 256 --heads 2 \\
         --kv-heads 1 --dim 16 --dtype float32 --window 64 --world-sizes 2 --out /tmp/cp_sim.json   # CPU dry run
 
-Per (pattern, N, P): `forward_ratio` = sum over ranks and steps of the step forward's time /
+Per (pattern, N, P): `forward_ratio` = sum over ranks and launches of the launch forward's time /
 the unsplit forward's time (both `backend.forward(..., return_lse=True)` over a layout);
 `backward_ratio` likewise for `backward_from_stats` (the unsplit one from its own out/lse);
-`max_rank_forward_ratio`: the slowest rank against the unsplit call (ideal 1/P). Also the largest
-difference of the simulated output from the unsplit one. Timings: `common.time_gpu` on CUDA,
+`max_rank_forward_ratio`: the slowest rank against the unsplit call (ideal 1/P);
+`assemble_ratio`: the sum over ranks of filling the launches' kv buffers from the received keys
+(memory copies outside the kernels, not in forward_ratio) against the unsplit forward. Also the
+largest difference of the simulated output from the unsplit one. Timings: `common.time_gpu` on CUDA,
 `common.time_cpu` otherwise.
 """
 
@@ -30,7 +33,8 @@ from common import RESULTS, environment, time_cpu, time_gpu, write_json  # noqa:
 from sparse_attn import patterns as P  # noqa: E402
 from sparse_attn.backends.registry import AttentionCall  # noqa: E402
 from sparse_attn.distributed import choose_sharding, plan_context_parallel, simulate_context_parallel  # noqa: E402
-from sparse_attn.distributed.attention import _pack, _pick_backend, step_buffers  # noqa: E402
+from sparse_attn.distributed.attention import _pick_backend, launch_buffers, launches  # noqa: E402
+from sparse_attn.distributed.simulate import simulated_messages  # noqa: E402
 
 
 def main() -> None:
@@ -45,6 +49,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backend", default="triton")
+    ap.add_argument("--scheme", default="auto", choices=["auto", "halo", "ring", "alltoall"],
+                    help="whose launches to time (auto: the plan's choice, halo for windows)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "cp_simulate.json")
@@ -76,35 +82,41 @@ def main() -> None:
                 timer(lambda: backend.backward_from_stats(q, k, v, layout, scale, out, lse, dout))
             for p in args.world_sizes:
                 sharding = choose_sharding(pattern, layout, n, p, math.lcm(bq, bk))
-                plan = plan_context_parallel(layout, sharding)
-                sim = simulate_context_parallel(q, k, v, pattern, p, sharding=sharding, backend=backend.name)
+                plan = plan_context_parallel(layout, sharding, args.kv_heads)
+                sim = simulate_context_parallel(q, k, v, pattern, p, sharding=sharding, scheme=args.scheme,
+                                                backend=backend.name)
                 err = (sim.out.float() - out.float()).abs().max().item()
-                rank_fwd, rank_bwd = [], []
+                rank_fwd, rank_bwd, rank_assemble = [], [], []
                 for r in range(p):
                     pos = sharding.positions(r, dev)
                     q_r, do_r = q.index_select(2, pos), dout.index_select(2, pos)
                     o_r, l_r = sim.out.index_select(2, pos), sim.lse.index_select(2, pos)
-                    f = b = 0.0
-                    for step in plan.steps_of(r):
-                        kb, vb = step_buffers(step, _pack(k, v, step.keys.to(dev)), args.dim)
-                        f += timer(lambda: backend.forward(q_r, kb, vb, step.layout, scale, True))
+                    messages = simulated_messages(plan, r, k, v)
+                    f = b = a = 0.0
+                    for launch in launches(plan, r, sim.scheme):  # exactly the scheme's backend calls
+                        kb, vb = launch_buffers(launch, messages, args.kv_heads, args.dim, plan.groups)
+                        a += timer(lambda: launch_buffers(launch, messages, args.kv_heads, args.dim, plan.groups))
+                        f += timer(lambda: backend.forward(q_r, kb, vb, launch.layout, scale, True))
                         if unsplit_bwd is not None:
-                            b += timer(lambda: backend.backward_from_stats(q_r, kb, vb, step.layout, scale, o_r, l_r,
-                                                                           do_r))
+                            b += timer(lambda: backend.backward_from_stats(q_r, kb, vb, launch.layout, scale, o_r,
+                                                                           l_r, do_r))
                     rank_fwd.append(f)
                     rank_bwd.append(b)
-                row = dict(pattern=code, n=n, world_size=p, backend=backend.name, sharding=sharding.describe(),
+                    rank_assemble.append(a)
+                row = dict(pattern=code, n=n, world_size=p, backend=backend.name, scheme=sim.scheme,
+                           sharding=sharding.describe(),
                            unsplit_forward_s=unsplit_fwd, rank_forward_s=rank_fwd,
                            forward_ratio=sum(rank_fwd) / unsplit_fwd,
                            max_rank_forward_ratio=max(rank_fwd) / unsplit_fwd,
                            unsplit_backward_s=unsplit_bwd, rank_backward_s=rank_bwd if unsplit_bwd else None,
                            backward_ratio=sum(rank_bwd) / unsplit_bwd if unsplit_bwd else None,
-                           steps=[len(plan.steps_of(r)) for r in range(p)], max_abs_diff_vs_unsplit=err)
+                           rank_assemble_s=rank_assemble, assemble_ratio=sum(rank_assemble) / unsplit_fwd,
+                           steps=sim.steps, launches=sim.launches, max_abs_diff_vs_unsplit=err)
                 rows.append(row)
-                print(f"{code:40s} N={n} P={p}: forward sum/unsplit {row['forward_ratio']:.3f} (slowest rank "
-                      f"{row['max_rank_forward_ratio']:.3f})" + (f", backward {row['backward_ratio']:.3f}"
-                                                                  if unsplit_bwd else "") + f", max diff {err:.2e}",
-                      flush=True)
+                print(f"{code:40s} N={n} P={p} {sim.scheme}: forward sum/unsplit {row['forward_ratio']:.3f} (slowest "
+                      f"rank {row['max_rank_forward_ratio']:.3f})" + (f", backward {row['backward_ratio']:.3f}"
+                                                                       if unsplit_bwd else "") +
+                      f", buffers {row['assemble_ratio']:.3f}, launches {sim.launches}, max diff {err:.2e}", flush=True)
                 write_json(args.out, dict(benchmark="cp_simulate", goal="forward_ratio <= 1.1 for windows at 128K",
                                           shapes=dict(batch=1, heads=args.heads, kv_heads=args.kv_heads,
                                                       head_dim=args.dim, dtype=args.dtype, device=str(dev)),

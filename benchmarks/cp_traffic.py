@@ -51,7 +51,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "cp_traffic.json")
     args = ap.parse_args()
     rows = []
-    per_key = B * HKV * 2 * D * ITEMSIZE
     for name, code in PATTERNS.items():
         for n in args.lengths:
             if name != "window4096_causal" and n > args.max_nonlocal:
@@ -61,11 +60,12 @@ def main() -> None:
             layout = pattern.layout(n, block_q=BLOCK)
             for p in args.world_sizes:
                 sharding = choose_sharding(pattern, layout, n, p, BLOCK)
-                plan = plan_context_parallel(layout, sharding)
+                plan = plan_context_parallel(layout, sharding, HKV)  # keys per GQA group for per-head layouts
+                per_key = plan.bytes_per_key(B, HKV, D, D, ITEMSIZE)
                 keys = plan.keys_matrix()
                 keys.fill_diagonal_(0)
                 received = keys.sum(1)
-                ring = max(n - sharding.length(r) for r in range(p)) * per_key
+                ring = max(n - sharding.length(r) for r in range(p)) * B * HKV * 2 * D * ITEMSIZE
                 u = ulysses_bytes(sharding, B, HQ, HKV, D, D, ITEMSIZE)
                 row = dict(pattern=name, code=code, n=n, world_size=p,
                            sharding=("contiguous" if len(set(map(len, sharding.runs))) == 1
@@ -74,7 +74,7 @@ def main() -> None:
                            plan_bytes_max=int(received.max()) * per_key, plan_bytes_mean=float(received.double().mean()) * per_key,
                            ring_bytes=ring, all_gather_bytes=ring, ulysses_bytes=u,
                            busy_pairs=plan.busy_pairs(), max_hop=plan.max_hop(),
-                           scheme=choose_scheme(plan, HQ % p == 0 and HKV % p == 0, u, per_key),
+                           scheme=choose_scheme(plan, HQ % p == 0 and HKV % p == 0, u, per_key), key_groups=plan.groups,
                            plan_seconds=round(time.perf_counter() - t0, 2))
                 rows.append(row)
                 print(f"{name:24s} N={n:>8d} P={p}  plan {row['plan_bytes_max'] / 1e6:8.1f} MB  ring/all-gather "

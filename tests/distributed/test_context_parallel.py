@@ -1,6 +1,7 @@
 """Context parallelism over gloo (2, 3 and 4 forked ranks, reused): every scheme x pattern x
 sharding equals the single-process float64 result, outputs and q/k/v gradients; bytes sent equal
-the plan's count and, for bands, the analytic minimum; a bad input on one rank raises on all."""
+the plan's count and the analytic minimum (per kv head: a GQA group receives only the keys its
+own query heads attend); a bad input on one rank raises on all."""
 
 from __future__ import annotations
 
@@ -22,16 +23,17 @@ def _doc_ids():
     return torch.tensor([0] * 45 + [1] * 70 + [2] * 5 + [3] * 80)
 
 
-PATTERNS = {  # name -> (factory, bounded reach: bytes must be the analytic minimum)
-    "window": (lambda: P.sliding_window(40), True),
-    "dilated": (lambda: P.dilated(12, 3), True),
-    "longformer": (lambda: P.longformer(16, [2, 100]), False),
-    "bigbird": (lambda: P.bigbird(16, seed=0), False),
-    "causal": (lambda: P.causal(), False),
-    "streaming": (lambda: P.streaming(4, 30), False),
-    "document": (lambda: P.document(_doc_ids()) & P.causal(), False),
-    "per_head": (lambda: P.per_head([P.sliding_window(20), P.causal(), P.sliding_window(50, causal=False),
-                                     P.streaming(2, 10)]), False),
+PATTERNS = {  # name -> factory
+    "window": lambda: P.sliding_window(40),
+    "dilated": lambda: P.dilated(12, 3),
+    "longformer": lambda: P.longformer(16, [2, 100]),
+    "bigbird": lambda: P.bigbird(16, seed=0),
+    "causal": lambda: P.causal(),
+    "streaming": lambda: P.streaming(4, 30),
+    "document": lambda: P.document(_doc_ids()) & P.causal(),
+    # GQA groups {0, 1} and {2, 3} need different keys: each receives only its own
+    "per_head": lambda: P.per_head([P.sliding_window(20), P.causal(), P.sliding_window(50, causal=False),
+                                    P.streaming(2, 10)]),
 }
 
 
@@ -68,21 +70,21 @@ def _reference(pattern, q, k, v, dout):
     return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
 
 
-def analytic_minimum_keys(pattern, sharding: Sharding, rank: int) -> int:
-    """Keys held elsewhere that some query of `rank` may attend (any head), from the dense mask."""
-    mask = pattern.to_dense(N, num_heads=HQ).any(0)  # [N, N]
+def analytic_minimum_rows(pattern, sharding: Sharding, rank: int) -> int:
+    """(kv head, key) pairs held elsewhere that some query of `rank` in that kv head's GQA group
+    may attend, from the dense mask."""
+    mask = pattern.to_dense(N, num_heads=HQ)  # [HQ, N, N]
     mine = sharding.positions(rank)
     if mine.numel() == 0:
         return 0
-    needed = mask[mine].any(0)
-    needed[mine] = False
+    needed = mask[:, mine].reshape(HKV, HQ // HKV, mine.numel(), N).any(1).any(1)  # [HKV, N]
+    needed[:, mine] = False
     return int(needed.sum())
 
 
 def run_matrix(rank, world_size, pattern_name, schemes, sharding_names):
     """Every (scheme, sharding) for one pattern; returns the failures seen on this rank."""
-    factory, bounded = PATTERNS[pattern_name]
-    pattern = factory()
+    pattern = PATTERNS[pattern_name]()
     q, k, v, dout = _inputs()
     ref = _reference(pattern, q, k, v, dout)
     failures = []
@@ -113,17 +115,16 @@ def run_matrix(rank, world_size, pattern_name, schemes, sharding_names):
                 if not err <= 1e-10:
                     failures.append(f"{where}: {name} differs by {err:.2e}")
             if scheme != "ulysses":
-                plan = plan_context_parallel(pattern.layout(N, block_q=UNIT, block_kv=UNIT), shard)
+                plan = plan_context_parallel(pattern.layout(N, block_q=UNIT, block_kv=UNIT), shard, HKV)
                 dims = dict(batch=B, kv_heads=HKV, head_dim=D, v_head_dim=D, itemsize=8)
                 sent = int(plan.bytes_sent(**dims)[rank])
                 received = int(plan.bytes_received(**dims)[rank])
                 if comm.stats.total("kv") != sent or comm.stats.total("dkv") != received:
                     failures.append(f"{where}: sent kv {comm.stats.total('kv')} / dkv {comm.stats.total('dkv')}, "
                                     f"plan says {sent} / {received}")
-                if bounded:
-                    minimum = analytic_minimum_keys(pattern, shard, rank) * plan.bytes_per_key(**dims)
-                    if received != minimum:
-                        failures.append(f"{where}: receives {received} bytes, analytic minimum {minimum}")
+                minimum = analytic_minimum_rows(pattern, shard, rank) * B * 2 * D * 8  # k and v rows, float64
+                if received != minimum:
+                    failures.append(f"{where}: receives {received} bytes, analytic minimum {minimum}")
     return failures
 
 

@@ -75,6 +75,64 @@ def test_plan_halo_keys_and_steps():
     assert far.max_hop() == 2
 
 
+def _blocks(layout, row_map, col_map):
+    """{(head, global q block, global kv block, full)} of a layout whose local blocks map to global
+    ones by row_map (local q block -> global) and col_map (local kv block -> global)."""
+    out = set()
+    for csr, full in ((layout.full, True), (layout.partial, False)):
+        head = torch.div(csr.rows, layout.num_q_blocks, rounding_mode="floor")
+        qb = csr.rows % layout.num_q_blocks
+        for h, i, j in zip(head.tolist(), qb.tolist(), csr.indices.long().tolist()):
+            out.add((h, int(row_map[i]), int(col_map[j]), full))
+    return out
+
+
+@pytest.mark.parametrize("pattern", [P.sliding_window(100), P.sliding_window(70, causal=False), P.causal()])
+def test_rank_call_is_the_unsplit_layout_rows(pattern):
+    """One launch per rank does exactly the unsplit call's block work on the rank's rows: the same
+    (head, q block, kv block) entries, full and partial alike, over one buffer of every kv block
+    the rank touches in global order (contiguous for contiguous shards)."""
+    n, bs = 1000, 32
+    layout = pattern.layout(n, block_q=bs)
+    sharding = contiguous(n, 3, bs) if pattern.band_bounds()[1] < n else zigzag(n, 3, bs)
+    plan = plan_context_parallel(layout, sharding)
+    every = _blocks(layout, torch.arange(layout.num_q_blocks), torch.arange(layout.num_kv_blocks))
+    union = set()
+    for r in range(3):
+        call = plan.rank_call(r)
+        my_qbs = torch.unique_consecutive(sharding.positions(r) // bs)
+        mine = _blocks(call.layout, my_qbs, call.kv_blocks)
+        assert mine == {e for e in every if e[1] in set(my_qbs.tolist())}
+        assert torch.equal(call.kv_blocks, torch.sort(call.kv_blocks).values)
+        assert call.buffer_len == min(int(call.kv_blocks[-1] + 1) * bs, n) - int(call.kv_blocks[0]) * bs or \
+            len(sharding.runs[r]) > 1  # a contiguous shard's buffer is one run of the sequence
+        union |= mine
+        for st in plan.steps_of(r):  # every step's keys have a slot in the rank's buffer, in their block
+            assert torch.equal(call.kv_blocks[call.slots[st.source] // bs], st.keys // bs)
+    assert union == every
+
+
+def test_keys_travel_per_gqa_group():
+    """A per-head pattern whose GQA groups reach differently: with kv_heads, each group receives
+    only its own keys (fewer bytes); a pattern shared by all heads is unchanged (one group)."""
+    n, bs = 512, 32
+    pattern = P.per_head([P.sliding_window(20), P.sliding_window(30), P.sliding_window(200), P.causal()])
+    layout = pattern.layout(n, block_q=bs)
+    sharding = contiguous(n, 4, bs)
+    union, grouped = plan_context_parallel(layout, sharding), plan_context_parallel(layout, sharding, 2)
+    assert union.groups == 1 and grouped.groups == 2
+    dims = dict(batch=1, kv_heads=2, head_dim=8, v_head_dim=8, itemsize=2)
+    # rank 1 from rank 0: group 0 (windows 20, 30) needs 29 keys, group 1 (200, causal) all 128
+    assert int(grouped.keys_matrix()[1, 0]) == 29 + 128 and int(union.keys_matrix()[1, 0]) == 128
+    assert int(grouped.bytes_received(**dims).sum()) < int(union.bytes_received(**dims).sum())
+    step = grouped.steps[(1, 0)]
+    assert step.key_group.tolist() == [0] * 29 + [1] * 128 and step.keys[:29].tolist() == list(range(99, 128))
+    shared = P.sliding_window(100).layout(n, block_q=bs)
+    assert plan_context_parallel(shared, sharding, 2).groups == 1
+    with pytest.raises(ValueError, match="kv_heads"):
+        plan_context_parallel(layout, sharding, 3)
+
+
 @pytest.mark.parametrize("name", ["window", "bigbird", "causal", "per_head"])
 def test_simulation_equals_reference(name):
     pattern = {"window": P.sliding_window(50), "bigbird": P.bigbird(16, seed=1), "causal": P.causal(),
@@ -86,12 +144,15 @@ def test_simulation_equals_reference(name):
     ref = sparse_attention(q, k, v, pattern, backend="reference", return_lse=True)
     dout = torch.randn_like(ref[0])
     grads = torch.autograd.grad(ref[0], (q, k, v), dout)
-    sim = simulate_context_parallel(q, k, v, pattern, 3, backend="blocked", dout=dout)
-    torch.testing.assert_close(sim.out, ref[0], rtol=0, atol=1e-12)
-    torch.testing.assert_close(sim.lse, ref[1], rtol=0, atol=1e-12)
-    for got, want in zip(sim.grads, grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    assert len(sim.forward_seconds) == 3 and len(sim.backward_seconds) == 3
+    for scheme in ("halo", "ring"):
+        sim = simulate_context_parallel(q, k, v, pattern, 3, scheme=scheme, backend="blocked", dout=dout)
+        torch.testing.assert_close(sim.out, ref[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(sim.lse, ref[1], rtol=0, atol=1e-12)
+        for got, want in zip(sim.grads, grads):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        assert len(sim.forward_seconds) == 3 and len(sim.backward_seconds) == 3
+        # halo: one backend call per rank with work; ring: one per (rank, source) step
+        assert sim.launches == ([min(s, 1) for s in sim.steps] if scheme == "halo" else sim.steps)
 
 
 def test_default_backward_from_stats_matches_blocked():
@@ -124,7 +185,8 @@ def test_simulation_with_triton_step_kernels():
     dout = torch.randn(1, 1, 96, 16, generator=g).to(dev)
     grads = torch.autograd.grad(ref, (q, k, v), dout.double())
     sim = simulate_context_parallel(q, k, v, pattern, 3, backend="triton", dout=dout)
-    assert sim.backend == "triton" and sum(sim.keys_received) > 0
+    assert sim.backend == "triton" and sum(sim.keys_received) > 0 and sim.scheme == "halo"
+    assert sim.launches == [1, 1, 1]
     torch.testing.assert_close(sim.out.double(), ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(sim.grads, grads):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)

@@ -1,19 +1,22 @@
 """`context_parallel_attention`: sparse attention over a sequence sharded across ranks.
 
 Each rank holds its shard of q, k, v (`[B, H, N_r, D]`, positions given by a `Sharding`). The
-plan (plan.py) says which keys each rank needs from each other rank; only those move. Every
-scheme computes the same steps - one backend call per (rank, source) pair with keys, over the
-step's local layout - and merges them by log-sum-exp in fp32. Schemes differ in transport:
+plan (plan.py) says which keys each rank needs from each other rank; only those move. Schemes
+differ in transport, and so in how a rank's compute is cut into kernel launches (`launches`):
 
 * halo: all needed exchanges posted at once (bounded reach: windows, dilated, sinks, globals);
+  once they have arrived, ONE backend call per rank over a buffer holding every key the rank
+  touches (its own and the received ones, in global block order: `ContextPlan.rank_call`), so
+  no launch pays the tails and partial tiles of a shard seam, and nothing is merged;
+* alltoall: one uneven all-to-all (irregular sparsity: BigBird, block top-k); then one call, as halo;
 * ring: P-1 rounds, round t exchanging with ranks r+t / r-t, each round's compute overlapping the
   next round's transfer; rounds with nothing to move are skipped (causal, near-dense layouts);
-* alltoall: one uneven all-to-all (irregular sparsity: BigBird, block top-k);
+  one call per (rank, source) step, merged by log-sum-exp in fp32;
 * ulysses (ulysses.py): all-to-all over heads, every rank then attends the whole sequence for
   H/P heads.
 
-Backward: one `torch.autograd.Function` per call; per step the backend's `backward_from_stats`
-recomputes from the saved merged (out, lse); dK/dV go back to their owners (the forward's
+Backward: one `torch.autograd.Function` per call; per launch the backend's `backward_from_stats`
+recomputes from the saved (merged) out and lse; dK/dV go back to their owners (the forward's
 exchanges reversed: the same bytes) and are summed in rank order: deterministic.
 
 Before the first exchange the ranks all-gather their shapes, dtype, pattern and sharding
@@ -35,9 +38,12 @@ from .comm import Comm
 from .plan import ContextPlan, plan_context_parallel
 from .sharding import Sharding, balanced, contiguous, zigzag
 
-__all__ = ["context_parallel_attention", "choose_scheme", "choose_sharding", "SCHEMES", "merge_step"]
+__all__ = ["context_parallel_attention", "choose_scheme", "choose_sharding", "SCHEMES", "merge_step", "Launch",
+           "launches", "gather_rows", "launch_buffers"]
 
 SCHEMES = ("auto", "halo", "ring", "alltoall", "ulysses")
+# schemes whose keys all arrive before compute: one kernel launch per rank
+ONE_CALL_SCHEMES = ("halo", "alltoall")
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
@@ -208,7 +214,7 @@ def _agree(comm: Comm, q, k, v, pattern, sharding, scheme, backend, scale) -> _S
     if sharding.lengths() != lengths:
         raise ValueError(f"local lengths {dict(enumerate(lengths))} do not match the sharding's "
                          f"{dict(enumerate(sharding.lengths()))} ({sharding.describe()})")
-    plan = plan_context_parallel(layout, sharding)
+    plan = plan_context_parallel(layout, sharding, k.shape[1])
     if scheme == "auto":
         from .ulysses import ulysses_bytes, ulysses_refusal
 
@@ -244,10 +250,96 @@ def context_parallel_attention(q, k, v, pattern: Pattern, *, group=None, shardin
     return (out, lse) if return_lse else out
 
 
-# ---------------------------------------------------------------------------- transport
-def _pack(x_k, x_v, index):
-    """[B, Hkv, n, D + Dv]: the keys and values at local indices `index`, in one message."""
-    return torch.cat([x_k.index_select(2, index), x_v.index_select(2, index)], -1)
+# ---------------------------------------------------------------------------- rows of a group
+def gather_rows(x, key_group, index, groups: int):
+    """x [B, Hkv, N, D] -> [B, Hkv / groups, n, D]: row index[i] of the kv heads of group
+    key_group[i] (with one group: `x.index_select(2, index)`)."""
+    if groups == 1:
+        return x.index_select(2, index)
+    # advanced indices around a slice put the indexed dim first: [n, B, Hkv / G, D]
+    return x.unflatten(1, (groups, x.shape[1] // groups))[:, key_group, :, index].permute(1, 2, 0, 3)
+
+
+def _put_rows(x, key_group, index, rows, groups: int, add: bool) -> None:
+    """x[b, heads of key_group[i], index[i]] (+)= rows[b, :, i], in place; (group, index) pairs
+    are unique, so the sum is deterministic."""
+    if groups == 1:
+        (x.index_add_ if add else x.index_copy_)(2, index, rows)
+        return
+    view = x.unflatten(1, (groups, x.shape[1] // groups))  # [B, G, Hkv / G, N, D]
+    rows = rows.permute(2, 0, 1, 3)
+    view[:, key_group, :, index] = view[:, key_group, :, index] + rows if add else rows
+
+
+def _pack(k, v, step, index, groups: int):
+    """[B, Hkv / G, n, D + Dv]: the step's keys and values (at `index` of k, v), in one message."""
+    kg = step.key_group.to(k.device)
+    return torch.cat([gather_rows(k, kg, index, groups), gather_rows(v, kg, index, groups)], -1)
+
+
+# ---------------------------------------------------------------------------- launches
+class Launch:
+    """One backend call of a rank: a layout over a kv buffer of `buffer_len` rows filled from the
+    messages of `parts` ((step, slots of its keys in this buffer), source order)."""
+
+    def __init__(self, layout, buffer_len: int, parts: list) -> None:
+        self.layout, self.buffer_len, self.parts = layout, buffer_len, parts
+
+    @property
+    def sources(self) -> list[int]:
+        return [step.source for step, _ in self.parts]
+
+
+def launches(plan: ContextPlan, rank: int, scheme: str) -> list[Launch]:
+    """The kernel launches of `rank` under `scheme`: one over all its keys where they all arrive
+    before compute (`ONE_CALL_SCHEMES`), else one per step, in source order."""
+    steps = plan.steps_of(rank)
+    if not steps:
+        return []
+    if scheme in ONE_CALL_SCHEMES:
+        call = plan.rank_call(rank)
+        return [Launch(call.layout, call.buffer_len, [(st, call.slots[st.source]) for st in steps])]
+    return [Launch(st.layout, st.buffer_len, [(st, st.slots)]) for st in steps]
+
+
+def launch_buffers(launch: Launch, messages: dict, kv_heads: int, k_dim: int, groups: int):
+    """The launch's kv buffers k [B, Hkv, buffer_len, D], v [.., Dv] (contiguous, as an unsplit
+    call's) from messages {source: [B, Hkv / G, n, D + Dv]}: keys at their slots, zeros elsewhere
+    (no local query of that group may see those)."""
+    first = messages[launch.parts[0][0].source]
+    b, _, _, width = first.shape
+    kb = first.new_zeros(b, kv_heads, launch.buffer_len, k_dim)
+    vb = first.new_zeros(b, kv_heads, launch.buffer_len, width - k_dim)
+    for step, slots in launch.parts:
+        message, kg, slots = messages[step.source], step.key_group.to(first.device), slots.to(first.device)
+        _put_rows(kb, kg, slots, message[..., :k_dim], groups, add=False)
+        _put_rows(vb, kg, slots, message[..., k_dim:], groups, add=False)
+    return kb, vb
+
+
+def launch_grads(launch: Launch, dk, dv, groups: int) -> dict:
+    """{source: [B, Hkv / G, n, D + Dv]}: a launch's dK, dV (over its buffer) split back into the
+    messages' rows, for their owners."""
+    out = {}
+    for step, slots in launch.parts:
+        kg, slots = step.key_group.to(dk.device), slots.to(dk.device)
+        out[step.source] = torch.cat([gather_rows(dk, kg, slots, groups), gather_rows(dv, kg, slots, groups)], -1)
+    return out
+
+
+def run_launches(backend, q, todo: list[Launch], messages: dict, kv_heads: int, k_dim: int, groups: int,
+                 scale: float, on_launch=None):
+    """Runs the launches whose messages have all arrived (removing them from `todo`); returns
+    [(launch, (kb, vb), out, lse)]. `on_launch(fn)` wraps each backend call (the simulation
+    times it)."""
+    done = []
+    for launch in [x for x in todo if all(s in messages for s in x.sources)]:
+        todo.remove(launch)
+        kb, vb = launch_buffers(launch, messages, kv_heads, k_dim, groups)
+        call = lambda: backend.forward(q, kb, vb, launch.layout, scale, True)  # noqa: E731
+        out, lse = on_launch(call) if on_launch else call()
+        done.append((launch, (kb, vb), out, lse))
+    return done
 
 
 class _Transfers:
@@ -262,7 +354,7 @@ class _Transfers:
         """Generator of (source, message) pairs; `None` source first: the caller's chance to do
         local work while the first transfer is in flight."""
         comm, scheme = self.setup.comm, self.setup.scheme
-        p, rank = comm.world_size, comm.rank
+        p = comm.world_size
         if scheme == "ring":
             pending = self._post(1)
             yield None, None
@@ -334,44 +426,55 @@ class _Transfers:
 
 
 # ---------------------------------------------------------------------------- the scheme
-def step_buffers(step, message, k_dim: int):
-    """The step's kv buffers [B, Hkv, buffer_len, D] / [.., Dv] from a message [B, Hkv, n, D+Dv]:
-    keys at their slots, zeros elsewhere (no local query may see those)."""
-    b, h, _, width = message.shape
-    buf = message.new_zeros(b, h, step.buffer_len, width)
-    buf.index_copy_(2, step.slots.to(message.device), message)
-    return buf[..., :k_dim], buf[..., k_dim:]
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Accumulator:
+    """The rank's (out, lse): a single launch's result as it is, several merged by log-sum-exp in
+    fp32 (fp64), in the order they are added; rows seeing nothing keep 0 / -inf."""
+
+    def __init__(self, q, dv: int, num_launches: int) -> None:
+        self.q, self.dv, self.single = q, dv, num_launches == 1
+        bsz, hq, n = q.shape[:3]
+        acc = _accumulation_dtype(q.dtype)
+        self.out = torch.zeros(bsz, hq, n, dv, dtype=acc if not self.single else q.dtype, device=q.device)
+        self.lse = torch.full((bsz, hq, n), float("-inf"), dtype=acc, device=q.device)
+
+    def add(self, out, lse) -> None:
+        if self.single:
+            self.out, self.lse = out, lse
+        else:
+            merge_step(self.out, self.lse, out, lse)
+
+    def result(self):
+        return self.out.to(self.q.dtype), self.lse.to(_lse_dtype(self.q.dtype))
 
 
 class _PlannedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, setup: _Setup):
         comm, plan, backend = setup.comm, setup.plan, setup.backend
-        rank, d = comm.rank, q.shape[3]
-        acc = _accumulation_dtype(q.dtype)
-        bsz, hq, n_local = q.shape[:3]
-        acc_out = torch.zeros(bsz, hq, n_local, v.shape[3], dtype=acc, device=q.device)
-        acc_lse = torch.full((bsz, hq, n_local), float("-inf"), dtype=acc, device=q.device)
+        rank, d, groups = comm.rank, q.shape[3], plan.groups
+        bsz, hkv = q.shape[0], k.shape[1]
         steps = {s.source: s for s in plan.steps_of(rank)}
-        sends = {st.rank: _pack(k, v, st.source_index.to(q.device)) for st in plan.sends_of(rank) if st.rank != rank}
-        recv_shapes = {s: (bsz, k.shape[1], st.num_keys, d + v.shape[3]) for s, st in steps.items() if s != rank}
-        buffers = {}
-
-        def run_step(source, message):
-            kb, vb = step_buffers(steps[source], message, d)
-            buffers[source] = (kb, vb)
-            o, lse = backend.forward(q, kb, vb, steps[source].layout, setup.scale, True)
-            merge_step(acc_out, acc_lse, o, lse)
-
+        sends = {st.rank: _pack(k, v, st, st.source_index.to(q.device), groups)
+                 for st in plan.sends_of(rank) if st.rank != rank}
+        recv_shapes = {s: (bsz, hkv // groups, st.num_keys, d + v.shape[3]) for s, st in steps.items() if s != rank}
+        todo = launches(plan, rank, setup.scheme)
+        acc = _Accumulator(q, v.shape[3], len(todo))
+        messages, done = {}, []
         for source, message in _Transfers(setup, sends, recv_shapes, k.dtype, k.device, "kv").run():
-            if source is None:  # local keys while the first transfer is in flight
+            if source is None:  # local keys: a per-step launch overlaps the first transfer
                 if rank in steps:
-                    run_step(rank, _pack(k, v, steps[rank].source_index.to(q.device)))
+                    messages[rank] = _pack(k, v, steps[rank], steps[rank].source_index.to(q.device), groups)
             else:
-                run_step(source, message)
-        out = acc_out.to(q.dtype)
-        lse = acc_lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-        ctx.setup, ctx.buffers = setup, buffers
+                messages[source] = message
+            for launch, buffers, o, lse in run_launches(backend, q, todo, messages, hkv, d, groups, setup.scale):
+                acc.add(o, lse)
+                done.append((launch, buffers))
+        out, lse = acc.result()
+        ctx.setup, ctx.done = setup, done
         ctx.save_for_backward(q, out, lse)
         ctx.kv_shapes = (k.shape, v.shape)
         return out, lse
@@ -381,22 +484,20 @@ class _PlannedAttention(torch.autograd.Function):
         setup = ctx.setup
         comm, plan, backend = setup.comm, setup.plan, setup.backend
         q, out, lse = ctx.saved_tensors
-        rank = comm.rank
+        rank, groups = comm.rank, plan.groups
         k_shape, v_shape = ctx.kv_shapes
         d = k_shape[3]
         acc = _accumulation_dtype(q.dtype)
         if dout is None:
             dout = torch.zeros_like(out)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        back = {}  # source -> [B, Hkv, n, D + Dv]: dK, dV of its keys, in its key order
-        for step in plan.steps_of(rank):  # source order: a fixed sum
-            kb, vb = ctx.buffers[step.source]
-            dq_s, dk_s, dv_s = backend.backward_from_stats(q, kb, vb, step.layout, setup.scale, out, lse, dout, dlse)
+        back = {}  # source -> [B, Hkv / G, n, D + Dv]: dK, dV of its keys, in its key order
+        for launch, (kb, vb) in ctx.done:  # the forward's launch order: a fixed sum
+            dq_s, dk_s, dv_s = backend.backward_from_stats(q, kb, vb, launch.layout, setup.scale, out, lse, dout, dlse)
             dq += dq_s.to(acc)
-            slots = step.slots.to(q.device)
-            back[step.source] = torch.cat([dk_s.index_select(2, slots), dv_s.index_select(2, slots)], -1)
+            back.update(launch_grads(launch, dk_s, dv_s, groups))
         sends = {s: m for s, m in back.items() if s != rank}
-        recv_shapes = {st.rank: (k_shape[0], k_shape[1], st.num_keys, d + v_shape[3])
+        recv_shapes = {st.rank: (k_shape[0], k_shape[1] // groups, st.num_keys, d + v_shape[3])
                        for st in plan.sends_of(rank) if st.rank != rank}
         got = {}
         for source, message in _Transfers(setup, sends, recv_shapes, q.dtype, q.device, "dkv").run():
@@ -406,6 +507,7 @@ class _PlannedAttention(torch.autograd.Function):
             got[rank] = back[rank]
         dkv = torch.zeros(k_shape[0], k_shape[1], k_shape[2], d + v_shape[3], dtype=acc, device=q.device)
         for st in plan.sends_of(rank):  # receivers in rank order: deterministic
-            dkv.index_add_(2, st.source_index.to(q.device), got[st.rank].to(acc))
-        ctx.buffers = None
+            _put_rows(dkv, st.key_group.to(q.device), st.source_index.to(q.device), got[st.rank].to(acc), groups,
+                      add=True)
+        ctx.done = None
         return dq.to(q.dtype), dkv[..., :d].to(q.dtype), dkv[..., d:].to(q.dtype), None

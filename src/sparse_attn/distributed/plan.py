@@ -1,16 +1,24 @@
 """The context-parallel plan: from a layout (CSR, per head) and a sharding over P ranks, which
-keys each rank's queries need from each rank, and the local layout of every step.
+keys each rank's queries need from each rank, and the local layouts the ranks compute on.
 
-For rank r and source rank s (a *step*), the plan lists
+Keys travel per *group*: a group is one GQA group (the q heads sharing one kv head) when the
+layout is per head and the caller names its kv heads, else all heads together (a layout shared
+by every head needs the same keys for all). For rank r and source rank s (a *step*), the plan
+lists
 
-* `keys`: the global key positions held by s that some query of r may attend (any head: the
-  kv heads of a GQA group, and all kv heads, travel together), ascending. Only these are sent:
-  full blocks whole, partial blocks trimmed to the keys their element masks use. This is the
-  analytic minimum at key granularity (for a band: exactly the keys within its reach);
+* `keys` / `key_group`: the (group, global key position) pairs held by s that some query of r in
+  that group may attend, group-major, keys ascending. Only these are sent: full blocks whole,
+  partial blocks trimmed to the keys their element masks use. This is the analytic minimum at
+  key granularity (for a band: exactly the keys within its reach);
 * `kv_blocks`: the global kv blocks those keys lie in; the receiver places the keys in a buffer
-  of these blocks (keys not sent stay 0, and no local query is allowed to see them);
+  of these blocks (keys not sent stay 0, and no local query of that group may see them);
 * `layout`: a `BlockLayout` over (rank r's queries, that buffer), the global layout's blocks
   renumbered, whose pattern evaluates the global pattern at the global positions.
+
+`rank_call(r)` is the same for all of rank r's steps at once (`RankCall`): one buffer holding
+every kv block rank r touches, in global block order, and one layout over it, so a scheme whose
+keys all arrive before compute (halo, all-to-all) runs one kernel launch per rank: the unsplit
+call's rows of r, block for block, with no log-sum-exp merge.
 
 Empty steps cost neither bytes nor compute. Plans are cached on the layout per sharding.
 """
@@ -26,7 +34,7 @@ from ..patterns import BlockGrid, BlockLayout, Pattern
 from ..patterns.layout import _Csr
 from .sharding import Sharding
 
-__all__ = ["ContextPlan", "Step", "plan_context_parallel", "PositionsView"]
+__all__ = ["ContextPlan", "Step", "RankCall", "plan_context_parallel", "PositionsView"]
 
 
 class PositionsView(Pattern):
@@ -65,24 +73,42 @@ class Step:
 
     rank: int
     source: int
-    keys: torch.Tensor  # [n] int64 global key positions, ascending
+    keys: torch.Tensor  # [n] int64 global key positions, group-major, ascending within a group
+    key_group: torch.Tensor  # [n] int64 the group of each key (all 0 with one group)
     kv_blocks: torch.Tensor  # [nb] int64 global kv blocks, ascending
-    slots: torch.Tensor  # [n] int64 index of each key in the step's kv buffer
+    slots: torch.Tensor  # [n] int64 index of each key in the step's kv buffer (its group's heads)
     source_index: torch.Tensor  # [n] int64 index of each key in the source's local sequence
     buffer_len: int
     layout: BlockLayout
 
     @property
     def num_keys(self) -> int:
+        """(group, key) pairs: the rows of the message (each carrying the group's kv heads)."""
         return int(self.keys.numel())
+
+
+@dataclass
+class RankCall:
+    """All of rank `rank`'s steps as one call: one kv buffer of every kv block the rank touches
+    (global block order, so for contiguous shards the buffer is one contiguous run of the
+    sequence and its layout the unsplit layout's rows of the rank), and one layout over it."""
+
+    rank: int
+    kv_blocks: torch.Tensor  # [nb] int64 global kv blocks, ascending
+    slots: dict  # source -> [n] int64 index in the buffer of each key of steps[(rank, source)]
+    buffer_len: int
+    layout: BlockLayout
 
 
 @dataclass
 class ContextPlan:
     sharding: Sharding
     layout: BlockLayout
+    groups: int = 1  # key groups: 1, or the kv heads of a per-head layout (one per GQA group)
     steps: dict = field(default_factory=dict)  # (rank, source) -> Step, non-empty only
     fingerprint: int = 0
+    _entries: tuple = ()  # what rank_call needs to build a rank's layout
+    _calls: dict = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
@@ -96,15 +122,25 @@ class ContextPlan:
         """The steps other ranks need from `source`, in rank order."""
         return [self.steps[(r, source)] for r in range(self.world_size) if (r, source) in self.steps]
 
+    def rank_call(self, rank: int) -> RankCall | None:
+        """Rank r's steps as one call (None when r has none); built on first use, cached."""
+        if rank not in self._calls:
+            self._calls[rank] = _rank_call(self, rank) if self.steps_of(rank) else None
+        return self._calls[rank]
+
     def keys_matrix(self) -> torch.Tensor:
-        """[P, P] int64: keys rank r (row) receives from rank s (column); the diagonal is local."""
+        """[P, P] int64: (group, key) rows rank r (row) receives from rank s (column); the
+        diagonal is local. With one group, simply keys."""
         out = torch.zeros(self.world_size, self.world_size, dtype=torch.int64)
         for (r, s), step in self.steps.items():
             out[r, s] = step.num_keys
         return out
 
     def bytes_per_key(self, batch: int, kv_heads: int, head_dim: int, v_head_dim: int, itemsize: int) -> int:
-        return batch * kv_heads * (head_dim + v_head_dim) * itemsize
+        """Bytes of one (group, key) row: k and v of the group's kv heads."""
+        if kv_heads % self.groups:
+            raise ValueError(f"kv_heads ({kv_heads}) must be a multiple of the plan's key groups ({self.groups})")
+        return batch * (kv_heads // self.groups) * (head_dim + v_head_dim) * itemsize
 
     def bytes_received(self, **dims) -> torch.Tensor:
         """[P] bytes of k and v each rank receives in the forward (the backward returns as many
@@ -130,9 +166,22 @@ class ContextPlan:
         return max((min((r - s) % p, (s - r) % p) for (r, s) in self.steps if r != s), default=0)
 
 
-def plan_context_parallel(layout: BlockLayout, sharding: Sharding) -> ContextPlan:
+def key_groups(layout: BlockLayout, kv_heads: int | None) -> int:
+    """How many key groups a plan of `layout` has: one per kv head when the layout is per head
+    and `kv_heads` is given (a GQA group's q heads share their kv head's keys), else one."""
+    if kv_heads is None or layout.num_heads == 1:
+        return 1
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or layout.num_heads % kv_heads:
+        raise ValueError(f"kv_heads must be a positive divisor of the layout's {layout.num_heads} heads, "
+                         f"got {kv_heads!r}")
+    return kv_heads
+
+
+def plan_context_parallel(layout: BlockLayout, sharding: Sharding, kv_heads: int | None = None) -> ContextPlan:
     """The plan of `layout` (self-attention over the sharded sequence: q_len == kv_len == N,
-    q_offset 0) over `sharding`; cached on the layout."""
+    q_offset 0) over `sharding`; cached on the layout. `kv_heads`: the kv heads of the call, so a
+    per-head layout sends each GQA group only its own keys (None: keys are unioned over all
+    heads)."""
     if layout.q_len != layout.kv_len or layout.q_offset != 0:
         raise ValueError(f"context parallelism needs self-attention layouts (q_len == kv_len, q_offset 0), got "
                          f"q_len={layout.q_len}, kv_len={layout.kv_len}, q_offset={layout.q_offset}")
@@ -141,10 +190,11 @@ def plan_context_parallel(layout: BlockLayout, sharding: Sharding) -> ContextPla
     if sharding.unit % layout.block_q or sharding.unit % layout.block_kv:
         raise ValueError(f"sharding unit ({sharding.unit}) must be a multiple of the layout's blocks "
                          f"({layout.block_q}, {layout.block_kv}): every block must live on one rank")
-    return layout.cached(("context_parallel",) + sharding.key(), lambda: _build(layout, sharding))
+    groups = key_groups(layout, kv_heads)
+    return layout.cached(("context_parallel", groups) + sharding.key(), lambda: _build(layout, sharding, groups))
 
 
-def _build(layout: BlockLayout, sharding: Sharding) -> ContextPlan:
+def _build(layout: BlockLayout, sharding: Sharding, groups: int) -> ContextPlan:
     g = layout.grid
     dev = g.device
     heads, nqb, nkb = layout.num_heads, g.num_q_blocks, g.num_kv_blocks
@@ -159,6 +209,7 @@ def _build(layout: BlockLayout, sharding: Sharding) -> ContextPlan:
                           torch.zeros_like(layout.partial.rows, dtype=torch.bool)])
     ent_head = torch.div(ent_rows, nqb, rounding_mode="floor")
     ent_qb = ent_rows % nqb
+    ent_group = torch.div(ent_head, heads // groups, rounding_mode="floor")  # [E] the q head's GQA group
     # keys each partial entry uses: any query row of the block may attend them
     used = torch.ones(ent_kb.numel(), g.block_kv, dtype=torch.bool, device=dev)  # [E, BK]
     part = (~ent_full).nonzero().reshape(-1)
@@ -170,42 +221,75 @@ def _build(layout: BlockLayout, sharding: Sharding) -> ContextPlan:
     used &= key_pos < g.kv_len
     ent_rank = q_block_owner[ent_qb]
     ent_source = kv_block_owner[ent_kb]
-    plan = ContextPlan(sharding, layout)
-    pattern = layout._require_pattern() if layout.partial.indices.numel() else layout.pattern
+    plan = ContextPlan(sharding, layout, groups)
+    plan._entries = (ent_rank, ent_head, ent_qb, ent_kb, ent_full)
     for r in range(sharding.world_size):
-        q_pos = sharding.positions(r, dev)  # [N_r]
-        if q_pos.numel() == 0:
+        if sharding.length(r) == 0:
             continue
-        my_qbs = torch.unique_consecutive(torch.div(q_pos, g.block_q, rounding_mode="floor"))  # local order
-        q_local_block = torch.full((nqb,), -1, dtype=torch.int64, device=dev)
-        q_local_block[my_qbs] = torch.arange(my_qbs.numel(), device=dev)
         mine = ent_rank == r
         for s in range(sharding.world_size):
             sel = (mine & (ent_source == s)).nonzero().reshape(-1)
             if sel.numel() == 0:
                 continue
-            keys = torch.unique(key_pos[sel][used[sel]])  # ascending
-            if keys.numel() == 0:
+            # (group, key) pairs, group-major and keys ascending: one sort of group * N + key
+            code = torch.unique((ent_group[sel][:, None] * g.kv_len + key_pos[sel])[used[sel]])
+            if code.numel() == 0:
                 continue
-            kv_blocks = torch.unique(ent_kb[sel])
-            kv_local_block = torch.full((nkb,), -1, dtype=torch.int64, device=dev)
-            kv_local_block[kv_blocks] = torch.arange(kv_blocks.numel(), device=dev)
-            slots = kv_local_block[torch.div(keys, g.block_kv, rounding_mode="floor")] * g.block_kv + keys % g.block_kv
-            last = int(kv_blocks[-1])
-            buffer_len = (kv_blocks.numel() - 1) * g.block_kv + min(g.block_kv, g.kv_len - last * g.block_kv)
-            kv_positions = (kv_blocks[:, None] * g.block_kv + torch.arange(g.block_kv, device=dev)[None]).reshape(-1)
-            kv_positions = kv_positions[:buffer_len].clamp(max=g.kv_len - 1)
-            rows = ent_head[sel] * my_qbs.numel() + q_local_block[ent_qb[sel]]
-            cols = kv_local_block[ent_kb[sel]]
-            full = ent_full[sel]
-            local_grid = BlockGrid(q_pos.numel(), buffer_len, 0, g.block_q, g.block_kv, dev)
-            view = PositionsView(pattern, q_pos, kv_positions) if pattern is not None else None
-            num_rows = heads * my_qbs.numel()
-            step_layout = BlockLayout(view, local_grid, heads, _sorted_csr(rows[full], cols[full], num_rows),
-                                      _sorted_csr(rows[~full], cols[~full], num_rows))
-            plan.steps[(r, s)] = Step(r, s, keys, kv_blocks, slots, local_index[keys], buffer_len, step_layout)
+            keys, key_group = code % g.kv_len, torch.div(code, g.kv_len, rounding_mode="floor")
+            local = _local_layout(layout, plan, r, sel)
+            slots = local.kv_local_block[torch.div(keys, g.block_kv, rounding_mode="floor")] * g.block_kv + \
+                keys % g.block_kv
+            plan.steps[(r, s)] = Step(r, s, keys, key_group, local.kv_blocks, slots, local_index[keys],
+                                      local.buffer_len, local.layout)
     plan.fingerprint = _fingerprint(layout, sharding, plan)
     return plan
+
+
+@dataclass
+class _Local:
+    kv_blocks: torch.Tensor  # [nb] global kv blocks of the buffer, ascending
+    kv_local_block: torch.Tensor  # [NKB] each global kv block's index in the buffer (-1: absent)
+    buffer_len: int
+    layout: BlockLayout
+
+
+def _local_layout(layout: BlockLayout, plan: ContextPlan, rank: int, sel: torch.Tensor) -> _Local:
+    """The layout over (rank's queries, a buffer of the kv blocks of entries `sel`)."""
+    g = layout.grid
+    dev = g.device
+    ent_rank, ent_head, ent_qb, ent_kb, ent_full = plan._entries
+    q_pos = plan.sharding.positions(rank, dev)  # [N_r]
+    my_qbs = torch.unique_consecutive(torch.div(q_pos, g.block_q, rounding_mode="floor"))  # local order
+    q_local_block = torch.full((g.num_q_blocks,), -1, dtype=torch.int64, device=dev)
+    q_local_block[my_qbs] = torch.arange(my_qbs.numel(), device=dev)
+    kv_blocks = torch.unique(ent_kb[sel])
+    kv_local_block = torch.full((g.num_kv_blocks,), -1, dtype=torch.int64, device=dev)
+    kv_local_block[kv_blocks] = torch.arange(kv_blocks.numel(), device=dev)
+    # only the block ending at kv_len may be short, and in global order it comes last
+    last = int(kv_blocks[-1])
+    buffer_len = (kv_blocks.numel() - 1) * g.block_kv + min(g.block_kv, g.kv_len - last * g.block_kv)
+    kv_positions = (kv_blocks[:, None] * g.block_kv + torch.arange(g.block_kv, device=dev)[None]).reshape(-1)
+    kv_positions = kv_positions[:buffer_len].clamp(max=g.kv_len - 1)
+    rows = ent_head[sel] * my_qbs.numel() + q_local_block[ent_qb[sel]]
+    cols = kv_local_block[ent_kb[sel]]
+    full = ent_full[sel]
+    local_grid = BlockGrid(q_pos.numel(), buffer_len, 0, g.block_q, g.block_kv, dev)
+    pattern = layout._require_pattern() if layout.partial.indices.numel() else layout.pattern
+    view = PositionsView(pattern, q_pos, kv_positions) if pattern is not None else None
+    num_rows = layout.num_heads * my_qbs.numel()
+    local = BlockLayout(view, local_grid, layout.num_heads, _sorted_csr(rows[full], cols[full], num_rows),
+                        _sorted_csr(rows[~full], cols[~full], num_rows))
+    return _Local(kv_blocks, kv_local_block, buffer_len, local)
+
+
+def _rank_call(plan: ContextPlan, rank: int) -> RankCall:
+    ent_rank = plan._entries[0]
+    sel = (ent_rank == rank).nonzero().reshape(-1)
+    local = _local_layout(plan.layout, plan, rank, sel)
+    bk = plan.layout.block_kv
+    slots = {st.source: local.kv_local_block[torch.div(st.keys, bk, rounding_mode="floor")] * bk + st.keys % bk
+             for st in plan.steps_of(rank)}
+    return RankCall(rank, local.kv_blocks, slots, local.buffer_len, local.layout)
 
 
 def _sorted_csr(rows: torch.Tensor, cols: torch.Tensor, num_rows: int) -> _Csr:
@@ -216,7 +300,7 @@ def _sorted_csr(rows: torch.Tensor, cols: torch.Tensor, num_rows: int) -> _Csr:
 def _fingerprint(layout: BlockLayout, sharding: Sharding, plan: ContextPlan) -> int:
     """63-bit digest every rank compares before the first exchange: the same plan on all ranks."""
     h = hashlib.sha256()
-    h.update(repr((layout.q_len, layout.block_q, layout.block_kv, layout.num_heads, sharding.key(),
+    h.update(repr((layout.q_len, layout.block_q, layout.block_kv, layout.num_heads, plan.groups, sharding.key(),
                    repr(layout.pattern))).encode())
     h.update(plan.keys_matrix().numpy().tobytes())
     return int.from_bytes(h.digest()[:8], "little") >> 1

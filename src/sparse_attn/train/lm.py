@@ -76,15 +76,22 @@ def _batch(data: TokenData, cfg: TrainConfig, step: int):
     return data.windows("train", starts, cfg.seq_len)
 
 
-def _loss(model, x, y):
-    logits = model(x)  # [B, N, V]
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+def _loss(model, x, y, parallel=None):
+    """Mean next-byte cross-entropy of the batch; with `parallel`, this rank's share of the
+    mean over the whole (global) batch, x and y being the whole batch [B, N]."""
+    if parallel is None:
+        logits = model(x)  # [B, N, V]
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    x_r, y_r = parallel.local(x, y)  # [B / dp, N_r]
+    logits = model(x_r)
+    local_sum = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y_r.flatten(), reduction="sum")
+    return parallel.share(local_sum, y.numel())
 
 
 @torch.no_grad()
-def evaluate(model: SparseCausalLM, data: TokenData, cfg: TrainConfig) -> float:
+def evaluate(model: SparseCausalLM, data: TokenData, cfg: TrainConfig, parallel=None) -> float:
     """Mean next-byte cross-entropy (nats) over eval_batches x batch_size fixed windows spread
-    evenly over the validation split."""
+    evenly over the validation split (with `parallel`, split over its ranks as in training)."""
     was_training = model.training
     model.eval()
     count = cfg.eval_batches * cfg.batch_size
@@ -94,7 +101,8 @@ def evaluate(model: SparseCausalLM, data: TokenData, cfg: TrainConfig) -> float:
     for chunk in starts.split(cfg.batch_size):
         x, y = data.windows("val", chunk, cfg.seq_len)
         with autocast(device, cfg.dtype):
-            total += float(_loss(model, x.to(device), y.to(device))) * len(chunk)
+            loss = _loss(model, x.to(device), y.to(device), parallel)
+        total += float(loss if parallel is None else parallel.all_sum(loss)) * len(chunk)
     model.train(was_training)
     return total / count
 
@@ -110,7 +118,7 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
 def train_lm(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, *, checkpoint: str | None = None,
              resume: bool = False, checkpoint_every: int | None = None, checkpoint_minutes: float | None = None,
              max_minutes: float | None = None, show_progress: bool = True, label: str = "train",
-             on_eval: Callable[[dict], None] | None = None) -> tuple[SparseCausalLM, TrainResult]:
+             on_eval: Callable[[dict], None] | None = None, parallel=None) -> tuple[SparseCausalLM, TrainResult]:
     """Train a SparseCausalLM from scratch (or from `checkpoint` with resume=True) for cfg.steps
     optimizer steps in total, on `train.loop.TrainLoop`. With `checkpoint` (a file), saves there
     at every evaluation, every `checkpoint_every` steps / `checkpoint_minutes` minutes and at the
@@ -119,13 +127,24 @@ def train_lm(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, *, check
     (step, train_loss, lr, val_loss, elapsed_s), while training goes on: to report it as it
     happens. Progress: `sparse_attn._extras.progress` (a bar on a terminal, plain lines elsewhere).
 
+    `parallel`: a `train.ContextParallel` (torch.distributed: each sequence split over context
+    ranks, the batch over data-parallel groups; every rank calls train_lm with the same
+    arguments and gets the same model and history). Checkpoints and a time budget are refused
+    in this mode (the wrapped layers change the state dict's keys; ranks stopping on their own
+    clocks could stop at different steps and hang the others).
+
     Returns (model, result); result.history holds train loss and learning rate per step and
     the validation loss every eval_every steps and at the last step.
     """
     data.check_length(cfg.seq_len)
+    if parallel is not None and (checkpoint is not None or resume or max_minutes is not None):
+        raise ValueError("checkpoint / resume / max_minutes are not supported with parallel (the context-parallel "
+                         "model's layers are wrapped; ranks must stop at the same step): leave them unset")
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = SparseCausalLM(model_cfg).to(device)
+    if parallel is not None:
+        parallel.parallelize(model, cfg.seq_len, cfg.batch_size, 128)  # shards cut at multiples of every backend's blocks
     optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def check_resume(ckpt):
@@ -134,19 +153,22 @@ def train_lm(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, *, check
 
     loop = TrainLoop(model, optimizer, steps=cfg.steps,
                      batches=lambda step: tuple(t.to(device) for t in _batch(data, cfg, step)),
-                     loss=lambda model, batch: _loss(model, *batch), lr=lambda step: lr_at(step, cfg),
-                     evaluate=lambda model, step: {"val_loss": evaluate(model, data, cfg)}, eval_every=cfg.eval_every,
+                     loss=lambda model, batch: _loss(model, *batch, parallel), lr=lambda step: lr_at(step, cfg),
+                     evaluate=lambda model, step: {"val_loss": evaluate(model, data, cfg, parallel)},
+                     eval_every=cfg.eval_every,
                      grad_clip=cfg.grad_clip, device=device, dtype=cfg.dtype,
                      step_seed=lambda step: cfg.seed * 1_000_003 + step,
                      meta={"model_config": model_cfg.to_dict(), "train_config": asdict(cfg)},
                      check_resume=check_resume, checkpoint=checkpoint, resume=resume,
                      checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
-                     max_minutes=max_minutes, on_eval=on_eval, progress=show_progress, label=label)
+                     max_minutes=max_minutes, on_eval=on_eval, progress=show_progress, label=label,
+                     after_backward=None if parallel is None else parallel.reduce_gradients,
+                     report_loss=None if parallel is None else lambda loss: float(parallel.all_sum(loss)))
     run = loop.run()
     result = TrainResult(history=run.history, num_parameters=sum(p.numel() for p in model.parameters()),
                          seconds=run.session_seconds, stopped_early=run.stopped_early)
     evals = result.evals()
-    result.final_val_loss = evals[-1][1] if evals else evaluate(model, data, cfg)
+    result.final_val_loss = evals[-1][1] if evals else evaluate(model, data, cfg, parallel)
     return model, result
 
 

@@ -83,11 +83,15 @@ def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9,
                               {"params": other, "weight_decay": 0.0}], lr=lr, betas=betas)
 
 
-def optimizer_step(model, optimizer, loss: torch.Tensor, grad_clip: float) -> None:
-    """One update: backward, clip the gradient norm at grad_clip (0: no clipping), step, and count
-    the step on models that count them (`advance()`: the dense-to-sparse warm-up reads it)."""
+def optimizer_step(model, optimizer, loss: torch.Tensor, grad_clip: float,
+                   after_backward: Callable[[torch.nn.Module], None] | None = None) -> None:
+    """One update: backward, `after_backward(model)` (e.g. gradients summed over ranks), clip the
+    gradient norm at grad_clip (0: no clipping), step, and count the step on models that count
+    them (`advance()`: the dense-to-sparse warm-up reads it)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if after_backward is not None:
+        after_backward(model)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -182,6 +186,10 @@ class TrainLoop:
             (result.stopped_early) before a step that would end past it.
         on_eval: entry -> None, called after each evaluation (to report it as it happens).
         progress, label: a progress bar or lines (`_extras.progress`).
+        after_backward: model -> None, between backward and clipping (distributed training sums
+            gradients over its ranks there: `train.ContextParallel.reduce_gradients`).
+        report_loss: loss tensor -> the float the history records (default float(loss); a rank
+            holding its share of a global mean sums the shares over the ranks).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, steps: int,
@@ -193,7 +201,9 @@ class TrainLoop:
                  checkpoint: str | os.PathLike | None = None, resume: bool = False,
                  checkpoint_every: int | None = None, checkpoint_minutes: float | None = None,
                  max_minutes: float | None = None, on_eval: Callable[[dict], None] | None = None,
-                 progress: bool = True, label: str = "train"):
+                 progress: bool = True, label: str = "train",
+                 after_backward: Callable[[torch.nn.Module], None] | None = None,
+                 report_loss: Callable[[torch.Tensor], float] | None = None):
         self.steps = check_int("steps", steps, 1)
         if eval_every is not None:
             check_int("eval_every", eval_every, 1)
@@ -223,6 +233,7 @@ class TrainLoop:
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.resume, self.checkpoint_every, self.checkpoint_minutes = resume, checkpoint_every, checkpoint_minutes
         self.max_minutes, self.on_eval, self.progress, self.label = max_minutes, on_eval, progress, label
+        self.after_backward, self.report_loss = after_backward, report_loss
         self.result = LoopResult(steps=self.steps)
 
     # -- checkpoints
@@ -292,8 +303,9 @@ class TrainLoop:
             with autocast(self.device, self.dtype):
                 out = self.loss(self.model, batch)
             loss, metrics = out if isinstance(out, tuple) else (out, {})
-            optimizer_step(self.model, self.optimizer, loss, self.grad_clip)
-            entry = {"step": step + 1, "train_loss": float(loss.detach()), **metrics, "lr": lr}
+            optimizer_step(self.model, self.optimizer, loss, self.grad_clip, self.after_backward)
+            reported = float(loss.detach()) if self.report_loss is None else self.report_loss(loss.detach())
+            entry = {"step": step + 1, "train_loss": reported, **metrics, "lr": lr}
             r.step = step + 1
             step_cost = _now() - step_began
             if evaluates:

@@ -126,6 +126,14 @@ def test_training_reduces_the_loss(data):
     assert int(model.train_step) == 30
 
 
+@pytest.mark.parametrize("kw", [{"checkpoint": "x.pt"}, {"max_minutes": 1.0}])
+def test_context_parallel_refuses_checkpoints_and_time_budgets(data, kw):
+    """With parallel= every rank must stop at the same step: a per-rank clock (max_minutes) or a
+    checkpoint of the wrapped model is refused before any rank trains."""
+    with pytest.raises(ValueError, match="not supported with parallel"):
+        train_lm(tiny_model(), tiny_train(), data, parallel=object(), show_progress=False, **kw)
+
+
 def test_resume_equals_an_uninterrupted_run(data, tmp_path, monkeypatch):
     model_cfg = tiny_model(dropout=0.1, warmup_steps=8)  # dropout masks and the warm-up must resume too
     cfg = tiny_train()

@@ -54,7 +54,7 @@ class CompilingLauncher:
     def __getitem__(self, grid):
         return self.launch
 
-    def launch(self, *args, num_warps: int = 4, num_stages: int = 3, **constexprs):
+    def launch(self, *args, num_warps: int = 4, num_stages: int = 3, num_ctas: int = 1, maxnreg=None, **constexprs):
         names = self.jit_fn.arg_names
         positional = names[:len(args)]
         signature = {name: _arg_type(value) for name, value in zip(positional, args)}
@@ -64,14 +64,21 @@ class CompilingLauncher:
         for name, value in zip(positional, args):
             if isinstance(value, int) and not isinstance(value, bool) and value == 1:
                 signature[name], consts[name] = "constexpr", 1
-        key = (tuple(sorted(signature.items())), tuple(sorted(consts.items())), num_warps, num_stages)
+        key = (tuple(sorted(signature.items())), tuple(sorted(consts.items())), num_warps, num_stages, num_ctas, maxnreg)
         if key in self.done:
             return
         self.done.add(key)
         src = ASTSource(fn=self.jit_fn, signature=signature, constexprs=consts)
-        triton.compile(src, target=self.target, options={"num_warps": num_warps, "num_stages": num_stages})
-        flags = ",".join(f"{k}={v}" for k, v in sorted(constexprs.items()) if k in ("USE_TMA", "FUSED_DQ", "BM", "BN"))
-        self.log.append(f"{self.jit_fn.__name__} [{flags}]")
+        options = {"num_warps": num_warps, "num_stages": num_stages, "num_ctas": num_ctas}
+        if maxnreg is not None:
+            options["maxnreg"] = maxnreg
+        compiled = triton.compile(src, target=self.target, options=options)
+        flags = ",".join(f"{k}={v}" for k, v in sorted(constexprs.items())
+                         if k in ("USE_TMA", "FUSED_DQ", "BM", "BN", "PERSISTENT", "QUEUE", "WS"))
+        extra = f" num_warps={num_warps} num_ctas={num_ctas} maxnreg={maxnreg}"
+        ws_ops = compiled.asm.get("ttgir", "").count("ttg.warp_specialize")
+        self.log.append(f"{self.jit_fn.__name__} [{flags}]{extra} ttg.warp_specialize ops={ws_ops} "
+                        f"shared={compiled.metadata.shared} warps={compiled.metadata.num_warps}")
 
 
 def main() -> int:

@@ -14,7 +14,7 @@ entry of their own (the fused backward at D=64/256) borrow another phase's (`BOR
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,17 @@ class TileConfig:
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int
+    # Scheduling and compiler variants (issue #16), each off by default: today's kernels.
+    # persistent: 0 launches one program per tile; k > 0 launches min(tiles, k x SM count)
+    # programs, each draining the busiest-first work list (plan.q_block_order / kv_block_order)
+    # by a static stride, or with `queue` from an atomic counter (a longest-first queue).
+    persistent: int = 0
+    queue: bool = False
+    # the inner kv / q loops as tl.range(..., warp_specialize=True) (see kernels.py for what
+    # Triton 3.6 makes of it on sm90)
+    warp_specialize: bool = False
+    num_ctas: int = 1  # CTAs per cluster (sm90+): a launch option
+    maxnreg: int | None = None  # registers per thread cap (ptxas .maxnreg): a launch option
 
 
 # padded head dim -> phase -> config
@@ -35,6 +46,11 @@ TUNED: dict[int, dict[str, TileConfig]] = {
 
 # Phases without a measured entry of their own borrow another phase's tiles.
 BORROWED = {"fused": "dkdv"}
+
+# Per-phase field overrides applied on top of the chosen tiles (TileConfig's field names):
+# how benchmarks/kernel_variants.py and the tests select a variant without changing the table.
+# Empty: every launch runs the tuned entry as is.
+OVERRIDES: dict[str, dict] = {}
 
 # Tiles used under TRITON_INTERPRET=1 (CPU tests): small, so the numpy interpreter stays fast.
 INTERPRETED = TileConfig(16, 16, 1, 1)
@@ -55,4 +71,8 @@ def tile_config(padded_head_dim: int, phase: str, block_q: int, block_kv: int, *
         if element_size > 2:
             c = TileConfig(min(c.block_m, 64), min(c.block_n, 64 if padded_head_dim <= 128 else 32), c.num_warps,
                            min(c.num_stages, 2))
-    return TileConfig(min(c.block_m, block_q), min(c.block_n, block_kv), c.num_warps, c.num_stages)
+    over = OVERRIDES.get(phase, {})
+    if interpreted:  # under the interpreter only the scheduling switches apply; tiles stay tiny
+        over = {k: v for k, v in over.items() if k in ("persistent", "queue", "warp_specialize")}
+    c = replace(c, **over)
+    return replace(c, block_m=min(c.block_m, block_q), block_n=min(c.block_n, block_kv))

@@ -76,7 +76,7 @@ class CompilingLauncher:
         flags = ",".join(f"{k}={v}" for k, v in sorted(constexprs.items())
                          if k in ("USE_TMA", "FUSED_DQ", "BM", "BN", "PERSISTENT", "QUEUE", "WS"))
         extra = f" num_warps={num_warps} num_ctas={num_ctas} maxnreg={maxnreg}"
-        ws_ops = compiled.asm.get("ttgir", "").count("ttg.warp_specialize")
+        ttgir = compiled.asm.get("ttgir", ""); ws_ops = (ttgir.count("ttg.warp_specialize"), ttgir.count("async_task_id"), ttgir.count("ttg.partition"))
         self.log.append(f"{self.jit_fn.__name__} [{flags}]{extra} ttg.warp_specialize ops={ws_ops} "
                         f"shared={compiled.metadata.shared} warps={compiled.metadata.num_warps}")
 

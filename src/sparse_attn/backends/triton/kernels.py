@@ -300,7 +300,7 @@ def _fwd_program(
     p1 = tl.load(part_off + row + 1) * TILES
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p0, p1, part_idx, part_bits, part_mask, k_base, v_base, k_desc,
                                v_desc, stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV,
-                               D, DV, WORDS, LBQ, True, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, WS)
+                               D, DV, WORDS, LBQ, True, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, False)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -484,7 +484,7 @@ def _dq_program(
     p1 = tl.load(part_off + row + 1) * TILES
     dq = _dq_tiles(dq, q, do, lse2, delta, p0, p1, part_idx, part_bits, part_mask, k_base, v_base, k_desc, v_desc,
                    stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
-                   True, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, WS)
+                   True, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, False)
     dq_ptrs = (GradQ + b * stride_dqb + h64 * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqn
                + offs_d[None, :])
     tl.store(dq_ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D))
@@ -657,7 +657,7 @@ def _dkdv_program(
         dk, dv = _dkdv_tiles(dk, dv, k, v, p0, p1, tpart_idx, tpart_mask, part_bits, q_base, do_base, q_desc, do_desc,
                              dq_base, stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n,
                              kv_col_in_block, qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS,
-                             True, EVEN_Q, EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS, WS)
+                             True, EVEN_Q, EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS, False)
     in_kv = offs_n[:, None] < kv_len
     rows = offs_n[:, None].to(tl.int64)
     dk_ptrs = GradK + b * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :]

@@ -84,6 +84,8 @@ class CompilingLauncher:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: Hopper)")
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="also compile these configs.VARIANTS (none named: all), TMA as in production")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     log: list[str] = []
@@ -106,6 +108,19 @@ def main() -> int:
         out, lse = torch.randn_like(out), torch.randn_like(lse)
         for backward in (ops.block_sparse_attn_bwd, ops.block_sparse_attn_bwd_fused):
             backward(torch.randn_like(out), None, q, k, v, out, lse, *plan.tensors(), *fixed)
+    ops.TMA_DEFAULT = None
+    from sparse_attn.backends.triton import configs
+
+    for name in ([] if args.variants is None else args.variants or list(configs.VARIANTS)):
+        configs.OVERRIDES = configs.VARIANTS[name]
+        phases = set(configs.OVERRIDES)
+        out, lse = ops.block_sparse_attn_fwd(q, k, v, *plan.tensors(), *fixed, True)
+        out, lse = torch.randn_like(out), torch.randn_like(lse)
+        if phases & {"dq", "dkdv"}:
+            ops.block_sparse_attn_bwd(torch.randn_like(out), None, q, k, v, out, lse, *plan.tensors(), *fixed)
+        if "fused" in phases:
+            ops.block_sparse_attn_bwd_fused(torch.randn_like(out), None, q, k, v, out, lse, *plan.tensors(), *fixed)
+        configs.OVERRIDES = {}
     for line in log:
         print("compiled", line)
     return 0

@@ -52,6 +52,24 @@ BORROWED = {"fused": "dkdv"}
 # Empty: every launch runs the tuned entry as is.
 OVERRIDES: dict[str, dict] = {}
 
+# Named variants measured against the table by benchmarks/kernel_variants.py (issue #16):
+# variant -> phase -> OVERRIDES entry. Compiled for sm90 by tests/backends/compile_for_gpu.py
+# --variants. Not measured here: warp_specialize (Triton 3.6 and 3.9 form no producer/consumer
+# warps for these kernels on sm90: see kernels.py) and num_ctas > 1 (Triton 3.6's CTA planner
+# asserts on them).
+_PERSISTENT = {"persistent1": {"persistent": 1}, "persistent2": {"persistent": 2},
+               "queue1": {"persistent": 1, "queue": True}, "queue2": {"persistent": 2, "queue": True}}
+VARIANTS: dict[str, dict[str, dict]] = {
+    **{f"{ph}_{name}": {ph: over} for ph in ("fwd", "dq", "dkdv", "fused") for name, over in _PERSISTENT.items()},
+    # dq on wider kv tiles with 8 warps (dq's loop does 3 GEMMs per tile: fewer, larger ones)
+    "dq_64x128_w8_s2": {"dq": dict(block_m=64, block_n=128, num_warps=8, num_stages=2)},
+    "dq_64x128_w8_s3": {"dq": dict(block_m=64, block_n=128, num_warps=8, num_stages=3)},
+    "dq_128x128_w8_s2": {"dq": dict(block_m=128, block_n=128, num_warps=8, num_stages=2)},
+    "dq_128x64_w8_s2": {"dq": dict(block_m=128, block_n=64, num_warps=8, num_stages=2)},
+    # the fused backward's 8-warp kernel with a register cap (spills vs occupancy)
+    "fused_maxnreg128": {"fused": dict(maxnreg=128)},
+}
+
 # Tiles used under TRITON_INTERPRET=1 (CPU tests): small, so the numpy interpreter stays fast.
 INTERPRETED = TileConfig(16, 16, 1, 1)
 

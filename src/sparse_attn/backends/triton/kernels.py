@@ -36,6 +36,18 @@ The backwards recompute P = exp2(S * scale * log2e - lse2) from the saved lse (l
 log2 units, +inf for empty and padding rows so P is 0 there: their gradients are 0), and use
 dS = P * (dP - delta) with delta = rowsum(dO * O) - dlse, which also carries the gradient
 flowing into the returned log-sum-exp.
+
+Warp specialisation (WS, off; issue #16), found by compiling for sm90 with Triton 3.6 and 3.9
+(no GPU needed): `tl.range(..., warp_specialize=True)` runs the Hopper pass
+NVGPUWarpSpecialization, which forms a TMA producer warp group plus two consumer groups (12
+warps) for a single flash-attention loop with TMA loads, two dots and num_warps=4 (scalar index
+loads inside are fine), and nothing at num_warps=8. It crashes the compiler (an assertion,
+raised as "PassManager::run failed") when a second loop follows the specialised one, or when the
+loop also loads tensors through pointers (bitmask words, lse/delta): the forward and dq kernels
+have two loops (full, partial blocks) and the dk/dv kernel pointer loads of lse2/delta. So WS
+here marks only the full-block loop, compiles as a no-op at the tuned 8 warps, and does not
+compile at 4. A warp-specialised kernel would need the full blocks alone in one launch with
+all loads through TMA (partials in a second pass, merged by log-sum-exp).
 """
 
 from __future__ import annotations

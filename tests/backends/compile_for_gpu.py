@@ -54,7 +54,7 @@ class CompilingLauncher:
     def __getitem__(self, grid):
         return self.launch
 
-    def launch(self, *args, num_warps: int = 4, num_stages: int = 3, **constexprs):
+    def launch(self, *args, num_warps: int = 4, num_stages: int = 3, num_ctas: int = 1, maxnreg=None, **constexprs):
         names = self.jit_fn.arg_names
         positional = names[:len(args)]
         signature = {name: _arg_type(value) for name, value in zip(positional, args)}
@@ -64,19 +64,28 @@ class CompilingLauncher:
         for name, value in zip(positional, args):
             if isinstance(value, int) and not isinstance(value, bool) and value == 1:
                 signature[name], consts[name] = "constexpr", 1
-        key = (tuple(sorted(signature.items())), tuple(sorted(consts.items())), num_warps, num_stages)
+        key = (tuple(sorted(signature.items())), tuple(sorted(consts.items())), num_warps, num_stages, num_ctas, maxnreg)
         if key in self.done:
             return
         self.done.add(key)
         src = ASTSource(fn=self.jit_fn, signature=signature, constexprs=consts)
-        triton.compile(src, target=self.target, options={"num_warps": num_warps, "num_stages": num_stages})
-        flags = ",".join(f"{k}={v}" for k, v in sorted(constexprs.items()) if k in ("USE_TMA", "FUSED_DQ", "BM", "BN"))
-        self.log.append(f"{self.jit_fn.__name__} [{flags}]")
+        options = {"num_warps": num_warps, "num_stages": num_stages, "num_ctas": num_ctas}
+        if maxnreg is not None:
+            options["maxnreg"] = maxnreg
+        compiled = triton.compile(src, target=self.target, options=options)
+        flags = ",".join(f"{k}={v}" for k, v in sorted(constexprs.items())
+                         if k in ("USE_TMA", "FUSED_DQ", "BM", "BN", "PERSISTENT", "QUEUE", "WS"))
+        extra = f" num_warps={num_warps} num_ctas={num_ctas} maxnreg={maxnreg}"
+        ttgir = compiled.asm.get("ttgir", ""); ws_ops = (ttgir.count("ttg.warp_specialize"), ttgir.count("async_task_id"), ttgir.count("ttg.partition"))
+        self.log.append(f"{self.jit_fn.__name__} [{flags}]{extra} ttg.warp_specialize ops={ws_ops} "
+                        f"shared={compiled.metadata.shared} warps={compiled.metadata.num_warps}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: Hopper)")
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="also compile these configs.VARIANTS (none named: all), TMA as in production")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     log: list[str] = []
@@ -99,6 +108,19 @@ def main() -> int:
         out, lse = torch.randn_like(out), torch.randn_like(lse)
         for backward in (ops.block_sparse_attn_bwd, ops.block_sparse_attn_bwd_fused):
             backward(torch.randn_like(out), None, q, k, v, out, lse, *plan.tensors(), *fixed)
+    ops.TMA_DEFAULT = None
+    from sparse_attn.backends.triton import configs
+
+    for name in ([] if args.variants is None else args.variants or list(configs.VARIANTS)):
+        configs.OVERRIDES = configs.VARIANTS[name]
+        phases = set(configs.OVERRIDES)
+        out, lse = ops.block_sparse_attn_fwd(q, k, v, *plan.tensors(), *fixed, True)
+        out, lse = torch.randn_like(out), torch.randn_like(lse)
+        if phases & {"dq", "dkdv"}:
+            ops.block_sparse_attn_bwd(torch.randn_like(out), None, q, k, v, out, lse, *plan.tensors(), *fixed)
+        if "fused" in phases:
+            ops.block_sparse_attn_bwd_fused(torch.randn_like(out), None, q, k, v, out, lse, *plan.tensors(), *fixed)
+        configs.OVERRIDES = {}
     for line in log:
         print("compiled", line)
     return 0

@@ -475,3 +475,47 @@ _gpu_suite = conformance_tests(Conformance(
     "triton", device="cuda", dtypes=(torch.float16, torch.bfloat16), shapes=((1000, 1000), (203, 1000)),
     presets=TRITON_PRESETS, zoo_block=16, batch=2, head_dim=64, marks=(pytest.mark.gpu,)))
 test_gpu_every_preset_low_precision = _gpu_suite.pop("test_conformance_triton")
+
+
+# Kernel variants of issue #16 (configs.OVERRIDES; off by default): a persistent grid draining
+# the busiest-first work list by static stride or from an atomic queue, and the warp_specialize
+# loop flag. Under the interpreter a persistent grid has ops.INTERPRETED_SMS programs per unit,
+# so each program drains several work items (and with one program per unit, every item).
+VARIANTS = {
+    "persistent_stride": {"persistent": 1},
+    "persistent_queue": {"persistent": 2, "queue": True},
+    "warp_specialize": {"warp_specialize": True},
+}
+
+
+@BACKWARDS
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name,n", [("longformer", 45), ("per_head", 70)])
+def test_kernel_variants_against_reference(monkeypatch, variant, name, n, deterministic):
+    """Every phase (forward, dq, dk/dv, fused) in the variant: full and partial blocks, ragged
+    last blocks (N=45, 70 with 16-blocks), GQA 4:2, per-head layouts, both backwards."""
+    from sparse_attn.backends.triton import configs
+
+    monkeypatch.setattr(configs, "OVERRIDES", {ph: VARIANTS[variant] for ph in ("fwd", "dq", "dkdv", "fused")})
+    monkeypatch.setattr(triton_ops, "INTERPRETED_SMS", 1)
+    q, k, v = make_qkv(1, HEADS, n, 24, hkv=2, device=DEVICE)
+    check_backend_against_reference(q, k, v, presets(n)[name], backend="triton", return_lse=True,
+                                    deterministic=deterministic)
+
+
+def test_persistent_schedule_drains_every_item(monkeypatch):
+    """The launch's schedule: one program per item by default; a persistent one launches
+    min(items, k x SMs) programs on one axis, with a zeroed counter for the queue."""
+    from sparse_attn.backends.triton.configs import TileConfig
+
+    dev = torch.device(DEVICE)
+    grid, _, work, flags = triton_ops._schedule(TileConfig(16, 16, 1, 1), 5, 3, False, dev)
+    assert grid == (5, 3) and work == (3, 15) and not flags["PERSISTENT"]
+    monkeypatch.setattr(triton_ops, "INTERPRETED_SMS", 4)
+    grid, counter, work, flags = triton_ops._schedule(TileConfig(16, 16, 1, 1, persistent=2, queue=True), 5, 3,
+                                                      True, dev)
+    if dev.type == "cpu":
+        assert grid == (8,)
+    assert work == (3, 15) and flags["PERSISTENT"] and flags["QUEUE"] and int(counter.item()) == 0
+    grid, _, _, _ = triton_ops._schedule(TileConfig(16, 16, 1, 1, persistent=64), 2, 3, False, dev)
+    assert grid == (6,)  # never more programs than items

@@ -34,3 +34,22 @@ def test_kernels_compile_for_sm90():
     assert kinds == {"block_sparse_fwd_kernel", "block_sparse_bwd_dq_kernel", "block_sparse_bwd_dkdv_kernel",
                      "bwd_preprocess_kernel"}, compiled
     assert any("USE_TMA=True" in line for line in compiled) and any("USE_TMA=False" in line for line in compiled)
+
+
+def test_persistent_variants_compile_for_sm90():
+    """The persistent-grid variants (static stride and atomic queue) of every kernel compile for
+    sm90 (configs.VARIANTS; benchmarks/kernel_variants.py measures them on the GPU)."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this Triton has no ahead-of-time CUDA compiler: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    names = ["fwd_persistent1", "dq_queue1", "dkdv_persistent1", "fused_queue1"]
+    done = subprocess.run([sys.executable, str(SCRIPT), "--variants", *names], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, f"compile for sm90 failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    compiled = [line for line in done.stdout.splitlines() if line.startswith("compiled ")]
+    assert any("PERSISTENT=True,QUEUE=True" in line for line in compiled)
+    assert any("PERSISTENT=True,QUEUE=False" in line for line in compiled)

@@ -14,7 +14,7 @@ entry of their own (the fused backward at D=64/256) borrow another phase's (`BOR
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,17 @@ class TileConfig:
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int
+    # Scheduling and compiler variants (issue #16), each off by default: today's kernels.
+    # persistent: 0 launches one program per tile; k > 0 launches min(tiles, k x SM count)
+    # programs, each draining the busiest-first work list (plan.q_block_order / kv_block_order)
+    # by a static stride, or with `queue` from an atomic counter (a longest-first queue).
+    persistent: int = 0
+    queue: bool = False
+    # the inner kv / q loops as tl.range(..., warp_specialize=True) (see kernels.py for what
+    # Triton 3.6 makes of it on sm90)
+    warp_specialize: bool = False
+    num_ctas: int = 1  # CTAs per cluster (sm90+): a launch option
+    maxnreg: int | None = None  # registers per thread cap (ptxas .maxnreg): a launch option
 
 
 # padded head dim -> phase -> config
@@ -35,6 +46,29 @@ TUNED: dict[int, dict[str, TileConfig]] = {
 
 # Phases without a measured entry of their own borrow another phase's tiles.
 BORROWED = {"fused": "dkdv"}
+
+# Per-phase field overrides applied on top of the chosen tiles (TileConfig's field names):
+# how benchmarks/kernel_variants.py and the tests select a variant without changing the table.
+# Empty: every launch runs the tuned entry as is.
+OVERRIDES: dict[str, dict] = {}
+
+# Named variants measured against the table by benchmarks/kernel_variants.py (issue #16):
+# variant -> phase -> OVERRIDES entry. Compiled for sm90 by tests/backends/compile_for_gpu.py
+# --variants. Not measured here: warp_specialize (Triton 3.6 and 3.9 form no producer/consumer
+# warps for these kernels on sm90: see kernels.py) and num_ctas > 1 (Triton 3.6's CTA planner
+# asserts on them).
+_PERSISTENT = {"persistent1": {"persistent": 1}, "persistent2": {"persistent": 2},
+               "queue1": {"persistent": 1, "queue": True}, "queue2": {"persistent": 2, "queue": True}}
+VARIANTS: dict[str, dict[str, dict]] = {
+    **{f"{ph}_{name}": {ph: over} for ph in ("fwd", "dq", "dkdv", "fused") for name, over in _PERSISTENT.items()},
+    # dq on wider kv tiles with 8 warps (dq's loop does 3 GEMMs per tile: fewer, larger ones; 128 x 128 x 8
+    # warps x 2 stages needs 262 KB of shared memory with TMA, more than the H200's 227 KB)
+    "dq_64x128_w8_s2": {"dq": dict(block_m=64, block_n=128, num_warps=8, num_stages=2)},
+    "dq_64x128_w8_s3": {"dq": dict(block_m=64, block_n=128, num_warps=8, num_stages=3)},
+    "dq_128x64_w8_s2": {"dq": dict(block_m=128, block_n=64, num_warps=8, num_stages=2)},
+    # the fused backward's 8-warp kernel with a register cap (spills vs occupancy)
+    "fused_maxnreg128": {"fused": dict(maxnreg=128)},
+}
 
 # Tiles used under TRITON_INTERPRET=1 (CPU tests): small, so the numpy interpreter stays fast.
 INTERPRETED = TileConfig(16, 16, 1, 1)
@@ -55,4 +89,8 @@ def tile_config(padded_head_dim: int, phase: str, block_q: int, block_kv: int, *
         if element_size > 2:
             c = TileConfig(min(c.block_m, 64), min(c.block_n, 64 if padded_head_dim <= 128 else 32), c.num_warps,
                            min(c.num_stages, 2))
-    return TileConfig(min(c.block_m, block_q), min(c.block_n, block_kv), c.num_warps, c.num_stages)
+    over = OVERRIDES.get(phase, {})
+    if interpreted:  # under the interpreter only the scheduling switches apply; tiles stay tiny
+        over = {k: v for k, v in over.items() if k in ("persistent", "queue", "warp_specialize")}
+    c = replace(c, **over)
+    return replace(c, block_m=min(c.block_m, block_q), block_n=min(c.block_n, block_kv))

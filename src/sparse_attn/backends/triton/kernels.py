@@ -36,6 +36,18 @@ The backwards recompute P = exp2(S * scale * log2e - lse2) from the saved lse (l
 log2 units, +inf for empty and padding rows so P is 0 there: their gradients are 0), and use
 dS = P * (dP - delta) with delta = rowsum(dO * O) - dlse, which also carries the gradient
 flowing into the returned log-sum-exp.
+
+Warp specialisation (WS, off; issue #16), found by compiling for sm90 with Triton 3.6 and 3.9
+(no GPU needed): `tl.range(..., warp_specialize=True)` runs the Hopper pass
+NVGPUWarpSpecialization, which forms a TMA producer warp group plus two consumer groups (12
+warps) for a single flash-attention loop with TMA loads, two dots and num_warps=4 (scalar index
+loads inside are fine), and nothing at num_warps=8. It crashes the compiler (an assertion,
+raised as "PassManager::run failed") when a second loop follows the specialised one, or when the
+loop also loads tensors through pointers (bitmask words, lse/delta): the forward and dq kernels
+have two loops (full, partial blocks) and the dk/dv kernel pointer loads of lse2/delta. So WS
+here marks only the full-block loop, compiles as a no-op at the tuned 8 warps, and does not
+compile at 4. A warp-specialised kernel would need the full blocks alone in one launch with
+all loads through TMA (partials in a second pass, merged by log-sum-exp).
 """
 
 from __future__ import annotations
@@ -129,21 +141,37 @@ def _launch_index():
 
 
 @triton.jit
-def _program_tile(block_order, num_blocks, HEADS_FASTEST: tl.constexpr, TILES_PER_BLOCK: tl.constexpr):
-    """(tile, batch*head) of this program. Layout blocks are visited in `block_order` (the
-    busiest first, so a row that touches every block, e.g. Longformer's globals, does not
-    start last and set the tail); with HEADS_FASTEST the busiest blocks of all heads go first."""
-    pid = _launch_index()
+def _work_item(w, block_order, num_blocks, heads, HEADS_FASTEST: tl.constexpr, TILES_PER_BLOCK: tl.constexpr):
+    """(tile, batch*head) of work item `w` (int64) of the launch's work list: layout blocks are
+    visited in `block_order` (the busiest first, so a row that touches every block, e.g.
+    Longformer's globals, does not start last and set the tail); with HEADS_FASTEST the
+    busiest blocks of all `heads` go first."""
     tiles = num_blocks * TILES_PER_BLOCK
     if HEADS_FASTEST:
-        heads = tl.num_programs(0).to(tl.int64) * tl.num_programs(1) // tiles
-        bh = pid % heads
-        rank = pid // heads
+        bh = w % heads
+        rank = w // heads
     else:
-        rank = pid % tiles
-        bh = pid // tiles
+        rank = w % tiles
+        bh = w // tiles
     block = tl.load(block_order + rank // TILES_PER_BLOCK)
     return (block * TILES_PER_BLOCK + rank % TILES_PER_BLOCK).to(tl.int32), bh.to(tl.int32)
+
+
+@triton.jit
+def _program_tile(block_order, num_blocks, HEADS_FASTEST: tl.constexpr, TILES_PER_BLOCK: tl.constexpr):
+    """(tile, batch*head) of this program in a grid of one program per work item."""
+    pid = _launch_index()
+    heads = tl.num_programs(0).to(tl.int64) * tl.num_programs(1) // (num_blocks * TILES_PER_BLOCK)
+    return _work_item(pid, block_order, num_blocks, heads, HEADS_FASTEST, TILES_PER_BLOCK)
+
+
+# Persistent grids (PERSISTENT, issue #16): ops launches min(work items, k x SMs) programs on
+# one axis; program p takes items p, p + P, p + 2P, ... (static stride: the work list is
+# busiest first, so each program's first items are the long ones), or with QUEUE its first
+# item p and then whatever an atomic counter (zeroed per launch) hands out next, a
+# longest-first queue that balances programs whose items took unequal time. The kernels
+# below write each item's body as one jit function (_fwd_program, _dq_program,
+# _dkdv_program) called once per program or once per drained item.
 
 
 # ----------------------------------------------------------------------------- forward
@@ -153,11 +181,11 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_
                LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, LBQ: tl.constexpr,
                IS_PARTIAL: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-               USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr):
+               USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr, WS: tl.constexpr):
     TILES: tl.constexpr = LBK // BN
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    for t in range(t0, t1):
+    for t in tl.range(t0, t1, warp_specialize=WS):
         j = t // TILES  # CSR entry
         kb = tl.load(idx_ptr + j)
         col0 = (t % TILES) * BN  # first column of this tile inside its layout block
@@ -187,21 +215,65 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_
 @triton.jit
 def block_sparse_fwd_kernel(
     Q, K, V, Out, Lse,
-    full_off, full_idx, part_off, part_idx, part_bits, part_mask, q_block_order,
+    full_off, full_idx, part_off, part_idx, part_bits, part_mask, q_block_order, Counter,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_lb, stride_lh,
-    qk_scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
+    qk_scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks, num_bh, total_work,
     PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
-    WIDE_ROWS: tl.constexpr,
+    WIDE_ROWS: tl.constexpr, PERSISTENT: tl.constexpr = False, QUEUE: tl.constexpr = False,
+    WS: tl.constexpr = False,
 ):
     """Inner dims of q/k/v/out must be contiguous (stride 1). USE_TMA: k and v tiles arrive
-    through TMA descriptors (ops.tma_allowed says when the strides allow it)."""
-    qt, bh = _program_tile(q_block_order, num_q_blocks, HEADS_FASTEST, LBQ // BM)
+    through TMA descriptors (ops.tma_allowed says when the strides allow it). PERSISTENT /
+    QUEUE: a persistent grid drains `total_work` = query tiles x `num_bh` items (Counter: a
+    zeroed int32 for QUEUE, else unread); WS: warp-specialised inner loops."""
+    TPB: tl.constexpr = LBQ // BM
+    if PERSISTENT:
+        nprog = tl.num_programs(0).to(tl.int64)
+        w = tl.program_id(0).to(tl.int64)
+        if QUEUE:
+            while w < total_work:
+                qt, bh = _work_item(w, q_block_order, num_q_blocks, num_bh, HEADS_FASTEST, TPB)
+                _fwd_program(qt, bh, Q, K, V, Out, Lse, full_off, full_idx, part_off, part_idx, part_bits, part_mask,
+                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                             stride_vn, stride_ob, stride_oh, stride_on, stride_lb, stride_lh, qk_scale, q_len, kv_len,
+                             num_q_heads, group_size, num_q_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS,
+                             EVEN_Q, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, WS)
+                w = tl.atomic_add(Counter, 1).to(tl.int64) + nprog
+        else:
+            for item in range(w, total_work, nprog):
+                qt, bh = _work_item(item, q_block_order, num_q_blocks, num_bh, HEADS_FASTEST, TPB)
+                _fwd_program(qt, bh, Q, K, V, Out, Lse, full_off, full_idx, part_off, part_idx, part_bits, part_mask,
+                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                             stride_vn, stride_ob, stride_oh, stride_on, stride_lb, stride_lh, qk_scale, q_len, kv_len,
+                             num_q_heads, group_size, num_q_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS,
+                             EVEN_Q, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, WS)
+    else:
+        qt, bh = _program_tile(q_block_order, num_q_blocks, HEADS_FASTEST, TPB)
+        _fwd_program(qt, bh, Q, K, V, Out, Lse, full_off, full_idx, part_off, part_idx, part_bits, part_mask,
+                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                     stride_vn, stride_ob, stride_oh, stride_on, stride_lb, stride_lh, qk_scale, q_len, kv_len,
+                     num_q_heads, group_size, num_q_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS,
+                     EVEN_Q, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, WS)
+
+
+@triton.jit
+def _fwd_program(
+    qt, bh, Q, K, V, Out, Lse, full_off, full_idx, part_off, part_idx, part_bits, part_mask,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on, stride_lb, stride_lh, qk_scale, q_len, kv_len, num_q_heads, group_size,
+    num_q_blocks,
+    PER_HEAD: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+    WIDE_ROWS: tl.constexpr, WS: tl.constexpr,
+):
+    """One query tile `qt` of batch*head `bh`: the forward's work item."""
     b = (bh // num_q_heads).to(tl.int64)
     h = bh % num_q_heads
     hk = h // group_size  # GQA: the kv head is read in place, never repeated
@@ -235,12 +307,12 @@ def block_sparse_fwd_kernel(
     f1 = tl.load(full_off + row + 1) * TILES
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, f0, f1, full_idx, part_bits, part_mask, k_base, v_base, k_desc,
                                v_desc, stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV,
-                               D, DV, WORDS, LBQ, False, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS)
+                               D, DV, WORDS, LBQ, False, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, WS)
     p0 = tl.load(part_off + row) * TILES
     p1 = tl.load(part_off + row + 1) * TILES
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p0, p1, part_idx, part_bits, part_mask, k_base, v_base, k_desc,
                                v_desc, stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV,
-                               D, DV, WORDS, LBQ, True, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS)
+                               D, DV, WORDS, LBQ, True, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, False)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -296,11 +368,11 @@ def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_bas
               LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, LBQ: tl.constexpr,
               IS_PARTIAL: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-              USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr):
+              USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr, WS: tl.constexpr):
     TILES: tl.constexpr = LBK // BN
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    for t in range(t0, t1):
+    for t in tl.range(t0, t1, warp_specialize=WS):
         j = t // TILES
         kb = tl.load(idx_ptr + j)
         col0 = (t % TILES) * BN
@@ -325,20 +397,66 @@ def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_bas
 @triton.jit
 def block_sparse_bwd_dq_kernel(
     Q, K, V, DO, GradQ, Lse2, Delta,
-    full_off, full_idx, part_off, part_idx, part_bits, part_mask, q_block_order,
+    full_off, full_idx, part_off, part_idx, part_bits, part_mask, q_block_order, Counter,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     stride_lb, stride_lh,
-    qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
+    qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks, num_bh, total_work,
     PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
-    WIDE_ROWS: tl.constexpr,
+    WIDE_ROWS: tl.constexpr, PERSISTENT: tl.constexpr = False, QUEUE: tl.constexpr = False,
+    WS: tl.constexpr = False,
 ):
-    qt, bh = _program_tile(q_block_order, num_q_blocks, HEADS_FASTEST, LBQ // BM)
+    """PERSISTENT / QUEUE / WS as the forward's."""
+    TPB: tl.constexpr = LBQ // BM
+    if PERSISTENT:
+        nprog = tl.num_programs(0).to(tl.int64)
+        w = tl.program_id(0).to(tl.int64)
+        if QUEUE:
+            while w < total_work:
+                qt, bh = _work_item(w, q_block_order, num_q_blocks, num_bh, HEADS_FASTEST, TPB)
+                _dq_program(qt, bh, Q, K, V, DO, GradQ, Lse2, Delta, full_off, full_idx, part_off, part_idx, part_bits,
+                            part_mask, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+                            stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                            stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
+                            PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q, EVEN_KV, IEEE, UPCAST, USE_TMA,
+                            WIDE_ROWS, WS)
+                w = tl.atomic_add(Counter, 1).to(tl.int64) + nprog
+        else:
+            for item in range(w, total_work, nprog):
+                qt, bh = _work_item(item, q_block_order, num_q_blocks, num_bh, HEADS_FASTEST, TPB)
+                _dq_program(qt, bh, Q, K, V, DO, GradQ, Lse2, Delta, full_off, full_idx, part_off, part_idx, part_bits,
+                            part_mask, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+                            stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                            stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
+                            PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q, EVEN_KV, IEEE, UPCAST, USE_TMA,
+                            WIDE_ROWS, WS)
+    else:
+        qt, bh = _program_tile(q_block_order, num_q_blocks, HEADS_FASTEST, TPB)
+        _dq_program(qt, bh, Q, K, V, DO, GradQ, Lse2, Delta, full_off, full_idx, part_off, part_idx, part_bits,
+                    part_mask, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+                    stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                    stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
+                    PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q, EVEN_KV, IEEE, UPCAST, USE_TMA,
+                    WIDE_ROWS, WS)
+
+
+@triton.jit
+def _dq_program(
+    qt, bh, Q, K, V, DO, GradQ, Lse2, Delta, full_off, full_idx, part_off, part_idx, part_bits, part_mask,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh,
+    qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
+    PER_HEAD: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+    WIDE_ROWS: tl.constexpr, WS: tl.constexpr,
+):
+    """dQ of one query tile `qt` of batch*head `bh`: the dq kernel's work item."""
     b = (bh // num_q_heads).to(tl.int64)
     h = bh % num_q_heads
     hk = h // group_size
@@ -373,12 +491,12 @@ def block_sparse_bwd_dq_kernel(
     f1 = tl.load(full_off + row + 1) * TILES
     dq = _dq_tiles(dq, q, do, lse2, delta, f0, f1, full_idx, part_bits, part_mask, k_base, v_base, k_desc, v_desc,
                    stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
-                   False, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS)
+                   False, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, WS)
     p0 = tl.load(part_off + row) * TILES
     p1 = tl.load(part_off + row + 1) * TILES
     dq = _dq_tiles(dq, q, do, lse2, delta, p0, p1, part_idx, part_bits, part_mask, k_base, v_base, k_desc, v_desc,
                    stride_kn, stride_vn, q_row_in_block, qk_scale, kv_len, LBK, BM, BN, BD, BDV, D, DV, WORDS, LBQ,
-                   True, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS)
+                   True, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, False)
     dq_ptrs = (GradQ + b * stride_dqb + h64 * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqn
                + offs_d[None, :])
     tl.store(dq_ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D))
@@ -391,13 +509,13 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
                 LBQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
                 EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr):
+                FUSED_DQ: tl.constexpr, USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr, WS: tl.constexpr):
     """dK/dV of one kv tile over a run of transposed-CSR tiles; with FUSED_DQ also each tile
     pair's dQ share (dS K * scale), added atomically in fp32 at dq_base."""
     TILES: tl.constexpr = LBQ // BM
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    for t in range(t0, t1):
+    for t in tl.range(t0, t1, warp_specialize=WS):
         j = t // TILES  # transposed-CSR entry
         qb = tl.load(idx_ptr + j)
         row0 = (t % TILES) * BM  # first query row of this tile inside its layout block
@@ -438,7 +556,7 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
 @triton.jit
 def block_sparse_bwd_dkdv_kernel(
     Q, K, V, DO, GradQAcc, GradK, GradV, Lse2, Delta,
-    tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, part_bits, kv_block_order,
+    tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, part_bits, kv_block_order, Counter,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -447,17 +565,67 @@ def block_sparse_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh,
-    qk_scale, scale, q_len, kv_len, num_kv_heads, group_size, num_kv_blocks,
+    qk_scale, scale, q_len, kv_len, num_kv_heads, group_size, num_kv_blocks, num_bh, total_work,
     PER_HEAD: tl.constexpr, HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, FUSED_DQ: tl.constexpr,
-    USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr,
+    USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr, PERSISTENT: tl.constexpr = False, QUEUE: tl.constexpr = False,
+    WS: tl.constexpr = False,
 ):
     """One program per (kv tile, batch * kv head), walking the transposed layout for every query
     head of the GQA group (in order: deterministic dK/dV sums). FUSED_DQ: the one-pass backward,
     which also adds each tile pair's dQ share into GradQAcc (fp32, zero-filled, [B, Hq, Nq, D],
-    scale applied); otherwise GradQAcc is unused and dQ comes from the dq kernel."""
-    kt, bh = _program_tile(kv_block_order, num_kv_blocks, HEADS_FASTEST, LBK // BN)
+    scale applied); otherwise GradQAcc is unused and dQ comes from the dq kernel.
+    PERSISTENT / QUEUE / WS as the forward's (items: kv tiles x `num_bh` = B * Hkv)."""
+    TPB: tl.constexpr = LBK // BN
+    if PERSISTENT:
+        nprog = tl.num_programs(0).to(tl.int64)
+        w = tl.program_id(0).to(tl.int64)
+        if QUEUE:
+            while w < total_work:
+                kt, bh = _work_item(w, kv_block_order, num_kv_blocks, num_bh, HEADS_FASTEST, TPB)
+                _dkdv_program(kt, bh, Q, K, V, DO, GradQAcc, GradK, GradV, Lse2, Delta, tfull_off, tfull_idx, tpart_off, tpart_idx,
+                              tpart_mask, part_bits, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                              stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb,
+                              stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                              stride_dvn, stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_kv_heads,
+                              group_size, num_kv_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q,
+                              EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS, WS)
+                w = tl.atomic_add(Counter, 1).to(tl.int64) + nprog
+        else:
+            for item in range(w, total_work, nprog):
+                kt, bh = _work_item(item, kv_block_order, num_kv_blocks, num_bh, HEADS_FASTEST, TPB)
+                _dkdv_program(kt, bh, Q, K, V, DO, GradQAcc, GradK, GradV, Lse2, Delta, tfull_off, tfull_idx, tpart_off, tpart_idx,
+                              tpart_mask, part_bits, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                              stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb,
+                              stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                              stride_dvn, stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_kv_heads,
+                              group_size, num_kv_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q,
+                              EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS, WS)
+    else:
+        kt, bh = _program_tile(kv_block_order, num_kv_blocks, HEADS_FASTEST, TPB)
+        _dkdv_program(kt, bh, Q, K, V, DO, GradQAcc, GradK, GradV, Lse2, Delta, tfull_off, tfull_idx, tpart_off, tpart_idx,
+                              tpart_mask, part_bits, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                              stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb,
+                              stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                              stride_dvn, stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_kv_heads,
+                              group_size, num_kv_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q,
+                              EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS, WS)
+
+
+@triton.jit
+def _dkdv_program(
+    kt, bh, Q, K, V, DO, GradQAcc, GradK, GradV, Lse2, Delta, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask,
+    part_bits, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn, stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_kv_heads,
+    group_size, num_kv_blocks,
+    PER_HEAD: tl.constexpr, LBQ: tl.constexpr, LBK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, FUSED_DQ: tl.constexpr,
+    USE_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr, WS: tl.constexpr,
+):
+    """dK/dV (and with FUSED_DQ dQ shares) of one kv tile `kt` of batch*kv head `bh`."""
     b = (bh // num_kv_heads).to(tl.int64)
     hk = bh % num_kv_heads
     n0 = kt * BN
@@ -495,13 +663,13 @@ def block_sparse_bwd_dkdv_kernel(
         dk, dv = _dkdv_tiles(dk, dv, k, v, f0, f1, tfull_idx, tpart_mask, part_bits, q_base, do_base, q_desc, do_desc,
                              dq_base, stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n,
                              kv_col_in_block, qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS,
-                             False, EVEN_Q, EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS)
+                             False, EVEN_Q, EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS, WS)
         p0 = tl.load(tpart_off + col) * TILES
         p1 = tl.load(tpart_off + col + 1) * TILES
         dk, dv = _dkdv_tiles(dk, dv, k, v, p0, p1, tpart_idx, tpart_mask, part_bits, q_base, do_base, q_desc, do_desc,
                              dq_base, stat_base, stride_qn, stride_don, stride_dqn, Lse2, Delta, offs_n,
                              kv_col_in_block, qk_scale, scale, q_len, kv_len, LBQ, BM, BN, BD, BDV, D, DV, WORDS,
-                             True, EVEN_Q, EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS)
+                             True, EVEN_Q, EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS, False)
     in_kv = offs_n[:, None] < kv_len
     rows = offs_n[:, None].to(tl.int64)
     dk_ptrs = GradK + b * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :]

@@ -164,7 +164,42 @@ def _on_input_device(fn):
 
 
 def _launch_opts(cfg):
-    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if not interpreting():  # compiler options: the interpreter takes none of them
+        if cfg.num_ctas != 1:
+            opts["num_ctas"] = cfg.num_ctas
+        if cfg.maxnreg is not None:
+            opts["maxnreg"] = cfg.maxnreg
+    return opts
+
+
+# Programs a persistent grid gets per unit of TileConfig.persistent under the interpreter
+# (CPU tests: few, so each program drains several work items).
+INTERPRETED_SMS = 2
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return INTERPRETED_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _schedule(cfg, tiles: int, heads: int, heads_fastest: bool, device):
+    """(grid, Counter, schedule args, schedule constexprs) of one launch over `tiles` x `heads`
+    work items: one program per item (the default), or a persistent grid of
+    min(items, cfg.persistent x SMs) programs draining them (TileConfig.persistent / queue;
+    the QUEUE counter is a zeroed int32 the kernel's atomics hand items out from)."""
+    total = tiles * heads
+    flags = dict(PERSISTENT=cfg.persistent > 0, QUEUE=cfg.persistent > 0 and cfg.queue,
+                 WS=cfg.warp_specialize)
+    if cfg.persistent <= 0:
+        counter = torch.empty(1, dtype=torch.int32, device=device)  # unread
+        return _grid(tiles, heads, heads_fastest), counter, (heads, total), flags
+    if total > MAX_GRID_X:
+        raise ValueError(f"the triton kernels would drain {total} work items, more than {MAX_GRID_X}")
+    counter = (torch.zeros if flags["QUEUE"] else torch.empty)(1, dtype=torch.int32, device=device)
+    programs = max(1, min(total, cfg.persistent * _sm_count(device)))
+    return (programs,), counter, (heads, total), flags
 
 
 # ------------------------------------------------------------------------------ forward
@@ -191,13 +226,15 @@ def block_sparse_attn_fwd(
         return out, lse
     cfg = tile_config(max(flags["BD"], flags["BDV"]), "fwd", block_q, block_kv, interpreted=interpreting(),
                       element_size=q.element_size())
-    block_sparse_fwd_kernel[_grid(-(-nq // block_q) * (block_q // cfg.block_m), bsz * hq, q_heads_fastest)](
-        q, k, v, out, lse, full_off, full_idx, part_off, part_idx, bits, part_mask, q_block_order,
+    grid, counter, work, sched = _schedule(cfg, -(-nq // block_q) * (block_q // cfg.block_m), bsz * hq,
+                                           q_heads_fastest, q.device)
+    block_sparse_fwd_kernel[grid](
+        q, k, v, out, lse, full_off, full_idx, part_off, part_idx, bits, part_mask, q_block_order, counter,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        scale * LOG2E, nq, nkv, hq, hq // hkv, -(-nq // block_q),
-        PER_HEAD=per_head, HEADS_FASTEST=q_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, **flags,
+        scale * LOG2E, nq, nkv, hq, hq // hkv, -(-nq // block_q), *work,
+        PER_HEAD=per_head, HEADS_FASTEST=q_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, **flags, **sched,
         **_launch_opts(cfg),
     )
     return out, lse
@@ -235,13 +272,16 @@ def block_sparse_attn_bwd(
 
     cfg = tile_config(padded, "dq", block_q, block_kv, interpreted=interpreting(),
                       element_size=q.element_size())
-    block_sparse_bwd_dq_kernel[_grid(-(-nq // block_q) * (block_q // cfg.block_m), bsz * hq, q_heads_fastest)](
+    grid, counter, work, sched = _schedule(cfg, -(-nq // block_q) * (block_q // cfg.block_m), bsz * hq,
+                                           q_heads_fastest, q.device)
+    block_sparse_bwd_dq_kernel[grid](
         q, k, v, dout, dq, lse2, delta, full_off, full_idx, part_off, part_idx, bits, part_mask, q_block_order,
+        counter,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), lse2.stride(0), lse2.stride(1),
-        *common, hq, hq // hkv, -(-nq // block_q),
-        PER_HEAD=per_head, HEADS_FASTEST=q_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, **flags,
+        *common, hq, hq // hkv, -(-nq // block_q), *work,
+        PER_HEAD=per_head, HEADS_FASTEST=q_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, **flags, **sched,
         **_launch_opts(cfg),
     )
     _launch_dkdv("dkdv", None, q, k, v, dout, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx,
@@ -265,17 +305,19 @@ def _launch_dkdv(phase, dq_acc, q, k, v, dout, dk, dvv, lse2, delta, tfull_off, 
                       element_size=q.element_size())
     fused = dq_acc is not None
     dq = dq_acc if fused else dk  # unread without FUSED_DQ: any tensor fills the slot
-    block_sparse_bwd_dkdv_kernel[_grid(-(-nkv // block_kv) * (block_kv // cfg.block_n), bsz * hkv, kv_heads_fastest)](
+    grid, counter, work, sched = _schedule(cfg, -(-nkv // block_kv) * (block_kv // cfg.block_n), bsz * hkv,
+                                           kv_heads_fastest, q.device)
+    block_sparse_bwd_dkdv_kernel[grid](
         q, k, v, dout, dq, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, bits,
-        kv_block_order,
+        kv_block_order, counter,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
         lse2.stride(0), lse2.stride(1),
-        scale * LOG2E, scale, nq, nkv, hkv, hq // hkv, -(-nkv // block_kv),
+        scale * LOG2E, scale, nq, nkv, hkv, hq // hkv, -(-nkv // block_kv), *work,
         PER_HEAD=per_head, HEADS_FASTEST=kv_heads_fastest, BM=cfg.block_m, BN=cfg.block_n, FUSED_DQ=fused, **flags,
-        **_launch_opts(cfg),
+        **sched, **_launch_opts(cfg),
     )
 
 

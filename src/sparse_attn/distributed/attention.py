@@ -19,6 +19,12 @@ Backward: one `torch.autograd.Function` per call; per launch the backend's `back
 recomputes from the saved (merged) out and lse; dK/dV go back to their owners (the forward's
 exchanges reversed: the same bytes) and are summed in rank order: deterministic.
 
+Global rows (`global_rows`, plan.py): query rows attending most of the sequence are computed
+where the keys are: their q rows go out to the ranks holding their keys, partial (out, lse) come
+back and are merged by log-sum-exp in fp32 in source order; the backward sends dO, out, lse and
+dlse of those rows out, sums the dQ partials in source order and adds dK/dV where the keys live.
+This exchange is the same for every scheme (halo, ring, alltoall schedule the remaining rows).
+
 Before the first exchange the ranks all-gather their shapes, dtype, pattern and sharding
 digests: a bad input on any rank raises the same ValueError on every rank instead of hanging.
 """
@@ -78,15 +84,20 @@ def _is_causal_full(pattern: Pattern) -> bool:
     return b is not None and b[0] >= 0 and b[1] >= UNBOUNDED and b[2] == 1
 
 
-def choose_scheme(plan: ContextPlan, ulysses_ok: bool, ulysses_bytes: int, kv_bytes_per_key: int) -> str:
+def choose_scheme(plan: ContextPlan, ulysses_ok: bool, ulysses_bytes: int, kv_bytes_per_key: int,
+                  global_bytes=None) -> str:
     """The scheme for a plan: Ulysses when heads split evenly and it moves fewer bytes per rank
     than the plan; else halo when ranks exchange with few others (at most 2 per rank on average),
     ring when most pairs exchange, the uneven all-to-all in between. Halo, ring and all-to-all
-    move the same (the plan's) bytes; they differ in how the transfers are scheduled."""
+    move the same (the plan's) bytes; they differ in how the transfers are scheduled.
+    `global_bytes`: [P] forward bytes each rank receives in the plan's global-row exchange."""
     p = plan.world_size
     keys = plan.keys_matrix()
     keys.fill_diagonal_(0)
-    plan_bytes = int(keys.sum(1).max()) * kv_bytes_per_key if p > 1 else 0
+    received = keys.sum(1) * kv_bytes_per_key
+    if global_bytes is not None:
+        received = received + global_bytes
+    plan_bytes = int(received.max()) if p > 1 else 0
     if ulysses_ok and p > 1 and ulysses_bytes < plan_bytes:
         return "ulysses"
     pairs = plan.busy_pairs()
@@ -123,7 +134,7 @@ def _digest(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-def _local_problems(q, k, v, pattern, sharding, scheme, scale) -> list[str]:
+def _local_problems(q, k, v, pattern, sharding, scheme, scale, global_rows="auto") -> list[str]:
     why = []
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -150,6 +161,10 @@ def _local_problems(q, k, v, pattern, sharding, scheme, scale) -> list[str]:
         why.append(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
         why.append(f"scale must be a positive float or None, got {scale!r}")
+    if global_rows not in ("auto", True, False) or isinstance(global_rows, int) and not isinstance(global_rows, bool):
+        why.append(f"global_rows must be 'auto', True or False, got {global_rows!r}")
+    elif global_rows is True and scheme == "ulysses":
+        why.append("global_rows=True needs a planned scheme (halo, ring, alltoall), not ulysses")
     return why
 
 
@@ -161,9 +176,9 @@ class _Setup:
         self.pattern, self.layout = pattern, layout
 
 
-def _agree(comm: Comm, q, k, v, pattern, sharding, scheme, backend, scale) -> _Setup:
+def _agree(comm: Comm, q, k, v, pattern, sharding, scheme, backend, scale, global_rows="auto") -> _Setup:
     """All ranks check their inputs, all-gather them and either all go on or all raise."""
-    why = _local_problems(q, k, v, pattern, sharding, scheme, scale)
+    why = _local_problems(q, k, v, pattern, sharding, scheme, scale, global_rows)
     block = (0, 0)
     chosen = None
     if not why:
@@ -182,7 +197,7 @@ def _agree(comm: Comm, q, k, v, pattern, sharding, scheme, backend, scale) -> _S
     dtype_code = _DTYPES.index(q.dtype) if ok else -1
     pattern_digest = _digest(repr(pattern)) if ok else 0
     sharding_digest = _digest(sharding.key()) if isinstance(sharding, Sharding) else 0
-    backend_digest = _digest(chosen.name if chosen else None, scheme, scale)
+    backend_digest = _digest(chosen.name if chosen else None, scheme, scale, repr(global_rows))
     mine = [int(not ok), *shape, dtype_code, *block, pattern_digest, sharding_digest, backend_digest,
             int(q.device.type == "cuda") if ok else -1]
     table = comm.all_gather_ints(mine)  # [P, fields]
@@ -214,21 +229,33 @@ def _agree(comm: Comm, q, k, v, pattern, sharding, scheme, backend, scale) -> _S
     if sharding.lengths() != lengths:
         raise ValueError(f"local lengths {dict(enumerate(lengths))} do not match the sharding's "
                          f"{dict(enumerate(sharding.lengths()))} ({sharding.describe()})")
-    plan = plan_context_parallel(layout, sharding, k.shape[1])
+    dims = dict(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
+                v_head_dim=v.shape[3], itemsize=q.element_size(), lse_itemsize=_lse_dtype(q.dtype).itemsize)
+    plan = plan_context_parallel(layout, sharding, k.shape[1], global_rows=global_rows is True)
+    if global_rows == "auto" and scheme != "ulysses":  # global rows when they lower the worst rank's bytes
+        with_global = plan_context_parallel(layout, sharding, k.shape[1], global_rows=True)
+        if with_global.has_global_rows and comm.world_size > 1 and \
+                int(with_global.forward_bytes_received(**dims).max()) < int(plan.forward_bytes_received(**dims).max()):
+            plan = with_global
     if scheme == "auto":
         from .ulysses import ulysses_bytes, ulysses_refusal
 
-        itemsize = q.element_size()
-        kv_per_key = plan.bytes_per_key(q.shape[0], k.shape[1], q.shape[3], v.shape[3], itemsize)
-        u_bytes = ulysses_bytes(sharding, q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3], itemsize)
+        kv_per_key = plan.bytes_per_key(q.shape[0], k.shape[1], q.shape[3], v.shape[3], q.element_size())
+        u_bytes = ulysses_bytes(sharding, q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3],
+                                q.element_size())
+        global_bytes = None
+        if plan.has_global_rows:
+            g = plan.global_bytes(dims["batch"], dims["q_heads"], dims["head_dim"], dims["v_head_dim"],
+                                  dims["itemsize"], dims["lse_itemsize"])
+            global_bytes = g["gq"][1] + g["gout"][1]
         scheme = choose_scheme(plan, ulysses_refusal(pattern, q.shape[1], k.shape[1], comm.world_size) is None,
-                               u_bytes, kv_per_key)
+                               u_bytes, kv_per_key, global_bytes)
     return _Setup(comm, plan, chosen, scale, scheme, pattern, layout)
 
 
 def context_parallel_attention(q, k, v, pattern: Pattern, *, group=None, sharding: Sharding | None = None,
                                scheme: str = "auto", backend: str = "auto", scale: float | None = None,
-                               return_lse: bool = False):
+                               return_lse: bool = False, global_rows="auto"):
     """Attention of this rank's queries over the whole sharded sequence.
 
     q [B, Hq, N_r, D], k, v [B, Hkv, N_r, D/Dv]: this rank's shard (positions
@@ -237,10 +264,12 @@ def context_parallel_attention(q, k, v, pattern: Pattern, *, group=None, shardin
     dimension), a process group, or None (the default group). sharding: None picks one
     (`choose_sharding`). scheme: "auto" (`choose_scheme`), "halo", "ring", "alltoall", "ulysses".
     backend: the block backend of each step ("auto": the device's preferred one that reads
-    layouts). Returns out [B, Hq, N_r, Dv] (and lse [B, Hq, N_r] float32 with return_lse);
+    layouts). global_rows: True computes rows that attend most of the sequence where their keys
+    are (plan.py), False never, "auto" when that lowers the most bytes any rank receives in the
+    forward (planned schemes only). Returns out [B, Hq, N_r, Dv] (and lse [B, Hq, N_r] float32 with return_lse);
     differentiable in q, k, v (and through lse)."""
     comm = group if isinstance(group, Comm) else Comm(group)
-    setup = _agree(comm, q, k, v, pattern, sharding, scheme, backend, scale)
+    setup = _agree(comm, q, k, v, pattern, sharding, scheme, backend, scale, global_rows)
     if setup.scheme == "ulysses":
         from .ulysses import ulysses_attention
 
@@ -474,6 +503,9 @@ class _PlannedAttention(torch.autograd.Function):
                 acc.add(o, lse)
                 done.append((launch, buffers))
         out, lse = acc.result()
+        ctx.global_done = None
+        if plan.has_global_rows:
+            out, lse, ctx.global_done = _global_forward(setup, q, k, v, out, lse)
         ctx.setup, ctx.done = setup, done
         ctx.save_for_backward(q, out, lse)
         ctx.kv_shapes = (k.shape, v.shape)
@@ -509,5 +541,102 @@ class _PlannedAttention(torch.autograd.Function):
         for st in plan.sends_of(rank):  # receivers in rank order: deterministic
             _put_rows(dkv, st.key_group.to(q.device), st.source_index.to(q.device), got[st.rank].to(acc), groups,
                       add=True)
-        ctx.done = None
+        if ctx.global_done is not None:
+            _global_backward(setup, q, out, lse, dout, dlse, ctx.global_done, dq, dkv)
+        ctx.done = ctx.global_done = None
         return dq.to(q.dtype), dkv[..., :d].to(q.dtype), dkv[..., d:].to(q.dtype), None
+
+
+# ---------------------------------------------------------------------------- global rows
+def _global_forward(setup: _Setup, q, k, v, out, lse):
+    """The global rows' exchange (forward): q rows out, each rank's partial (out, lse) over its own
+    keys back, merged by log-sum-exp in fp32 (fp64) in source order into `out` / `lse`. Returns
+    (out, lse, what the backward needs)."""
+    comm, plan, backend = setup.comm, setup.plan, setup.backend
+    rank = comm.rank
+    bsz, hq, _, d = q.shape
+    dv = v.shape[3]
+    lse_dtype = _lse_dtype(q.dtype)
+    rows = plan.global_rows.get(rank)
+    mine = plan.global_steps_of_owner(rank)  # who computes my global rows, source order
+    theirs = plan.global_steps_of_source(rank)  # whose global rows I compute, owner order
+    q_rows = q.index_select(2, rows.to(q.device)) if rows is not None else None
+    got_q = comm.exchange({st.source: q_rows for st in mine if st.source != rank},
+                          {st.owner: (bsz, hq, st.num_rows, d) for st in theirs if st.owner != rank},
+                          q.dtype, q.device, "gq")
+    done, part_out, part_lse = [], {}, {}
+    for st in theirs:
+        qs = q_rows if st.owner == rank else got_q[st.owner]
+        index = st.kv_index.to(q.device)
+        kb, vb = k.index_select(2, index), v.index_select(2, index)
+        o, l = backend.forward(qs, kb, vb, st.layout, setup.scale, True)
+        part_out[st.owner], part_lse[st.owner] = o.to(q.dtype), l.to(lse_dtype)
+        done.append((st, qs, kb, vb))
+    sends_out = {o: t for o, t in part_out.items() if o != rank}
+    sends_lse = {o: t for o, t in part_lse.items() if o != rank}
+    got_out = comm.exchange(sends_out, {st.source: (bsz, hq, st.num_rows, dv) for st in mine if st.source != rank},
+                            q.dtype, q.device, "gout")
+    got_lse = comm.exchange(sends_lse, {st.source: (bsz, hq, st.num_rows) for st in mine if st.source != rank},
+                            lse_dtype, q.device, "gout")
+    if rank in part_out:
+        got_out[rank], got_lse[rank] = part_out[rank], part_lse[rank]
+    if rows is not None:
+        acc = _accumulation_dtype(q.dtype)
+        acc_out = torch.zeros(bsz, hq, rows.numel(), dv, dtype=acc, device=q.device)
+        acc_lse = torch.full((bsz, hq, rows.numel()), float("-inf"), dtype=acc, device=q.device)
+        for st in mine:  # source order: a fixed merge
+            merge_step(acc_out, acc_lse, got_out[st.source], got_lse[st.source])
+        index = rows.to(q.device)
+        out, lse = out.clone(), lse.clone()
+        out.index_copy_(2, index, acc_out.to(out.dtype))
+        lse.index_copy_(2, index, acc_lse.to(lse.dtype))
+    return out, lse, done
+
+
+def _global_backward(setup: _Setup, q, out, lse, dout, dlse, done, dq, dkv) -> None:
+    """The global rows' exchange (backward), adding into dq and dkv ([B, Hkv, N_r, D + Dv]) in
+    place: dO, out, lse, dlse of the rows out, dQ partials back (summed in source order); each
+    rank's dK/dV of its own keys added in owner order."""
+    comm, plan, backend = setup.comm, setup.plan, setup.backend
+    rank = comm.rank
+    bsz, hq, _, d = q.shape
+    dv = out.shape[3]
+    lse_dtype = lse.dtype
+    rows = plan.global_rows.get(rank)
+    mine = plan.global_steps_of_owner(rank)
+    theirs = plan.global_steps_of_source(rank)
+    local = None
+    if rows is not None:
+        index = rows.to(q.device)
+        dl = dlse.index_select(2, index).to(lse_dtype) if dlse is not None else \
+            torch.zeros(bsz, hq, rows.numel(), dtype=lse_dtype, device=q.device)
+        local = (torch.cat([dout.index_select(2, index), out.index_select(2, index)], -1),
+                 torch.stack([lse.index_select(2, index), dl], -1))
+    got_a = comm.exchange({st.source: local[0] for st in mine if st.source != rank},
+                          {st.owner: (bsz, hq, st.num_rows, 2 * dv) for st in theirs if st.owner != rank},
+                          q.dtype, q.device, "gdo")
+    got_b = comm.exchange({st.source: local[1] for st in mine if st.source != rank},
+                          {st.owner: (bsz, hq, st.num_rows, 2) for st in theirs if st.owner != rank},
+                          lse_dtype, q.device, "gdo")
+    if local is not None:
+        got_a[rank], got_b[rank] = local
+    acc = dq.dtype
+    dq_parts = {}
+    for st, qs, kb, vb in done:  # owner order: a fixed sum into dK/dV
+        a, b = got_a[st.owner], got_b[st.owner]
+        dq_s, dk_s, dv_s = backend.backward_from_stats(qs, kb, vb, st.layout, setup.scale, a[..., dv:], b[..., 0],
+                                                       a[..., :dv], b[..., 1])
+        dq_parts[st.owner] = dq_s.to(q.dtype)
+        index = st.kv_index.to(q.device)
+        dkv[..., :d].index_add_(2, index, dk_s.to(acc))
+        dkv[..., d:].index_add_(2, index, dv_s.to(acc))
+    got_dq = comm.exchange({o: t for o, t in dq_parts.items() if o != rank},
+                           {st.source: (bsz, hq, st.num_rows, d) for st in mine if st.source != rank},
+                           q.dtype, q.device, "gdq")
+    if rank in dq_parts:
+        got_dq[rank] = dq_parts[rank]
+    if rows is not None:
+        total = torch.zeros(bsz, hq, rows.numel(), d, dtype=acc, device=q.device)
+        for st in mine:  # source order: deterministic
+            total += got_dq[st.source].to(acc)
+        dq.index_add_(2, rows.to(q.device), total)

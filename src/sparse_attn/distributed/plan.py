@@ -21,6 +21,15 @@ keys all arrive before compute (halo, all-to-all) runs one kernel launch per ran
 call's rows of r, block for block, with no log-sum-exp merge.
 
 Empty steps cost neither bytes nor compute. Plans are cached on the layout per sharding.
+
+*Global rows* (`global_rows=True`): a query block that needs more than half of the keys held by
+other ranks (Longformer's global tokens, BigBird's global blocks) is computed where its keys are,
+instead of receiving them: its owner sends those q rows to every rank holding keys they attend
+(`GlobalStep`), each computes the rows' partial (out, lse) over its OWN keys and sends it back,
+and the owner merges the partials by log-sum-exp in fp32 (the backward sends dO, out, lse and
+dlse of the rows out and takes dQ partials back; dK/dV stay where the keys are). Those rows then
+leave the key plan, so the remaining rows keep their halo: Longformer becomes a halo plus a
+global-row exchange. `global_bytes` counts every message of that exchange.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from ..patterns import BlockGrid, BlockLayout, Pattern
 from ..patterns.layout import _Csr
 from .sharding import Sharding
 
-__all__ = ["ContextPlan", "Step", "RankCall", "plan_context_parallel", "PositionsView"]
+__all__ = ["ContextPlan", "Step", "RankCall", "GlobalStep", "plan_context_parallel", "PositionsView"]
 
 
 class PositionsView(Pattern):
@@ -101,6 +110,20 @@ class RankCall:
 
 
 @dataclass
+class GlobalStep:
+    """Rank `source` computes the global rows of rank `owner` over its own keys: a layout over
+    (the owner's global rows, in its `global_rows` order, a buffer of the source's kv blocks they
+    touch, ascending)."""
+
+    owner: int
+    source: int
+    num_rows: int  # q rows travelling (the owner's global rows)
+    kv_index: torch.Tensor  # [buffer_len] int64 index of each buffer key in the source's local sequence
+    buffer_len: int
+    layout: BlockLayout
+
+
+@dataclass
 class ContextPlan:
     sharding: Sharding
     layout: BlockLayout
@@ -109,6 +132,56 @@ class ContextPlan:
     fingerprint: int = 0
     _entries: tuple = ()  # what rank_call needs to build a rank's layout
     _calls: dict = field(default_factory=dict)
+    # global rows (empty without global_rows): rank -> [g] int64 local indices of its global
+    # rows (whole q blocks, ascending positions); (owner, source) -> GlobalStep, non-empty only
+    global_rows: dict = field(default_factory=dict)
+    global_steps: dict = field(default_factory=dict)
+
+    @property
+    def has_global_rows(self) -> bool:
+        return bool(self.global_steps)
+
+    def global_steps_of_owner(self, owner: int) -> list[GlobalStep]:
+        """The ranks computing `owner`'s global rows, in source order (the fixed merge order)."""
+        return [self.global_steps[(owner, s)] for s in range(self.world_size) if (owner, s) in self.global_steps]
+
+    def global_steps_of_source(self, source: int) -> list[GlobalStep]:
+        """The owners whose global rows `source` computes, in owner order."""
+        return [self.global_steps[(o, source)] for o in range(self.world_size) if (o, source) in self.global_steps]
+
+    def global_matrix(self) -> torch.Tensor:
+        """[P, P] int64: global rows owner (row) sends to source (column), off the diagonal."""
+        out = torch.zeros(self.world_size, self.world_size, dtype=torch.int64)
+        for (o, s), st in self.global_steps.items():
+            if o != s:
+                out[o, s] = st.num_rows
+        return out
+
+    def global_bytes(self, batch: int, q_heads: int, head_dim: int, v_head_dim: int, itemsize: int,
+                     lse_itemsize: int) -> dict:
+        """{kind: ([P] bytes sent, [P] bytes received)} of the global-row exchange, per rank:
+        "gq" q rows to the sources, "gout" partial out (`itemsize`) and lse (`lse_itemsize`) back;
+        backward "gdo" dO and out, lse and dlse of the rows out, "gdq" dQ partials back."""
+        m = self.global_matrix()
+        owner_side, source_side = m.sum(1), m.sum(0)  # rows sent as owner, received as source
+        row = batch * q_heads
+        per = {"gq": row * head_dim * itemsize, "gout": row * (v_head_dim * itemsize + lse_itemsize),
+               "gdo": row * 2 * (v_head_dim * itemsize + lse_itemsize), "gdq": row * head_dim * itemsize}
+        return {"gq": (owner_side * per["gq"], source_side * per["gq"]),
+                "gout": (source_side * per["gout"], owner_side * per["gout"]),
+                "gdo": (owner_side * per["gdo"], source_side * per["gdo"]),
+                "gdq": (source_side * per["gdq"], owner_side * per["gdq"])}
+
+    def forward_bytes_received(self, batch: int, q_heads: int, kv_heads: int, head_dim: int, v_head_dim: int,
+                               itemsize: int, lse_itemsize: int) -> torch.Tensor:
+        """[P] bytes each rank receives in the forward: keys and values, plus the global rows'
+        q rows (as a source) and partial (out, lse) (as an owner)."""
+        total = self.bytes_received(batch=batch, kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim,
+                                    itemsize=itemsize)
+        if self.has_global_rows:
+            g = self.global_bytes(batch, q_heads, head_dim, v_head_dim, itemsize, lse_itemsize)
+            total = total + g["gq"][1] + g["gout"][1]
+        return total
 
     @property
     def world_size(self) -> int:
@@ -177,11 +250,15 @@ def key_groups(layout: BlockLayout, kv_heads: int | None) -> int:
     return kv_heads
 
 
-def plan_context_parallel(layout: BlockLayout, sharding: Sharding, kv_heads: int | None = None) -> ContextPlan:
+def plan_context_parallel(layout: BlockLayout, sharding: Sharding, kv_heads: int | None = None,
+                          global_rows: bool = False) -> ContextPlan:
     """The plan of `layout` (self-attention over the sharded sequence: q_len == kv_len == N,
     q_offset 0) over `sharding`; cached on the layout. `kv_heads`: the kv heads of the call, so a
     per-head layout sends each GQA group only its own keys (None: keys are unioned over all
-    heads)."""
+    heads). `global_rows`: query blocks needing more than half of the keys other ranks hold are
+    computed where their keys are (module docstring); the plan may still have none."""
+    if not isinstance(global_rows, bool):
+        raise ValueError(f"global_rows must be a bool, got {global_rows!r}")
     if layout.q_len != layout.kv_len or layout.q_offset != 0:
         raise ValueError(f"context parallelism needs self-attention layouts (q_len == kv_len, q_offset 0), got "
                          f"q_len={layout.q_len}, kv_len={layout.kv_len}, q_offset={layout.q_offset}")
@@ -191,10 +268,11 @@ def plan_context_parallel(layout: BlockLayout, sharding: Sharding, kv_heads: int
         raise ValueError(f"sharding unit ({sharding.unit}) must be a multiple of the layout's blocks "
                          f"({layout.block_q}, {layout.block_kv}): every block must live on one rank")
     groups = key_groups(layout, kv_heads)
-    return layout.cached(("context_parallel", groups) + sharding.key(), lambda: _build(layout, sharding, groups))
+    return layout.cached(("context_parallel", groups, global_rows) + sharding.key(),
+                         lambda: _build(layout, sharding, groups, global_rows))
 
 
-def _build(layout: BlockLayout, sharding: Sharding, groups: int) -> ContextPlan:
+def _build(layout: BlockLayout, sharding: Sharding, groups: int, global_rows: bool = False) -> ContextPlan:
     g = layout.grid
     dev = g.device
     heads, nqb, nkb = layout.num_heads, g.num_q_blocks, g.num_kv_blocks
@@ -222,6 +300,14 @@ def _build(layout: BlockLayout, sharding: Sharding, groups: int) -> ContextPlan:
     ent_rank = q_block_owner[ent_qb]
     ent_source = kv_block_owner[ent_kb]
     plan = ContextPlan(sharding, layout, groups)
+    if global_rows:
+        is_global = _global_q_blocks(layout, sharding, ent_head, ent_qb, ent_rank, ent_source, used, q_block_owner)
+        glob = is_global[ent_qb]
+        plan._entries = tuple(t[glob] for t in (ent_rank, ent_head, ent_qb, ent_kb, ent_full))
+        _build_global(layout, plan, is_global, q_block_owner, ent_source[glob], local_index)
+        keep = ~glob
+        ent_rank, ent_head, ent_qb, ent_kb, ent_full, ent_group, ent_source, used, key_pos = (
+            t[keep] for t in (ent_rank, ent_head, ent_qb, ent_kb, ent_full, ent_group, ent_source, used, key_pos))
     plan._entries = (ent_rank, ent_head, ent_qb, ent_kb, ent_full)
     for r in range(sharding.world_size):
         if sharding.length(r) == 0:
@@ -245,6 +331,43 @@ def _build(layout: BlockLayout, sharding: Sharding, groups: int) -> ContextPlan:
     return plan
 
 
+def _global_q_blocks(layout, sharding, ent_head, ent_qb, ent_rank, ent_source, used, q_block_owner) -> torch.Tensor:
+    """[NQB] bool: query blocks that, for some head, attend more than half of the keys held by
+    ranks other than their owner (and at least one key elsewhere)."""
+    g = layout.grid
+    nqb = g.num_q_blocks
+    far = ent_source != ent_rank
+    per_row = torch.zeros(layout.num_heads * nqb, dtype=torch.int64, device=g.device)
+    per_row.index_add_(0, (ent_head * nqb + ent_qb)[far], used[far].sum(1))
+    need = per_row.view(layout.num_heads, nqb).amax(0)  # [NQB] keys elsewhere, the most over heads
+    lengths = torch.tensor(sharding.lengths(), dtype=torch.int64, device=g.device)
+    elsewhere = sharding.num_tokens - lengths[q_block_owner]  # [NQB]
+    return (need > 0) & (2 * need > elsewhere)
+
+
+def _build_global(layout, plan, is_global, q_block_owner, ent_source, local_index) -> None:
+    """plan.global_rows and plan.global_steps from the global entries (plan._entries)."""
+    g = layout.grid
+    dev = g.device
+    ent_rank = plan._entries[0]
+    for o in range(plan.world_size):
+        q_blocks = (is_global & (q_block_owner == o)).nonzero().reshape(-1)
+        if q_blocks.numel() == 0:
+            continue
+        q_pos = (q_blocks[:, None] * g.block_q + torch.arange(g.block_q, device=dev)[None]).reshape(-1)
+        q_pos = q_pos[q_pos < g.q_len]
+        plan.global_rows[o] = local_index[q_pos]
+        for s in range(plan.world_size):
+            sel = ((ent_rank == o) & (ent_source == s)).nonzero().reshape(-1)
+            if sel.numel() == 0:
+                continue
+            local = _layout_over(layout, plan, q_blocks, sel)
+            kv_pos = (local.kv_blocks[:, None] * g.block_kv + torch.arange(g.block_kv, device=dev)[None]).reshape(-1)
+            kv_pos = kv_pos[:local.buffer_len]
+            plan.global_steps[(o, s)] = GlobalStep(o, s, q_pos.numel(), local_index[kv_pos], local.buffer_len,
+                                                   local.layout)
+
+
 @dataclass
 class _Local:
     kv_blocks: torch.Tensor  # [nb] global kv blocks of the buffer, ascending
@@ -255,11 +378,20 @@ class _Local:
 
 def _local_layout(layout: BlockLayout, plan: ContextPlan, rank: int, sel: torch.Tensor) -> _Local:
     """The layout over (rank's queries, a buffer of the kv blocks of entries `sel`)."""
+    q_pos = plan.sharding.positions(rank, layout.grid.device)  # [N_r]
+    my_qbs = torch.unique_consecutive(torch.div(q_pos, layout.grid.block_q, rounding_mode="floor"))  # local order
+    return _layout_over(layout, plan, my_qbs, sel)
+
+
+def _layout_over(layout: BlockLayout, plan: ContextPlan, my_qbs: torch.Tensor, sel: torch.Tensor) -> _Local:
+    """The layout over (the rows of global q blocks `my_qbs`, in that order, a buffer of the kv
+    blocks of entries `sel`, ascending). Only the sequence's last block may be short; it must come
+    last in `my_qbs`."""
     g = layout.grid
     dev = g.device
     ent_rank, ent_head, ent_qb, ent_kb, ent_full = plan._entries
-    q_pos = plan.sharding.positions(rank, dev)  # [N_r]
-    my_qbs = torch.unique_consecutive(torch.div(q_pos, g.block_q, rounding_mode="floor"))  # local order
+    q_pos = (my_qbs[:, None] * g.block_q + torch.arange(g.block_q, device=dev)[None]).reshape(-1)
+    q_pos = q_pos[q_pos < g.q_len]
     q_local_block = torch.full((g.num_q_blocks,), -1, dtype=torch.int64, device=dev)
     q_local_block[my_qbs] = torch.arange(my_qbs.numel(), device=dev)
     kv_blocks = torch.unique(ent_kb[sel])
@@ -303,4 +435,5 @@ def _fingerprint(layout: BlockLayout, sharding: Sharding, plan: ContextPlan) -> 
     h.update(repr((layout.q_len, layout.block_q, layout.block_kv, layout.num_heads, plan.groups, sharding.key(),
                    repr(layout.pattern))).encode())
     h.update(plan.keys_matrix().numpy().tobytes())
+    h.update(plan.global_matrix().numpy().tobytes())
     return int.from_bytes(h.digest()[:8], "little") >> 1

@@ -11,6 +11,10 @@ B=1, Hq=16, Hkv=8, D=Dv=128, bf16, blocks of 128 (the triton backend's on CUDA).
 the one `choose_sharding` picks (contiguous for bands, head-tail for causal, balanced on row
 costs otherwise); `plan` is the most any rank receives (the planner sends each needed key once:
 at key granularity the analytic minimum for that sharding); ring / all-gather: (N - N_r) keys.
+With global rows (issue #19: rows attending more than half of the other ranks' keys are computed
+where their keys are; their q rows go out and partial out + lse come back), `plan` counts those
+messages too, and is the plan `global_rows="auto"` takes: the one whose worst rank receives less;
+`key_plan_bytes_max` is the plan without global rows.
 """
 
 from __future__ import annotations
@@ -62,23 +66,33 @@ def main() -> None:
                 sharding = choose_sharding(pattern, layout, n, p, BLOCK)
                 plan = plan_context_parallel(layout, sharding, HKV)  # keys per GQA group for per-head layouts
                 per_key = plan.bytes_per_key(B, HKV, D, D, ITEMSIZE)
-                keys = plan.keys_matrix()
-                keys.fill_diagonal_(0)
-                received = keys.sum(1)
+                dims = dict(batch=B, q_heads=HQ, kv_heads=HKV, head_dim=D, v_head_dim=D, itemsize=ITEMSIZE,
+                            lse_itemsize=4)
+                key_received = plan.forward_bytes_received(**dims)
+                received, global_in = key_received, None
+                with_global = plan_context_parallel(layout, sharding, HKV, global_rows=True)
+                if with_global.has_global_rows:
+                    g_received = with_global.forward_bytes_received(**dims)
+                    if int(g_received.max()) < int(key_received.max()):  # what global_rows="auto" takes
+                        plan, received = with_global, g_received
+                        g = plan.global_bytes(B, HQ, D, D, ITEMSIZE, 4)
+                        global_in = g["gq"][1] + g["gout"][1]
                 ring = max(n - sharding.length(r) for r in range(p)) * B * HKV * 2 * D * ITEMSIZE
                 u = ulysses_bytes(sharding, B, HQ, HKV, D, D, ITEMSIZE)
                 row = dict(pattern=name, code=code, n=n, world_size=p,
                            sharding=("contiguous" if len(set(map(len, sharding.runs))) == 1
                                      and len(sharding.runs[0]) == 1 and max(sharding.lengths()) - min(sharding.lengths()) <= BLOCK
                                      else "zigzag" if name == "causal" else "balanced"),
-                           plan_bytes_max=int(received.max()) * per_key, plan_bytes_mean=float(received.double().mean()) * per_key,
+                           plan_bytes_max=int(received.max()), plan_bytes_mean=float(received.double().mean()),
+                           key_plan_bytes_max=int(key_received.max()),
+                           global_rows=sum(int(r.numel()) for r in plan.global_rows.values()),
                            ring_bytes=ring, all_gather_bytes=ring, ulysses_bytes=u,
                            busy_pairs=plan.busy_pairs(), max_hop=plan.max_hop(),
-                           scheme=choose_scheme(plan, HQ % p == 0 and HKV % p == 0, u, per_key), key_groups=plan.groups,
+                           scheme=choose_scheme(plan, HQ % p == 0 and HKV % p == 0, u, per_key, global_in), key_groups=plan.groups,
                            plan_seconds=round(time.perf_counter() - t0, 2))
                 rows.append(row)
                 print(f"{name:24s} N={n:>8d} P={p}  plan {row['plan_bytes_max'] / 1e6:8.1f} MB  ring/all-gather "
-                      f"{ring / 1e6:8.1f} MB  ulysses {u / 1e6:7.1f} MB  -> {row['scheme']}", flush=True)
+                      f"{ring / 1e6:8.1f} MB  ulysses {u / 1e6:7.1f} MB  global rows {row['global_rows']}  -> {row['scheme']}", flush=True)
                 t0 = time.perf_counter()
     write_json(args.out, dict(benchmark="cp_traffic", units="bytes received per rank per layer, forward",
                               shapes=dict(batch=B, q_heads=HQ, kv_heads=HKV, head_dim=D, dtype="bfloat16", block=BLOCK),

@@ -79,3 +79,85 @@ SHARDS = {2: ("contiguous", "zigzag"), 3: ("contiguous", "uneven"), 4: ("uneven"
 def test_global_rows_equal_single_process(world_size, pattern_name):
     failures = pool(world_size).run(run_global, pattern_name, ("halo", "ring", "alltoall"), SHARDS[world_size])
     assert failures == [[]] * world_size, failures
+
+
+def moderate_longformer(rank, world_size, n):
+    """Longformer (window 64, 32 global tokens) over n tokens with scheme and global_rows 'auto':
+    exact, every message as the planner counts, and the plan it took (returned with the stats)."""
+    from sparse_attn.distributed.attention import _agree
+
+    pattern = P.longformer(64, 32)
+    g = torch.Generator().manual_seed(1)
+    q, k, v, dout = (torch.randn(1, HQ if i in (0, 3) else HKV, n, D, generator=g, dtype=torch.float64)
+                     for i in range(4))
+    ref = _reference(pattern, q, k, v, dout)
+    shard = contiguous(n, world_size, UNIT)
+    local = [shard.shard(t, rank).clone().requires_grad_() for t in (q, k, v)]
+    comm = Comm(None)
+    out = context_parallel_attention(*local, pattern, group=comm, sharding=shard, backend="blocked")
+    grads = torch.autograd.grad(out, local, shard.shard(dout, rank))
+    err = max((got - shard.shard(want, rank)).abs().max().item() for got, want in zip((out, *grads), ref))
+    setup = _agree(Comm(None), *local, pattern, shard, "auto", "blocked", None)
+    plan = setup.plan
+    dims = dict(batch=1, kv_heads=HKV, head_dim=D, v_head_dim=D, itemsize=8)
+    gb = plan.global_bytes(1, HQ, D, D, 8, 8)
+    want_sent = {"kv": int(plan.bytes_sent(**dims)[rank]), "dkv": int(plan.bytes_received(**dims)[rank]),
+                 **{kind: int(gb[kind][0][rank]) for kind in GLOBAL_KINDS}}
+    got_sent = {kind: comm.stats.total(kind) for kind in want_sent}
+    received = plan.forward_bytes_received(q_heads=HQ, lse_itemsize=8, **dims)
+    ring = max(n - shard.length(r) for r in range(world_size)) * HKV * 2 * D * 8
+    return err, got_sent, want_sent, plan.has_global_rows, setup.scheme, int(received.max()), ring
+
+
+def test_longformer_worst_rank_receives_far_less_than_a_ring():
+    n = 2048
+    results = pool(4).run(moderate_longformer, n)
+    for err, got_sent, want_sent, has_global, scheme, worst, ring in results:
+        assert err <= 1e-10
+        assert got_sent == want_sent
+        assert has_global and scheme != "ulysses"
+    _, _, _, _, _, worst, ring = results[0]
+    # the global rows' rank used to receive every key (worst == ring); now a halo, the 32 global
+    # keys and the global rows' exchange
+    assert worst * 4 < ring, (worst, ring)
+
+
+def test_planner_longformer_global_rows_at_16k():
+    """At 16K on 8 contiguous ranks (blocks of 128, Hq=16, Hkv=8, D=128, bf16) the worst rank's
+    forward bytes fall from a ring's to a halo's plus the global rows' exchange."""
+    pattern, n, p = P.longformer(1024, 64), 16384, 8
+    layout = pattern.layout(n, block_q=128)
+    sharding = contiguous(n, p, 128)
+    dims = dict(batch=1, q_heads=16, kv_heads=8, head_dim=128, v_head_dim=128, itemsize=2, lse_itemsize=4)
+    keys_only = plan_context_parallel(layout, sharding, 8)
+    with_global = plan_context_parallel(layout, sharding, 8, global_rows=True)
+    assert {r: int(x.numel()) for r, x in with_global.global_rows.items()} == {0: 128}  # the global block
+    key = 8 * 2 * 128 * 2
+    assert int(keys_only.forward_bytes_received(**dims).max()) == (n - n // p) * key  # a ring's
+    got = with_global.forward_bytes_received(**dims).tolist()
+    q_row, partial_row = 16 * 128 * 2, 16 * (128 * 2 + 4)
+    # rank 0: its right halo (512 keys) and 7 partial (out, lse) of its 128 global rows; ranks
+    # 1-6: two halos and the 64 global keys, and the 128 global q rows; rank 7: one halo
+    assert got[0] == 512 * key + 7 * 128 * partial_row
+    assert got[1:7] == [(2 * 512 + 64) * key + 128 * q_row] * 6
+    assert got[7] == (512 + 64) * key + 128 * q_row
+    assert max(got) * 10 < (n - n // p) * key
+
+
+def bad_global_rows(rank, world_size, value, scheme):
+    q, k, v, _ = _inputs()
+    sharding = contiguous(N, world_size, UNIT)
+    local = [sharding.shard(t, rank) for t in (q, k, v)]
+    context_parallel_attention(*local, PATTERNS["longformer"](), sharding=sharding, backend="blocked",
+                               scheme=scheme, global_rows=value if rank == 0 else True)
+
+
+@pytest.mark.parametrize("value,scheme,message", [("yes", "halo", "global_rows must be"),
+                                                  (1, "halo", "global_rows must be"),
+                                                  (True, "ulysses", "needs a planned scheme")])
+def test_bad_global_rows_raises_on_every_rank(value, scheme, message):
+    with pytest.raises(RankError) as info:
+        pool(2).run(bad_global_rows, value, scheme)
+    errors = info.value.errors
+    assert sorted(errors) == [0, 1], errors
+    assert all(message in m for m in errors.values()), errors

@@ -101,8 +101,9 @@ def run_matrix(rank, world_size, pattern_name, schemes, sharding_names):
             local = [shard.shard(t, rank).clone().requires_grad_() for t in (q, k, v)]
             where = f"{pattern_name} {scheme} {sharding_name} P={world_size}"
             try:
+                # the key plan (global rows computed where their keys live: test_global_rows.py)
                 out = context_parallel_attention(*local, pattern, group=comm, sharding=shard, scheme=scheme,
-                                                 backend="blocked")
+                                                 backend="blocked", global_rows=False)
             except ValueError as e:
                 if scheme == "ulysses" and (HKV % world_size):
                     if "divisible" not in str(e):

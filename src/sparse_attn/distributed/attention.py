@@ -248,8 +248,9 @@ def _agree(comm: Comm, q, k, v, pattern, sharding, scheme, backend, scale, globa
             g = plan.global_bytes(dims["batch"], dims["q_heads"], dims["head_dim"], dims["v_head_dim"],
                                   dims["itemsize"], dims["lse_itemsize"])
             global_bytes = g["gq"][1] + g["gout"][1]
-        scheme = choose_scheme(plan, ulysses_refusal(pattern, q.shape[1], k.shape[1], comm.world_size) is None,
-                               u_bytes, kv_per_key, global_bytes)
+        ulysses_ok = global_rows is not True and \
+            ulysses_refusal(pattern, q.shape[1], k.shape[1], comm.world_size) is None
+        scheme = choose_scheme(plan, ulysses_ok, u_bytes, kv_per_key, global_bytes)
     return _Setup(comm, plan, chosen, scale, scheme, pattern, layout)
 
 

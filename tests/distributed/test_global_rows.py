@@ -12,6 +12,7 @@ import torch
 
 from gloo_pool import RankError, pool
 from sparse_attn import patterns as P
+from sparse_attn import sparse_attention
 from sparse_attn.distributed import Comm, context_parallel_attention, contiguous, zigzag
 from sparse_attn.distributed.plan import plan_context_parallel
 from test_context_parallel import B, D, HKV, HQ, N, PATTERNS, SHARDINGS, UNIT, _inputs, _reference
@@ -171,3 +172,28 @@ def test_bad_global_rows_raises_on_every_rank(value, scheme, message):
     errors = info.value.errors
     assert sorted(errors) == [0, 1], errors
     assert all(message in m for m in errors.values()), errors
+
+
+def lse_and_dtypes(rank, world_size, dtype):
+    """return_lse with a gradient through lse (the global rows' dlse travels too), in float64
+    (exact) and float32 (close to the float64 result)."""
+    pattern = PATTERNS["longformer"]()
+    q, k, v, dout = _inputs()
+    dlse = torch.randn(B, HQ, N, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = sparse_attention(*full, pattern, backend="reference", return_lse=True)
+    ref = (out.detach(), lse.detach(), *torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), full))
+    shard = zigzag(N, world_size, UNIT)
+    local = [shard.shard(t, rank).to(dtype).clone().requires_grad_() for t in (q, k, v)]
+    out, lse = context_parallel_attention(*local, pattern, sharding=shard, scheme="halo", backend="blocked",
+                                          global_rows=True, return_lse=True)
+    loss = (out * shard.shard(dout, rank).to(dtype)).sum() + (lse * shard.shard(dlse, rank, dim=-1).to(lse.dtype)).sum()
+    grads = torch.autograd.grad(loss, local)
+    return [(got.double() - shard.shard(want, rank, dim=-1 if want.dim() == 3 else -2)).abs().max().item()
+            for got, want in zip((out, lse, *grads), ref)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_global_rows_lse_gradient_and_float32(dtype, tol):
+    errs = pool(3).run(lse_and_dtypes, dtype)
+    assert max(max(e) for e in errs) <= tol, errs

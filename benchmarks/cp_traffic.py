@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, write_json  # noqa: E402
@@ -88,11 +87,13 @@ def main() -> None:
                            global_rows=sum(int(r.numel()) for r in plan.global_rows.values()),
                            ring_bytes=ring, all_gather_bytes=ring, ulysses_bytes=u,
                            busy_pairs=plan.busy_pairs(), max_hop=plan.max_hop(),
-                           scheme=choose_scheme(plan, HQ % p == 0 and HKV % p == 0, u, per_key, global_in), key_groups=plan.groups,
+                           scheme=choose_scheme(plan, HQ % p == 0 and HKV % p == 0, u, per_key, global_in),
+                           key_groups=plan.groups,
                            plan_seconds=round(time.perf_counter() - t0, 2))
                 rows.append(row)
                 print(f"{name:24s} N={n:>8d} P={p}  plan {row['plan_bytes_max'] / 1e6:8.1f} MB  ring/all-gather "
-                      f"{ring / 1e6:8.1f} MB  ulysses {u / 1e6:7.1f} MB  global rows {row['global_rows']}  -> {row['scheme']}", flush=True)
+                      f"{ring / 1e6:8.1f} MB  ulysses {u / 1e6:7.1f} MB  global rows {row['global_rows']}  "
+                      f"-> {row['scheme']}", flush=True)
                 t0 = time.perf_counter()
     write_json(args.out, dict(benchmark="cp_traffic", units="bytes received per rank per layer, forward",
                               shapes=dict(batch=B, q_heads=HQ, kv_heads=HKV, head_dim=D, dtype="bfloat16", block=BLOCK),

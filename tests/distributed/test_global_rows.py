@@ -197,3 +197,30 @@ def lse_and_dtypes(rank, world_size, dtype):
 def test_global_rows_lse_gradient_and_float32(dtype, tol):
     errs = pool(3).run(lse_and_dtypes, dtype)
     assert max(max(e) for e in errs) <= tol, errs
+
+
+def test_a_plan_without_global_rows_is_the_key_plan():
+    """A band has no global rows: asking for them builds the key plan once and returns it."""
+    layout = P.sliding_window(40).layout(N, block_q=UNIT, block_kv=UNIT)
+    sharding = contiguous(N, 4, UNIT)
+    with_global = plan_context_parallel(layout, sharding, HKV, global_rows=True)
+    assert not with_global.has_global_rows and with_global.global_matrix().sum() == 0
+    assert plan_context_parallel(layout, sharding, HKV) is with_global
+    with pytest.raises(ValueError, match="global_rows must be a bool"):
+        plan_context_parallel(layout, sharding, HKV, global_rows="auto")
+
+
+def auto_choice(rank, world_size, pattern_name):
+    from sparse_attn.distributed.attention import _agree
+
+    q, k, v, _ = _inputs()
+    shard = contiguous(N, world_size, UNIT)
+    local = [shard.shard(t, rank) for t in (q, k, v)]
+    return _agree(Comm(None), *local, PATTERNS[pattern_name](), shard, "halo", "blocked", None).plan.has_global_rows
+
+
+def test_auto_takes_global_rows_only_when_they_lower_the_worst_rank():
+    # at 200 tokens BigBird's random blocks make many rows "global" and the exchange costs more
+    # than the keys (see the plans' bytes); Longformer's two global tokens cost less
+    assert pool(2).run(auto_choice, "longformer") == [True, True]
+    assert pool(2).run(auto_choice, "bigbird") == [False, False]

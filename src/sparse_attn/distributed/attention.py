@@ -231,12 +231,14 @@ def _agree(comm: Comm, q, k, v, pattern, sharding, scheme, backend, scale, globa
                          f"{dict(enumerate(sharding.lengths()))} ({sharding.describe()})")
     dims = dict(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
                 v_head_dim=v.shape[3], itemsize=q.element_size(), lse_itemsize=_lse_dtype(q.dtype).itemsize)
-    plan = plan_context_parallel(layout, sharding, k.shape[1], global_rows=global_rows is True)
-    if global_rows == "auto" and scheme != "ulysses":  # global rows when they lower the worst rank's bytes
-        with_global = plan_context_parallel(layout, sharding, k.shape[1], global_rows=True)
-        if with_global.has_global_rows and comm.world_size > 1 and \
-                int(with_global.forward_bytes_received(**dims).max()) < int(plan.forward_bytes_received(**dims).max()):
-            plan = with_global
+    # global rows: forced, or ("auto") when they lower the most bytes any rank receives
+    use_global = global_rows is True or (global_rows == "auto" and scheme != "ulysses")
+    plan = plan_context_parallel(layout, sharding, k.shape[1], global_rows=use_global)
+    if global_rows == "auto" and plan.has_global_rows:
+        keys_only = plan_context_parallel(layout, sharding, k.shape[1])
+        if comm.world_size == 1 or \
+                int(plan.forward_bytes_received(**dims).max()) >= int(keys_only.forward_bytes_received(**dims).max()):
+            plan = keys_only
     if scheme == "auto":
         from .ulysses import ulysses_bytes, ulysses_refusal
 

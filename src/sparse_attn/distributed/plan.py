@@ -268,8 +268,11 @@ def plan_context_parallel(layout: BlockLayout, sharding: Sharding, kv_heads: int
         raise ValueError(f"sharding unit ({sharding.unit}) must be a multiple of the layout's blocks "
                          f"({layout.block_q}, {layout.block_kv}): every block must live on one rank")
     groups = key_groups(layout, kv_heads)
-    return layout.cached(("context_parallel", groups, global_rows) + sharding.key(),
+    plan = layout.cached(("context_parallel", groups, global_rows) + sharding.key(),
                          lambda: _build(layout, sharding, groups, global_rows))
+    if global_rows and not plan.has_global_rows:  # the same plan as without: built once
+        layout.cache.setdefault(("context_parallel", groups, False) + sharding.key(), plan)
+    return plan
 
 
 def _build(layout: BlockLayout, sharding: Sharding, groups: int, global_rows: bool = False) -> ContextPlan:

@@ -236,23 +236,17 @@ def block_sparse_fwd_kernel(
     if PERSISTENT:
         nprog = tl.num_programs(0).to(tl.int64)
         w = tl.program_id(0).to(tl.int64)
-        if QUEUE:
-            while w < total_work:
-                qt, bh = _work_item(w, q_block_order, num_q_blocks, num_bh, HEADS_FASTEST, TPB)
-                _fwd_program(qt, bh, Q, K, V, Out, Lse, full_off, full_idx, part_off, part_idx, part_bits, part_mask,
-                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-                             stride_vn, stride_ob, stride_oh, stride_on, stride_lb, stride_lh, qk_scale, q_len, kv_len,
-                             num_q_heads, group_size, num_q_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS,
-                             EVEN_Q, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, WS)
+        while w < total_work:
+            qt, bh = _work_item(w, q_block_order, num_q_blocks, num_bh, HEADS_FASTEST, TPB)
+            _fwd_program(qt, bh, Q, K, V, Out, Lse, full_off, full_idx, part_off, part_idx, part_bits, part_mask,
+                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                         stride_vn, stride_ob, stride_oh, stride_on, stride_lb, stride_lh, qk_scale, q_len, kv_len,
+                         num_q_heads, group_size, num_q_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS,
+                         EVEN_Q, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, WS)
+            if QUEUE:  # the next item from a shared counter: programs that finish early take more
                 w = tl.atomic_add(Counter, 1).to(tl.int64) + nprog
-        else:
-            for item in range(w, total_work, nprog):
-                qt, bh = _work_item(item, q_block_order, num_q_blocks, num_bh, HEADS_FASTEST, TPB)
-                _fwd_program(qt, bh, Q, K, V, Out, Lse, full_off, full_idx, part_off, part_idx, part_bits, part_mask,
-                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-                             stride_vn, stride_ob, stride_oh, stride_on, stride_lb, stride_lh, qk_scale, q_len, kv_len,
-                             num_q_heads, group_size, num_q_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS,
-                             EVEN_Q, EVEN_KV, IEEE, UPCAST, USE_TMA, WIDE_ROWS, WS)
+            else:  # a static stride
+                w += nprog
     else:
         qt, bh = _program_tile(q_block_order, num_q_blocks, HEADS_FASTEST, TPB)
         _fwd_program(qt, bh, Q, K, V, Out, Lse, full_off, full_idx, part_off, part_idx, part_bits, part_mask,
@@ -416,25 +410,18 @@ def block_sparse_bwd_dq_kernel(
     if PERSISTENT:
         nprog = tl.num_programs(0).to(tl.int64)
         w = tl.program_id(0).to(tl.int64)
-        if QUEUE:
-            while w < total_work:
-                qt, bh = _work_item(w, q_block_order, num_q_blocks, num_bh, HEADS_FASTEST, TPB)
-                _dq_program(qt, bh, Q, K, V, DO, GradQ, Lse2, Delta, full_off, full_idx, part_off, part_idx, part_bits,
-                            part_mask, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
-                            stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-                            stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
-                            PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q, EVEN_KV, IEEE, UPCAST, USE_TMA,
-                            WIDE_ROWS, WS)
+        while w < total_work:
+            qt, bh = _work_item(w, q_block_order, num_q_blocks, num_bh, HEADS_FASTEST, TPB)
+            _dq_program(qt, bh, Q, K, V, DO, GradQ, Lse2, Delta, full_off, full_idx, part_off, part_idx, part_bits,
+                        part_mask, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+                        stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                        stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
+                        PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q, EVEN_KV, IEEE, UPCAST, USE_TMA,
+                        WIDE_ROWS, WS)
+            if QUEUE:  # the next item from a shared counter: programs that finish early take more
                 w = tl.atomic_add(Counter, 1).to(tl.int64) + nprog
-        else:
-            for item in range(w, total_work, nprog):
-                qt, bh = _work_item(item, q_block_order, num_q_blocks, num_bh, HEADS_FASTEST, TPB)
-                _dq_program(qt, bh, Q, K, V, DO, GradQ, Lse2, Delta, full_off, full_idx, part_off, part_idx, part_bits,
-                            part_mask, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
-                            stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-                            stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
-                            PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q, EVEN_KV, IEEE, UPCAST, USE_TMA,
-                            WIDE_ROWS, WS)
+            else:  # a static stride
+                w += nprog
     else:
         qt, bh = _program_tile(q_block_order, num_q_blocks, HEADS_FASTEST, TPB)
         _dq_program(qt, bh, Q, K, V, DO, GradQ, Lse2, Delta, full_off, full_idx, part_off, part_idx, part_bits,
@@ -581,36 +568,28 @@ def block_sparse_bwd_dkdv_kernel(
     if PERSISTENT:
         nprog = tl.num_programs(0).to(tl.int64)
         w = tl.program_id(0).to(tl.int64)
-        if QUEUE:
-            while w < total_work:
-                kt, bh = _work_item(w, kv_block_order, num_kv_blocks, num_bh, HEADS_FASTEST, TPB)
-                _dkdv_program(kt, bh, Q, K, V, DO, GradQAcc, GradK, GradV, Lse2, Delta, tfull_off, tfull_idx, tpart_off, tpart_idx,
-                              tpart_mask, part_bits, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                              stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb,
-                              stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-                              stride_dvn, stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_kv_heads,
-                              group_size, num_kv_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q,
-                              EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS, WS)
+        while w < total_work:
+            kt, bh = _work_item(w, kv_block_order, num_kv_blocks, num_bh, HEADS_FASTEST, TPB)
+            _dkdv_program(kt, bh, Q, K, V, DO, GradQAcc, GradK, GradV, Lse2, Delta, tfull_off, tfull_idx, tpart_off, tpart_idx,
+                          tpart_mask, part_bits, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb,
+                          stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                          stride_dvn, stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_kv_heads,
+                          group_size, num_kv_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q,
+                          EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS, WS)
+            if QUEUE:  # the next item from a shared counter: programs that finish early take more
                 w = tl.atomic_add(Counter, 1).to(tl.int64) + nprog
-        else:
-            for item in range(w, total_work, nprog):
-                kt, bh = _work_item(item, kv_block_order, num_kv_blocks, num_bh, HEADS_FASTEST, TPB)
-                _dkdv_program(kt, bh, Q, K, V, DO, GradQAcc, GradK, GradV, Lse2, Delta, tfull_off, tfull_idx, tpart_off, tpart_idx,
-                              tpart_mask, part_bits, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                              stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb,
-                              stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-                              stride_dvn, stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_kv_heads,
-                              group_size, num_kv_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q,
-                              EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS, WS)
+            else:  # a static stride
+                w += nprog
     else:
         kt, bh = _program_tile(kv_block_order, num_kv_blocks, HEADS_FASTEST, TPB)
         _dkdv_program(kt, bh, Q, K, V, DO, GradQAcc, GradK, GradV, Lse2, Delta, tfull_off, tfull_idx, tpart_off, tpart_idx,
-                              tpart_mask, part_bits, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                              stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb,
-                              stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-                              stride_dvn, stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_kv_heads,
-                              group_size, num_kv_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q,
-                              EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS, WS)
+                      tpart_mask, part_bits, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb,
+                      stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                      stride_dvn, stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_kv_heads,
+                      group_size, num_kv_blocks, PER_HEAD, LBQ, LBK, BM, BN, BD, BDV, D, DV, WORDS, EVEN_Q,
+                      EVEN_KV, IEEE, UPCAST, FUSED_DQ, USE_TMA, WIDE_ROWS, WS)
 
 
 @triton.jit

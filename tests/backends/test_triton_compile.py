@@ -36,6 +36,7 @@ def test_kernels_compile_for_sm90():
     assert any("USE_TMA=True" in line for line in compiled) and any("USE_TMA=False" in line for line in compiled)
 
 
+@pytest.mark.slow  # ~40 s of compiles for switches that are off by default
 def test_persistent_variants_compile_for_sm90():
     """The persistent-grid variants (static stride and atomic queue) of every kernel compile for
     sm90 (configs.VARIANTS; benchmarks/kernel_variants.py measures them on the GPU)."""

@@ -241,6 +241,18 @@ def test_bigbird_reproducible_and_seeded():
     assert not torch.equal(cells(0), cells(1))
 
 
+def test_bigbird_keeps_a_bounded_number_of_lengths_and_redraws_them_identically(monkeypatch):
+    """Block maps per length live in an LRU (MAX_CACHED_LENGTHS): a length dropped from it is drawn
+    again to the same map (seed and length alone decide the random blocks)."""
+    monkeypatch.setattr(P.presets.BigBird, "MAX_CACHED_LENGTHS", 3)
+    p = P.bigbird(16, num_random_blocks=2, seed=5)
+    first = p.to_dense(200)
+    for n in (120, 140, 160, 180):  # pushes 200 out
+        p.cells(n)
+    assert len(p._cells) == 3 and 200 not in p._cells
+    assert torch.equal(p.to_dense(200), first)
+
+
 def test_bigbird_per_head_differs_across_heads():
     pattern = P.bigbird(2, seed=5, num_heads=4)
     assert pattern.num_heads == 4

@@ -6,6 +6,7 @@ than keys the queries are the last ones (i = kv_len - q_len + row) unless a q_of
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
@@ -178,6 +179,11 @@ def bigbird(block: int, num_window_blocks: int = 3, num_global_blocks: int = 2, 
 
 
 class BigBird(Pattern):
+    # block maps kept per length, least recently used dropped first: a run over many lengths
+    # (ListOps batches) would otherwise keep one per length forever; a dropped one is drawn
+    # again identically (its random blocks come from `seed` and the length alone)
+    MAX_CACHED_LENGTHS = 64
+
     def __init__(self, block, num_window_blocks, num_global_blocks, num_random_blocks, seed, num_heads,
                  causal=False):
         super().__init__()
@@ -188,13 +194,17 @@ class BigBird(Pattern):
         self.num_random_blocks = check_int("num_random_blocks", num_random_blocks, 0)
         self.seed = check_int("seed", seed)
         self.num_heads = None if num_heads is None else check_int("num_heads", num_heads, 1)
-        self._cells: dict[int, Pattern] = {}
+        self._cells: OrderedDict[int, Pattern] = OrderedDict()
 
     def cells(self, length: int) -> Pattern:
         """The block map for a sequence of `length` tokens (drawn once per length): BlockCells,
         or with causal, the earlier cells | causal own blocks."""
-        if length not in self._cells:
+        if length in self._cells:
+            self._cells.move_to_end(length)
+        else:
             self._cells[length] = self._draw(length)
+            while len(self._cells) > self.MAX_CACHED_LENGTHS:
+                self._cells.popitem(last=False)
         return self._cells[length]
 
     def _draw(self, length: int) -> Pattern:

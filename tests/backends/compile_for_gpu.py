@@ -90,7 +90,7 @@ def main() -> int:
     target = GPUTarget("cuda", args.arch, 32)
     log: list[str] = []
     for name in ("block_sparse_fwd_kernel", "block_sparse_bwd_dq_kernel", "block_sparse_bwd_dkdv_kernel",
-                 "bwd_preprocess_kernel"):
+                 "bwd_preprocess_kernel", "block_sparse_bwd_combined_kernel"):
         setattr(kernels, name, CompilingLauncher(getattr(kernels, name), target, log))
     ops.tma_allowed = lambda *tensors: True  # what an aligned bf16 input on sm90 gets
     ops._ensure_allocator = lambda: None

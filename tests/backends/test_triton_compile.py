@@ -38,8 +38,9 @@ def test_kernels_compile_for_sm90():
 
 @pytest.mark.slow  # ~40 s of compiles for switches that are off by default
 def test_persistent_variants_compile_for_sm90():
-    """The persistent-grid variants (static stride and atomic queue) of every kernel compile for
-    sm90 (configs.VARIANTS; benchmarks/kernel_variants.py measures them on the GPU)."""
+    """The persistent-grid variants (static stride and atomic queue) of every kernel and the
+    one-grid backward compile for sm90 (configs.VARIANTS; benchmarks/kernel_variants.py measures
+    them on the GPU)."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
@@ -47,10 +48,11 @@ def test_persistent_variants_compile_for_sm90():
         pytest.skip(f"this Triton has no ahead-of-time CUDA compiler: {e}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
-    names = ["fwd_persistent1", "dq_queue1", "dkdv_persistent1", "fused_queue1"]
+    names = ["fwd_persistent1", "dq_queue1", "dkdv_persistent1", "fused_queue1", "dq_combined"]
     done = subprocess.run([sys.executable, str(SCRIPT), "--variants", *names], env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, f"compile for sm90 failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     compiled = [line for line in done.stdout.splitlines() if line.startswith("compiled ")]
     assert any("PERSISTENT=True,QUEUE=True" in line for line in compiled)
     assert any("PERSISTENT=True,QUEUE=False" in line for line in compiled)
+    assert any(line.split()[1] == "block_sparse_bwd_combined_kernel" for line in compiled)

@@ -34,6 +34,10 @@ class TileConfig:
     warp_specialize: bool = False
     num_ctas: int = 1  # CTAs per cluster (sm90+): a launch option
     maxnreg: int | None = None  # registers per thread cap (ptxas .maxnreg): a launch option
+    # phase "dq" only: the dq and dk/dv programs of the deterministic backward in one grid
+    # (kernels.block_sparse_bwd_combined_kernel, FlexAttention's arrangement), where both
+    # phases' tiles have the same warp count and neither is persistent
+    combined: bool = False
 
 
 # padded head dim -> phase -> config
@@ -66,6 +70,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "dq_64x128_w8_s2": {"dq": dict(block_m=64, block_n=128, num_warps=8, num_stages=2)},
     "dq_64x128_w8_s3": {"dq": dict(block_m=64, block_n=128, num_warps=8, num_stages=3)},
     "dq_128x64_w8_s2": {"dq": dict(block_m=128, block_n=64, num_warps=8, num_stages=2)},
+    # the dq and dk/dv programs in one launch (each phase keeps its tiles; stages: the larger)
+    "dq_combined": {"dq": dict(combined=True)},
     # the fused backward's 8-warp kernel with a register cap (spills vs occupancy)
     "fused_maxnreg128": {"fused": dict(maxnreg=128)},
 }
@@ -91,6 +97,6 @@ def tile_config(padded_head_dim: int, phase: str, block_q: int, block_kv: int, *
                            min(c.num_stages, 2))
     over = OVERRIDES.get(phase, {})
     if interpreted:  # under the interpreter only the scheduling switches apply; tiles stay tiny
-        over = {k: v for k, v in over.items() if k in ("persistent", "queue", "warp_specialize")}
+        over = {k: v for k, v in over.items() if k in ("persistent", "queue", "warp_specialize", "combined")}
     c = replace(c, **over)
     return replace(c, block_m=min(c.block_m, block_q), block_n=min(c.block_n, block_kv))

@@ -655,3 +655,50 @@ def _dkdv_program(
     tl.store(dk_ptrs, (dk * scale).to(GradK.dtype.element_ty), mask=in_kv & (offs_d[None, :] < D))
     dv_ptrs = GradV + b * stride_dvb + hk64 * stride_dvh + rows * stride_dvn + offs_dv[None, :]
     tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=in_kv & (offs_dv[None, :] < DV))
+
+
+# ------------------------------------------------------------ backward, one grid (COMBINED)
+@triton.jit
+def block_sparse_bwd_combined_kernel(
+    Q, K, V, DO, GradQ, GradK, GradV, Lse2, Delta,
+    full_off, full_idx, part_off, part_idx, part_bits, part_mask, q_block_order,
+    tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, kv_block_order,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_lb, stride_lh,
+    qk_scale, scale, q_len, kv_len, num_q_heads, num_kv_heads, group_size, num_q_blocks, num_kv_blocks,
+    num_q_bh, num_kv_bh, kv_work,
+    PER_HEAD: tl.constexpr, Q_HEADS_FASTEST: tl.constexpr, KV_HEADS_FASTEST: tl.constexpr, LBQ: tl.constexpr,
+    LBK: tl.constexpr, DQ_BM: tl.constexpr, DQ_BN: tl.constexpr, KV_BM: tl.constexpr, KV_BN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, WORDS: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, DQ_TMA: tl.constexpr,
+    KV_TMA: tl.constexpr, WIDE_ROWS: tl.constexpr,
+):
+    """The deterministic backward's dk/dv and dq programs in one grid (FlexAttention's
+    arrangement: the two program sets fill each other's tails instead of running as two
+    launches). The first `kv_work` programs are dk/dv work items, the rest dq ones; every output
+    element is still written by exactly one program, summed in the same order: bitwise the
+    three-launch result."""
+    pid = _launch_index()
+    if pid < kv_work:
+        kt, bh = _work_item(pid, kv_block_order, num_kv_blocks, num_kv_bh, KV_HEADS_FASTEST, LBK // KV_BN)
+        _dkdv_program(kt, bh, Q, K, V, DO, GradK, GradK, GradV, Lse2, Delta, tfull_off, tfull_idx, tpart_off,
+                      tpart_idx, tpart_mask, part_bits, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                      stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dkb,
+                      stride_dkh, stride_dkn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                      stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_kv_heads, group_size, num_kv_blocks,
+                      PER_HEAD, LBQ, LBK, KV_BM, KV_BN, BD, BDV, D, DV, WORDS, EVEN_Q, EVEN_KV, IEEE, UPCAST, False,
+                      KV_TMA, WIDE_ROWS, False)
+    else:
+        qt, bh = _work_item(pid - kv_work, q_block_order, num_q_blocks, num_q_bh, Q_HEADS_FASTEST, LBQ // DQ_BM)
+        _dq_program(qt, bh, Q, K, V, DO, GradQ, Lse2, Delta, full_off, full_idx, part_off, part_idx, part_bits,
+                    part_mask, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+                    stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                    stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
+                    PER_HEAD, LBQ, LBK, DQ_BM, DQ_BN, BD, BDV, D, DV, WORDS, EVEN_Q, EVEN_KV, IEEE, UPCAST, DQ_TMA,
+                    WIDE_ROWS, False)

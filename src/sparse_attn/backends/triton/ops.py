@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .configs import tile_config
+from .configs import TileConfig, tile_config
 from .plan import get_plan
 
 LOG2E = 1.4426950408889634
@@ -272,6 +272,11 @@ def block_sparse_attn_bwd(
 
     cfg = tile_config(padded, "dq", block_q, block_kv, interpreted=interpreting(),
                       element_size=q.element_size())
+    if cfg.combined and _launch_combined(cfg, q, k, v, dout, dq, dk, dvv, lse2, delta, full_off, full_idx,
+                                              part_off, part_idx, bits, part_mask, q_block_order, tfull_off,
+                                              tfull_idx, tpart_off, tpart_idx, tpart_mask, kv_block_order, scale,
+                                              block_q, block_kv, per_head, q_heads_fastest, kv_heads_fastest):
+        return dq, dk, dvv
     grid, counter, work, sched = _schedule(cfg, -(-nq // block_q) * (block_q // cfg.block_m), bsz * hq,
                                            q_heads_fastest, q.device)
     block_sparse_bwd_dq_kernel[grid](
@@ -292,6 +297,42 @@ def block_sparse_attn_bwd(
 @block_sparse_attn_bwd.register_fake
 def _(dout, dlse, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _launch_combined(dq_cfg, q, k, v, dout, dq, dk, dvv, lse2, delta, full_off, full_idx, part_off, part_idx, bits,
+                     part_mask, q_block_order, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask,
+                     kv_block_order, scale, block_q, block_kv, per_head, q_heads_fastest, kv_heads_fastest) -> bool:
+    """The deterministic backward's dq and dk/dv programs in one launch (TileConfig.combined on
+    the dq phase; off in the table until measured on the H200: benchmarks/kernel_variants.py,
+    variant dq_combined). False (nothing launched) where one launch cannot carry both phases'
+    settings: different warp counts, or a persistent schedule."""
+    from .kernels import block_sparse_bwd_combined_kernel
+
+    bsz, hq, nq, d, hkv, nkv, dv, dq_flags = _common(q, k, v, block_q, block_kv, k, v, phase="dq")
+    kv_flags = _common(q, k, v, block_q, block_kv, q, dout, phase="dkdv")[-1]
+    kv_cfg = tile_config(max(dq_flags["BD"], dq_flags["BDV"]), "dkdv", block_q, block_kv,
+                         interpreted=interpreting(), element_size=q.element_size())
+    if dq_cfg.num_warps != kv_cfg.num_warps or dq_cfg.persistent or kv_cfg.persistent:
+        return False
+    dq_work = -(-nq // block_q) * (block_q // dq_cfg.block_m) * bsz * hq
+    kv_work = -(-nkv // block_kv) * (block_kv // kv_cfg.block_n) * bsz * hkv
+    flags = {key: value for key, value in dq_flags.items() if key != "USE_TMA"}
+    block_sparse_bwd_combined_kernel[_grid(kv_work + dq_work, 1, False)](
+        q, k, v, dout, dq, dk, dvv, lse2, delta, full_off, full_idx, part_off, part_idx, bits, part_mask,
+        q_block_order, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, kv_block_order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+        dvv.stride(0), dvv.stride(1), dvv.stride(2), lse2.stride(0), lse2.stride(1),
+        scale * LOG2E, scale, nq, nkv, hq, hkv, hq // hkv, -(-nq // block_q), -(-nkv // block_kv),
+        bsz * hq, bsz * hkv, kv_work,
+        PER_HEAD=per_head, Q_HEADS_FASTEST=q_heads_fastest, KV_HEADS_FASTEST=kv_heads_fastest,
+        DQ_BM=dq_cfg.block_m, DQ_BN=dq_cfg.block_n, KV_BM=kv_cfg.block_m, KV_BN=kv_cfg.block_n,
+        DQ_TMA=dq_flags["USE_TMA"], KV_TMA=kv_flags["USE_TMA"], **flags,
+        **_launch_opts(TileConfig(dq_cfg.block_m, dq_cfg.block_n, kv_cfg.num_warps,
+                                  max(dq_cfg.num_stages, kv_cfg.num_stages))),
+    )
+    return True
 
 
 def _launch_dkdv(phase, dq_acc, q, k, v, dout, dk, dvv, lse2, delta, tfull_off, tfull_idx, tpart_off, tpart_idx,

@@ -155,6 +155,31 @@ def test_simulation_equals_reference(name):
         assert sim.launches == ([min(s, 1) for s in sim.steps] if scheme == "halo" else sim.steps)
 
 
+@pytest.mark.parametrize("name", ["longformer", "bigbird"])
+def test_simulation_with_global_rows_equals_reference(name):
+    """global_rows=True: the global query rows computed where their keys live (partials merged at
+    the owner, dQ back, dK/dV at the keys), as the distributed schemes do; float64-exact, and the
+    time of each global step counted on its source rank."""
+    n = 512
+    pattern = {"longformer": P.longformer(64, [0, 300]), "bigbird": P.bigbird(16, seed=1)}[name]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, n, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, n, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = sparse_attention(q, k, v, pattern, backend="reference", return_lse=True)
+    dout = torch.randn_like(ref[0])
+    grads = torch.autograd.grad(ref[0], (q, k, v), dout)
+    sim = simulate_context_parallel(q, k, v, pattern, 4, scheme="halo", backend="blocked", dout=dout,
+                                    global_rows=True)
+    assert sim.global_steps > 0
+    torch.testing.assert_close(sim.out, ref[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(sim.lse, ref[1], rtol=0, atol=1e-12)
+    for got, want in zip(sim.grads, grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="global_rows"):
+        simulate_context_parallel(q, k, v, pattern, 4, global_rows="auto")
+
+
 def test_default_backward_from_stats_matches_blocked():
     """The base class's autograd route (for backends without a saved-stats backward) against the
     blocked backend's direct one, on one step of a split: keys 64.. of a causal attention."""

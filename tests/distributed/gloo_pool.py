@@ -11,7 +11,6 @@ the pool (a hang fails the test instead of the suite)."""
 from __future__ import annotations
 
 import atexit
-import os
 import socket
 import traceback
 

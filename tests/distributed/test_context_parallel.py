@@ -70,14 +70,19 @@ def _reference(pattern, q, k, v, dout):
     return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
 
 
-def analytic_minimum_rows(pattern, sharding: Sharding, rank: int) -> int:
+def analytic_minimum_rows(pattern, sharding: Sharding, rank: int, global_local_rows=None) -> int:
     """(kv head, key) pairs held elsewhere that some query of `rank` in that kv head's GQA group
-    may attend, from the dense mask."""
+    may attend, from the dense mask; `global_local_rows` (local indices): queries left out, those
+    computed where their keys live (test_global_rows)."""
     mask = pattern.to_dense(N, num_heads=HQ)  # [HQ, N, N]
     mine = sharding.positions(rank)
-    if mine.numel() == 0:
+    keep = torch.ones(mine.numel(), dtype=torch.bool)
+    if global_local_rows is not None:
+        keep[global_local_rows] = False
+    rows = mine[keep]
+    if rows.numel() == 0:
         return 0
-    needed = mask[:, mine].reshape(HKV, HQ // HKV, mine.numel(), N).any(1).any(1)  # [HKV, N]
+    needed = mask[:, rows].reshape(HKV, HQ // HKV, rows.numel(), N).any(1).any(1)  # [HKV, N]
     needed[:, mine] = False
     return int(needed.sum())
 

@@ -15,25 +15,10 @@ from sparse_attn import patterns as P
 from sparse_attn import sparse_attention
 from sparse_attn.distributed import Comm, context_parallel_attention, contiguous, zigzag
 from sparse_attn.distributed.plan import plan_context_parallel
-from test_context_parallel import B, D, HKV, HQ, N, PATTERNS, SHARDINGS, UNIT, _inputs, _reference
+from test_context_parallel import (B, D, HKV, HQ, N, PATTERNS, SHARDINGS, UNIT, _inputs, _reference,
+                                   analytic_minimum_rows)
 
 GLOBAL_KINDS = ("gq", "gout", "gdo", "gdq")
-
-
-def analytic_minimum_rows(pattern, sharding, rank, global_local_rows) -> int:
-    """(kv head, key) pairs held elsewhere that some non-global query of `rank` in that kv head's
-    GQA group may attend, from the dense mask."""
-    mask = pattern.to_dense(N, num_heads=HQ)
-    mine = sharding.positions(rank)
-    keep = torch.ones(mine.numel(), dtype=torch.bool)
-    if global_local_rows is not None:
-        keep[global_local_rows] = False
-    rows = mine[keep]
-    if rows.numel() == 0:
-        return 0
-    needed = mask[:, rows].reshape(HKV, HQ // HKV, rows.numel(), N).any(1).any(1)
-    needed[:, mine] = False
-    return int(needed.sum())
 
 
 def run_global(rank, world_size, pattern_name, schemes, sharding_names):

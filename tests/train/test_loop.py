@@ -30,6 +30,20 @@ class FakeClock:
         return self.now
 
 
+def slow_optimizer_steps(monkeypatch, seconds: float = 10) -> FakeClock:
+    """The loop's clock, on which every optimizer step of any trainer 'takes' `seconds`."""
+    clock = FakeClock(step_seconds=0)
+    monkeypatch.setattr(loop_module, "_now", clock)
+    original = loop_module.optimizer_step
+
+    def slow_step(*a):
+        clock.now += seconds
+        return original(*a)
+
+    monkeypatch.setattr(loop_module, "optimizer_step", slow_step)
+    return clock
+
+
 def make(tmp_path=None, name="run.pt", clock: FakeClock | None = None, **kw):
     """A small dropout MLP on a regression task: random batches per step, dropout from the
     running random state (no step_seed), so resuming needs the saved RNG states."""
@@ -179,16 +193,7 @@ def test_listops_budget_stop_and_resume_equals_an_uninterrupted_run(tmp_path, mo
             "dim": 16, "layers": 1, "heads": 2, "mlp_ratio": 2.0, "batch": 8, "steps": 4, "lr": 3e-3, "warmup": 1,
             "weight_decay": 0.1, "eval_every": 2, "seed": 0, "progress": False, "data_cache": tmp_path / "data"}
     straight = train_listops(mechanisms, **args)
-    clock = FakeClock(step_seconds=0)
-    monkeypatch.setattr(loop_module, "_now", clock)
-    # every forward call of the encoder 'takes' 10 s on the loop's clock
-    original = loop_module.optimizer_step
-
-    def slow_step(*a):
-        clock.now += 10
-        return original(*a)
-
-    monkeypatch.setattr(loop_module, "optimizer_step", slow_step)
+    slow_optimizer_steps(monkeypatch)  # every step 'takes' 10 s on the loop's clock
     first = train_listops(mechanisms, checkpoint=tmp_path / "ckpt", max_minutes=0.5, **args)  # 2 steps: 30 s less setup
     assert list(first.runs) == ["sliding_window"] and first.runs["sliding_window"].steps_done == 2
     assert math.isnan(first.runs["sliding_window"].test_accuracy)
@@ -206,15 +211,7 @@ def test_mqar_budget_stop_and_resume(tmp_path, monkeypatch):
             "seq_len": 32, "vocab_size": 32}
     schedules = {"dense": "causal", "window": "sliding_window:window=4"}
     straight = mqar_experiment(schedules, [2, 4], **tiny)
-    clock = FakeClock(step_seconds=0)
-    monkeypatch.setattr(loop_module, "_now", clock)
-    original = loop_module.optimizer_step
-
-    def slow_step(*a):
-        clock.now += 10
-        return original(*a)
-
-    monkeypatch.setattr(loop_module, "optimizer_step", slow_step)
+    slow_optimizer_steps(monkeypatch)
     cut = mqar_experiment(schedules, [2, 4], checkpoint=tmp_path, max_minutes=0.4, **tiny)  # 24 s: 2 steps
     assert cut.unfinished == {"dense": 2, "window": 0} and cut.accuracy == {}
     monkeypatch.undo()

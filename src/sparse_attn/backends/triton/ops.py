@@ -272,7 +272,7 @@ def block_sparse_attn_bwd(
 
     cfg = tile_config(padded, "dq", block_q, block_kv, interpreted=interpreting(),
                       element_size=q.element_size())
-    if cfg.combined and _launch_combined(cfg, q, k, v, dout, dq, dk, dvv, lse2, delta, full_off, full_idx,
+    if cfg.combined and _launch_combined(cfg, flags, q, k, v, dout, dq, dk, dvv, lse2, delta, full_off, full_idx,
                                               part_off, part_idx, bits, part_mask, q_block_order, tfull_off,
                                               tfull_idx, tpart_off, tpart_idx, tpart_mask, kv_block_order, scale,
                                               block_q, block_kv, per_head, q_heads_fastest, kv_heads_fastest):
@@ -299,7 +299,7 @@ def _(dout, dlse, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _launch_combined(dq_cfg, q, k, v, dout, dq, dk, dvv, lse2, delta, full_off, full_idx, part_off, part_idx, bits,
+def _launch_combined(dq_cfg, dq_flags, q, k, v, dout, dq, dk, dvv, lse2, delta, full_off, full_idx, part_off, part_idx, bits,
                      part_mask, q_block_order, tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask,
                      kv_block_order, scale, block_q, block_kv, per_head, q_heads_fastest, kv_heads_fastest) -> bool:
     """The deterministic backward's dq and dk/dv programs in one launch (TileConfig.combined on
@@ -308,8 +308,7 @@ def _launch_combined(dq_cfg, q, k, v, dout, dq, dk, dvv, lse2, delta, full_off, 
     settings: different warp counts, or a persistent schedule."""
     from .kernels import block_sparse_bwd_combined_kernel
 
-    bsz, hq, nq, d, hkv, nkv, dv, dq_flags = _common(q, k, v, block_q, block_kv, k, v, phase="dq")
-    kv_flags = _common(q, k, v, block_q, block_kv, q, dout, phase="dkdv")[-1]
+    bsz, hq, nq, d, hkv, nkv, dv, kv_flags = _common(q, k, v, block_q, block_kv, q, dout, phase="dkdv")
     kv_cfg = tile_config(max(dq_flags["BD"], dq_flags["BDV"]), "dkdv", block_q, block_kv,
                          interpreted=interpreting(), element_size=q.element_size())
     if dq_cfg.num_warps != kv_cfg.num_warps or dq_cfg.persistent or kv_cfg.persistent:

@@ -103,7 +103,9 @@ def _use_tma(phase: str, *tensors: torch.Tensor) -> bool:
 
 def _ensure_allocator() -> None:
     """Device-made TMA descriptors live in a scratch buffer that Triton asks an allocator for;
-    install one (a torch allocation on the launch device) unless the process set its own."""
+    install one (a torch allocation on the launch device) unless the process set its own.
+    Checked at every launch: Triton keeps the allocator in a ContextVar, so a thread that did
+    not set it (autograd's backward thread on CUDA) starts with none."""
     import triton
 
     try:

@@ -10,13 +10,14 @@
 #   gpu_state/<name>.pt.part-<i>   a checkpoint (model, AdamW, step, random states, history) cut in
 #                                  parts of 15 MiB (what may come back from $OUT: 16 MiB a file)
 #   gpu_state/listops_gpu.json     the merged results so far (when absent: benchmarks/results/'s)
-# Each command writes the updated ones under $OUT/gpu_state/ (and $OUT/listops_gpu.png, a log):
+# Each command writes the updated ones under $OUT/gpu_state/ (and a log; $OUT/listops_gpu.png
+# when there is room: files_left_out otherwise; the plot can be redrawn from the JSON):
 # copy them into gpu_state/ for the next command, and listops_gpu.json / .png into
 # benchmarks/results/ once every encoder is there. A run that finished is in the JSON and is
 # not trained again. A checkpoint is ~38 MB for these 3.2M-parameter encoders (weights and
 # AdamW's two moments in float32): keep only the parts of the encoder being trained in gpu_state/
 # (the working tree that travels is limited to 64 MiB, and what comes back from $OUT to 8 files
-# of 16 MiB: one encoder per command).
+# of 16 MiB: at most two encoders' checkpoints per command, e.g. PARALLEL=1 NAMES="dense sliding_window").
 #
 # The data are generated, not downloaded (eval/tasks/listops.py: LRA's generator, seeded), once
 # per machine and kept in $WORK/data (a later command on the same warm machine reuses them, and
@@ -25,7 +26,8 @@
 # checked against the sequential stream's digest), a few seconds on 16 cores.
 #
 # Environment: NAMES (encoders of listops_mechanisms: dense sliding_window longformer bigbird
-# linear performer lsh), MINUTES (the command's budget), STATE (gpu_state), WORK, OUT, STEPS
+# linear performer lsh), PARALLEL (1: one process per encoder of NAMES, all at once, each logging
+# to $OUT/listops_gpu_log_<name>.txt; default 0: one after another), MINUTES (the command's budget), STATE (gpu_state), WORK, OUT, STEPS
 # (override the preset's 5000, for a short trial), EXTRA (more flags for listops.py), PRESET (gpu; cpu for a dry run of this script
 # on a CPU, with STATE and WORK elsewhere) and RESULTS (the results file to start from when
 # $STATE has none: benchmarks/results/listops_$PRESET.json).
@@ -35,6 +37,7 @@ began=$(date +%s)
 NAMES=${NAMES:-dense}
 MINUTES=${MINUTES:-8.5}
 PRESET=${PRESET:-gpu}
+PARALLEL=${PARALLEL:-0}
 RESULTS=${RESULTS:-benchmarks/results/listops_$PRESET.json}
 STATE=${STATE:-gpu_state}
 WORK=${WORK:-/tmp/sparse_attn_listops}
@@ -76,18 +79,39 @@ steps=()
 # EXTRA: more flags for benchmarks/listops.py (e.g. "--lr 5e-4 --warmup 500" to tune on a short
 # run; runs made with other settings replace the JSON's runs instead of joining them)
 read -r -a extra <<<"${EXTRA:-}"
-timeout $((${left_s%.*} + 60)) python3 benchmarks/listops.py --preset $PRESET --only $NAMES ${steps[@]+"${steps[@]}"} ${extra[@]+"${extra[@]}"} \
-    --checkpoint "$WORK/checkpoints" --resume --checkpoint-minutes 2 --max-minutes "$minutes" \
-    --data-cache "$WORK/data" --out "$results" 2>&1 | tr '\r' '\n' | tee -a "$log"
+train() {  # train() NAME...: one process for these encoders, one after another
+    timeout $((${left_s%.*} + 60)) python3 benchmarks/listops.py --preset $PRESET --only "$@" ${steps[@]+"${steps[@]}"} ${extra[@]+"${extra[@]}"} \
+        --checkpoint "$WORK/checkpoints" --resume --checkpoint-minutes 2 --max-minutes "$minutes" \
+        --data-cache "$WORK/data" --out "$results" 2>&1 | tr '\r' '\n'
+}
+if [ "$PARALLEL" = 1 ]; then
+    # one process per encoder, all at once: a ListOps step (32 trees, 3.2M parameters) leaves the
+    # GPU mostly idle and waits on one core's Python, so two processes train ~twice as fast as
+    # one after the other. Results merge into one JSON under a file lock (benchmarks/common.py).
+    for name in $NAMES; do
+        train "$name" >"$WORK/listops_gpu_log_$name.txt" &
+    done
+    wait
+    for name in $NAMES; do  # the per-encoder logs stay in $WORK: $OUT brings back 8 files at most
+        echo "== $name" | tee -a "$log"; grep -v '^ *$' "$WORK/listops_gpu_log_$name.txt" | tail -n 8 | tee -a "$log"
+    done
+else
+    train $NAMES | tee -a "$log"
+fi
 say "training stopped"
 # 5. what the next machine needs, under $OUT
 [ -f "$results" ] && cp "$results" "$OUT/gpu_state/listops_gpu.json"
-[ -f "${results%.json}.png" ] && cp "${results%.json}.png" "$OUT/listops_gpu.png"
+finished() { [ -f "$results" ] && python3 -c "import json, sys; sys.exit(sys.argv[2] not in json.load(open(sys.argv[1]))['runs'])" "$results" "$1"; }
 for name in $NAMES; do
     [ -f "$WORK/checkpoints/$name.pt" ] || continue
+    if finished "$name"; then say "$name: finished, its checkpoint stays behind"; continue; fi
     split -b "$PART_SIZE" -d -a 1 "$WORK/checkpoints/$name.pt" "$OUT/gpu_state/$name.pt.part-"
     say "$name: checkpoint in $(ls "$OUT/gpu_state/$name.pt.part-"* | wc -l) parts"
 done
+# the plot when there is room for it (two checkpoints' parts, the JSON and the log make 8 files)
+if [ -f "${results%.json}.png" ] && [ "$(find "$OUT" -type f | wc -l)" -lt 8 ]; then
+    cp "${results%.json}.png" "$OUT/listops_gpu.png"
+fi
 [ -f "$results" ] && python3 - "$results" <<'EOF' 2>&1 | tee -a "$log"
 import json, sys
 runs = json.load(open(sys.argv[1]))["runs"]

@@ -13,7 +13,14 @@ the unsplit forward's time (both `backend.forward(..., return_lse=True)` over a 
 `backward_ratio` likewise for `backward_from_stats` (the unsplit one from its own out/lse);
 `max_rank_forward_ratio`: the slowest rank against the unsplit call (ideal 1/P);
 `assemble_ratio`: the sum over ranks of filling the launches' kv buffers from the received keys
-(memory copies outside the kernels, not in forward_ratio) against the unsplit forward. Also the
+(memory copies outside the kernels, not in forward_ratio) against the unsplit forward.
+With --global-rows (plan and simulation with `global_rows=True`): the global rows' calls (each
+source's partial over its own keys, `attention._global_forward` / `_global_backward`) are timed
+too and counted on the source that runs them (`rank_global_forward_s`, included in the rank
+totals and ratios; `global_forward_ratio` alone).
+
+    PYTHONPATH=src python3 benchmarks/cp_simulate.py --global-rows --patterns "P.longformer({w}, 64)" \
+        "P.bigbird(128)" --out $OUT/cp_simulate_global.json                                  # H200 Also the
 largest difference of the simulated output from the unsplit one. Timings: `common.time_gpu` on CUDA,
 `common.time_cpu` otherwise.
 """
@@ -37,6 +44,31 @@ from sparse_attn.distributed.attention import _pick_backend, launch_buffers, lau
 from sparse_attn.distributed.simulate import simulated_messages  # noqa: E402
 
 
+def global_row_seconds(plan, sharding, backend, q, k, v, out, lse, dout, scale, timer, backward: bool):
+    """([P] forward, [P] backward seconds): the global rows' calls of `plan` (none without
+    global rows), each (owner, source) step timed on its source, as attention._global_forward
+    and _global_backward run them (the owner's rows against the source's own keys; out/lse of
+    the unsplit call stand in for the merged ones the backward reads: same shapes, same work)."""
+    world = sharding.world_size
+    fwd, bwd = [0.0] * world, [0.0] * world
+    dev = q.device
+    for owner in range(world):
+        steps = plan.global_steps_of_owner(owner)
+        if not steps:
+            continue
+        pos = sharding.positions(owner, dev).index_select(0, plan.global_rows[owner].to(dev))
+        q_rows, o_rows, do_rows = (t.index_select(2, pos) for t in (q, out, dout))  # [B, Hq, g, D]
+        l_rows = lse.index_select(2, pos)
+        for st in steps:
+            index = sharding.positions(st.source, dev).index_select(0, st.kv_index.to(dev))
+            kb, vb = k.index_select(2, index), v.index_select(2, index)
+            fwd[st.source] += timer(lambda: backend.forward(q_rows, kb, vb, st.layout, scale, True))
+            if backward:
+                bwd[st.source] += timer(lambda: backend.backward_from_stats(q_rows, kb, vb, st.layout, scale, o_rows,
+                                                                            l_rows, do_rows))
+    return fwd, bwd
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[131072])
@@ -53,6 +85,8 @@ def main() -> None:
                     help="whose launches to time (auto: the plan's choice, halo for windows)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--global-rows", action="store_true",
+                    help="plan with global_rows=True and time the global rows' calls on their sources")
     ap.add_argument("--out", type=Path, default=RESULTS / "cp_simulate.json")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -82,9 +116,9 @@ def main() -> None:
                 timer(lambda: backend.backward_from_stats(q, k, v, layout, scale, out, lse, dout))
             for p in args.world_sizes:
                 sharding = choose_sharding(pattern, layout, n, p, math.lcm(bq, bk))
-                plan = plan_context_parallel(layout, sharding, args.kv_heads)
+                plan = plan_context_parallel(layout, sharding, args.kv_heads, global_rows=args.global_rows)
                 sim = simulate_context_parallel(q, k, v, pattern, p, sharding=sharding, scheme=args.scheme,
-                                                backend=backend.name)
+                                                backend=backend.name, global_rows=args.global_rows)
                 err = (sim.out.float() - out.float()).abs().max().item()
                 rank_fwd, rank_bwd, rank_assemble = [], [], []
                 for r in range(p):
@@ -103,6 +137,10 @@ def main() -> None:
                     rank_fwd.append(f)
                     rank_bwd.append(b)
                     rank_assemble.append(a)
+                global_fwd, global_bwd = global_row_seconds(plan, sharding, backend, q, k, v, out, lse, dout, scale,
+                                                            timer, backward=unsplit_bwd is not None)
+                rank_fwd = [f + g for f, g in zip(rank_fwd, global_fwd)]
+                rank_bwd = [b + g for b, g in zip(rank_bwd, global_bwd)]
                 row = dict(pattern=code, n=n, world_size=p, backend=backend.name, scheme=sim.scheme,
                            sharding=sharding.describe(),
                            unsplit_forward_s=unsplit_fwd, rank_forward_s=rank_fwd,
@@ -111,9 +149,13 @@ def main() -> None:
                            unsplit_backward_s=unsplit_bwd, rank_backward_s=rank_bwd if unsplit_bwd else None,
                            backward_ratio=sum(rank_bwd) / unsplit_bwd if unsplit_bwd else None,
                            rank_assemble_s=rank_assemble, assemble_ratio=sum(rank_assemble) / unsplit_fwd,
-                           steps=sim.steps, launches=sim.launches, max_abs_diff_vs_unsplit=err)
+                           steps=sim.steps, launches=sim.launches, max_abs_diff_vs_unsplit=err,
+                           global_rows=args.global_rows, global_steps=sim.global_steps,
+                           rank_global_forward_s=global_fwd, global_forward_ratio=sum(global_fwd) / unsplit_fwd,
+                           rank_global_backward_s=global_bwd if unsplit_bwd else None)
                 rows.append(row)
-                print(f"{code:40s} N={n} P={p} {sim.scheme}: forward sum/unsplit {row['forward_ratio']:.3f} (slowest "
+                print(f"{code:40s} N={n} P={p} {sim.scheme}" +
+                      (f" + {sim.global_steps} global-row steps" if sim.global_steps else "") + f": forward sum/unsplit {row['forward_ratio']:.3f} (slowest "
                       f"rank {row['max_rank_forward_ratio']:.3f})" + (f", backward {row['backward_ratio']:.3f}"
                                                                        if unsplit_bwd else "") +
                       f", buffers {row['assemble_ratio']:.3f}, launches {sim.launches}, max diff {err:.2e}", flush=True)

@@ -31,7 +31,9 @@
 # model's layers, default the example's Longformer window 32 + 4 global tokens, causal),
 # SHORT_LEN (16384), SHORT_BATCH (8), SHORT_STEPS (60), LONG_LEN (default: from the memory
 # estimate), LONG_BATCH (1), LONG_STEPS (20), RESERVE_S (seconds kept for the training part when
-# it follows a scaling part, default 270), ROW_S (the longest scaling row, default 90).
+# it follows a scaling part, default 210), ROW_S (the longest scaling row, default 60). Repeats per
+# timing: 5 for bands (cheap rows), 3 otherwise (causal at 256K: ~1 s a forward+backward on one
+# GPU); EXTRA="--repeats N" overrides. These budgets are estimates: nothing here has run on GPUs.
 # CPU dry run of the script: DEVICE=cpu (gloo, tiny shapes; the training part then only checks
 # that the commands run).
 set -uo pipefail
@@ -43,8 +45,8 @@ NPROC=${NPROC:-2}
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/sparse_attn_cp_gpu2}
 OUT=${OUT:-$WORK/out}
-RESERVE_S=${RESERVE_S:-270}
-ROW_S=${ROW_S:-90}
+RESERVE_S=${RESERVE_S:-210}
+ROW_S=${ROW_S:-60}
 MECHANISMS=${MECHANISMS:-longformer:window=32,global_tokens=4,causal=true}
 SHORT_LEN=${SHORT_LEN:-16384}
 SHORT_BATCH=${SHORT_BATCH:-8}
@@ -65,14 +67,15 @@ scaling() {  # scaling PART: cp_scaling.py --matrix PART within what is left
     local left; left=$(left_s)
     local budget=$((left - reserve - ROW_S))
     if [ "$budget" -le 0 ]; then say "scaling $1: no time left (${left} s, ${reserve} s kept for training)"; return; fi
-    local small=()
-    [ "$DEVICE" = cpu ] && small=(--device cpu --heads 2 --kv-heads 1 --dim 16 --window 64 --globals 8
+    local opts=(--repeats 3)
+    [ "$1" = bands ] && opts=(--repeats 5)
+    [ "$DEVICE" = cpu ] && opts=(--device cpu --heads 2 --kv-heads 1 --dim 16 --window 64 --globals 8
                                   --bigbird-block 32 --repeats 1 --warmup 0
                                   --rows window:512:auto causal:512:ring causal:512:plain_ring)
     say "scaling $1: budget ${budget} s (hard stop at $((left - reserve)) s)"
     timeout --signal=TERM --kill-after=20 $((left - reserve)) \
         torchrun --nproc-per-node "$NPROC" benchmarks/cp_scaling.py --matrix "$1" --budget-s "$budget" \
-        --out "$OUT/cp_scaling_$1.json" ${small[@]+"${small[@]}"} ${extra[@]+"${extra[@]}"} 2>&1 | tr '\r' '\n' |
+        --out "$OUT/cp_scaling_$1.json" ${opts[@]+"${opts[@]}"} ${extra[@]+"${extra[@]}"} 2>&1 | tr '\r' '\n' |
         grep -v '^ *$' | tee -a "$log"
     say "scaling $1: exit ${PIPESTATUS[0]}"
 }

@@ -107,6 +107,7 @@ MATRIX = {
     # torch_cp once per band pattern: a row that records why it does not apply (no SDPA mask for it)
     "bands": [(p, n, s) for p in ("window", "longformer") for n in (256 * K, 512 * K, 1024 * K)
               for s in ("auto", "ring", "plain_ring") + (("torch_cp",) if n == 256 * K else ())],
+    # BigBird first: its rows are cheap; causal at 256K costs ~1 s a forward+backward on one GPU
     "sparse": [(p, 256 * K, s) for p in ("bigbird", "causal") for s in ("auto", "alltoall", "ring", "plain_ring")]
     + [("causal", 256 * K, "torch_cp")],
 }

@@ -19,7 +19,9 @@ weights, shard over the flattened mesh (`fully_shard(model, mesh=mesh._flatten()
 does that reduction. No checkpoint and no sample in this mode (decoding with caches is
 single-process).
 
-Stop it at any time and add --resume to continue from the checkpoint (train_loss.pt by default);
+--history PATH writes the loss per step as JSON, --summary PATH the settings, final validation
+loss, seconds, and peak memory and bytes sent per rank (benchmarks/cp_gpu2.sh compares runs with
+them). Stop it at any time and add --resume to continue from the checkpoint (train_loss.pt by default);
 the resumed run ends exactly where an uninterrupted one would. Writes train_loss.png (needs
 matplotlib). The corpus is generated: records whose header facts (a secret code, a pet's name)
 come back hundreds of bytes later, so mechanisms that see far (dense, global tokens, linear
@@ -56,6 +58,8 @@ parser.add_argument("--context-parallel", type=int, default=0, metavar="P",
 parser.add_argument("--plot", default="train_loss.png", help="loss curve file ('' for none)")
 parser.add_argument("--sample", type=int, default=300, help="bytes to generate at the end (0: none)")
 parser.add_argument("--history", default="", help="write the loss history here as JSON")
+parser.add_argument("--summary", default="", help="write a JSON summary here: settings, final val loss, seconds, "
+                                                   "peak memory and bytes sent per rank")
 args = parser.parse_args()
 
 # 0. Context parallel: a ("dp", "cp") mesh over the torchrun world.
@@ -78,16 +82,20 @@ if args.context_parallel:
     parallel, main = ContextParallel(mesh), dist.get_rank() == 0
     args.checkpoint, args.sample = None, 0
 
-# 1. Data: ~1 MB of generated text, byte tokens (vocab 256), the last 10% for validation.
+# 1. Data: ~1 MB of generated text (8 MB on CUDA; more when the validation split, the last 10%,
+#    would not hold one sequence), byte tokens (vocab 256).
 gpu = args.device.startswith("cuda")
-data = TokenData.from_bytes(synthetic_corpus(8_000_000 if gpu else 1_000_000, seed=0))
+if gpu:
+    torch.cuda.reset_peak_memory_stats()
+seq_len = args.seq_len or (1024 if gpu else 256)
+data = TokenData.from_bytes(synthetic_corpus(max(8_000_000 if gpu else 1_000_000, 12 * (seq_len + 2)), seed=0))
 
 # 2. Model: four pre-norm blocks; `mechanisms` is one spec for all layers or a list, one per layer.
 model_cfg = ModelConfig(vocab_size=256, dim=256 if gpu else 128, num_layers=4, num_heads=4,
                         mechanisms=args.mechanisms[0] if len(args.mechanisms) == 1 else args.mechanisms)
 
 # 3. Training: AdamW, warm-up then cosine decay; validation loss every eval_every steps.
-cfg = TrainConfig(seq_len=args.seq_len or (1024 if gpu else 256), batch_size=args.batch_size or (32 if gpu else 8),
+cfg = TrainConfig(seq_len=seq_len, batch_size=args.batch_size or (32 if gpu else 8),
                   steps=args.steps, eval_every=max(1, args.steps // 10), device=args.device,
                   dtype="bfloat16" if gpu else "float32")
 model, result = train_lm(model_cfg, cfg, data, checkpoint=args.checkpoint or None, resume=args.resume,
@@ -100,9 +108,21 @@ if main:
     if args.history:
         with open(args.history, "w") as f:
             json.dump(result.history, f)
+mine = [torch.cuda.max_memory_allocated() if gpu else 0,
+        model.context_comm.stats.total() if parallel is not None else 0]
+ranks = [mine]
 if parallel is not None:
     print(f"rank {dist.get_rank()}: sent {model.context_comm.stats.total('kv', 'dkv'):,} bytes of k/v and dK/dV")
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
     dist.destroy_process_group()
+if main and args.summary:
+    with open(args.summary, "w") as f:
+        json.dump({"args": vars(args), "world_size": len(ranks), "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+                   "tokens_per_step": cfg.seq_len * cfg.batch_size, "dtype": cfg.dtype,
+                   "num_parameters": result.num_parameters, "final_val_loss": result.final_val_loss,
+                   "seconds": result.seconds, "peak_memory_bytes": [m for m, _ in ranks],
+                   "bytes_sent": [b for _, b in ranks]}, f, indent=2)
 
 # 4. Sample: continue the start of the validation text. caches="auto" keeps, per layer, only
 #    what its mechanism can see (a window ring, globals + window, a linear state, ...).

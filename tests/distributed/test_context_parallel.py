@@ -241,3 +241,45 @@ def model_case(rank, world_size):
 
 def test_parallelized_causal_lm_equals_one_process():
     assert max(pool(3).run(model_case)) < 1e-10
+
+
+class _CountingComm(Comm):
+    """Adds up the bytes that pass through `post` / `post_all_to_all`, apart from the stats."""
+
+    def __init__(self, group) -> None:
+        super().__init__(group)
+        self.posted = 0
+
+    def _count(self, sends):
+        self.posted += sum(t.numel() * t.element_size() for t in sends.values())
+
+    def post(self, sends, recv_shapes, dtype, device, kind):
+        self._count(sends)
+        return super().post(sends, recv_shapes, dtype, device, kind)
+
+    def post_all_to_all(self, sends, recv_shapes, dtype, device, kind):
+        self._count(sends)
+        return super().post_all_to_all(sends, recv_shapes, dtype, device, kind)
+
+
+def transport_case(rank, world_size):
+    q, k, v, dout = _inputs()
+    sharding = contiguous(N, world_size, UNIT)
+    local = [sharding.shard(t, rank).clone().requires_grad_() for t in (q, k, v)]
+    seen = []
+    for scheme, pattern in (("halo", P.longformer(16, [2, 100])), ("ring", P.causal()), ("alltoall", P.bigbird(16)),
+                            ("ulysses", P.sliding_window(40))):
+        comm = _CountingComm(None)
+        out = context_parallel_attention(*local, pattern, group=comm, sharding=sharding, scheme=scheme,
+                                         backend="blocked", global_rows=scheme != "ulysses")
+        torch.autograd.grad(out, local, sharding.shard(dout, rank))
+        seen.append((scheme, comm.posted, comm.stats.total() - comm.stats.total("agree")))
+    return seen
+
+
+def test_every_transfer_goes_through_comm_post():
+    """The schemes (keys, dK/dV, global rows, Ulysses) move every byte through Comm.post /
+    post_all_to_all, so a subclass sees the whole transport (benchmarks/cp_scaling.py)."""
+    for seen in pool(2).run(transport_case):
+        for scheme, posted, counted in seen:
+            assert posted == counted and counted > 0, (scheme, posted, counted)

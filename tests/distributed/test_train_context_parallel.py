@@ -78,3 +78,18 @@ def test_example_under_torchrun_equals_one_process(tmp_path):
     one, cp = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "cp.json"))
     assert [h["train_loss"] for h in cp] == pytest.approx([h["train_loss"] for h in one], rel=2e-5)
     assert [h["val_loss"] for h in cp] == pytest.approx([h["val_loss"] for h in one], rel=2e-5)
+
+
+def test_example_writes_history_and_summary(tmp_path):
+    """examples/train_lm.py --history / --summary (what benchmarks/cp_gpu2.sh compares)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(ROOT / "examples" / "train_lm.py"), "--steps", "2", "--seq-len", "64",
+                    "--batch-size", "2", "--plot", "", "--sample", "0", "--checkpoint", "",
+                    "--history", str(tmp_path / "h.json"), "--summary", str(tmp_path / "s.json")],
+                   env=env, check=True, cwd=tmp_path, timeout=300, capture_output=True)
+    history = json.loads((tmp_path / "h.json").read_text())
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert [h["step"] for h in history] == [1, 2]
+    assert summary["tokens_per_step"] == 128 and summary["world_size"] == 1
+    assert summary["final_val_loss"] == pytest.approx(history[-1]["val_loss"])
+    assert summary["peak_memory_bytes"] == [0] and summary["bytes_sent"] == [0]  # CPU, one process

@@ -413,48 +413,13 @@ class _Transfers:
         return self._post_p2p(sends, recvs)
 
     def _post_p2p(self, sends, recv_shapes):
-        comm = self.setup.comm
-        ops, out = [], {}
-        for src, shape in recv_shapes.items():
-            out[src] = torch.empty(shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, out[src], comm.global_rank(src), comm.group))
-        keep = []
-        for dst, t in sends.items():
-            t = t.contiguous()
-            keep.append(t)
-            ops.append(dist.P2POp(dist.isend, t, comm.global_rank(dst), comm.group))
-            comm.stats.add(self.kind, t.numel() * t.element_size())
-        reqs = dist.batch_isend_irecv(ops) if ops else []
-        return reqs, out, keep
+        return self.setup.comm.post(sends, recv_shapes, self.dtype, self.device, self.kind)
 
     def _post_all_to_all(self):
-        comm = self.setup.comm
-        flat_in, in_splits = [], []
-        for dst in range(comm.world_size):
-            t = self.sends.get(dst)
-            in_splits.append(0 if t is None else t.numel())
-            if t is not None:
-                flat_in.append(t.reshape(-1))
-                comm.stats.add(self.kind, t.numel() * t.element_size())
-        out_splits = [math.prod(self.recv_shapes[s]) if s in self.recv_shapes else 0 for s in range(comm.world_size)]
-        flat_out = torch.empty(sum(out_splits), dtype=self.dtype, device=self.device)
-        flat_in = torch.cat(flat_in) if flat_in else torch.empty(0, dtype=self.dtype, device=self.device)
-        work = dist.all_to_all_single(flat_out, flat_in, out_splits, in_splits, group=comm.group, async_op=True)
-        out, offset = {}, 0
-        for src, n in enumerate(out_splits):
-            if src in self.recv_shapes:
-                out[src] = flat_out[offset:offset + n].view(self.recv_shapes[src])
-            offset += n
-        return [work], out, [flat_in]
+        return self.setup.comm.post_all_to_all(self.sends, self.recv_shapes, self.dtype, self.device, self.kind)
 
-    @staticmethod
-    def _wait(handle):
-        if handle is None:
-            return {}
-        reqs, out, _keep = handle
-        for r in reqs:
-            r.wait()
-        return out
+    def _wait(self, handle):
+        return {} if handle is None else self.setup.comm.wait(handle)
 
 
 # ---------------------------------------------------------------------------- the scheme

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["Comm", "CommStats", "resolve_group"]
+__all__ = ["Comm", "CommStats", "Pending", "resolve_group"]
 
 
 @dataclass
@@ -28,6 +28,16 @@ class CommStats:
     def reset(self) -> None:
         self.bytes_sent.clear()
         self.messages = 0
+
+
+@dataclass
+class Pending:
+    """Transfers posted and not yet waited for: their requests, the receive buffers by source
+    (filled once waited for) and the send buffers they read (kept alive until then)."""
+
+    requests: list
+    received: dict
+    keep: list = field(default_factory=list)
 
 
 def resolve_group(group):
@@ -68,44 +78,60 @@ class Comm:
     def global_rank(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank)
 
-    def exchange(self, sends: dict, recv_shapes: dict, dtype, device, kind: str) -> dict:
-        """Point-to-point: send sends[dst] (a tensor) to each dst and receive a tensor of
-        recv_shapes[src] from each src, all posted at once. Returns {src: tensor}."""
-        ops, out = [], {}
+    # Every transfer of the schemes goes through `post` / `post_all_to_all` and `wait` (the
+    # blocking `exchange` / `all_to_all` are these two in a row), so that a subclass can time,
+    # record or replace the transport (benchmarks/cp_scaling.py: the communication alone, the
+    # compute alone) without touching the schemes.
+    def post(self, sends: dict, recv_shapes: dict, dtype, device, kind: str) -> "Pending":
+        """Point-to-point, not waited for: send sends[dst] (a tensor) to each dst and receive a
+        tensor of recv_shapes[src] from each src, all posted at once (`batch_isend_irecv`)."""
+        ops, out, keep = [], {}, []
         for src, shape in recv_shapes.items():
             out[src] = torch.empty(shape, dtype=dtype, device=device)
             ops.append(dist.P2POp(dist.irecv, out[src], self.global_rank(src), self.group))
         for dst, t in sends.items():
             t = t.contiguous()
+            keep.append(t)  # alive until the send completes
             ops.append(dist.P2POp(dist.isend, t, self.global_rank(dst), self.group))
             self.stats.add(kind, t.numel() * t.element_size())
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-        return out
+        return Pending(dist.batch_isend_irecv(ops) if ops else [], out, keep)
 
-    def all_to_all(self, sends: dict, recv_shapes: dict, dtype, device, kind: str) -> dict:
-        """One uneven all-to-all (`all_to_all_single` with split sizes): the same contract as
-        `exchange`; pairs with nothing to move send zero elements."""
+    def post_all_to_all(self, sends: dict, recv_shapes: dict, dtype, device, kind: str) -> "Pending":
+        """One uneven all-to-all (`all_to_all_single` with split sizes), not waited for: the same
+        contract as `post`; pairs with nothing to move send zero elements."""
         flat_in, in_splits = [], []
         for dst in range(self.world_size):
             t = sends.get(dst)
-            n = 0 if t is None else t.numel()
-            in_splits.append(n)
+            in_splits.append(0 if t is None else t.numel())
             if t is not None:
                 flat_in.append(t.reshape(-1))
-                self.stats.add(kind, n * t.element_size())
+                self.stats.add(kind, t.numel() * t.element_size())
         out_splits = [int(torch.Size(recv_shapes[s]).numel()) if s in recv_shapes else 0
                       for s in range(self.world_size)]
         flat_out = torch.empty(sum(out_splits), dtype=dtype, device=device)
         flat_in = torch.cat(flat_in) if flat_in else torch.empty(0, dtype=dtype, device=device)
-        dist.all_to_all_single(flat_out, flat_in, out_splits, in_splits, group=self.group)
+        work = dist.all_to_all_single(flat_out, flat_in, out_splits, in_splits, group=self.group, async_op=True)
         out, offset = {}, 0
         for src, n in enumerate(out_splits):
             if src in recv_shapes:
                 out[src] = flat_out[offset:offset + n].view(recv_shapes[src])
             offset += n
-        return out
+        return Pending([work], out, [flat_in])
+
+    def wait(self, pending: "Pending") -> dict:
+        """{src: tensor}: the receives of a `post` / `post_all_to_all`, once they have arrived
+        (on CUDA: ordered before later work on the current stream)."""
+        for req in pending.requests:
+            req.wait()
+        return pending.received
+
+    def exchange(self, sends: dict, recv_shapes: dict, dtype, device, kind: str) -> dict:
+        """`post` and `wait`: returns {src: tensor}."""
+        return self.wait(self.post(sends, recv_shapes, dtype, device, kind))
+
+    def all_to_all(self, sends: dict, recv_shapes: dict, dtype, device, kind: str) -> dict:
+        """`post_all_to_all` and `wait`: returns {src: tensor}."""
+        return self.wait(self.post_all_to_all(sends, recv_shapes, dtype, device, kind))
 
     def all_gather_ints(self, values: list[int], kind: str = "agree") -> torch.Tensor:
         """[P, len(values)] int64: every rank's values (the shape agreement before an exchange)."""

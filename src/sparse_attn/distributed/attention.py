@@ -43,6 +43,7 @@ from ..patterns.grid import UNBOUNDED
 from .comm import Comm
 from .plan import ContextPlan, plan_context_parallel
 from .sharding import Sharding, balanced, contiguous, zigzag
+from .ulysses import ulysses_bytes, ulysses_refusal
 
 __all__ = ["context_parallel_attention", "choose_scheme", "choose_sharding", "SCHEMES", "merge_step", "Launch",
            "launches", "gather_rows", "launch_buffers"]
@@ -229,31 +230,45 @@ def _agree(comm: Comm, q, k, v, pattern, sharding, scheme, backend, scale, globa
     if sharding.lengths() != lengths:
         raise ValueError(f"local lengths {dict(enumerate(lengths))} do not match the sharding's "
                          f"{dict(enumerate(sharding.lengths()))} ({sharding.describe()})")
-    dims = dict(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
+    dims = call_dims(q, k, v)
+    ulysses_ok = global_rows is not True and ulysses_refusal(pattern, q.shape[1], k.shape[1], comm.world_size) is None
+    return planned_setup(comm, pattern, layout, sharding, scheme, chosen, scale, global_rows, dims, ulysses_ok)
+
+
+def call_dims(q, k, v) -> dict:
+    """The sizes the byte counts of a call need."""
+    return dict(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
                 v_head_dim=v.shape[3], itemsize=q.element_size(), lse_itemsize=_lse_dtype(q.dtype).itemsize)
-    # global rows: forced, or ("auto") when they lower the most bytes any rank receives
-    use_global = global_rows is True or (global_rows == "auto" and scheme != "ulysses")
-    plan = plan_context_parallel(layout, sharding, k.shape[1], global_rows=use_global)
+
+
+def choose_plan(layout, sharding: Sharding, dims: dict, global_rows) -> ContextPlan:
+    """The plan of a planned scheme: with global rows when forced (True), or ("auto") when they
+    lower the most bytes any rank receives in the forward."""
+    plan = plan_context_parallel(layout, sharding, dims["kv_heads"], global_rows=global_rows in (True, "auto"))
     if global_rows == "auto" and plan.has_global_rows:
-        keys_only = plan_context_parallel(layout, sharding, k.shape[1])
-        if comm.world_size == 1 or \
+        keys_only = plan_context_parallel(layout, sharding, dims["kv_heads"])
+        if sharding.world_size == 1 or \
                 int(plan.forward_bytes_received(**dims).max()) >= int(keys_only.forward_bytes_received(**dims).max()):
             plan = keys_only
-    if scheme == "auto":
-        from .ulysses import ulysses_bytes, ulysses_refusal
+    return plan
 
-        kv_per_key = plan.bytes_per_key(q.shape[0], k.shape[1], q.shape[3], v.shape[3], q.element_size())
-        u_bytes = ulysses_bytes(sharding, q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3],
-                                q.element_size())
+
+def planned_setup(comm, pattern, layout, sharding, scheme, backend, scale, global_rows, dims, ulysses_ok) -> _Setup:
+    """The setup every rank derives alike from agreed inputs (no communication): the plan and,
+    for scheme "auto", the scheme (Ulysses only where `ulysses_ok`)."""
+    plan = choose_plan(layout, sharding, dims, global_rows if scheme != "ulysses" else False)
+    if scheme == "auto":
+        kv_per_key = plan.bytes_per_key(dims["batch"], dims["kv_heads"], dims["head_dim"], dims["v_head_dim"],
+                                        dims["itemsize"])
+        u_bytes = ulysses_bytes(sharding, dims["batch"], dims["q_heads"], dims["kv_heads"], dims["head_dim"],
+                                dims["v_head_dim"], dims["itemsize"]) if ulysses_ok else 0
         global_bytes = None
         if plan.has_global_rows:
             g = plan.global_bytes(dims["batch"], dims["q_heads"], dims["head_dim"], dims["v_head_dim"],
                                   dims["itemsize"], dims["lse_itemsize"])
             global_bytes = g["gq"][1] + g["gout"][1]
-        ulysses_ok = global_rows is not True and \
-            ulysses_refusal(pattern, q.shape[1], k.shape[1], comm.world_size) is None
         scheme = choose_scheme(plan, ulysses_ok, u_bytes, kv_per_key, global_bytes)
-    return _Setup(comm, plan, chosen, scale, scheme, pattern, layout)
+    return _Setup(comm, plan, backend, scale, scheme, pattern, layout)
 
 
 def context_parallel_attention(q, k, v, pattern: Pattern, *, group=None, sharding: Sharding | None = None,

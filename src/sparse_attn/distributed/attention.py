@@ -40,7 +40,7 @@ import torch.distributed as dist
 from ..backends.registry import _PREFERENCE, AttentionCall, get_backend, list_backends
 from ..patterns import BlockLayout, Pattern
 from ..patterns.grid import UNBOUNDED
-from .comm import Comm
+from .comm import Comm, MeshComm, is_mesh2d
 from .plan import ContextPlan, plan_context_parallel
 from .sharding import Sharding, balanced, contiguous, zigzag
 from .ulysses import ulysses_bytes, ulysses_refusal
@@ -279,13 +279,29 @@ def context_parallel_attention(q, k, v, pattern: Pattern, *, group=None, shardin
     q [B, Hq, N_r, D], k, v [B, Hkv, N_r, D/Dv]: this rank's shard (positions
     `sharding.positions(rank)`). pattern: a `Pattern` over global positions 0..N-1 (self
     attention, N = sum of the shards). group: a `Comm`, a `DeviceMesh` (1-D, or with a "cp"
-    dimension), a process group, or None (the default group). sharding: None picks one
-    (`choose_sharding`). scheme: "auto" (`choose_scheme`), "halo", "ring", "alltoall", "ulysses".
-    backend: the block backend of each step ("auto": the device's preferred one that reads
-    layouts). global_rows: True computes rows that attend most of the sequence where their keys
-    are (plan.py), False never, "auto" when that lowers the most bytes any rank receives in the
-    forward (planned schemes only). Returns out [B, Hq, N_r, Dv] (and lse [B, Hq, N_r] float32 with return_lse);
-    differentiable in q, k, v (and through lse)."""
+    dimension), a process group, or None (the default group); a 2-D Ulysses x cp mesh below.
+    sharding: None picks one (`choose_sharding`). scheme: "auto" (`choose_scheme`), "halo",
+    "ring", "alltoall", "ulysses". backend: the block backend of each step ("auto": the device's
+    preferred one that reads layouts). global_rows: True computes rows that attend most of the
+    sequence where their keys are (plan.py), False never, "auto" when that lowers the most bytes
+    any rank receives in the forward (planned schemes only). Returns out [B, Hq, N_r, Dv] (and
+    lse [B, Hq, N_r] float32 with return_lse); differentiable in q, k, v (and through lse).
+
+    Ulysses x cp (mesh2d.py): `group` a 2-D DeviceMesh with dimension names ("ulysses", "cp")
+    (either order; or `MeshComm(mesh)`, whose Comms count the bytes sent) splits the heads over
+    the U "ulysses" ranks and the sequence over the C "cp" ranks. `sharding` is then None or
+    `sharding.two_level(cp_sharding, U)`: the rank at (cp c, ulysses u) holds piece u of cp shard
+    c (its local sequence cut in U contiguous pieces of whole units), i.e.
+    `sharding.positions(c * U + u)` (`MeshComm(mesh).shard_index` is c * U + u). `scheme` is the
+    scheme over "cp" ("auto", "halo", "ring", "alltoall"), run on this rank's H/U heads; Hq and
+    Hkv must divide by U."""
+    if is_mesh2d(group):
+        from .mesh2d import mesh2d_attention
+
+        mesh = group if isinstance(group, MeshComm) else MeshComm(group)
+        out, lse = mesh2d_attention(q, k, v, pattern, mesh, sharding=sharding, scheme=scheme, backend=backend,
+                                    scale=scale, return_lse=return_lse, global_rows=global_rows)
+        return (out, lse) if return_lse else out
     comm = group if isinstance(group, Comm) else Comm(group)
     setup = _agree(comm, q, k, v, pattern, sharding, scheme, backend, scale, global_rows)
     if setup.scheme == "ulysses":

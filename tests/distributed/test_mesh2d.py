@@ -160,14 +160,19 @@ def bad_mesh2d_input(rank, world_size, what):
         group = init_device_mesh("cpu", (U, C), mesh_dim_names=("ulysses", "dp"))
     if what == "scheme":
         scheme = "ulysses"
-    context_parallel_attention(*local, P.sliding_window(40), group=group, sharding=sharding, scheme=scheme,
-                               backend="blocked")
+    # one rank's pattern differs (caught inside its ulysses group), or a whole ulysses group's
+    # (caught across the groups)
+    odd = what == "pattern" and rank == world_size - 1 or what == "group_pattern" and mesh.cp.rank == 1
+    context_parallel_attention(*local, P.sliding_window(41 if odd else 40), group=group, sharding=sharding,
+                               scheme=scheme, backend="blocked")
 
 
 @pytest.mark.parametrize("what, message", [("head_dim", "head dims differ"), ("length", "local lengths"),
-                                           ("kv_heads", "kv heads (1) must be divisible"),
+                                           ("kv_heads", "k, v 1: both must be divisible"),
                                            ("mesh_names", "group: a Ulysses x cp mesh must be a 2-D DeviceMesh"),
-                                           ("scheme", "scheme must be one of")])
+                                           ("scheme", "scheme must be one of"),
+                                           ("pattern", "ranks disagree on pattern"),
+                                           ("group_pattern", "ulysses groups disagree on pattern")])
 def test_mesh2d_bad_input_raises_on_every_rank(what, message):
     with pytest.raises(RankError) as info:
         pool(U * C).run(bad_mesh2d_input, what)

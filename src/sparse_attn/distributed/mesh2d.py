@@ -62,22 +62,19 @@ def _mesh2d_problems(q, k, v, pattern, sharding, scheme, scale, global_rows, mes
                if isinstance(sharding, TwoLevelSharding) else type(sharding).__name__)
         why.append(f"sharding must be None or sharding.two_level(cp_sharding, {u}) with cp_sharding over {c} ranks "
                    f"(the mesh is {u} ulysses x {c} cp), got {got}")
-    if not why:
+    if not why and (q.shape[1] % u or k.shape[1] % u):
+        why.append(f"q has {q.shape[1]} heads and k, v {k.shape[1]}: both must be divisible by the size of the "
+                   f"group's 'ulysses' dimension ({u}), which splits the heads")
+    elif not why:
         refusal = ulysses_refusal(pattern, q.shape[1], k.shape[1], u)
         if refusal:
-            why.append(f"group (ulysses dimension of size {u}): {refusal}")
+            why.append(f"pattern (heads split over the 'ulysses' dimension of {u} ranks): {refusal}")
     return why
 
 
-class _Agreed:
-    """What every rank of the mesh agreed on."""
-
-    def __init__(self, setup, sharding: TwoLevelSharding, pieces: Sharding) -> None:
-        self.setup, self.sharding, self.pieces = setup, sharding, pieces
-
-
-def _agree2d(mesh: MeshComm, q, k, v, pattern, sharding, scheme, backend, scale, global_rows) -> _Agreed:
-    """Round 1 all-gathers each rank's checks and shapes over its ulysses group, round 2 each
+def _agree2d(mesh: MeshComm, q, k, v, pattern, sharding, scheme, backend, scale, global_rows):
+    """(inner setup, pieces of this rank's cp shard) that every rank of the mesh agreed on.
+    Round 1 all-gathers each rank's checks and shapes over its ulysses group, round 2 each
     group's verdict, shapes and piece lengths over the cp group: every rank then holds every
     group's data (ulysses groups x cp groups cover the mesh), and all go on or all raise."""
     uc, cc = mesh.ulysses, mesh.cp
@@ -134,41 +131,48 @@ def _agree2d(mesh: MeshComm, q, k, v, pattern, sharding, scheme, backend, scale,
     layout = group_pattern.layout(num_tokens, block_q=block[0], block_kv=block[1], device=q.device)
     setup = planned_setup(cc, group_pattern, layout, sharding.cp, scheme, chosen, scale, global_rows, dims,
                           ulysses_ok=False)
-    return _Agreed(setup, sharding, sharding.pieces(cc.rank))
+    return setup, sharding.pieces(cc.rank)
 
 
 def _refusal(mesh: MeshComm, why, t1, t2, names) -> str:
-    """The message every rank raises: each bad rank's reasons (gathered in the same two rounds)
-    and the fields the ranks disagree on."""
+    """The message every rank raises: each reason once with the ranks giving it (gathered in the
+    same two rounds), else the fields the ranks disagree on."""
     uc, cc = mesh.ulysses, mesh.cp
-    notes = [f"rank (cp {cc.rank}, ulysses {uc.rank}): {'; '.join(why)}"] if why else []
+    mine = {"; ".join(why): [f"(cp {cc.rank}, ulysses {uc.rank})"]} if why else {}
     columns = t1[:, 2:]
-    for i, name in enumerate(names):
-        if not bool((columns[:, i] == columns[0, i]).all()):
-            notes.append(f"ulysses group {cc.rank} disagrees on {name}: {columns[:, i].tolist()}")
-    group_notes = [None] * uc.world_size
-    dist.all_gather_object(group_notes, notes, group=uc.group)
-    mine = list(dict.fromkeys(n for ns in group_notes for n in ns))  # the group's notes, once each
-    all_notes = [None] * cc.world_size
-    dist.all_gather_object(all_notes, mine, group=cc.group)
-    flat = [n for ns in all_notes for n in ns]
-    fields = t2[:, 1 + uc.world_size:]
-    for i, name in enumerate(names):
-        if not bool((fields[:, i] == fields[0, i]).all()):
-            flat.append(f"ulysses groups disagree on {name}: {fields[:, i].tolist()} (by cp rank)")
-    return ("context_parallel_attention refused on the Ulysses x cp mesh: " + " | ".join(flat) +
-            " (every rank must pass the same pattern, sharding, backend, scheme, scale, dtype and shapes except "
-            "the local length)")
+    if not bool(t1[:, 0].any()):  # a bad rank's fields are zeros: only disagreement among good ones counts
+        for i, name in enumerate(names):
+            if not bool((columns[:, i] == columns[0, i]).all()):
+                mine[f"ranks disagree on {name}: {columns[:, i].tolist()} (by ulysses rank)"] = [f"ulysses group "
+                                                                                                f"{cc.rank}"]
+    notes: dict = {}
+    for group in (uc, cc):  # round 1 merges the ulysses group's notes, round 2 the groups'
+        gathered = [None] * group.world_size
+        dist.all_gather_object(gathered, mine, group=group.group)
+        notes = {}
+        for part in gathered:
+            for reason, where in part.items():
+                notes.setdefault(reason, [])
+                notes[reason] += [w for w in where if w not in notes[reason]]
+        mine = notes
+    if not notes:
+        fields = t2[:, 1 + uc.world_size:]
+        for i, name in enumerate(names):
+            if not bool((fields[:, i] == fields[0, i]).all()):
+                notes[f"ulysses groups disagree on {name}: {fields[:, i].tolist()} (by cp rank)"] = []
+    text = " | ".join((f"rank(s) {', '.join(where)}: " if where else "") + reason for reason, where in notes.items())
+    return (f"context_parallel_attention refused on the Ulysses x cp mesh: {text} (every rank must pass the same "
+            "pattern, sharding, backend, scheme, scale, dtype and shapes except the local length)")
 
 
 def mesh2d_attention(q, k, v, pattern: Pattern, mesh: MeshComm, *, sharding=None, scheme="auto", backend="auto",
                      scale=None, return_lse=False, global_rows="auto"):
     """`context_parallel_attention` on a Ulysses x cp mesh (the module docstring); the same
     arguments, `sharding` a `TwoLevelSharding` or None. Returns (out [B, Hq, n, Dv], lse or None)."""
-    agreed = _agree2d(mesh, q, k, v, pattern, sharding, scheme, backend, scale, global_rows)
-    uc, pieces = mesh.ulysses, agreed.pieces
+    setup, pieces = _agree2d(mesh, q, k, v, pattern, sharding, scheme, backend, scale, global_rows)
+    uc = mesh.ulysses
     qh, kh, vh = (_SeqToHeads.apply(t, uc, pieces) for t in (q, k, v))  # [B, H/U, L_c, D]: the cp shard
-    out, lse = _PlannedAttention.apply(qh, kh, vh, agreed.setup)  # [B, Hq/U, L_c, Dv], [B, Hq/U, L_c]
+    out, lse = _PlannedAttention.apply(qh, kh, vh, setup)  # [B, Hq/U, L_c, Dv], [B, Hq/U, L_c]
     out = _HeadsToSeq.apply(out, uc, pieces)  # [B, Hq, n, Dv]
     if not return_lse:
         return out, None

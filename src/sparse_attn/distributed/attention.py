@@ -40,9 +40,10 @@ import torch.distributed as dist
 from ..backends.registry import _PREFERENCE, AttentionCall, get_backend, list_backends
 from ..patterns import BlockLayout, Pattern
 from ..patterns.grid import UNBOUNDED
-from .comm import Comm
+from .comm import Comm, MeshComm, is_mesh2d
 from .plan import ContextPlan, plan_context_parallel
 from .sharding import Sharding, balanced, contiguous, zigzag
+from .ulysses import ulysses_bytes, ulysses_refusal
 
 __all__ = ["context_parallel_attention", "choose_scheme", "choose_sharding", "SCHEMES", "merge_step", "Launch",
            "launches", "gather_rows", "launch_buffers"]
@@ -229,31 +230,45 @@ def _agree(comm: Comm, q, k, v, pattern, sharding, scheme, backend, scale, globa
     if sharding.lengths() != lengths:
         raise ValueError(f"local lengths {dict(enumerate(lengths))} do not match the sharding's "
                          f"{dict(enumerate(sharding.lengths()))} ({sharding.describe()})")
-    dims = dict(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
+    dims = call_dims(q, k, v)
+    ulysses_ok = global_rows is not True and ulysses_refusal(pattern, q.shape[1], k.shape[1], comm.world_size) is None
+    return planned_setup(comm, pattern, layout, sharding, scheme, chosen, scale, global_rows, dims, ulysses_ok)
+
+
+def call_dims(q, k, v) -> dict:
+    """The sizes the byte counts of a call need."""
+    return dict(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
                 v_head_dim=v.shape[3], itemsize=q.element_size(), lse_itemsize=_lse_dtype(q.dtype).itemsize)
-    # global rows: forced, or ("auto") when they lower the most bytes any rank receives
-    use_global = global_rows is True or (global_rows == "auto" and scheme != "ulysses")
-    plan = plan_context_parallel(layout, sharding, k.shape[1], global_rows=use_global)
+
+
+def choose_plan(layout, sharding: Sharding, dims: dict, global_rows) -> ContextPlan:
+    """The plan of a planned scheme: with global rows when forced (True), or ("auto") when they
+    lower the most bytes any rank receives in the forward."""
+    plan = plan_context_parallel(layout, sharding, dims["kv_heads"], global_rows=global_rows in (True, "auto"))
     if global_rows == "auto" and plan.has_global_rows:
-        keys_only = plan_context_parallel(layout, sharding, k.shape[1])
-        if comm.world_size == 1 or \
+        keys_only = plan_context_parallel(layout, sharding, dims["kv_heads"])
+        if sharding.world_size == 1 or \
                 int(plan.forward_bytes_received(**dims).max()) >= int(keys_only.forward_bytes_received(**dims).max()):
             plan = keys_only
-    if scheme == "auto":
-        from .ulysses import ulysses_bytes, ulysses_refusal
+    return plan
 
-        kv_per_key = plan.bytes_per_key(q.shape[0], k.shape[1], q.shape[3], v.shape[3], q.element_size())
-        u_bytes = ulysses_bytes(sharding, q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3],
-                                q.element_size())
+
+def planned_setup(comm, pattern, layout, sharding, scheme, backend, scale, global_rows, dims, ulysses_ok) -> _Setup:
+    """The setup every rank derives alike from agreed inputs (no communication): the plan and,
+    for scheme "auto", the scheme (Ulysses only where `ulysses_ok`)."""
+    plan = choose_plan(layout, sharding, dims, global_rows if scheme != "ulysses" else False)
+    if scheme == "auto":
+        kv_per_key = plan.bytes_per_key(dims["batch"], dims["kv_heads"], dims["head_dim"], dims["v_head_dim"],
+                                        dims["itemsize"])
+        u_bytes = ulysses_bytes(sharding, dims["batch"], dims["q_heads"], dims["kv_heads"], dims["head_dim"],
+                                dims["v_head_dim"], dims["itemsize"]) if ulysses_ok else 0
         global_bytes = None
         if plan.has_global_rows:
             g = plan.global_bytes(dims["batch"], dims["q_heads"], dims["head_dim"], dims["v_head_dim"],
                                   dims["itemsize"], dims["lse_itemsize"])
             global_bytes = g["gq"][1] + g["gout"][1]
-        ulysses_ok = global_rows is not True and \
-            ulysses_refusal(pattern, q.shape[1], k.shape[1], comm.world_size) is None
         scheme = choose_scheme(plan, ulysses_ok, u_bytes, kv_per_key, global_bytes)
-    return _Setup(comm, plan, chosen, scale, scheme, pattern, layout)
+    return _Setup(comm, plan, backend, scale, scheme, pattern, layout)
 
 
 def context_parallel_attention(q, k, v, pattern: Pattern, *, group=None, sharding: Sharding | None = None,
@@ -264,13 +279,29 @@ def context_parallel_attention(q, k, v, pattern: Pattern, *, group=None, shardin
     q [B, Hq, N_r, D], k, v [B, Hkv, N_r, D/Dv]: this rank's shard (positions
     `sharding.positions(rank)`). pattern: a `Pattern` over global positions 0..N-1 (self
     attention, N = sum of the shards). group: a `Comm`, a `DeviceMesh` (1-D, or with a "cp"
-    dimension), a process group, or None (the default group). sharding: None picks one
-    (`choose_sharding`). scheme: "auto" (`choose_scheme`), "halo", "ring", "alltoall", "ulysses".
-    backend: the block backend of each step ("auto": the device's preferred one that reads
-    layouts). global_rows: True computes rows that attend most of the sequence where their keys
-    are (plan.py), False never, "auto" when that lowers the most bytes any rank receives in the
-    forward (planned schemes only). Returns out [B, Hq, N_r, Dv] (and lse [B, Hq, N_r] float32 with return_lse);
-    differentiable in q, k, v (and through lse)."""
+    dimension), a process group, or None (the default group); a 2-D Ulysses x cp mesh below.
+    sharding: None picks one (`choose_sharding`). scheme: "auto" (`choose_scheme`), "halo",
+    "ring", "alltoall", "ulysses". backend: the block backend of each step ("auto": the device's
+    preferred one that reads layouts). global_rows: True computes rows that attend most of the
+    sequence where their keys are (plan.py), False never, "auto" when that lowers the most bytes
+    any rank receives in the forward (planned schemes only). Returns out [B, Hq, N_r, Dv] (and
+    lse [B, Hq, N_r] float32 with return_lse); differentiable in q, k, v (and through lse).
+
+    Ulysses x cp (mesh2d.py): `group` a 2-D DeviceMesh with dimension names ("ulysses", "cp")
+    (either order; or `MeshComm(mesh)`, whose Comms count the bytes sent) splits the heads over
+    the U "ulysses" ranks and the sequence over the C "cp" ranks. `sharding` is then None or
+    `sharding.two_level(cp_sharding, U)`: the rank at (cp c, ulysses u) holds piece u of cp shard
+    c (its local sequence cut in U contiguous pieces of whole units), i.e.
+    `sharding.positions(c * U + u)` (`MeshComm(mesh).shard_index` is c * U + u). `scheme` is the
+    scheme over "cp" ("auto", "halo", "ring", "alltoall"), run on this rank's H/U heads; Hq and
+    Hkv must divide by U."""
+    if is_mesh2d(group):
+        from .mesh2d import mesh2d_attention
+
+        mesh = group if isinstance(group, MeshComm) else MeshComm(group)
+        out, lse = mesh2d_attention(q, k, v, pattern, mesh, sharding=sharding, scheme=scheme, backend=backend,
+                                    scale=scale, return_lse=return_lse, global_rows=global_rows)
+        return (out, lse) if return_lse else out
     comm = group if isinstance(group, Comm) else Comm(group)
     setup = _agree(comm, q, k, v, pattern, sharding, scheme, backend, scale, global_rows)
     if setup.scheme == "ulysses":

@@ -1,5 +1,6 @@
 """Point-to-point and all-to-all exchanges over a torch.distributed process group, with every
-byte sent counted (`CommStats`)."""
+byte sent counted (`CommStats`); `MeshComm`: one `Comm` per dimension of a 2-D ("ulysses", "cp")
+mesh."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["Comm", "CommStats", "Pending", "resolve_group"]
+__all__ = ["Comm", "CommStats", "MeshComm", "MESH2D_DIMS", "Pending", "resolve_group", "is_mesh2d"]
+
+# the dimension names of a 2-D Ulysses x sequence-parallel mesh (either order)
+MESH2D_DIMS = ("ulysses", "cp")
 
 
 @dataclass
@@ -48,11 +52,11 @@ def resolve_group(group):
             raise ValueError("group is None and torch.distributed is not initialised: call "
                              "torch.distributed.init_process_group first or pass a DeviceMesh / process group")
         return dist.group.WORLD
-    try:
-        from torch.distributed.device_mesh import DeviceMesh
-    except ImportError:  # pragma: no cover
-        DeviceMesh = ()
-    if isinstance(group, DeviceMesh):
+    if isinstance(group, _device_mesh_type()):
+        if is_mesh2d(group):  # taking its "cp" dimension alone would drop the head split
+            raise ValueError(f"group is a DeviceMesh with dims {group.mesh_dim_names}: a 'ulysses' dimension makes it "
+                             "a 2-D Ulysses x cp mesh, which context_parallel_attention takes whole (or as "
+                             "MeshComm(mesh)); for one dimension pass mesh['cp'] or mesh['ulysses']")
         if group.ndim == 1:
             return group.get_group()
         names = group.mesh_dim_names or ()
@@ -64,6 +68,22 @@ def resolve_group(group):
     if isinstance(group, dist.ProcessGroup):
         return group
     raise TypeError(f"group must be a DeviceMesh, a ProcessGroup or None, got {type(group).__name__}")
+
+
+def _device_mesh_type():
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover
+        return ()
+    return DeviceMesh
+
+
+def is_mesh2d(group) -> bool:
+    """Whether `group` asks for the 2-D Ulysses x cp scheme: a `MeshComm`, or a DeviceMesh of more
+    than one dimension with a "ulysses" dimension (checked whole by `MeshComm`)."""
+    if isinstance(group, MeshComm):
+        return True
+    return isinstance(group, _device_mesh_type()) and group.ndim > 1 and "ulysses" in (group.mesh_dim_names or ())
 
 
 class Comm:
@@ -143,3 +163,34 @@ class Comm:
         dist.all_gather(gathered, mine, group=self.group)
         self.stats.add(kind, mine.numel() * 8 * (self.world_size - 1))
         return torch.stack(gathered).cpu()
+
+
+class MeshComm:
+    """One rank's view of a 2-D DeviceMesh with dimensions ("ulysses", "cp") in either order: a
+    `Comm` per dimension (`.ulysses`: the U ranks splitting heads, `.cp`: the C ranks splitting
+    the sequence). Pass it as `group` to read the bytes sent (`total(kind)`, both Comms' stats).
+    From a larger mesh, slice the two dimensions: `MeshComm(mesh["cp", "ulysses"])`."""
+
+    def __init__(self, mesh) -> None:
+        names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+        if not isinstance(mesh, _device_mesh_type()) or mesh.ndim != 2 or sorted(names) != sorted(MESH2D_DIMS):
+            what = f"a {mesh.ndim}-D DeviceMesh with dims {names}" if isinstance(mesh, _device_mesh_type()) else \
+                type(mesh).__name__
+            raise ValueError(f"group: a Ulysses x cp mesh must be a 2-D DeviceMesh with dimension names "
+                             f"{MESH2D_DIMS} (either order), got {what}")
+        self.mesh = mesh
+        self.ulysses = Comm(mesh["ulysses"])
+        self.cp = Comm(mesh["cp"])
+
+    @property
+    def shard_index(self) -> int:
+        """This rank's index in a `TwoLevelSharding` (cp rank * U + ulysses rank)."""
+        return self.cp.rank * self.ulysses.world_size + self.ulysses.rank
+
+    def total(self, *kinds: str) -> int:
+        """Bytes this rank sent over both dimensions (of `kinds`; all when none)."""
+        return self.ulysses.stats.total(*kinds) + self.cp.stats.total(*kinds)
+
+    def reset(self) -> None:
+        self.ulysses.stats.reset()
+        self.cp.stats.reset()

@@ -9,6 +9,7 @@ run that ends at N may be shorter.
     zigzag(N, P)              2P chunks, rank r holds chunks r and 2P-1-r: balances causal work
     balanced(layout, P)       contiguous runs with equal shares of the layout's row costs
     from_order(order, P)      torch's load-balancer index order (`x[order]` split in P equal parts)
+    two_level(cp_sharding, U) a 2-D ("ulysses", "cp") mesh: each cp shard split over U ranks
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from .._checks import check_int
 
-__all__ = ["Sharding", "contiguous", "zigzag", "balanced", "from_order"]
+__all__ = ["Sharding", "TwoLevelSharding", "contiguous", "zigzag", "balanced", "from_order", "two_level"]
 
 
 @dataclass(frozen=True)
@@ -204,3 +205,72 @@ def from_order(order, world_size: int, unit: int = 128) -> Sharding:
         edges = [0, *breaks, per]
         runs.append(tuple((int(part[a]), int(part[b - 1]) + 1) for a, b in zip(edges, edges[1:]) if b > a))
     return Sharding(n, unit, tuple(runs))
+
+
+@dataclass(frozen=True)
+class TwoLevelSharding(Sharding):
+    """The sharding of a 2-D ("ulysses", "cp") mesh of U x C ranks: `cp` (a sharding over C ranks)
+    gives each ulysses group its cp-level shard, and the group's U ranks split that shard's local
+    sequence into U contiguous pieces of whole units (`pieces(c)`, the first pieces one unit longer).
+    As a `Sharding` it has C * U ranks, index `c * U + u` (`index(c, u)`) holding piece u of cp
+    shard c: `shard`, `unshard`, `positions` work with that index. Build it with `two_level`."""
+
+    cp: Sharding = None
+    ulysses_size: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.runs != _two_level_runs(self.cp, self.ulysses_size):
+            raise ValueError("TwoLevelSharding runs do not split its cp sharding in contiguous pieces: build it "
+                             "with two_level(cp_sharding, ulysses_size)")
+
+    @property
+    def cp_size(self) -> int:
+        return self.cp.world_size
+
+    def index(self, cp_rank: int, ulysses_rank: int) -> int:
+        """The shard index of the rank at (cp_rank, ulysses_rank) of the mesh."""
+        check_int("cp_rank", cp_rank, 0, self.cp_size - 1)
+        check_int("ulysses_rank", ulysses_rank, 0, self.ulysses_size - 1)
+        return cp_rank * self.ulysses_size + ulysses_rank
+
+    def pieces(self, cp_rank: int) -> Sharding:
+        """How the U ranks of ulysses group `cp_rank` split its cp shard, as a sharding of the cp
+        shard's local sequence (0..L_c-1): the sharding of the head all-to-all."""
+        return contiguous(self.cp.length(cp_rank), self.ulysses_size, self.unit)
+
+    def key(self) -> tuple:
+        return super().key() + (self.cp.key(), self.ulysses_size)
+
+    def describe(self) -> str:
+        c_of = lambda i: divmod(i, self.ulysses_size)  # noqa: E731
+        return "; ".join(f"cp {c_of(i)[0]} ulysses {c_of(i)[1]}: " +
+                         (", ".join(f"[{s}, {e})" for s, e in runs) or "nothing") for i, runs in enumerate(self.runs))
+
+
+def _two_level_runs(cp: Sharding, ulysses_size: int) -> tuple:
+    """runs[c * U + u]: piece u of cp shard c, cut from the shard's runs at whole units."""
+    out = []
+    for c in range(cp.world_size):
+        runs, pieces = cp.runs[c], contiguous(cp.length(c), ulysses_size, cp.unit)
+        for u in range(ulysses_size):
+            mine, offset = [], 0  # offset: local index of the current run's start
+            for a, b in pieces.runs[u]:  # at most one local range
+                for start, end in runs:
+                    lo, hi = max(a, offset), min(b, offset + end - start)
+                    if lo < hi:
+                        mine.append((start + lo - offset, start + hi - offset))
+                    offset += end - start
+            out.append(tuple(mine))
+    return tuple(out)
+
+
+def two_level(cp_sharding: Sharding, ulysses_size: int) -> TwoLevelSharding:
+    """The sharding of a 2-D ("ulysses", "cp") mesh: cp shard c (of `cp_sharding`, over the C
+    ranks of the "cp" dimension) split over the `ulysses_size` ranks of the "ulysses" dimension
+    in contiguous pieces of its local sequence (`TwoLevelSharding`)."""
+    if not isinstance(cp_sharding, Sharding) or isinstance(cp_sharding, TwoLevelSharding):
+        raise TypeError(f"cp_sharding must be a (one-level) Sharding, got {type(cp_sharding).__name__}")
+    ulysses_size = check_int("ulysses_size", ulysses_size, 1)
+    return TwoLevelSharding(cp_sharding.num_tokens, cp_sharding.unit, _two_level_runs(cp_sharding, ulysses_size),
+                            cp_sharding, ulysses_size)

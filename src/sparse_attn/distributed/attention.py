@@ -177,22 +177,25 @@ class _Setup:
         self.pattern, self.layout = pattern, layout
 
 
+def check_backend(backend: str, call: AttentionCall, pattern: Pattern, device, why: list) -> tuple:
+    """(the backend serving `call`, its (block_q, block_kv)); what stops it appended to `why`
+    (then block is (0, 0)): the backend's refusals, a batch the pattern cannot serve."""
+    chosen, reasons = _pick_backend(backend, call)
+    if reasons:
+        why.append(f"backend={backend!r}: " + "; ".join(reasons))
+        return chosen, (0, 0)
+    try:
+        pattern.check_batch(call.batch, device)
+    except ValueError as e:
+        why.append(str(e))
+    return chosen, chosen.block_sizes(call)
+
+
 def _agree(comm: Comm, q, k, v, pattern, sharding, scheme, backend, scale, global_rows="auto") -> _Setup:
     """All ranks check their inputs, all-gather them and either all go on or all raise."""
     why = _local_problems(q, k, v, pattern, sharding, scheme, scale, global_rows)
-    block = (0, 0)
-    chosen = None
-    if not why:
-        call = AttentionCall.of(q, k, v, pattern, 0, True)
-        chosen, reasons = _pick_backend(backend, call)
-        if reasons:
-            why.append(f"backend={backend!r}: " + "; ".join(reasons))
-        else:
-            block = chosen.block_sizes(call)
-            try:
-                pattern.check_batch(q.shape[0], q.device)
-            except ValueError as e:
-                why.append(str(e))
+    chosen, block = (None, (0, 0)) if why else check_backend(backend, AttentionCall.of(q, k, v, pattern, 0, True),
+                                                             pattern, q.device, why)
     ok = not why
     shape = list(q.shape) + [k.shape[1], v.shape[3]] if ok else [0] * 6
     dtype_code = _DTYPES.index(q.dtype) if ok else -1

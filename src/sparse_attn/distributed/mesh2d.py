@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..backends.registry import AttentionCall
 from ..patterns import Pattern, PerHead, per_head
-from .attention import (_DTYPES, _PlannedAttention, _digest, _local_problems, _lse_dtype, _pick_backend, call_dims,
+from .attention import (_DTYPES, _PlannedAttention, _digest, _local_problems, _lse_dtype, call_dims, check_backend,
                         choose_plan, choose_sharding, planned_setup)
 from .comm import MeshComm
 from .sharding import Sharding, TwoLevelSharding, two_level
@@ -87,15 +87,7 @@ def _agree2d(mesh: MeshComm, q, k, v, pattern, sharding, scheme, backend, scale,
         group_pattern = head_group_pattern(pattern, q.shape[1], u_size, uc.rank)
         # the call the inner scheme serves: this rank's head group over the cp shard
         call = AttentionCall.of(q[:, :hq], k[:, :hkv], v[:, :hkv], group_pattern, 0, True)
-        chosen, reasons = _pick_backend(backend, call)
-        if reasons:
-            why.append(f"backend={backend!r}: " + "; ".join(reasons))
-        else:
-            block = chosen.block_sizes(call)
-            try:
-                pattern.check_batch(q.shape[0], q.device)
-            except ValueError as e:
-                why.append(str(e))
+        chosen, block = check_backend(backend, call, pattern, q.device, why)
     ok = not why
     shape = [q.shape[0], q.shape[1], q.shape[3], k.shape[1], v.shape[3]] if ok else [0] * 5
     agreed = [*shape, _DTYPES.index(q.dtype) if ok else -1, *block, _digest(repr(pattern)) if ok else 0,

@@ -25,11 +25,17 @@
 # stream marks in benchmarks/data/ every core draws a stretch of the stream (the same trees,
 # checked against the sequential stream's digest), a few seconds on 16 cores.
 #
+# Two settings side by side (tuning: runs with other flags replace a JSON's runs, so each setting
+# needs its own STATE, WORK and OUT; LEAN=1 keeps the log and plot out of $OUT so that both
+# settings' checkpoint parts and JSONs fit in the 8 files that come back):
+#   for lr in 1e-4 3e-4; do LEAN=1 NAMES=dense EXTRA="--lr $lr" STATE=gpu_state/lr$lr WORK=/tmp/lo_$lr \
+#       OUT=$OUT/lr$lr RESULTS=/dev/null/none MINUTES=9 bash benchmarks/listops_gpu.sh & done; wait
+#
 # Environment: NAMES (encoders of listops_mechanisms: dense sliding_window longformer bigbird
 # linear performer lsh), PARALLEL (1: one process per encoder of NAMES, all at once, each logging
-# to $OUT/listops_gpu_log_<name>.txt; default 0: one after another), MINUTES (the command's budget), STATE (gpu_state), WORK, OUT, STEPS
+# to $WORK/listops_gpu_log_<name>.txt; default 0: one after another), MINUTES (the command's budget), STATE (gpu_state), WORK, OUT, STEPS
 # (override the preset's 5000, for a short trial), EXTRA (more flags for listops.py), PRESET (gpu; cpu for a dry run of this script
-# on a CPU, with STATE and WORK elsewhere) and RESULTS (the results file to start from when
+# on a CPU, with STATE and WORK elsewhere), LEAN (1: the log and the plot stay in $WORK) and RESULTS (the results file to start from when
 # $STATE has none: benchmarks/results/listops_$PRESET.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +52,9 @@ PART_SIZE=15M
 RESERVE_S=40  # after training: cutting checkpoints into parts, copying to $OUT
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$WORK/checkpoints" "$WORK/data" "$OUT/gpu_state" "$STATE"
+LEAN=${LEAN:-0}
 log="$OUT/listops_gpu_log.txt"
+[ "$LEAN" = 1 ] && log="$WORK/listops_gpu_log.txt"  # LEAN: only checkpoint parts and the JSON in $OUT
 say() { echo "[$(($(date +%s) - began)) s] $*" | tee -a "$log" >&2; }
 
 # 1. checkpoints: this machine's own (a warm machine's previous command), else the carried parts
@@ -109,7 +117,7 @@ for name in $NAMES; do
     say "$name: checkpoint in $(ls "$OUT/gpu_state/$name.pt.part-"* | wc -l) parts"
 done
 # the plot when there is room for it (two checkpoints' parts, the JSON and the log make 8 files)
-if [ -f "${results%.json}.png" ] && [ "$(find "$OUT" -type f | wc -l)" -lt 8 ]; then
+if [ "$LEAN" != 1 ] && [ -f "${results%.json}.png" ] && [ "$(find "$OUT" -type f | wc -l)" -lt 8 ]; then
     cp "${results%.json}.png" "$OUT/listops_gpu.png"
 fi
 [ -f "$results" ] && python3 - "$results" <<'EOF' 2>&1 | tee -a "$log"

@@ -22,10 +22,24 @@ from ..nn.attention import SparseAttention
 from ..ops.mechanisms import PATTERN, Mechanism
 from ..patterns import Pattern
 from .attention import context_parallel_attention
-from .comm import Comm
+from .comm import Comm, MeshComm, is_mesh2d
 from .sharding import Sharding
 
 __all__ = ["ContextParallelAttention", "parallelize_context"]
+
+
+def _comm_of(group):
+    """A `Comm` (one process group) or a `MeshComm` (a 2-D ("ulysses", "cp") mesh)."""
+    if isinstance(group, (Comm, MeshComm)):
+        return group
+    return MeshComm(group) if is_mesh2d(group) else Comm(group)
+
+
+def _ranks(comm) -> tuple[int, int]:
+    """(the number of shards, this rank's shard index) under `comm`."""
+    if isinstance(comm, MeshComm):
+        return comm.ulysses.world_size * comm.cp.world_size, comm.shard_index
+    return comm.world_size, comm.rank
 
 
 def _pattern_of(mechanism) -> Pattern:
@@ -39,7 +53,9 @@ def _pattern_of(mechanism) -> Pattern:
 
 class ContextParallelAttention(nn.Module):
     """`inner`'s projections, rotary embedding and dropout, with its attention computed over the
-    sequence sharded across `group` by `sharding` (x holds this rank's tokens, in local order)."""
+    sequence sharded across `group` by `sharding` (x holds this rank's tokens, in local order).
+    `group`: as `context_parallel_attention`'s (a 2-D ("ulysses", "cp") mesh or `MeshComm` with a
+    `sharding.two_level` sharding: this rank holds shard `MeshComm.shard_index`)."""
 
     def __init__(self, inner: SparseAttention, group, sharding: Sharding, *, scheme: str = "auto") -> None:
         super().__init__()
@@ -49,9 +65,10 @@ class ContextParallelAttention(nn.Module):
             raise TypeError(f"sharding must be a Sharding, got {type(sharding).__name__}")
         self.inner = inner
         self.pattern = _pattern_of(inner.mechanism)
-        self.comm = group if isinstance(group, Comm) else Comm(group)
-        if sharding.world_size != self.comm.world_size:
-            raise ValueError(f"sharding is for {sharding.world_size} ranks, the group has {self.comm.world_size}")
+        self.comm = _comm_of(group)
+        shards, self.shard_index = _ranks(self.comm)
+        if sharding.world_size != shards:
+            raise ValueError(f"sharding is for {sharding.world_size} ranks, the group has {shards}")
         self.sharding = sharding
         self.scheme = scheme
 
@@ -73,7 +90,7 @@ class ContextParallelAttention(nn.Module):
         k = a.k_proj(x).view(bsz, n, a.num_kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, N_r, Dh]
         v = a.v_proj(x).view(bsz, n, a.num_kv_heads, a.head_dim).transpose(1, 2)
         if a.rotary is not None:
-            pos = self.sharding.positions(self.comm.rank, x.device)
+            pos = self.sharding.positions(self.shard_index, x.device)
             q, k = a.rotary(q, pos), a.rotary(k, pos)
         out = context_parallel_attention(q, k, v, self.pattern, group=self.comm, sharding=self.sharding,
                                          scheme=self.scheme, backend=a.backend)
@@ -83,9 +100,9 @@ class ContextParallelAttention(nn.Module):
 
 def parallelize_context(model: nn.Module, group, sharding: Sharding, *, scheme: str = "auto") -> nn.Module:
     """Replace every `SparseAttention` inside `model` by a `ContextParallelAttention` around it
-    (in place; weights shared). One `Comm` (byte counters: `model.context_comm.stats`) serves
-    all layers. Returns the model."""
-    comm = group if isinstance(group, Comm) else Comm(group)
+    (in place; weights shared). One `Comm` (byte counters: `model.context_comm.stats`; on a 2-D
+    mesh a `MeshComm`: `model.context_comm.total()`) serves all layers. Returns the model."""
+    comm = _comm_of(group)
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, SparseAttention)]
     if not targets:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gloo_pool import RankError, pool
+from lm_cases import parallel_lm_error
 from sparse_attn import patterns as P
 from sparse_attn import sparse_attention
 from sparse_attn.distributed import Comm, Sharding, context_parallel_attention, contiguous, zigzag
@@ -212,31 +213,7 @@ def test_ulysses_bytes_match_the_formula():
 
 
 def model_case(rank, world_size):
-    from sparse_attn.distributed import parallelize_context
-    from sparse_attn.nn import ModelConfig, SparseCausalLM
-    import torch.distributed as dist
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=32, dim=16, num_layers=2, num_heads=4, num_kv_heads=2,
-                      mechanisms=["sliding_window:window=24", "causal"])
-    model = SparseCausalLM(cfg).double()
-    tokens = torch.randint(0, 32, (2, 97), generator=torch.Generator().manual_seed(1))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [2, 96]
-    full_logits = model(inputs)
-    loss = torch.nn.functional.cross_entropy(full_logits.flatten(0, 1), targets.flatten(), reduction="sum")
-    full_grads = torch.autograd.grad(loss, list(model.parameters()))
-    sharding = zigzag(96, world_size, UNIT)
-    parallelize_context(model, None, sharding)
-    logits = model(sharding.shard(inputs, rank, dim=1))
-    local_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), sharding.shard(targets, rank, dim=1).flatten(),
-                                                   reduction="sum")
-    grads = torch.autograd.grad(local_loss, list(model.parameters()))
-    errs = [(logits - sharding.shard(full_logits, rank, dim=1)).abs().max().item()]
-    for g, want in zip(grads, full_grads):
-        g = g.clone()
-        dist.all_reduce(g)  # replicated weights: partial sums over the context group
-        errs.append((g - want).abs().max().item())
-    return max(errs)
+    return parallel_lm_error(None, zigzag(96, world_size, UNIT), rank, 96)[0]
 
 
 def test_parallelized_causal_lm_equals_one_process():

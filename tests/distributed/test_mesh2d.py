@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gloo_pool import RankError, pool
+from lm_cases import parallel_lm_error
 from sparse_attn import patterns as P
 from sparse_attn import sparse_attention
 from sparse_attn.distributed import (MeshComm, Sharding, TwoLevelSharding, context_parallel_attention, contiguous,
@@ -195,34 +196,10 @@ def test_two_level_sharding():
 
 def model_on_mesh(rank, world_size):
     """A SparseCausalLM with parallelize_context over the 2 x 2 mesh against the same model whole."""
-    import torch.distributed as dist
-
-    from sparse_attn.distributed import parallelize_context
-    from sparse_attn.nn import ModelConfig, SparseCausalLM
-
     mesh = MeshComm(_mesh(("cp", "ulysses")))
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=32, dim=16, num_layers=2, num_heads=4, num_kv_heads=2,
-                      mechanisms=["sliding_window:window=24", "causal"])
-    model = SparseCausalLM(cfg).double()
-    tokens = torch.randint(0, 32, (2, 129), generator=torch.Generator().manual_seed(1))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [2, 128]
-    full_logits = model(inputs)
-    loss = torch.nn.functional.cross_entropy(full_logits.flatten(0, 1), targets.flatten(), reduction="sum")
-    full_grads = torch.autograd.grad(loss, list(model.parameters()))
     sharding = two_level(zigzag(128, C, UNIT), U)  # every rank one unit of 32 tokens
-    parallelize_context(model, mesh, sharding)
-    index = mesh.shard_index
-    logits = model(sharding.shard(inputs, index, dim=1))  # [2, n_r, vocab]
-    local_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), sharding.shard(targets, index, dim=1).flatten(),
-                                                   reduction="sum")
-    grads = torch.autograd.grad(local_loss, list(model.parameters()))
-    errs = [(logits - sharding.shard(full_logits, index, dim=1)).abs().max().item()]
-    for g, want in zip(grads, full_grads):
-        g = g.clone()
-        dist.all_reduce(g)  # replicated weights: partial sums over the whole mesh
-        errs.append((g - want).abs().max().item())
-    return max(errs), model.context_comm.total("a2a", "kv") > 0
+    err, model = parallel_lm_error(mesh, sharding, mesh.shard_index, 128)
+    return err, model.context_comm.total("a2a", "kv") > 0
 
 
 def test_parallelized_causal_lm_on_mesh_equals_one_process():

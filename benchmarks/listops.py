@@ -19,7 +19,11 @@ Presets:
   8 x 64 of ~1000 tokens: ~50%), so BigBird is close to dense here.
 * gpu: LRA's data (96K train trees of 500 < length < 2000, mean ~1045 tokens; 2K val, 2K test)
   and schedule (batch 32, 5000 steps, 1000 warm-up steps), a smaller encoder than LRA's 512 x 6
-  (dim 256, 4 layers, 4 heads, MLP x4), bfloat16 autocast; window 256 (~25% of a mean tree),
+  (dim 256, 4 layers, 4 heads, MLP x4), bfloat16 autocast, peak learning rate 1e-4 (cosine to
+  1e-5; Nystromformer's LRA ListOps setting). At 1e-3 dense stayed on the majority class for the
+  whole run (twice; results/listops_gpu_lr1e-3.json), at 3e-4 it was still there at step 1,500
+  (val 18.1%) while 1e-4 had left it (val 23.2%), so 1e-4 was kept for every encoder;
+  window 256 (~25% of a mean tree),
   BigBird blocks of 64 (as LRA), Performer 128 features, LSH buckets of 64. Measured on one
   H100 with the seven encoders sharing it (benchmarks/gpu_evals.sh): 5000 steps took linear
   442 s, Performer 479 s, LSH 706 s of training; the pattern encoders ran at 3-7 steps/s in

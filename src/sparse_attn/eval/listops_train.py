@@ -109,7 +109,7 @@ LISTOPS_PRESETS = {
             "mechanisms": {"window": 16, "block": 4, "num_features": 32, "bucket_size": 16, "n_hashes": 2}},
     "gpu": {"train_examples": 96_000, "val_examples": 2000, "test_examples": 2000, "min_length": 500,
             "max_length": 2000, "dim": 256, "layers": 4, "heads": 4, "mlp_ratio": 4.0, "batch": 32, "steps": 5000,
-            "lr": 1e-3, "warmup": 1000, "weight_decay": 0.1, "eval_every": 500, "device": "cuda", "dtype": "bfloat16",
+            "lr": 1e-4, "warmup": 1000, "weight_decay": 0.1, "eval_every": 500, "device": "cuda", "dtype": "bfloat16",
             "mechanisms": {"window": 256, "block": 64, "num_features": 128, "bucket_size": 64, "n_hashes": 2}},
 }
 

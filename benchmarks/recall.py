@@ -63,7 +63,7 @@ PRESETS = {
         "passkey": {"train_length": 1024, "test_lengths": [1024, 2048, 4096, 8192], "steps": 1500, "dim": 128,
                     "layers": 4, "heads": 4, "batch": 32, "lr": 3e-3, "digits": 1, "lm_weight": 0.0, "window": 64,
                     "test_examples": 64},
-        "mqar": {"num_kv_pairs_list": [8, 16, 32, 64], "seq_len": 256, "vocab_size": 8192, "steps": 4000,
+        "mqar": {"num_kv_pairs_list": [4, 8, 16, 32, 64], "seq_len": 256, "vocab_size": 8192, "steps": 4000,
                  "dim": 128, "layers": 2, "heads": 2, "batch": 128, "lr": 3e-3, "window": 32, "test_examples": 1000},
     },
 }

@@ -9,7 +9,9 @@ path before issue #16 ("old": the layout from the bool selection table, which re
 back to the host, and the generic kernel plan, which deduplicates masks with unique and
 builds the backward's transposed walk up front) and the device path ("new": the layout from
 the picks with no host read, the plan for a forward without the transposed walk):
-* select: `_select` (mean-pooling, scores, top-k with ties to the lowest block), both paths;
+* select: `_select` (mean-pooling, scores, top-k with ties to the lowest block) as the new path
+  runs it (one kernel after the scores' matmul: ops/topk/select_kernel.py); select_torch_ops:
+  the same by torch ops (the old path's), and select_kernel_equals_torch_ops (bit-equal);
 * old_layout / layout: `selection_layout` / `device_selection_layout` (what each call rebuilds),
   and layout_via_pattern: the layout classified from the selection's pattern (the generic
   path, which unaligned block sizes take);
@@ -37,6 +39,7 @@ from common import RESULTS, environment, progress, time_gpu, write_json  # noqa:
 
 from sparse_attn import block_topk_attention, select_kv_blocks, sparse_attention  # noqa: E402
 from sparse_attn.backends.triton.plan import TritonPlan  # noqa: E402
+from sparse_attn.ops.topk import block as topk_block  # noqa: E402
 from sparse_attn.ops.topk.block import (  # noqa: E402
     _select,
     device_selection_layout,
@@ -75,10 +78,21 @@ def main(argv=None) -> int:
         grid = BlockGrid(n, n, 0, 128, 128, dev)
         qf, kf, vf = (t.reshape(1, args.heads, n, args.dim) for t in (q, k, v))  # B = 1: folding is a view
 
-        def select():
+        def select():  # the default: on CUDA one kernel after the scores' matmul (ops/topk/select_kernel.py)
             return _select(q, k, top_k, BLOCK, True, 0)
 
+        def select_torch_ops():  # the same selection by ~14 torch ops (before the kernel)
+            topk_block.SELECTION_KERNEL = False
+            try:
+                return _select(q, k, top_k, BLOCK, True, 0)
+            finally:
+                topk_block.SELECTION_KERNEL = None
+
         selection, picks = select()
+        with torch.no_grad():
+            sel_ops, picks_ops = select_torch_ops()
+        row["select_kernel_equals_torch_ops"] = bool(torch.equal(selection, sel_ops) and torch.equal(picks, picks_ops))
+        del sel_ops, picks_ops
 
         def old_layout():
             pattern = selection_pattern(selection, BLOCK, n, n, 0, causal=True)
@@ -98,7 +112,7 @@ def main(argv=None) -> int:
             return plan
 
         def old_end_to_end():
-            sel, _ = _select(q, k, top_k, BLOCK, True, 0)
+            sel, _ = select_torch_ops()
             pattern = selection_pattern(sel, BLOCK, n, n, 0, causal=True)
             layout = selection_layout(sel, pattern, BLOCK, grid, causal=True)
             layout.cache["triton"] = old_plan_of(layout)
@@ -113,6 +127,7 @@ def main(argv=None) -> int:
         row["selected_pairs_fraction"] = float(layout.allowed_pairs().sum()) / (args.heads * n * n)
         timings = {
             "select": select,
+            "select_torch_ops": select_torch_ops,
             "old_layout": old_layout if BLOCK % 128 == 0 else None,
             "layout": new_layout if device_path else None,
             "layout_via_pattern": layout_via_pattern,

@@ -121,6 +121,12 @@ def main() -> int:
         if "fused" in phases:
             ops.block_sparse_attn_bwd_fused(torch.randn_like(out), None, q, k, v, out, lse, *plan.tensors(), *fixed)
         configs.OVERRIDES = {}
+    # block top-k's one-kernel selection: causal and not, one row per program and several
+    from sparse_attn.ops.topk import select_kernel
+
+    select_kernel._select_kernel = CompilingLauncher(select_kernel._select_kernel, target, log)
+    for nkb, causal in ((1024, True), (75, False)):
+        select_kernel.select_from_scores(torch.randn(2, 16, nkb, nkb), 52 if nkb > 52 else 5, 3, causal)
     for line in log:
         print("compiled", line)
     return 0

@@ -96,6 +96,21 @@ def _ascending_indices(chosen: torch.Tensor, k: int) -> torch.Tensor:
     return out.scatter_(-1, slot, index)[..., :k]
 
 
+# Whether `_select` runs the one-kernel selection (select_kernel.py) on its fp32 scores:
+# None = on CUDA when triton imports; True = also under TRITON_INTERPRET=1 on CPU (tests); False = never.
+SELECTION_KERNEL: bool | None = None
+
+
+def _use_selection_kernel(scores: torch.Tensor) -> bool:
+    if SELECTION_KERNEL is False or scores.dtype != torch.float32 or (SELECTION_KERNEL is None and not scores.is_cuda):
+        return False
+    try:
+        from .select_kernel import MAX_BLOCKS
+    except ImportError:  # no triton
+        return False
+    return scores.shape[-1] <= MAX_BLOCKS
+
+
 def _select(q: torch.Tensor, k: torch.Tensor, top_k_blocks: int, block_size: int, causal: bool,
             q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(selection bool [B, Hq, NQB, NKB], picks int64 [B, Hq, NQB, min(top_k_blocks, NKB)]): the
@@ -115,12 +130,16 @@ def _select(q: torch.Tensor, k: torch.Tensor, top_k_blocks: int, block_size: int
                                    cdt)  # [B, Hq, NQB, D]
         grouped = query_means.reshape(bsz, hkv, group * num_q_blocks, d)
         scores = torch.matmul(grouped, key_means.transpose(-1, -2)).reshape(bsz, hq, num_q_blocks, num_kv_blocks)
+        kept = min(top_k_blocks, num_kv_blocks)
+        if kept and _use_selection_kernel(scores):  # masks, top-k, selection and picks in one launch
+            from .select_kernel import select_from_scores
+
+            return select_from_scores(scores, kept, first, causal)
         q_block = torch.arange(num_q_blocks, device=q.device)[:, None] + first  # [NQB, 1] absolute index
         kv_block = torch.arange(num_kv_blocks, device=q.device)[None, :]  # [1, NKB]
         if causal:
             scores = scores.masked_fill(kv_block > q_block, float("-inf")).masked_fill(kv_block == q_block,
                                                                                       float("inf"))
-        kept = min(top_k_blocks, num_kv_blocks)
         chosen = _top_k_lowest_index_ties(scores, kept)  # [B, Hq, NQB, NKB]
         picks = _ascending_indices(chosen, kept)
         if causal:  # rows with fewer eligible blocks than k also picked -inf ones

@@ -148,14 +148,14 @@ class Run:
             t0 = time.perf_counter()
             idx = self.batches(step)
             lengths = self.train.lengths[idx]
-            x = self.train.tokens[idx, : int(lengths.max())].to(device, torch.long)
-            y = self.train.labels[idx].to(device)
+            x = self.train.tokens[idx, : int(lengths.max())].to(device, non_blocking=True).long()  # as train_listops
+            y = self.train.labels[idx].to(device, non_blocking=True)
             totals["calls"] += len(torch.unique(lengths))
             sync(device)
             t1 = time.perf_counter()
             layout_before, built_before = timer.seconds, timer.layouts_built
             with autocast(device, self.dtype):
-                logits = listops_logits(model, x, lengths).float()
+                logits = listops_logits(model, x, lengths, check_tokens=False).float()
             loss = torch.nn.functional.cross_entropy(logits, y)
             t_host = time.perf_counter()
             sync(device)

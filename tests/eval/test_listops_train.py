@@ -218,3 +218,10 @@ def test_mechanism_and_logits_errors():
         listops_logits(model, tokens.float(), torch.tensor([3, 5]))
     with pytest.raises(ValueError, match="window"):
         listops_mechanisms(window=0)
+    # ids are checked per split (once, on the host) where the steps skip the per-call check
+    bad = listops_dataset("test", 4, min_length=10, max_length=20, prepend_cls=True)
+    bad.tokens[1, 0] = len(LISTOPS_VOCAB)
+    with pytest.raises(ValueError, match=rf"data.tokens must be token ids in \[0, {len(LISTOPS_VOCAB)}\)"):
+        evaluate_listops_model(model, bad, batch=2)
+    with pytest.raises(ValueError, match=r"tokens must be in \[0"):
+        listops_logits(model, bad.tokens, bad.lengths)

@@ -177,6 +177,28 @@ def test_encoder_errors():
         encoder(num_classes=2).classify(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4))
     with pytest.raises(ValueError, match=r"tokens must be in \[0, 30\) \(vocab_size 30\), got 30"):  # was an IndexError
         encoder()(torch.tensor([[1, 30]]))
+    with pytest.raises(TypeError, match="check_tokens must be a bool"):
+        encoder()(torch.tensor([[1, 2]]), check_tokens=1)
+
+
+def test_check_tokens_false_reads_no_token_back_and_changes_no_result():
+    """The id range check is the only host read of the tokens (a device sync per call on
+    CUDA); check_tokens=False skips it, keeps the type/device checks, and gives the same logits."""
+    from sa_testing import HostReadError, NoHostReads
+
+    from sparse_attn.nn.model import _check_tokens
+
+    tokens = torch.randint(0, 30, (2, 12))
+    with NoHostReads():
+        _check_tokens(tokens, 30, tokens.device, values=False)
+    with pytest.raises(HostReadError), NoHostReads():
+        _check_tokens(tokens, 30, tokens.device)
+    with pytest.raises(ValueError, match="int64 or int32"):
+        _check_tokens(tokens.float().long().to(torch.int16), 30, tokens.device, values=False)
+    enc = encoder(num_classes=3)
+    torch.testing.assert_close(enc.classify(tokens, check_tokens=False), enc.classify(tokens), rtol=0, atol=0)
+    lm = SparseCausalLM(ModelConfig(vocab_size=30, dim=16, num_layers=1, num_heads=2)).eval()
+    torch.testing.assert_close(lm(tokens, check_tokens=False), lm(tokens), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------- dense-to-sparse warm-up

@@ -248,3 +248,36 @@ def test_trainers_give_the_numbers_recorded_before_the_loop(tmp_path):
     recorded = json.loads(BASELINE.read_text())
     now = json.loads(json.dumps(run_all(cache=tmp_path)))
     _close(recorded, now)
+
+
+def test_losses_and_tensor_metrics_are_read_back_together(tmp_path, monkeypatch):
+    """Loss and 0-dim tensor metrics stay on the device during the steps and are read back in
+    one go at evaluations, checkpoints and the end: the history holds the same floats as a
+    per-step read would give."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    seen = []
+
+    def loss(model, step_batch):
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(step_batch))
+        err = model(x).pow(2).mean()
+        seen.append((float(err.detach()), float(err.detach() * 2)))
+        return err, {"double": (err * 2).detach(), "plain": 1.5}
+
+    reads = []
+    real = TrainLoop._read_back
+
+    def counting(self):
+        reads.append(sum(isinstance(v, torch.Tensor) for e in self._unread for v in e.values()))
+        return real(self)
+
+    monkeypatch.setattr(TrainLoop, "_read_back", counting)
+    loop = TrainLoop(model, adamw(model, lr=1e-2, weight_decay=0.0), steps=7, batches=lambda s: s, loss=loss, lr=lambda s: 1e-2,
+                     evaluate=lambda m, s: {"val": 0.0}, eval_every=5, progress=False, checkpoint=tmp_path / "c.pt",
+                     checkpoint_every=3)
+    history = loop.run().history
+    assert [(h["train_loss"], h["double"]) for h in history] == pytest.approx(seen, rel=1e-6)
+    assert all(type(h["train_loss"]) is float and type(h["double"]) is float and h["plain"] == 1.5 for h in history)
+    # tensors read at step 3 (checkpoint: 3 steps x 2), step 5 (evaluation: 2 x 2), step 6 (checkpoint) and the end
+    assert [n for n in reads if n] == [6, 4, 2, 2]
+    assert read_checkpoint(tmp_path / "c.pt", "cpu")["history"] == history

@@ -144,12 +144,13 @@ def listops_mechanisms(*, window: int = 32, block: int = 16, num_features: int =
 
 
 def listops_logits(model: SparseTransformer, tokens: torch.Tensor, lengths: torch.Tensor, *,
-                   max_batch: int | None = None) -> torch.Tensor:
+                   max_batch: int | None = None, check_tokens: bool = True) -> torch.Tensor:
     """Logits (B, classes) of a padded batch, each row exactly as if it were run alone.
 
     tokens: (B, L) integer ids, each row's real tokens first; lengths: (B,) real tokens per row.
     Rows of equal length run together, cut to that length (at most `max_batch` rows per call),
-    so no padding reaches the attention or the pooling. Differentiable.
+    so no padding reaches the attention or the pooling. Differentiable. check_tokens: as in
+    `SparseTransformer.classify` (False: the ids were validated before; no host read of tokens).
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
         raise ValueError(f"tokens must be an integer tensor (batch, length), got "
@@ -165,16 +166,24 @@ def listops_logits(model: SparseTransformer, tokens: torch.Tensor, lengths: torc
                          f"{int(lengths.min())}..{int(lengths.max())}")
     order = torch.argsort(lengths, stable=True)
     sizes, counts = torch.unique_consecutive(lengths[order], return_counts=True)
-    rows, pieces = [], []
-    for chunk_rows, size in zip(order.split(counts.tolist()), sizes.tolist()):
-        for part in chunk_rows.split(max_batch or len(chunk_rows)):
-            part = part.to(tokens.device)
-            rows.append(part)
-            pieces.append(model.classify(tokens[part, :size]))  # [b, C]: no padding at all
-    logits = torch.cat(pieces)  # rows in order of length
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
+    # the row order and its inverse in one copy to the device, with no stream synchronisation
+    order_and_inverse = torch.cat([order, inverse]).to(tokens.device, non_blocking=True)
+    order, inverse = order_and_inverse[:len(order)], order_and_inverse[len(order):]
+    pieces = []
+    for chunk_rows, size in zip(order.split(counts.tolist()), sizes.tolist()):
+        for part in chunk_rows.split(max_batch or len(chunk_rows)):
+            pieces.append(model.classify(tokens[part, :size], check_tokens=check_tokens))  # [b, C]: no padding
+    logits = torch.cat(pieces)  # rows in order of length
     return logits[inverse.to(logits.device)]
+
+
+def _check_vocabulary(tokens: torch.Tensor, vocab_size: int, name: str = "data.tokens") -> None:
+    """Every id of a split (a CPU tensor: no device read) in [0, vocab_size)."""
+    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < vocab_size):
+        raise ValueError(f"{name} must be token ids in [0, {vocab_size}) (the model's vocab_size), got "
+                         f"{int(tokens.min())}..{int(tokens.max())}")
 
 
 @torch.no_grad()
@@ -187,15 +196,18 @@ def evaluate_listops_model(model: SparseTransformer, data: ListOpsData, *, batch
     model.eval()
     device = torch.device(device)
     order = torch.argsort(data.lengths, stable=True)
-    correct, loss = 0, 0.0
-    for idx in order.split(batch):
+    _check_vocabulary(data.tokens, model.cfg.vocab_size)  # once here, not per call (host reads)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    for idx in order.split(batch):  # summed on the device: read back once, at the end
         lengths = data.lengths[idx]
-        x = data.tokens[idx, : int(lengths.max())].to(device, torch.long)
-        y = data.labels[idx].to(device)
+        x = data.tokens[idx, : int(lengths.max())].to(device, non_blocking=True).long()
+        y = data.labels[idx].to(device, non_blocking=True)
         with autocast(device, dtype):
-            logits = listops_logits(model, x, lengths).float()
-        correct += int((logits.argmax(-1) == y).sum())
-        loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            logits = listops_logits(model, x, lengths, check_tokens=False).float()
+        correct += (logits.argmax(-1) == y).sum()
+        loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+    correct, loss = int(correct), float(loss)
     model.train(was_training)
     n = len(data.labels)
     return correct / n, loss / n
@@ -507,6 +519,7 @@ def _train_one(name, spec, splits, settings, cfg: TrainConfig, pooling, sort_chu
             return ListOpsRun(**ckpt["run"])
 
     train = splits["train"]
+    _check_vocabulary(train.tokens, model_cfg.vocab_size, "the training split's tokens")  # the steps skip it
     batches = SortedBatches(train.lengths, cfg.batch_size, sort_chunk, cfg.seed)
     eval_batch = 2 * cfg.batch_size
     # counters kept in the checkpoint; the best validation accuracy starts as NaN (none yet)
@@ -517,13 +530,15 @@ def _train_one(name, spec, splits, settings, cfg: TrainConfig, pooling, sort_chu
         lengths = train.lengths[idx]
         state["calls"] += len(torch.unique(lengths))
         state["tokens"] += int(lengths.sum())
-        return (train.tokens[idx, : int(lengths.max())].to(device, torch.long), lengths,
-                train.labels[idx].to(device))
+        # copies with no stream synchronisation (pageable memory is staged at once): the host
+        # prepares the next step while the device still runs this one
+        return (train.tokens[idx, : int(lengths.max())].to(device, non_blocking=True).long(), lengths,
+                train.labels[idx].to(device, non_blocking=True))
 
     def loss(model, batch):
         x, lengths, y = batch
-        logits = listops_logits(model, x, lengths).float()
-        accuracy = float((logits.detach().argmax(-1) == y).double().mean())
+        logits = listops_logits(model, x, lengths, check_tokens=False).float()  # tokens checked at load
+        accuracy = (logits.detach().argmax(-1) == y).float().mean()  # read back by the loop, with the loss
         return torch.nn.functional.cross_entropy(logits, y), {"train_accuracy": accuracy}
 
     def evaluate(model, step):

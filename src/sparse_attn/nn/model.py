@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from ..ops.mechanisms import Mechanism, as_mechanism
 from ..patterns import Pattern
 from .attention import SparseAttention, takes_deterministic
@@ -152,7 +152,12 @@ class SparseTransformer(_Stack):
     "longformer", "bigbird"). `padding_mask` (B, N) bool, True = real token: the attention
     never sees pad keys and counts positions from each row's first real token (pattern
     mechanisms; others refuse a mask), and pooling ignores the pads, so a padded batch classifies
-    each row as it would alone."""
+    each row as it would alone.
+
+    `check_tokens=False` skips the check that every id is below vocab_size, which reads the
+    tokens back (one device synchronisation per call on CUDA): for training loops over data
+    validated once. Without it a bad id fails inside the embedding instead (on CUDA a device-side
+    assert, which ends the process's CUDA context) rather than with a ValueError."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int = 0, pooling: str = "mean"):
         if pooling not in ("mean", "first"):
@@ -163,18 +168,20 @@ class SparseTransformer(_Stack):
         self.head = nn.Linear(cfg.dim, num_classes) if num_classes else None
         self.apply(self._init)
 
-    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_tokens(tokens, self.cfg.vocab_size, self.embed.weight.device)
+    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
+                check_tokens: bool = True) -> torch.Tensor:
+        _check_tokens(tokens, self.cfg.vocab_size, self.embed.weight.device, values=check_tokens)
         self._apply_warmup("full")
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, padding_mask=padding_mask)
         return self.norm(x)
 
-    def classify(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def classify(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
+                 check_tokens: bool = True) -> torch.Tensor:
         if self.head is None:
             raise ValueError("this encoder was built with num_classes=0: it has no classification head")
-        h = self(tokens, padding_mask)  # [B, N, dim]
+        h = self(tokens, padding_mask, check_tokens=check_tokens)  # [B, N, dim]
         if self.pooling == "first":
             pooled = h[:, 0]
         elif padding_mask is None:
@@ -187,7 +194,9 @@ class SparseTransformer(_Stack):
         return self.head(pooled)
 
 
-def _check_tokens(tokens, vocab_size: int, device: torch.device, name: str = "tokens") -> None:
+def _check_tokens(tokens, vocab_size: int, device: torch.device, name: str = "tokens", *, values: bool = True) -> None:
+    """Type, shape and device always; with `values`, every id in [0, vocab_size) (a host read)."""
+    check_bool("check_tokens", values)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
         raise ValueError(f"{name} must be an integer tensor (batch, length), got "
                          f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
@@ -196,6 +205,8 @@ def _check_tokens(tokens, vocab_size: int, device: torch.device, name: str = "to
                          f"{tokens.dtype}")
     if tokens.device != device:
         raise ValueError(f"{name} are on {tokens.device} but the model is on {device}")
+    if not values:
+        return
     bad = (tokens < 0) | (tokens >= vocab_size)  # else an IndexError (a device assert on CUDA) in the embedding
     if bad.any():
         raise ValueError(f"{name} must be in [0, {vocab_size}) (vocab_size {vocab_size}), got {int(tokens[bad][0])}")
@@ -226,8 +237,9 @@ class SparseCausalLM(_Stack):
         self.apply(self._init)
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
-                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_tokens(tokens, self.cfg.vocab_size, self.embed.weight.device)
+                padding_mask: torch.Tensor | None = None, *, check_tokens: bool = True) -> torch.Tensor:
+        """Logits (B, N, vocab). check_tokens: as in `SparseTransformer`."""
+        _check_tokens(tokens, self.cfg.vocab_size, self.embed.weight.device, values=check_tokens)
         self._apply_warmup("causal")
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")

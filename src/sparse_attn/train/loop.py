@@ -190,6 +190,10 @@ class TrainLoop:
             gradients over its ranks there: `train.ContextParallel.reduce_gradients`).
         report_loss: loss tensor -> the float the history records (default float(loss); a rank
             holding its share of a global mean sums the shares over the ranks).
+
+    The loss and the loss function's metrics may stay 0-dim tensors on the device: the loop
+    reads them back together, at most about once a second (progress), and at every evaluation,
+    checkpoint and the end, instead of synchronising with the device at every step.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, steps: int,
@@ -235,6 +239,7 @@ class TrainLoop:
         self.max_minutes, self.on_eval, self.progress, self.label = max_minutes, on_eval, progress, label
         self.after_backward, self.report_loss = after_backward, report_loss
         self.result = LoopResult(steps=self.steps)
+        self._unread: list[dict] = []  # history entries holding device tensors not read back yet
 
     # -- checkpoints
     def save(self, **extra) -> None:
@@ -242,6 +247,7 @@ class TrainLoop:
         record). Nothing without checkpoint=."""
         if self.checkpoint is None:
             return
+        self._read_back()
         r = self.result
         write_checkpoint(self.checkpoint, {
             **self.meta, **extra, "format": _FORMAT, "model": self.model.state_dict(),
@@ -267,6 +273,17 @@ class TrainLoop:
         r.train_seconds, r.eval_seconds = float(ckpt["train_seconds"]), float(ckpt["eval_seconds"])
         _set_rng_state(ckpt["rng"], self.device)
 
+    def _read_back(self) -> None:
+        """Replace the tensors in the history entries of the steps since the last call by their
+        values: one copy to the host for all of them (one synchronisation)."""
+        cells = [(entry, key) for entry in self._unread for key, value in entry.items()
+                 if isinstance(value, torch.Tensor)]
+        if cells:
+            values = torch.stack([entry[key].detach().reshape(()).to(torch.float64) for entry, key in cells]).tolist()
+            for (entry, key), value in zip(cells, values):
+                entry[key] = value
+        self._unread.clear()
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -279,7 +296,7 @@ class TrainLoop:
             self._load()
         self.model.train()
         session_began = _now()
-        last_save = session_began
+        last_save = last_postfix = session_began
         step_cost = eval_cost = save_cost = 0.0  # the last ones measured: the budget's forecast
         bar = progress_bar(range(r.step, self.steps), enabled=self.progress, desc=self.label, unit="step",
                            initial=r.step, total=self.steps, mininterval=1.0)
@@ -304,11 +321,13 @@ class TrainLoop:
                 out = self.loss(self.model, batch)
             loss, metrics = out if isinstance(out, tuple) else (out, {})
             optimizer_step(self.model, self.optimizer, loss, self.grad_clip, self.after_backward)
-            reported = float(loss.detach()) if self.report_loss is None else self.report_loss(loss.detach())
+            reported = loss.detach() if self.report_loss is None else self.report_loss(loss.detach())
             entry = {"step": step + 1, "train_loss": reported, **metrics, "lr": lr}
+            self._unread.append(entry)  # read back later, with the other steps' (see the class docstring)
             r.step = step + 1
             step_cost = _now() - step_began
             if evaluates:
+                self._read_back()
                 self._sync()
                 now = _now()
                 r.train_seconds += now - began
@@ -331,10 +350,13 @@ class TrainLoop:
                 self.save()
                 last_save = _now()
                 save_cost = last_save - save_began
-            if hasattr(bar, "set_postfix"):
+            if hasattr(bar, "set_postfix") and _now() - last_postfix >= 1.0:  # reads the losses back
+                self._read_back()
                 bar.set_postfix(self._postfix(entry), refresh=False)
+                last_postfix = _now()
         if hasattr(bar, "close"):
             bar.close()
+        self._read_back()
         self._sync()
         r.train_seconds += _now() - began
         r.session_seconds = _now() - session_began

@@ -57,6 +57,7 @@ from sparse_attn.eval.listops_train import (
     listops_logits,
     listops_mechanisms,
     load_listops_splits,
+    to_device_async,
 )
 from sparse_attn.eval.tasks import LISTOPS_VOCAB
 from sparse_attn.nn import ModelConfig, SparseTransformer
@@ -148,8 +149,8 @@ class Run:
             t0 = time.perf_counter()
             idx = self.batches(step)
             lengths = self.train.lengths[idx]
-            x = self.train.tokens[idx, : int(lengths.max())].to(device, non_blocking=True).long()  # as train_listops
-            y = self.train.labels[idx].to(device, non_blocking=True)
+            x = to_device_async(self.train.tokens[idx, : int(lengths.max())], device).long()  # as train_listops
+            y = to_device_async(self.train.labels[idx], device)
             totals["calls"] += len(torch.unique(lengths))
             sync(device)
             t1 = time.perf_counter()

@@ -169,7 +169,7 @@ def listops_logits(model: SparseTransformer, tokens: torch.Tensor, lengths: torc
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
     # the row order and its inverse in one copy to the device, with no stream synchronisation
-    order_and_inverse = torch.cat([order, inverse]).to(tokens.device, non_blocking=True)
+    order_and_inverse = to_device_async(torch.cat([order, inverse]), tokens.device)
     order, inverse = order_and_inverse[:len(order)], order_and_inverse[len(order):]
     pieces = []
     for chunk_rows, size in zip(order.split(counts.tolist()), sizes.tolist()):
@@ -177,6 +177,16 @@ def listops_logits(model: SparseTransformer, tokens: torch.Tensor, lengths: torc
             pieces.append(model.classify(tokens[part, :size], check_tokens=check_tokens))  # [b, C]: no padding
     logits = torch.cat(pieces)  # rows in order of length
     return logits[inverse.to(logits.device)]
+
+
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device` with no stream synchronisation: on CUDA through pinned memory
+    (torch's caching host allocator keeps the block until the copy is done), so the host goes
+    on preparing the next call while the device works."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _check_vocabulary(tokens: torch.Tensor, vocab_size: int, name: str = "data.tokens") -> None:
@@ -201,8 +211,8 @@ def evaluate_listops_model(model: SparseTransformer, data: ListOpsData, *, batch
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for idx in order.split(batch):  # summed on the device: read back once, at the end
         lengths = data.lengths[idx]
-        x = data.tokens[idx, : int(lengths.max())].to(device, non_blocking=True).long()
-        y = data.labels[idx].to(device, non_blocking=True)
+        x = to_device_async(data.tokens[idx, : int(lengths.max())], device).long()
+        y = to_device_async(data.labels[idx], device)
         with autocast(device, dtype):
             logits = listops_logits(model, x, lengths, check_tokens=False).float()
         correct += (logits.argmax(-1) == y).sum()
@@ -530,10 +540,9 @@ def _train_one(name, spec, splits, settings, cfg: TrainConfig, pooling, sort_chu
         lengths = train.lengths[idx]
         state["calls"] += len(torch.unique(lengths))
         state["tokens"] += int(lengths.sum())
-        # copies with no stream synchronisation (pageable memory is staged at once): the host
-        # prepares the next step while the device still runs this one
-        return (train.tokens[idx, : int(lengths.max())].to(device, non_blocking=True).long(), lengths,
-                train.labels[idx].to(device, non_blocking=True))
+        # copies with no stream synchronisation: the host prepares the next step while the device runs this one
+        return (to_device_async(train.tokens[idx, : int(lengths.max())], device).long(), lengths,
+                to_device_async(train.labels[idx], device))
 
     def loss(model, batch):
         x, lengths, y = batch

@@ -212,6 +212,30 @@ def test_ulysses_bytes_match_the_formula():
     assert max(sent for sent, _ in got) == got[0][1]
 
 
+def ulysses_calls_case(rank, world_size):
+    """All-to-all calls of one Ulysses forward + backward, by kind."""
+    calls = {}
+
+    class Counting(Comm):
+        def post_all_to_all(self, sends, recv_shapes, dtype, device, kind):
+            calls[kind] = calls.get(kind, 0) + 1
+            return super().post_all_to_all(sends, recv_shapes, dtype, device, kind)
+
+    q, k, v, _ = _inputs()
+    sharding = contiguous(N, world_size, UNIT)
+    local = [sharding.shard(t, rank).requires_grad_() for t in (q, k, v)]
+    out, _ = context_parallel_attention(*local, P.sliding_window(40), group=Counting(None), sharding=sharding,
+                                        scheme="ulysses", backend="blocked", return_lse=True)
+    out.sum().backward()
+    return calls
+
+
+def test_ulysses_moves_q_k_v_in_one_all_to_all():
+    """q, k and v travel together (and their gradients back together); out and lse (one dtype
+    here, float64) too: two all-to-alls forward, two backward, on every rank."""
+    assert pool(2).run(ulysses_calls_case) == [{"a2a": 2, "a2a_grad": 2}] * 2
+
+
 def model_case(rank, world_size):
     return parallel_lm_error(None, zigzag(96, world_size, UNIT), rank, 96)[0]
 

@@ -33,7 +33,7 @@ from .attention import (_DTYPES, _PlannedAttention, _digest, _local_problems, _l
                         choose_plan, choose_sharding, planned_setup)
 from .comm import MeshComm
 from .sharding import Sharding, TwoLevelSharding, two_level
-from .ulysses import _HeadsToSeq, _SeqToHeads, ulysses_refusal
+from .ulysses import heads_to_seq, seq_to_heads, ulysses_refusal
 
 __all__ = ["mesh2d_attention", "mesh2d_bytes", "MESH2D_SCHEMES", "head_group_pattern"]
 
@@ -163,12 +163,12 @@ def mesh2d_attention(q, k, v, pattern: Pattern, mesh: MeshComm, *, sharding=None
     arguments, `sharding` a `TwoLevelSharding` or None. Returns (out [B, Hq, n, Dv], lse or None)."""
     setup, pieces = _agree2d(mesh, q, k, v, pattern, sharding, scheme, backend, scale, global_rows)
     uc = mesh.ulysses
-    qh, kh, vh = (_SeqToHeads.apply(t, uc, pieces) for t in (q, k, v))  # [B, H/U, L_c, D]: the cp shard
+    qh, kh, vh = seq_to_heads(uc, pieces, q, k, v)  # [B, H/U, L_c, D]: the cp shard, one all-to-all
     out, lse = _PlannedAttention.apply(qh, kh, vh, setup)  # [B, Hq/U, L_c, Dv], [B, Hq/U, L_c]
-    out = _HeadsToSeq.apply(out, uc, pieces)  # [B, Hq, n, Dv]
+    out = heads_to_seq(uc, pieces, out)[0]  # [B, Hq, n, Dv]
     if not return_lse:
         return out, None
-    return out, _HeadsToSeq.apply(lse[..., None], uc, pieces)[..., 0]
+    return out, heads_to_seq(uc, pieces, lse[..., None])[0][..., 0]
 
 
 def mesh2d_bytes(pattern: Pattern, sharding: TwoLevelSharding, *, batch: int, q_heads: int, kv_heads: int,

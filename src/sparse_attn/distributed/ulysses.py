@@ -37,54 +37,77 @@ def ulysses_bytes(sharding, batch, q_heads, kv_heads, head_dim, v_head_dim, item
     return worst
 
 
-def _seq_to_heads(comm, sharding, x, kind):
-    """[B, H, N_r, D] (this rank's positions, all heads) -> [B, H/P, N, D] (all positions in
-    global order, this rank's head group)."""
+def _seq_to_heads(comm, sharding, xs, kind):
+    """Tensors [B, H_i, N_r, D_i] (this rank's positions, all heads) -> [B, H_i/P, N, D_i] (all
+    positions in global order, this rank's head group), all of them in one all-to-all."""
     p, rank = comm.world_size, comm.rank
-    bsz, heads, _, d = x.shape
-    h = heads // p
-    sends = {j: x[:, j * h:(j + 1) * h] for j in range(p) if j != rank}
-    recv = {s: (bsz, h, sharding.length(s), d) for s in range(p) if s != rank and sharding.length(s)}
-    sends = {j: t for j, t in sends.items() if t.shape[2]}
-    got = comm.all_to_all(sends, recv, x.dtype, x.device, kind)
-    got[rank] = x[:, rank * h:(rank + 1) * h]
-    parts = [got[s] if s in got else x.new_zeros(bsz, h, 0, d) for s in range(p)]
-    return sharding.unshard(parts, dim=2)
+    groups = [x.shape[1] // p for x in xs]
+
+    def heads_of(x, h, j):
+        return x[:, j * h:(j + 1) * h]
+
+    sends = {j: torch.cat([heads_of(x, h, j).reshape(-1) for x, h in zip(xs, groups)])
+             for j in range(p) if j != rank and xs[0].shape[2]}
+    sizes = {s: [x.shape[0] * h * sharding.length(s) * x.shape[3] for x, h in zip(xs, groups)]
+             for s in range(p) if s != rank and sharding.length(s)}
+    got = comm.all_to_all(sends, {s: (sum(n),) for s, n in sizes.items()}, xs[0].dtype, xs[0].device, kind)
+    out = []
+    for i, (x, h) in enumerate(zip(xs, groups)):
+        bsz, d = x.shape[0], x.shape[3]
+        parts = [heads_of(x, h, rank) if s == rank else
+                 got[s].split(sizes[s])[i].view(bsz, h, sharding.length(s), d) if s in got else
+                 x.new_zeros(bsz, h, 0, d) for s in range(p)]
+        out.append(sharding.unshard(parts, dim=2))
+    return out
 
 
-def _heads_to_seq(comm, sharding, y, kind):
-    """[B, H/P, N, D] (global order, this rank's heads) -> [B, H, N_r, D]."""
+def _heads_to_seq(comm, sharding, ys, kind):
+    """Tensors [B, H_i/P, N, D_i] (global order, this rank's heads) -> [B, H_i, N_r, D_i], all
+    of them in one all-to-all."""
     p, rank = comm.world_size, comm.rank
-    bsz, h, _, d = y.shape
-    parts = {s: sharding.shard(y, s, dim=2) for s in range(p)}
     n_r = sharding.length(rank)
-    sends = {s: t for s, t in parts.items() if s != rank and t.shape[2]}
-    recv = {j: (bsz, h, n_r, d) for j in range(p) if j != rank and n_r}
-    got = comm.all_to_all(sends, recv, y.dtype, y.device, kind)
-    got[rank] = parts[rank]
-    return torch.cat([got[j] if j in got else y.new_zeros(bsz, h, n_r, d) for j in range(p)], 1)
+    pieces = [{s: sharding.shard(y, s, dim=2) for s in range(p)} for y in ys]  # per tensor, per rank
+    sends = {s: torch.cat([part[s].reshape(-1) for part in pieces])
+             for s in range(p) if s != rank and sharding.length(s)}
+    sizes = [y.shape[0] * y.shape[1] * n_r * y.shape[3] for y in ys]  # what each rank sends back, per tensor
+    recv = {j: (sum(sizes),) for j in range(p) if j != rank and n_r}
+    got = comm.all_to_all(sends, recv, ys[0].dtype, ys[0].device, kind)
+    out = []
+    for i, y in enumerate(ys):
+        bsz, h, d = y.shape[0], y.shape[1], y.shape[3]
+        blocks = [pieces[i][rank] if j == rank else
+                  got[j].split(sizes)[i].view(bsz, h, n_r, d) if j in got else
+                  y.new_zeros(bsz, h, n_r, d) for j in range(p)]
+        out.append(torch.cat(blocks, 1))
+    return out
 
 
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, comm, sharding):
-        ctx.comm, ctx.sharding = comm, sharding
-        return _seq_to_heads(comm, sharding, x, "a2a")
-
-    @staticmethod
-    def backward(ctx, g):
-        return _heads_to_seq(ctx.comm, ctx.sharding, g.contiguous(), "a2a_grad"), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, comm, sharding):
-        ctx.comm, ctx.sharding = comm, sharding
-        return _heads_to_seq(comm, sharding, y, "a2a")
+class _HeadExchange(torch.autograd.Function):
+    """Ulysses' two all-to-alls as one differentiable op: `to_heads` moves tensors from
+    sequence shards to head groups (`_seq_to_heads`), else back (`_heads_to_seq`); the
+    backward moves the gradients the other way. Several tensors (q, k, v) travel in one
+    all-to-all. Their dtypes must agree."""
 
     @staticmethod
-    def backward(ctx, g):
-        return _seq_to_heads(ctx.comm, ctx.sharding, g.contiguous(), "a2a_grad"), None, None
+    def forward(ctx, to_heads, comm, sharding, *xs):
+        ctx.to_heads, ctx.comm, ctx.sharding = to_heads, comm, sharding
+        move = _seq_to_heads if to_heads else _heads_to_seq
+        return tuple(move(comm, sharding, list(xs), "a2a"))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        move = _heads_to_seq if ctx.to_heads else _seq_to_heads
+        return (None, None, None, *move(ctx.comm, ctx.sharding, [g.contiguous() for g in grads], "a2a_grad"))
+
+
+def seq_to_heads(comm, sharding, *xs):
+    """Differentiable `_seq_to_heads`: a tuple of [B, H_i/P, N, D_i]."""
+    return _HeadExchange.apply(True, comm, sharding, *xs)
+
+
+def heads_to_seq(comm, sharding, *ys):
+    """Differentiable `_heads_to_seq`: a tuple of [B, H_i, N_r, D_i]."""
+    return _HeadExchange.apply(False, comm, sharding, *ys)
 
 
 def ulysses_attention(q, k, v, setup, return_lse: bool = False):
@@ -97,9 +120,11 @@ def ulysses_attention(q, k, v, setup, return_lse: bool = False):
     if isinstance(pattern, PerHead):  # the patterns of this rank's head group travel with it
         h = q.shape[1] // p
         pattern = per_head(list(pattern.parts[rank * h:(rank + 1) * h]))
-    qh, kh, vh = (_SeqToHeads.apply(t, comm, sharding) for t in (q, k, v))  # [B, H/P, N, D]
+    qh, kh, vh = seq_to_heads(comm, sharding, q, k, v)  # [B, H/P, N, D], one all-to-all
     out, lse = sparse_attention(qh, kh, vh, pattern, scale=setup.scale, backend=setup.backend.name, return_lse=True)
-    out = _HeadsToSeq.apply(out, comm, sharding)
     if not return_lse:
-        return out, None
-    return out, _HeadsToSeq.apply(lse[..., None], comm, sharding)[..., 0]
+        return heads_to_seq(comm, sharding, out)[0], None
+    if lse.dtype != out.dtype:  # lse is fp32: its own all-to-all
+        return heads_to_seq(comm, sharding, out)[0], heads_to_seq(comm, sharding, lse[..., None])[0][..., 0]
+    out, lse = heads_to_seq(comm, sharding, out, lse[..., None])
+    return out, lse[..., 0]

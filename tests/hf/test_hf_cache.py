@@ -81,6 +81,37 @@ def test_streaming_llama_keeps_sinks_plus_window_and_equals_a_recompute(name):
         assert all(layer.kept_keys() == sinks + window - 1 for layer in cache.layers)
 
 
+@pytest.mark.parametrize("pattern, kind", [(P.sliding_window(7), slice), (P.streaming(2, 6), torch.Tensor)],
+                         ids=["window", "sinks_window"])
+def test_one_row_evicts_by_views_or_one_index_select_and_equals_a_recompute(pattern, kind, monkeypatch):
+    """At batch 1 every eviction keeps one set of columns: a window keeps one run of keys (views of
+    the cache, no copy), sinks + window two runs (one index_select); both equal a recompute."""
+    from sparse_attn.hf import cache as cache_module
+
+    taken = []
+    real = cache_module._common_columns
+    monkeypatch.setattr(cache_module, "_common_columns", lambda keep: taken.append(real(keep)) or taken[-1])
+    model = build("qwen2")
+    H.enable(model, pattern)
+    ids, mask = left_padded([11], seed=3)
+    ref = _generate(model, ids, mask, use_cache=False, max_new_tokens=14)
+    cache = H.cache_for(model)
+    _assert_same_generation(_generate(model, ids, mask, cache, max_new_tokens=14), ref)
+    assert taken and all(isinstance(columns, kind) for columns in taken)
+    assert cache.layers[0].kept_keys() == int(pattern.reachable(torch.arange(24), 24).sum())
+
+
+def test_common_columns():
+    from sparse_attn.hf.cache import _common_columns
+
+    keep = torch.tensor([[False, True, True, False], [False, True, True, False]])
+    assert _common_columns(keep) == slice(1, 3)
+    assert _common_columns(keep[:1]) == slice(1, 3)
+    assert _common_columns(torch.tensor([[True, False, True]])).tolist() == [0, 2]
+    assert _common_columns(torch.tensor([[True, False], [False, True]])) is None  # rows differ
+    assert _common_columns(torch.tensor([[False, False]])) is None  # nothing kept
+
+
 @pytest.mark.parametrize("pattern", [P.longformer(5, 3, causal=True), P.dilated(4, 2), P.sliding_window(7),
                                      P.streaming(2, 3) | P.dilated(3, 4), P.causal()],
                          ids=["longformer", "dilated", "window", "sinks_or_dilated", "causal"])

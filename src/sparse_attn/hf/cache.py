@@ -154,6 +154,15 @@ class PatternCacheLayer(CacheLayerMixin):
             self.keys, self.values, self.indices = keys, values, indices
             return
         self._dropped_any = True
+        columns = _common_columns(keep)
+        if columns is not None:  # every row keeps the same keys (always at batch 1)
+            if isinstance(columns, slice):  # one run of them (a window's steady state): views, no copy
+                self.keys, self.values, self.indices = keys[:, :, columns], values[:, :, columns], indices[:, columns]
+            else:
+                on_device = columns.to(keys.device, non_blocking=True)
+                self.keys, self.values = keys.index_select(2, on_device), values.index_select(2, on_device)
+                self.indices = indices.index_select(1, columns)
+            return
         count = keep.sum(dim=1)
         width = int(count.max()) if count.numel() else 0
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept first, in order
@@ -177,6 +186,19 @@ class PatternCacheLayer(CacheLayerMixin):
             self.keys = self.keys.index_select(0, rows.to(self.keys.device))
             self.values = self.values.index_select(0, rows.to(self.values.device))
             self.indices = self.indices.index_select(0, rows.cpu())
+
+
+def _common_columns(keep: torch.Tensor) -> slice | torch.Tensor | None:
+    """The key columns every row of keep [B, L] (a host tensor) keeps, when all rows keep the same
+    non-empty set: slice(a, b) for one run [a, b), else their int64 indices; None otherwise."""
+    columns = keep[0]
+    if keep.shape[0] > 1 and not bool((keep == columns).all()):
+        return None
+    where = columns.nonzero()[:, 0]
+    if where.numel() == 0:
+        return None
+    a, b = int(where[0]), int(where[-1]) + 1
+    return slice(a, b) if b - a == where.numel() else where
 
 
 class SinkWindowLayer(PatternCacheLayer):

@@ -85,6 +85,11 @@ def attention_at_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         allowed = pattern.allowed(q_pos[:, None, start:stop, None], kv_pos[:, None, None, :], head)  # [B, 1|Hq, r, L]
         if valid is not None:
             allowed = allowed & valid
+        if not return_lse and bool(allowed.all()):
+            # every query sees every kept key (a cache that holds exactly what its pattern reaches):
+            # SDPA without a mask, as over a plain cache, and no mask upload
+            outs.append(F.scaled_dot_product_attention(q[:, :, start:stop], k, v, scale=scale, enable_gqa=group > 1))
+            continue
         if not return_lse and bool(allowed.any(dim=-1).all()):
             # every row sees a key: SDPA with the boolean mask (one fused kernel; GQA without copies)
             outs.append(F.scaled_dot_product_attention(q[:, :, start:stop], k, v,

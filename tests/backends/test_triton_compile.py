@@ -32,8 +32,9 @@ def test_kernels_compile_for_sm90():
     compiled = [line for line in done.stdout.splitlines() if line.startswith("compiled ")]
     kinds = {line.split()[1] for line in compiled}
     assert kinds == {"block_sparse_fwd_kernel", "block_sparse_bwd_dq_kernel", "block_sparse_bwd_dkdv_kernel",
-                     "bwd_preprocess_kernel"}, compiled
+                     "bwd_preprocess_kernel", "_select_kernel"}, compiled  # _select_kernel: block top-k's selection
     assert any("USE_TMA=True" in line for line in compiled) and any("USE_TMA=False" in line for line in compiled)
+    assert sum(line.split()[1] == "_select_kernel" for line in compiled) == 2  # causal at 1024 kv blocks, not causal at 75
 
 
 @pytest.mark.slow  # ~40 s of compiles for switches that are off by default

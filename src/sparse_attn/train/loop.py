@@ -279,7 +279,9 @@ class TrainLoop:
         cells = [(entry, key) for entry in self._unread for key, value in entry.items()
                  if isinstance(value, torch.Tensor)]
         if cells:
-            values = torch.stack([entry[key].detach().reshape(()).to(torch.float64) for entry, key in cells]).tolist()
+            device = cells[0][0][cells[0][1]].device  # metrics may live elsewhere than the loss: one device
+            values = torch.stack([entry[key].detach().reshape(()).to(device, torch.float64)
+                                  for entry, key in cells]).tolist()
             for (entry, key), value in zip(cells, values):
                 entry[key] = value
         self._unread.clear()

@@ -10,8 +10,9 @@ holding `SparseAttention`s).
 
 Everything but attention works per token, so only attention communicates; rotary angles use the
 global positions of the shard (`sharding.positions(rank)`). Gradients of the replicated weights
-are per-rank partial sums: all-reduce them over the context group (FSDP / DDP over a mesh that
-includes it do so)."""
+are per-rank partial sums: sum them over the context group (`dist.all_reduce`, as
+`train.ContextParallel` does, or FSDP2 with `model.set_gradient_divide_factor(1.0)`; FSDP's
+and DDP's default is the mean over ranks, which scales them by 1/P)."""
 
 from __future__ import annotations
 

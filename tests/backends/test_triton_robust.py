@@ -235,3 +235,35 @@ def test_partial_masks_stored_once_per_content():
     assert torch.equal(unpacked, masks)
     assert torch.equal(plan.tpart_mask, plan.part_mask[plan.tpart_entry])
     assert plan.part_mask.dtype == plan.tpart_mask.dtype == torch.int32
+
+
+@pytest.mark.parametrize("pattern, n, q_offset", [
+    (P.sliding_window(37), 403, 0),
+    (P.sliding_window(21, causal=False), 300, 0),
+    (P.dilated(9, 3), 250, 0),
+    (P.sliding_window(30) | P.dilated(6, 4), 333, 0),
+    (P.sliding_window(50) & P.sliding_window(19, causal=False), 290, 0),
+    (P.sliding_window(25), 170, 61),  # queries after the first keys (a decoding chunk)
+], ids=["window", "bidirectional", "dilated", "union", "intersection", "offset"])
+def test_shift_invariant_patterns_evaluate_one_mask_per_offset_class(monkeypatch, pattern, n, q_offset):
+    """Bands and their unions / intersections give masks that depend on the block offset only:
+    the plan evaluates one block per (offset, ragged edges) class, and every CSR entry still
+    points at its own element mask (ragged last query and kv blocks, query offsets)."""
+    from sparse_attn.backends.triton import plan as plan_module
+
+    assert pattern.shift_invariant() and not P.longformer(9, [0]).shift_invariant()
+    evaluated = []
+    real = plan_module._pack
+    monkeypatch.setattr(plan_module, "_pack", lambda ok, *a, **k: evaluated.append(ok.shape[0]) or real(ok, *a, **k))
+    q_len = n - q_offset
+    layout = pattern.layout(q_len, n, q_offset=q_offset, block_q=16, block_kv=16, device=DEVICE)
+    plan = plan_module.TritonPlan(layout)
+    csr = layout.partial
+    nqb = layout.num_q_blocks
+    masks = layout.element_masks(torch.div(csr.rows, nqb, rounding_mode="floor"), csr.rows % nqb,
+                                 csr.indices.long())
+    bits = plan.bits[plan.part_mask.long()]
+    unpacked = ((bits[..., None] >> torch.arange(32, device=DEVICE)) & 1).bool().flatten(-2)[..., :16]
+    assert torch.equal(unpacked, masks)
+    offsets = (csr.rows % nqb) * 16 + q_offset - csr.indices.long() * 16
+    assert sum(evaluated) <= torch.unique(offsets).numel() + 3 < csr.indices.numel()  # +3: the ragged edges' classes

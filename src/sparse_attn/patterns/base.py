@@ -72,6 +72,11 @@ class Pattern(ABC):
         """(lo, hi, dilation) when this is a `Band` (lo <= i - j <= hi, (i - j) % dilation == 0)."""
         return None
 
+    def shift_invariant(self) -> bool:
+        """True when `allowed(i, j)` provably depends on i - j alone (bands, and their unions and
+        intersections), so blocks at equal offsets have equal element masks. False: not known."""
+        return False
+
     def reads_batch(self, device=None) -> bool:
         """True when the predicate depends on the batch row (a user's mask_mod reading `b`).
         One layout serves every row, so such a pattern can only run on a batch of one row."""
@@ -316,6 +321,9 @@ class _Combination(Pattern):
     def prepare(self, device):
         for p in self.parts:
             p.prepare(device)
+
+    def shift_invariant(self):
+        return all(p.shift_invariant() for p in self.parts)
 
     def _part_states(self, grid, head, qb, kb) -> torch.Tensor:
         return torch.stack([p._classify(grid, head, qb, kb) for p in self.parts])  # [P, n]

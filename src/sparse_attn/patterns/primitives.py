@@ -92,6 +92,9 @@ class Band(_KvRangePattern):
     def band_bounds(self):
         return self.lo, self.hi, self.dilation
 
+    def shift_invariant(self):
+        return True
+
     @staticmethod
     def intersect(bounds) -> "Band":
         """The band allowed by every one of `bounds` [(lo, hi, dilation), ...]."""

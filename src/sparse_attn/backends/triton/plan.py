@@ -162,14 +162,18 @@ def pack_partial_masks(layout, words: int) -> tuple[torch.Tensor, torch.Tensor]:
     if n == 0:
         return (torch.zeros(1, bq, words, dtype=torch.int32, device=dev),
                 torch.zeros(0, dtype=torch.int32, device=dev))
-    layout._require_pattern().prepare(dev)
+    pattern = layout._require_pattern()
+    pattern.prepare(dev)
     if layout.mask_class_blocks is not None:  # classes 0..n-1 with a block each: no deduplication
         head, q_block, kv_block = layout.mask_class_blocks.unbind(1)
         return (_pack(layout.element_masks(head, q_block, kv_block), words, weights_device=dev),
                 layout.partial_mask_class.to(torch.int32).contiguous())
     entries, inverse = None, None  # the CSR entries whose masks are evaluated (None: all of them)
-    if layout.partial_mask_class is not None:  # one evaluation per class, then a gather
-        classes, inverse = torch.unique(layout.partial_mask_class, return_inverse=True)
+    known = layout.partial_mask_class
+    if known is None and pattern.num_heads is None and pattern.shift_invariant():
+        known = _offset_classes(layout)
+    if known is not None:  # one evaluation per class, then a gather
+        classes, inverse = torch.unique(known, return_inverse=True)
         first = torch.full((classes.numel(),), n, dtype=torch.int64, device=dev)
         entries = first.scatter_reduce_(0, inverse, torch.arange(n, device=dev), "amin")
         n = classes.numel()
@@ -192,6 +196,21 @@ def pack_partial_masks(layout, words: int) -> tuple[torch.Tensor, torch.Tensor]:
     if inverse is not None:
         mask = mask[inverse]
     return bits.reshape(-1, bq, words).contiguous(), mask.to(torch.int32).contiguous()
+
+
+def _offset_classes(layout) -> torch.Tensor:
+    """int64 [n_partial]: a mask class per partial block of a shift-invariant pattern (its mask
+    depends on the query position minus the key position): the block's offset, and whether it
+    is the ragged last query / kv block (rows and keys past the ends are evaluated clamped and
+    masked). A window's partial blocks at any length fall into a handful of classes."""
+    g = layout.grid
+    csr = layout.partial
+    q_block = csr.rows % g.num_q_blocks
+    kv_block = csr.indices.long()
+    offset = (q_block * g.block_q + g.q_offset) - (kv_block * g.block_kv + g.kv_offset)
+    ragged_q = (q_block == g.num_q_blocks - 1) & (g.q_len % g.block_q != 0)
+    ragged_kv = (kv_block == g.num_kv_blocks - 1) & (g.kv_len % g.block_kv != 0)
+    return offset * 4 + ragged_q.long() * 2 + ragged_kv.long()
 
 
 def _pack(ok: torch.Tensor, words: int, *, weights_device) -> torch.Tensor:

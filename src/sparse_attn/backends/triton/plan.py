@@ -14,7 +14,10 @@ matters: partial blocks are the edges of a pattern (2 of the ~33 blocks of a que
 4096-window at 128-blocks), and a mask is a cached 2 KiB per 128x128 block, stored once per
 distinct content: every diagonal block of a band has the same mask, so a layout keeps a
 handful of masks however long the sequence (16 heads of different windows at 32K in
-128-blocks: 11478 partial blocks, 33 distinct masks, 66 KiB instead of 22.4 MiB).
+128-blocks: 11478 partial blocks, 33 distinct masks, 66 KiB instead of 22.4 MiB). Building
+them evaluates one block per known mask class: block top-k's layouts name their classes, and a
+shift-invariant pattern (`Pattern.shift_invariant`: bands, their unions and intersections) has
+one class per block offset and ragged edge, so a window's plan does not grow with the length.
 
 Bitmask format: int32 words, [n_masks, LBQ, ceil(LBK / 32)], bit (col % 32) of word
 (col // 32) set when query row r of the block may see key col; the n_masks distinct masks

@@ -244,17 +244,22 @@ def test_partial_masks_stored_once_per_content():
     (P.sliding_window(30) | P.dilated(6, 4), 333, 0),
     (P.sliding_window(50) & P.sliding_window(19, causal=False), 290, 0),
     (P.sliding_window(25), 170, 61),  # queries after the first keys (a decoding chunk)
-], ids=["window", "bidirectional", "dilated", "union", "intersection", "offset"])
-def test_shift_invariant_patterns_evaluate_one_mask_per_offset_class(monkeypatch, pattern, n, q_offset):
-    """Bands and their unions / intersections give masks that depend on the block offset only:
-    the plan evaluates one block per (offset, ragged edges) class, and every CSR entry still
-    points at its own element mask (ragged last query and kv blocks, query offsets)."""
+    (P.longformer(9, [0, 100, 101, 263]), 300, 0),
+    (P.longformer(12, 3, causal=True), 333, 0),
+    (P.streaming(4, 20), 250, 37),
+], ids=["window", "bidirectional", "dilated", "union", "intersection", "offset", "longformer", "longformer_causal",
+        "streaming_offset"])
+def test_block_signatures_evaluate_one_mask_per_class(monkeypatch, pattern, n, q_offset):
+    """Bands, row and column sets and their unions / intersections give exact block signatures:
+    the plan evaluates one block per distinct signature (block offset, global rows and columns
+    met, real rows and keys), and every CSR entry still points at its own element mask (ragged
+    last query and kv blocks, query offsets)."""
     from sparse_attn.backends.triton import plan as plan_module
 
-    assert pattern.shift_invariant() and not P.longformer(9, [0]).shift_invariant()
     evaluated = []
     real = plan_module._pack
     monkeypatch.setattr(plan_module, "_pack", lambda ok, *a, **k: evaluated.append(ok.shape[0]) or real(ok, *a, **k))
+    monkeypatch.setattr(plan_module, "_SIGNATURE_CHUNK", 7)  # several chunks
     q_len = n - q_offset
     layout = pattern.layout(q_len, n, q_offset=q_offset, block_q=16, block_kv=16, device=DEVICE)
     plan = plan_module.TritonPlan(layout)
@@ -265,5 +270,31 @@ def test_shift_invariant_patterns_evaluate_one_mask_per_offset_class(monkeypatch
     bits = plan.bits[plan.part_mask.long()]
     unpacked = ((bits[..., None] >> torch.arange(32, device=DEVICE)) & 1).bool().flatten(-2)[..., :16]
     assert torch.equal(unpacked, masks)
-    offsets = (csr.rows % nqb) * 16 + q_offset - csr.indices.long() * 16
-    assert sum(evaluated) <= torch.unique(offsets).numel() + 3 < csr.indices.numel()  # +3: the ragged edges' classes
+    distinct = torch.unique(masks.reshape(masks.shape[0], -1), dim=0).shape[0]
+    assert distinct <= sum(evaluated) < csr.indices.numel() // 2
+
+
+def test_patterns_without_a_block_signature_evaluate_every_partial_block(monkeypatch):
+    from sparse_attn.backends.triton import plan as plan_module
+
+    evaluated = []
+    real = plan_module._pack
+    monkeypatch.setattr(plan_module, "_pack", lambda ok, *a, **k: evaluated.append(ok.shape[0]) or real(ok, *a, **k))
+    pattern = P.predicate(lambda b, h, q, kv: (q - kv).abs() <= 9)
+    assert pattern.block_signature(torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.long)) is None
+    layout = pattern.layout(200, block_q=16, block_kv=16, device=DEVICE)
+    plan_module.TritonPlan(layout)
+    assert sum(evaluated) == layout.partial.indices.numel()
+
+
+def test_membership_words_pack_exactly():
+    from sparse_attn.patterns.primitives import _membership_words
+
+    member = torch.zeros(3, 130, dtype=torch.bool)
+    member[0, [0, 61, 62, 129]] = True
+    member[1, 61] = True
+    member[2, 62] = True
+    words = _membership_words(member)
+    assert words.shape == (3, 3) and (words >= 0).all()
+    assert words[0].tolist() == [1 | 1 << 61, 1, 1 << 5] and words[1].tolist() == [1 << 61, 0, 0]
+    assert words[2].tolist() == [0, 1, 0]

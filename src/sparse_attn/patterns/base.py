@@ -72,10 +72,15 @@ class Pattern(ABC):
         """(lo, hi, dilation) when this is a `Band` (lo <= i - j <= hi, (i - j) % dilation == 0)."""
         return None
 
-    def shift_invariant(self) -> bool:
-        """True when `allowed(i, j)` provably depends on i - j alone (bands, and their unions and
-        intersections), so blocks at equal offsets have equal element masks. False: not known."""
-        return False
+    def block_signature(self, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor | None:
+        """int64 [n, K] such that blocks with equal rows have equal element masks under this
+        pattern (exactly, not by hash), or None when the pattern cannot say. q_pos [n, BQ] and
+        kv_pos [n, BK] are the absolute positions a block's rows and keys are evaluated at
+        (`BlockLayout.element_masks`: each increasing by 1, then repeating the last real
+        position). Bands give the offset q_pos[:, 0] - kv_pos[:, 0]; row and column sets the
+        membership of each row / key; unions and intersections their parts' signatures side by
+        side. The caller adds the counts of real rows and keys, which fix the rest."""
+        return None
 
     def reads_batch(self, device=None) -> bool:
         """True when the predicate depends on the batch row (a user's mask_mod reading `b`).
@@ -322,8 +327,9 @@ class _Combination(Pattern):
         for p in self.parts:
             p.prepare(device)
 
-    def shift_invariant(self):
-        return all(p.shift_invariant() for p in self.parts)
+    def block_signature(self, q_pos, kv_pos):
+        parts = [p.block_signature(q_pos, kv_pos) for p in self.parts]
+        return None if any(s is None for s in parts) else torch.cat(parts, dim=1)
 
     def _part_states(self, grid, head, qb, kb) -> torch.Tensor:
         return torch.stack([p._classify(grid, head, qb, kb) for p in self.parts])  # [P, n]

@@ -92,8 +92,23 @@ class Band(_KvRangePattern):
     def band_bounds(self):
         return self.lo, self.hi, self.dilation
 
-    def shift_invariant(self):
-        return True
+    def block_signature(self, q_pos, kv_pos):
+        # i - j over the block is (q0 - k0) + r - c wherever neither side is clamped (the clamped
+        # tails are fixed by the real counts, which the caller adds), so the offset q0 - k0
+        # decides; a block the band misses entirely, or covers entirely, has one mask whatever
+        # its offset (up to the offset modulo the dilation): those share a signature
+        offset = (q_pos[:, 0] - kv_pos[:, 0]).long()
+        d_min, d_max = q_pos[:, 0] - kv_pos[:, -1], q_pos[:, -1] - kv_pos[:, 0]
+        outside = torch.zeros_like(offset, dtype=torch.bool)
+        inside = torch.ones_like(offset, dtype=torch.bool)
+        if self.lo != -UNBOUNDED:
+            outside |= d_max < self.lo
+            inside &= d_min >= self.lo
+        if self.hi != UNBOUNDED:
+            outside |= d_min > self.hi
+            inside &= d_max <= self.hi
+        sig = torch.where(inside, _WHOLE_BAND + torch.remainder(offset, self.dilation), offset)
+        return torch.where(outside, _NO_BAND, sig)[:, None]
 
     @staticmethod
     def intersect(bounds) -> "Band":
@@ -257,6 +272,19 @@ class IndexSet:
         return f"{self.indices.tolist()}" if self.indices.numel() <= 8 else f"<{self.indices.numel()} positions>"
 
 
+# Band signatures of blocks the band misses / covers: far outside any offset a sequence can have
+_NO_BAND, _WHOLE_BAND = -(1 << 62), 1 << 62
+
+
+def _membership_words(member: torch.Tensor) -> torch.Tensor:
+    """bool [n, L] -> int64 [n, ceil(L / 62)]: the bits packed exactly (62 per word, no sign)."""
+    n, length = member.shape
+    words = -(-length // 62)
+    padded = torch.nn.functional.pad(member, (0, words * 62 - length)).reshape(n, words, 62).long()
+    weights = torch.ones(1, dtype=torch.int64, device=member.device) << torch.arange(62, device=member.device)
+    return (padded * weights).sum(-1)
+
+
 class Columns(Pattern):
     """Allowed iff the key position is in `keys` (every query sees them)."""
 
@@ -269,6 +297,9 @@ class Columns(Pattern):
 
     def allowed(self, q_idx, kv_idx, head=None):
         return self.keys.contains(kv_idx) & (q_idx == q_idx)  # broadcast against q_idx
+
+    def block_signature(self, q_pos, kv_pos):
+        return _membership_words(self.keys.contains(kv_pos))
 
     def prepare(self, device):
         self.keys.prepare(device)
@@ -323,6 +354,9 @@ class Rows(Pattern):
 
     def allowed(self, q_idx, kv_idx, head=None):
         return self.queries.contains(q_idx) & (kv_idx == kv_idx)
+
+    def block_signature(self, q_pos, kv_pos):
+        return _membership_words(self.queries.contains(q_pos))
 
     def prepare(self, device):
         self.queries.prepare(device)

@@ -15,9 +15,10 @@ matters: partial blocks are the edges of a pattern (2 of the ~33 blocks of a que
 distinct content: every diagonal block of a band has the same mask, so a layout keeps a
 handful of masks however long the sequence (16 heads of different windows at 32K in
 128-blocks: 11478 partial blocks, 33 distinct masks, 66 KiB instead of 22.4 MiB). Building
-them evaluates one block per known mask class: block top-k's layouts name their classes, and a
-shift-invariant pattern (`Pattern.shift_invariant`: bands, their unions and intersections) has
-one class per block offset and ragged edge, so a window's plan does not grow with the length.
+them evaluates one block per known mask class: block top-k's layouts name their classes, and
+patterns with an exact block signature (`Pattern.block_signature`: bands, row and column sets,
+their unions and intersections) one per distinct signature, so a window's plan does not grow
+with the length, nor Longformer's beyond the blocks that hold its global rows or columns.
 
 Bitmask format: int32 words, [n_masks, LBQ, ceil(LBK / 32)], bit (col % 32) of word
 (col // 32) set when query row r of the block may see key col; the n_masks distinct masks
@@ -35,6 +36,8 @@ import torch
 
 # Elements of [chunk, LBQ, LBK] evaluated at once when building the bitmasks (bounded memory).
 _MASK_CHUNK_ELEMENTS = 1 << 22
+# Partial blocks whose block signatures are computed at once (positions [chunk, 128] int64: 32 MiB).
+_SIGNATURE_CHUNK = 1 << 15
 
 
 def _transposed_attribute(name: str) -> property:
@@ -173,8 +176,8 @@ def pack_partial_masks(layout, words: int) -> tuple[torch.Tensor, torch.Tensor]:
                 layout.partial_mask_class.to(torch.int32).contiguous())
     entries, inverse = None, None  # the CSR entries whose masks are evaluated (None: all of them)
     known = layout.partial_mask_class
-    if known is None and pattern.num_heads is None and pattern.shift_invariant():
-        known = _offset_classes(layout)
+    if known is None and pattern.num_heads is None:
+        known = _signature_classes(layout, pattern)
     if known is not None:  # one evaluation per class, then a gather
         classes, inverse = torch.unique(known, return_inverse=True)
         first = torch.full((classes.numel(),), n, dtype=torch.int64, device=dev)
@@ -201,19 +204,31 @@ def pack_partial_masks(layout, words: int) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.reshape(-1, bq, words).contiguous(), mask.to(torch.int32).contiguous()
 
 
-def _offset_classes(layout) -> torch.Tensor:
-    """int64 [n_partial]: a mask class per partial block of a shift-invariant pattern (its mask
-    depends on the query position minus the key position): the block's offset, and whether it
-    is the ragged last query / kv block (rows and keys past the ends are evaluated clamped and
-    masked). A window's partial blocks at any length fall into a handful of classes."""
+def _signature_classes(layout, pattern) -> torch.Tensor | None:
+    """int64 [n_partial]: a mask class per partial block, from the pattern's exact block
+    signature (`Pattern.block_signature`: band offsets, global rows / columns met) and the
+    block's real rows and keys (the ragged last blocks); None when the pattern has none.
+    A window's partial blocks at any length fall into a handful of classes, Longformer's into
+    a few more (the blocks holding global rows or columns)."""
     g = layout.grid
     csr = layout.partial
-    q_block = csr.rows % g.num_q_blocks
-    kv_block = csr.indices.long()
-    offset = (q_block * g.block_q + g.q_offset) - (kv_block * g.block_kv + g.kv_offset)
-    ragged_q = (q_block == g.num_q_blocks - 1) & (g.q_len % g.block_q != 0)
-    ragged_kv = (kv_block == g.num_kv_blocks - 1) & (g.kv_len % g.block_kv != 0)
-    return offset * 4 + ragged_q.long() * 2 + ragged_kv.long()
+    signatures = []
+    for e0 in range(0, csr.indices.numel(), _SIGNATURE_CHUNK):  # positions are [chunk, BQ | BK] int64
+        r = csr.rows[e0:e0 + _SIGNATURE_CHUNK]
+        q_start = (r % g.num_q_blocks) * g.block_q  # relative to the first query
+        kv_start = csr.indices[e0:e0 + _SIGNATURE_CHUNK].long() * g.block_kv
+        q_pos = torch.clamp(q_start[:, None] + torch.arange(g.block_q, device=g.device), max=g.q_len - 1) + g.q_offset
+        kv_pos = torch.clamp(kv_start[:, None] + torch.arange(g.block_kv, device=g.device),
+                             max=g.kv_len - 1) + g.kv_offset
+        sig = pattern.block_signature(q_pos, kv_pos)
+        if sig is None:
+            return None
+        real = torch.stack([torch.clamp(g.q_len - q_start, max=g.block_q),
+                            torch.clamp(g.kv_len - kv_start, max=g.block_kv)], dim=1)  # [c, 2]
+        signatures.append(torch.cat([real, sig], dim=1))
+    if not signatures:
+        return None
+    return torch.unique(torch.cat(signatures), dim=0, return_inverse=True)[1]
 
 
 def _pack(ok: torch.Tensor, words: int, *, weights_device) -> torch.Tensor:

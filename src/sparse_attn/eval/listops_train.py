@@ -176,7 +176,7 @@ def listops_logits(model: SparseTransformer, tokens: torch.Tensor, lengths: torc
         for part in chunk_rows.split(max_batch or len(chunk_rows)):
             pieces.append(model.classify(tokens[part, :size], check_tokens=check_tokens))  # [b, C]: no padding
     logits = torch.cat(pieces)  # rows in order of length
-    return logits[inverse.to(logits.device)]
+    return logits[inverse]  # inverse is on the tokens' device already
 
 
 def to_device_async(t: torch.Tensor, device) -> torch.Tensor:

@@ -13,8 +13,8 @@ Per score row (one query block of one head), with k = min(top_k_blocks, NKB):
    causal: the selection drops the chosen blocks after the query block (rows with fewer
    eligible blocks than k took the lowest ones of them: the -inf ties), the picks keep them.
 
-Same inputs, same selection and picks as the torch ops, bit for bit (tests/ops/test_topk.py,
-under TRITON_INTERPRET=1 on CPU). Rows of more than MAX_BLOCKS blocks stay on the torch path
+Same inputs, same selection and picks as the torch ops, bit for bit
+(tests/ops/test_topk_select_kernel.py, under TRITON_INTERPRET=1 on CPU). Rows of more than MAX_BLOCKS blocks stay on the torch path
 (one row lives in registers).
 """
 

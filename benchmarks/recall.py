@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, in_order, merge_entries, merge_json
 
+from sparse_attn.eval.arguments import add_checkpoint_flags
 from sparse_attn.eval.recall import (
     MQAR_FIRST_LAYER,
     MQARResult,
@@ -120,7 +121,13 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="skip the schedules that --out already holds from a run with the same settings")
     ap.add_argument("--replot", action="store_true", help="redraw the PNGs from the JSON files, train nothing")
+    add_checkpoint_flags(ap, resume=False)  # with --checkpoint-dir, --resume also continues a cut-off schedule
     args = ap.parse_args(argv)
+    if args.checkpoint_dir is None and (args.checkpoint_every or args.checkpoint_minutes):
+        ap.error("--checkpoint-every / --checkpoint-minutes need --checkpoint-dir DIR (where the checkpoints are)")
+    checkpoints = {"checkpoint": args.checkpoint_dir, "resume": args.resume and args.checkpoint_dir is not None,
+                   "checkpoint_every": args.checkpoint_every, "checkpoint_minutes": args.checkpoint_minutes,
+                   "max_minutes": args.max_minutes}
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -149,6 +156,7 @@ def main(argv=None) -> int:
                 ap.error(f"--only: unknown schedules {sorted(unknown)}; choose from {sorted(schedules)}")
             schedules = {k: v for k, v in schedules.items() if k in args.only}
         common = {"seed": args.seed, "device": args.device, "dtype": dtype, "progress": not args.no_progress}
+        merged = None
         out = args.out / f"{task}{suffix}.json"
         kind, plot = (PasskeyResult, plot_passkey) if task == "passkey" else (MQARResult, plot_mqar)
         if args.resume:
@@ -159,16 +167,20 @@ def main(argv=None) -> int:
         for name, mechanisms in schedules.items():  # one at a time: the JSON grows after each
             if task == "passkey":
                 res = passkey_experiment({name: mechanisms}, p["train_length"], p["test_lengths"],
-                                         **without(p, "train_length", "test_lengths"), **common)
+                                         **without(p, "train_length", "test_lengths"), **common, **checkpoints)
             else:
                 res = mqar_experiment({name: mechanisms}, p["num_kv_pairs_list"],
-                                      **without(p, "num_kv_pairs_list"), **common)
+                                      **without(p, "num_kv_pairs_list"), **common, **checkpoints)
+            if res.unfinished:  # --max-minutes ran out: checkpointed; nothing of it goes into the JSON
+                print(f"{task} {name}: stopped at step {res.unfinished[name]} of {p['steps']} (--max-minutes), "
+                      f"checkpointed in {args.checkpoint_dir}; run again with --resume", file=sys.stderr)
+                break
             payload = {"env": environment(device.type), "preset": args.preset,
                        "command": "python benchmarks/recall.py " + " ".join(sys.argv[1:] if argv is None else argv),
                        **res.to_dict()}
             merged = kind.from_dict(merge_json(out, payload, lambda old, new: merge_schedules(old, new, order)))
             plot(merged, out.with_suffix(".png"))
-        if schedules:
+        if merged is not None:
             print(merged.summary(), file=sys.stderr)
     return 0
 

@@ -455,3 +455,29 @@ def test_under_autocast_matches_float32(causal):
         got = performer_attention(q, k, v, num_features=32, causal=causal, generator=0)
     assert got.dtype == q.dtype
     torch.testing.assert_close(got, expected)
+
+
+def test_int_seed_features_are_drawn_once_and_equal_a_fresh_draw(monkeypatch):
+    """An int seed gives the same features at every call: drawn once (no QR and upload per call
+    of every layer), and the output equals the one with features drawn from that seed."""
+    from sparse_attn.ops.performer import features as features_module
+
+    draws = []
+    inner = features_module.draw_projection
+
+    def spy(*args, **kwargs):
+        draws.append(args)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(features_module, "draw_projection", spy)
+    q, k, v = make_qkv(2, 4, 33, 8, hkv=2, dtype=torch.float64)
+    seed = 918273  # not used by another test, so the cache starts cold here
+    first = performer_attention(q, k, v, num_features=24, generator=seed)
+    again = performer_attention(q, k, v, num_features=24, generator=seed)
+    assert len(draws) == 1 and torch.equal(first, again)
+    fresh = PerformerFeatures(8, 24, generator=seed)
+    assert len(draws) == 2
+    assert torch.equal(first, performer_attention(q, k, v, features=fresh))
+    performer_attention(q, k, v, num_features=24, generator=seed + 1)  # another seed: drawn
+    performer_attention(q, k, v, num_features=24, generator=torch.Generator().manual_seed(seed))  # stateful: drawn
+    assert len(draws) == 4

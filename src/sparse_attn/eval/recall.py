@@ -291,9 +291,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, batch_fn, loss_fn, *, label
     every = max(1, cfg.steps // 50)
     curve = [[i + 1, sum(losses[max(0, i + 1 - every): i + 1]) / len(losses[max(0, i + 1 - every): i + 1])]
              for i in range(len(losses)) if (i + 1) % every == 0 or i + 1 == cfg.steps]
-    tail = losses[-max(1, cfg.steps // 10):]
+    tail = losses[-max(1, cfg.steps // 10):]  # empty when a time budget stopped the run before its first step
     return model, {"seconds": result.train_seconds, "parameters": sum(p.numel() for p in model.parameters()),
-                   "final_loss": sum(tail) / len(tail), "loss_curve": curve}, result
+                   "final_loss": sum(tail) / len(tail) if tail else None, "loss_curve": curve}, result
 
 
 @dataclass

@@ -13,8 +13,8 @@ give NaN) the masked softmax is written out.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..backends.sdpa import scaled_dot_product
 from ..patterns import Pattern
 from .common import softmax_with_lse
 
@@ -88,13 +88,12 @@ def attention_at_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         if not return_lse and bool(allowed.all()):
             # every query sees every kept key (a cache that holds exactly what its pattern reaches):
             # SDPA without a mask, as over a plain cache, and no mask upload
-            outs.append(F.scaled_dot_product_attention(q[:, :, start:stop], k, v, scale=scale, enable_gqa=group > 1))
+            outs.append(scaled_dot_product(q[:, :, start:stop], k, v, scale=scale, enable_gqa=group > 1))
             continue
         if not return_lse and bool(allowed.any(dim=-1).all()):
             # every row sees a key: SDPA with the boolean mask (one fused kernel; GQA without copies)
-            outs.append(F.scaled_dot_product_attention(q[:, :, start:stop], k, v,
-                                                       attn_mask=allowed.to(q.device, non_blocking=True),
-                                                       scale=scale, enable_gqa=group > 1))
+            outs.append(scaled_dot_product(q[:, :, start:stop], k, v, attn_mask=allowed.to(q.device, non_blocking=True),
+                                           scale=scale, enable_gqa=group > 1))
             continue
         allowed = allowed.to(q.device, non_blocking=True).expand(bsz, hq, rows, kept)
         allowed = allowed.reshape(bsz, hkv, group * rows, kept)

@@ -224,6 +224,31 @@ def test_warmup_blends_from_dense_to_the_schedule_and_is_saved_with_the_state_di
         SparseCausalLM(cfg)(tokens[:, :3], SparseCausalLM(cfg).make_caches("full"))
 
 
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_forward_reads_no_step_count_back(warmup):
+    """The warm-up weight comes from a host copy of the step count (the buffer read was a device
+    synchronisation per forward on CUDA); after load_state_dict the buffer is read once."""
+    from sa_testing import NoHostReads
+
+    # causal linear attention: a mechanism whose CPU path reads nothing back either
+    cfg = ModelConfig(vocab_size=40, dim=16, num_layers=1, num_heads=2, mechanisms="linear:causal=true",
+                      warmup_steps=warmup)
+    m = SparseCausalLM(cfg).double()
+    tokens = torch.randint(0, 40, (2, 12))
+    m.advance(3)
+    with NoHostReads():
+        m(tokens, check_tokens=False)
+    fresh = SparseCausalLM(cfg).double()
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(fresh(tokens, check_tokens=False), m(tokens, check_tokens=False), rtol=0, atol=0)
+    fresh.advance(4)
+    assert int(fresh.train_step) == 7
+    with NoHostReads():
+        fresh(tokens, check_tokens=False)
+    if warmup:  # at step 7 of 10 the blend differs from step 3's
+        assert not torch.equal(fresh(tokens, check_tokens=False), m(tokens, check_tokens=False))
+
+
 @pytest.mark.parametrize("mechanism", ["full", "sliding_window:window=8,causal=false", "bigbird:block=4",
                                        "longformer:window=8", "linear", "topk:top_k=4"])
 def test_causal_lm_refuses_mechanisms_that_see_the_future(mechanism):

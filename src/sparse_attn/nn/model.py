@@ -119,6 +119,10 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _forget_host_train_step(module, incompatible_keys) -> None:
+    module._host_train_step = None
+
+
 class _Stack(nn.Module):
     """What both models share: embeddings, the scheduled blocks, the final norm, and the step
     count of the dense-to-sparse warm-up (a buffer, so it is saved with the state dict)."""
@@ -130,6 +134,10 @@ class _Stack(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, m) for m in cfg.layer_mechanisms())
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+        # the step count on the host too, so a forward never reads the buffer back (a device
+        # synchronisation per call on CUDA); None after load_state_dict: read once, lazily
+        self._host_train_step: int | None = 0
+        self.register_load_state_dict_post_hook(_forget_host_train_step)
 
     @staticmethod
     def _init(module):
@@ -137,11 +145,19 @@ class _Stack(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def advance(self, steps: int = 1) -> None:
-        """Count optimizer steps (the warm-up schedule reads them)."""
+        """Count optimizer steps (the warm-up schedule reads them). Count them here rather than
+        by writing the `train_step` buffer: the forward reads the host copy kept by this method."""
         self.train_step += check_int("steps", steps, 1)
+        if self._host_train_step is not None:
+            self._host_train_step += steps
 
     def _apply_warmup(self, dense: str) -> None:
-        weight = self.cfg.sparse_weight(int(self.train_step))
+        if self.cfg.warmup_steps <= 0:
+            weight = 1.0  # no warm-up: the step count does not matter
+        else:
+            if self._host_train_step is None:  # loaded from a state dict: one read
+                self._host_train_step = int(self.train_step)
+            weight = self.cfg.sparse_weight(self._host_train_step)
         for block in self.blocks:
             block.attn.set_warmup(dense, weight)
 

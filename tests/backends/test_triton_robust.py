@@ -13,6 +13,7 @@ Outputs the kernels write are NaN-filled (as in test_triton.py), so an unwritten
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -94,6 +95,12 @@ def _rows_reference(q, k, v, pattern, rows, keys, dout_rows, scale):
     return out.detach(), lse.detach(), q64.grad, k64.grad, v64.grad
 
 
+def _now(device) -> float:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def _check_long_head(n, d, window, row_groups, device):
     """One head of n tokens under Longformer (window, global token 0): the kernel's out, lse and
     gradients at the rows of `row_groups` ([start, stop) pairs) against float64 on those rows
@@ -108,8 +115,13 @@ def _check_long_head(n, d, window, row_groups, device):
                       for a, b in row_groups] + [torch.zeros(1, dtype=torch.long, device=device)]).unique()
     dout = torch.zeros(1, 1, n, d, device=device)
     dout[0, 0, rows] = torch.randn(rows.numel(), d, device=device, generator=g)
+    began = _now(device)
     out, lse = sparse_attn.sparse_attention(q, k, v, pattern, backend="triton", return_lse=True)
+    forward = _now(device)
     out.backward(dout)
+    backward = _now(device)
+    print(f"n={n}: forward {forward - began:.1f} s, backward {backward - forward:.1f} s (layouts, plans, compiles "
+          "included)")  # shown with pytest -s: where a long run's time went
     ref_out, ref_lse, dq, dk, dv = _rows_reference(q, k, v, pattern, rows, keys, dout[0, 0, rows], scale)
     assert_fp32_close(out[0, 0, rows], ref_out, what="out")
     assert_fp32_close(lse[0, 0, rows], ref_lse, what="lse")

@@ -78,3 +78,24 @@ def test_gpu_new_shapes_run_without_cudnn_then_as_torch_chooses(fresh_counts, mo
     for _ in range(2):
         assert not any("cudnn" in name.lower() for name in _kernel_names(ours))
     assert _kernel_names(ours) == _kernel_names(torchs)
+
+
+def _enabled():
+    cuda = torch.backends.cuda
+    return {"flash": cuda.flash_sdp_enabled(), "efficient": cuda.mem_efficient_sdp_enabled(),
+            "math": cuda.math_sdp_enabled(), "cudnn": cuda.cudnn_sdp_enabled()}
+
+
+def test_holding_cudnn_back_narrows_the_callers_kernel_choice_never_widens_it():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]):  # a user's choice
+        with sdpa._without_cudnn():
+            assert _enabled() == {"flash": False, "efficient": False, "math": True, "cudnn": False}
+        assert _enabled()["cudnn"]  # restored
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):  # cuDNN forced: left alone
+        with sdpa._without_cudnn():
+            assert _enabled() == {"flash": False, "efficient": False, "math": False, "cudnn": True}
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):  # no cuDNN: unchanged
+        with sdpa._without_cudnn():
+            assert _enabled() == {"flash": True, "efficient": True, "math": False, "cudnn": False}

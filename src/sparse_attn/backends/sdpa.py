@@ -16,6 +16,7 @@ among its other kernels. Fixed-shape training reaches cuDNN after a few steps.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -62,10 +63,17 @@ def allows_cudnn(key) -> bool:
 
 
 def _without_cudnn():
+    """A context with cuDNN's attention switched off and every other kernel as the caller left it
+    (a user's `sdpa_kernel(...)` choice is narrowed, never widened; cuDNN alone is kept)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # torch's own priority order among the rest is kept
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    cuda = torch.backends.cuda
+    others = [b for b, on in ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
+                              (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
+                              (SDPBackend.MATH, cuda.math_sdp_enabled())) if on]
+    if not cuda.cudnn_sdp_enabled() or not others:
+        return contextlib.nullcontext()
+    return sdpa_kernel(others)  # torch's own priority order among these is kept
 
 
 def scaled_dot_product(q, k, v, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):

@@ -69,9 +69,9 @@ def resolve_features(head_dim, *, num_features, kernel, orthogonal, generator, f
 @functools.lru_cache(maxsize=32)
 def _seeded_features(head_dim, num_features, kernel, orthogonal, seed, device) -> PerformerFeatures:
     """Features from an int seed are the same at every call: drawn once per (shape, seed, device)
-    instead of a float64 QR on the CPU and a blocking upload at every call of every layer (the
-    ListOps Performer encoder trained at 1.4 steps/s on the H200 beside linear's 11). Kept
-    private: performer_attention never hands them out, so nobody can redraw them in place."""
+    instead of a float64 QR on the CPU and a blocking upload at every call of every layer (with
+    that redraw the ListOps Performer encoder trained at 1.4 steps/s on the H200, beside linear's
+    11). Kept private: performer_attention never hands them out, so nobody redraws them in place."""
     return PerformerFeatures(head_dim, num_features, kernel, orthogonal, seed, device=device)
 
 

@@ -239,3 +239,16 @@ def test_scaled_init_scales_every_weight_by_its_fan_in():
     assert unit(torch.randint(0, 4096, (2, 32))).std().item() > 5
     with pytest.raises(ValueError, match="embedding must be 'fan_in' or 'unit'"):
         scaled_init_(SparseCausalLM(cfg), embedding="normal")
+
+
+def test_mqar_counts_by_chunks_on_the_device_equal_the_whole_logits():
+    """The test set is scored chunk by chunk (its whole logits would be 8.4 GB at Zoology's size):
+    the same counts as mqar_accuracy over every logit at once, with a ragged last chunk."""
+    from sparse_attn.eval.recall import _logits, _mqar_counts, _train_config
+
+    torch.manual_seed(0)
+    model = SparseCausalLM(ModelConfig(vocab_size=32, dim=16, num_layers=1, num_heads=2)).eval()
+    data = mqar_dataset(11, vocab_size=32, input_seq_len=24, num_kv_pairs=4, seed=1)
+    cfg = _train_config(24, 4, 1, 1e-3, 0.0, 0, "cpu", "float32")
+    whole = mqar_accuracy(_logits(model, data.inputs, 4, cfg), data.labels)
+    assert _mqar_counts(model, data, 4, cfg) == whole and whole[1] > 0

@@ -23,7 +23,14 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from sa_testing import assert_fp32_close, check_backend_against_reference, make_qkv  # noqa: E402
+from sa_testing import (  # noqa: E402
+    LOW_PRECISION_GRAD_FACTOR,
+    LOW_PRECISION_OUT_FACTOR,
+    assert_fp32_close,
+    assert_low_precision_close,
+    check_backend_against_reference,
+    make_qkv,
+)
 
 import sparse_attn  # noqa: E402
 from sparse_attn import patterns as P  # noqa: E402
@@ -82,17 +89,18 @@ def test_row_offsets_past_int32_are_read_in_place(no_copies):
         assert_fp32_close(a, e, rtol=2e-3, what=name)
 
 
-def _rows_reference(q, k, v, pattern, rows, keys, dout_rows, scale):
-    """float64 attention of query positions `rows` over key positions `keys` (every key those
-    rows may see must be among them), with its gradients for sum(out * dout_rows):
+def _rows_reference(q, k, v, pattern, rows, keys, dout_rows, scale, dtype=torch.float64):
+    """Attention of query positions `rows` over key positions `keys` (every key those rows may
+    see must be among them) computed in `dtype` (float64: the truth; the inputs' low precision:
+    the bar of FlashAttention's rule), with its gradients for sum(out * dout_rows):
     (out, lse, dq [rows], dk [keys], dv [keys])."""
-    q64, k64, v64 = (t.detach()[0, 0, idx].double().requires_grad_() for t, idx in ((q, rows), (k, keys), (v, keys)))
-    s = (q64 @ k64.T) * scale
+    qr, kr, vr = (t.detach()[0, 0, idx].to(dtype).requires_grad_() for t, idx in ((q, rows), (k, keys), (v, keys)))
+    s = (qr @ kr.T) * scale
     s = s.masked_fill(~pattern.allowed(rows[:, None], keys[None, :]), float("-inf"))
     lse = torch.logsumexp(s, -1)
-    out = torch.softmax(s, -1) @ v64
-    (out * dout_rows.double()).sum().backward()
-    return out.detach(), lse.detach(), q64.grad, k64.grad, v64.grad
+    out = torch.softmax(s, -1) @ vr
+    (out * dout_rows.to(dtype)).sum().backward()
+    return out.detach(), lse.detach(), qr.grad, kr.grad, vr.grad
 
 
 def _now(device) -> float:
@@ -101,33 +109,39 @@ def _now(device) -> float:
     return time.perf_counter()
 
 
-def _check_long_head(n, d, window, row_groups, device):
+def _check_long_head(n, d, window, row_groups, device, dtype=torch.float32):
     """One head of n tokens under Longformer (window, global token 0): the kernel's out, lse and
     gradients at the rows of `row_groups` ([start, stop) pairs) against float64 on those rows
-    alone. dO is zero elsewhere, so dq must be exactly 0 on every other row and dk/dv on every
-    key those rows cannot see: every element of every output is checked, none stays NaN."""
+    alone (fp32: within 1e-5; bf16/fp16: FlashAttention's rule against the same rows computed in
+    that precision). dO is zero elsewhere, so dq must be exactly 0 on every other row and dk/dv
+    on every key those rows cannot see: every element of every output is checked, none stays NaN."""
     pattern = P.longformer(window, [0])
     scale = d ** -0.5
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, 1, n, d, device=device, generator=g).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(1, 1, n, d, device=device, generator=g).to(dtype).requires_grad_() for _ in range(3))
     rows = torch.cat([torch.arange(a, b, device=device) for a, b in row_groups])
     keys = torch.cat([torch.arange(max(0, a - window), min(n, b + window), device=device)
                       for a, b in row_groups] + [torch.zeros(1, dtype=torch.long, device=device)]).unique()
-    dout = torch.zeros(1, 1, n, d, device=device)
-    dout[0, 0, rows] = torch.randn(rows.numel(), d, device=device, generator=g)
+    dout = torch.zeros(1, 1, n, d, device=device, dtype=dtype)
+    dout[0, 0, rows] = torch.randn(rows.numel(), d, device=device, generator=g).to(dtype)
     began = _now(device)
     out, lse = sparse_attn.sparse_attention(q, k, v, pattern, backend="triton", return_lse=True)
     forward = _now(device)
     out.backward(dout)
     backward = _now(device)
-    print(f"n={n}: forward {forward - began:.1f} s, backward {backward - forward:.1f} s (layouts, plans, compiles "
-          "included)")  # shown with pytest -s: where a long run's time went
-    ref_out, ref_lse, dq, dk, dv = _rows_reference(q, k, v, pattern, rows, keys, dout[0, 0, rows], scale)
-    assert_fp32_close(out[0, 0, rows], ref_out, what="out")
-    assert_fp32_close(lse[0, 0, rows], ref_lse, what="lse")
-    assert_fp32_close(q.grad[0, 0, rows], dq, what="dq")
-    assert_fp32_close(k.grad[0, 0, keys], dk, what="dk")
-    assert_fp32_close(v.grad[0, 0, keys], dv, what="dv")
+    print(f"n={n} {dtype}: forward {forward - began:.1f} s, backward {backward - forward:.1f} s (layouts, plans, "
+          "compiles included)")  # shown with pytest -s: where a long run's time went
+    ours = (out[0, 0, rows], lse[0, 0, rows], q.grad[0, 0, rows], k.grad[0, 0, keys], v.grad[0, 0, keys])
+    truth = _rows_reference(q, k, v, pattern, rows, keys, dout[0, 0, rows], scale)
+    names = ("out", "lse", "dq", "dk", "dv")
+    if dtype == torch.float32:
+        for name, a, e in zip(names, ours, truth):
+            assert_fp32_close(a, e, what=name)
+    else:
+        low = _rows_reference(q, k, v, pattern, rows, keys, dout[0, 0, rows], scale, dtype=dtype)
+        for name, a, lo, e in zip(names, ours, low, truth):
+            factor = LOW_PRECISION_OUT_FACTOR if name in ("out", "lse") else LOW_PRECISION_GRAD_FACTOR
+            assert_low_precision_close(a, lo, e, factor=factor, what=name)
     for name, grad, idx in (("dq", q.grad, rows), ("dk", k.grad, keys), ("dv", v.grad, keys)):
         nonzero = (grad[0, 0] != 0).any(-1)  # [n]; NaN != 0 too
         nonzero[idx] = False
@@ -135,10 +149,11 @@ def _check_long_head(n, d, window, row_groups, device):
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
 
 
-def test_long_head_rows_against_reference_small():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_long_head_rows_against_reference_small(dtype):
     """_check_long_head at interpreter size (the GPU test below runs it past 2^31 elements)."""
     n = 70
-    _check_long_head(n, 16, 9, [(1, 6), (30, 37), (n - 6, n)], DEVICE)
+    _check_long_head(n, 16, 9, [(1, 6), (30, 37), (n - 6, n)], DEVICE, dtype)
     pattern = P.longformer(9, [0])  # the candidate keys of the check (global key 0, rows -+ window) cover what the rows see
     dense = pattern.to_dense(n)[0]
     assert not dense[30:37, 1:30 - 9].any() and not dense[30:37, 37 + 9:].any()
@@ -147,12 +162,15 @@ def test_long_head_rows_against_reference_small():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_one_head_past_2_31_elements():
-    """N = 2^24 + 256 tokens at D = 128 (N * D > 2^31) in fp32 (about 80 GB with the backward):
-    rows at the start, across row 2^24 (element 2^31) and at the end, forward and backward.
-    Longformer's global row makes the layout imbalanced, so heads go fastest in the grid and
-    the 131074 query tiles fold onto grid axis 0 as well."""
+    """N = 2^24 + 256 tokens at D = 128 (N * D > 2^31 elements, past 2^32 bytes) in bf16 (about
+    45 GB with the backward): rows at the start, across row 2^24 (element 2^31) and at the end,
+    forward and backward. Longformer's global row makes the layout imbalanced, so heads go
+    fastest in the grid and the 131074 query tiles fold onto grid axis 0 as well. Not fp32: its
+    IEEE products run without tensor cores, and the ~2.5e13 FLOP of this layout (9 products per
+    block pair, ~655K pairs) would take over 6 minutes at the H200's ~67 TFLOP/s (two attempts
+    were cut off by their command's limit)."""
     n, d = (1 << 24) + 256, 128
-    _check_long_head(n, d, 256, [(1, 65), ((1 << 24) - 32, (1 << 24) + 32), (n - 64, n)], "cuda")
+    _check_long_head(n, d, 256, [(1, 65), ((1 << 24) - 32, (1 << 24) + 32), (n - 64, n)], "cuda", torch.bfloat16)
 
 
 # ------------------------------------------------------------------------ grid limit

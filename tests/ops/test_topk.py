@@ -5,6 +5,8 @@ argument errors."""
 from __future__ import annotations
 
 import itertools
+import random
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -409,6 +411,42 @@ def test_device_selection_layout_equals_the_patterns_layout(causal):
             real = ((part.rows % g.num_q_blocks)[:, None] * block + rows < nq) & (qb[cls][:, None] * block + rows < nq)
             assert ((masks == representative[cls]) | ~real[:, :, None]).all(), case
     assert built == len(DEVICE_LAYOUT_CASES) if causal else built > 15
+
+
+def test_device_layout_class_masks_are_reused_only_where_equal(monkeypatch):
+    """Causal device layouts declare their diagonal classes by (rows, keys) really there, and the
+    kernel plan reuses their packed masks across layouts: over every case in a mixed order the
+    reused masks equal the ones evaluated from that layout's own pattern, and reuse happens."""
+    from sparse_attn.backends.triton import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "_class_bits", OrderedDict())
+    hits = 0
+    # queries at the end of the keys, at the start, and in between (offsets on the blocks)
+    cases = [(nq, nkv, bs, block, top_k, q_offset) for nq, nkv, bs, block, top_k in DEVICE_LAYOUT_CASES
+             for q_offset in sorted({nkv - nq, 0, (nkv - nq) // 2 // block * block}) if q_offset % block == 0]
+    random.Random(0).shuffle(cases)
+    for nq, nkv, bs, block, top_k, q_offset in cases:
+        q, k, _ = qkv(2, 2, nq, 8, hkv=1, nkv=nkv)
+        sel, picks = _select(q, k, top_k, bs, True, q_offset)
+        pattern = selection_pattern(sel, bs, nq, nkv, q_offset, causal=True)
+        grid = BlockGrid(nq, nkv, q_offset, block, block, torch.device("cpu"))
+        layout = device_selection_layout(sel, picks, pattern, bs, grid, causal=True)
+        words = -(-block // 32)
+        before = len(plan_module._class_bits)
+        reused = plan_module._class_bits_of(layout, words)
+        hits += len(plan_module._class_bits) == before
+        h, qb, kb = layout.mask_class_blocks.unbind(1)
+        fresh = plan_module._pack(layout.element_masks(h, qb, kb), words, weights_device=torch.device("cpu"))
+        real = (qb[:, None] * block + torch.arange(block)[None, :] < nq)[:, :, None]  # rows kernels store
+        assert reused.shape == fresh.shape, (nq, nkv, bs, block, top_k, q_offset)
+        assert ((reused == fresh) | ~real).all(), (nq, nkv, bs, block, top_k, q_offset)
+    assert hits > len(cases) // 2
+    q, k, _ = qkv(2, 2, 37, 8, hkv=1, nkv=64)
+    sel, picks = _select(q, k, 1, 32, True, 27)
+    pattern = selection_pattern(sel, 32, 37, 64, 27, causal=True)
+    with pytest.raises(ValueError, match="q_offset=27"):  # its blocks would straddle cells and the diagonal
+        device_selection_layout(sel, picks, pattern, 32, BlockGrid(37, 64, 27, 16, 16, torch.device("cpu")),
+                                causal=True)
 
 
 def test_device_path_reads_nothing_back():

@@ -88,7 +88,7 @@ class BlockLayout:
 
     def __init__(self, pattern: "Pattern | None", grid: BlockGrid, num_heads: int, full: _Csr, partial: _Csr,
                  partial_mask_class: torch.Tensor | None = None, mask_class_blocks: torch.Tensor | None = None,
-                 work_bounds: tuple[float, float, float, float] | None = None) -> None:
+                 work_bounds: tuple[float, float, float, float] | None = None, mask_class_key=None) -> None:
         self.pattern = pattern
         self.grid = grid
         self.num_heads = num_heads
@@ -101,6 +101,11 @@ class BlockLayout:
         # then being 0..n_classes-1: masks are evaluated there with no deduplication (which
         # would read the class ids back to the host).
         self.mask_class_blocks = mask_class_blocks
+        # Optional hashable, with mask_class_blocks: the builder's promise that the element masks
+        # at those blocks (in class order) are a function of this key and the grid's block sizes
+        # alone, so backends may reuse what they derived from them for another layout with the
+        # same key (block top-k's causal diagonal blocks: (rows, keys) really there per class).
+        self.mask_class_key = mask_class_key
         # Optional host numbers (max, mean) blocks per (head, query block) row and (bound on max,
         # mean) per (head, kv block) column, for layouts whose counts are known without reading
         # the device (kernels schedule by them).
@@ -144,12 +149,13 @@ class BlockLayout:
     @classmethod
     def from_csr(cls, pattern: "Pattern", grid: BlockGrid, num_heads: int, full: _Csr, partial: _Csr, *,
                  partial_mask_class: torch.Tensor, mask_class_blocks: torch.Tensor,
-                 work_bounds: tuple[float, float, float, float]) -> "BlockLayout":
+                 work_bounds: tuple[float, float, float, float], mask_class_key=None) -> "BlockLayout":
         """A layout from CSR arrays built on the device by a caller that knows its blocks (block
         top-k's selection: `_Csr.from_counts`), kv blocks ascending within each row, full and
         partial disjoint. The attributes are documented in `__init__`; `pattern` must allow
         exactly the pairs the blocks imply, as for `from_block_tables`."""
-        return cls(pattern, grid, num_heads, full, partial, partial_mask_class, mask_class_blocks, work_bounds)
+        return cls(pattern, grid, num_heads, full, partial, partial_mask_class, mask_class_blocks, work_bounds,
+                   mask_class_key)
 
     def cached(self, key: str, build):
         """`self.cache[key]`, built by `build()` on first use (backends' per-layout plans)."""

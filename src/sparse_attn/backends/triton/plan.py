@@ -32,12 +32,19 @@ each of its partial blocks (`tpart_mask`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 # Elements of [chunk, LBQ, LBK] evaluated at once when building the bitmasks (bounded memory).
 _MASK_CHUNK_ELEMENTS = 1 << 22
 # Partial blocks whose block signatures are computed at once (positions [chunk, 128] int64: 32 MiB).
 _SIGNATURE_CHUNK = 1 << 15
+# Packed class masks of layouts that declare a `mask_class_key`, reused across layouts (block
+# top-k builds a layout per call; evaluating its diagonal classes from the selection pattern was
+# ~56 small device ops per call). Bounded LRU; the key holds the layout's key, blocks, words, device.
+_CLASS_BITS_KEPT = 256
+_class_bits: OrderedDict = OrderedDict()
 
 
 def _transposed_attribute(name: str) -> property:
@@ -168,12 +175,10 @@ def pack_partial_masks(layout, words: int) -> tuple[torch.Tensor, torch.Tensor]:
     if n == 0:
         return (torch.zeros(1, bq, words, dtype=torch.int32, device=dev),
                 torch.zeros(0, dtype=torch.int32, device=dev))
+    if layout.mask_class_blocks is not None:  # classes 0..n-1 with a block each: no deduplication
+        return _class_bits_of(layout, words), layout.partial_mask_class.to(torch.int32).contiguous()
     pattern = layout._require_pattern()
     pattern.prepare(dev)
-    if layout.mask_class_blocks is not None:  # classes 0..n-1 with a block each: no deduplication
-        head, q_block, kv_block = layout.mask_class_blocks.unbind(1)
-        return (_pack(layout.element_masks(head, q_block, kv_block), words, weights_device=dev),
-                layout.partial_mask_class.to(torch.int32).contiguous())
     entries, inverse = None, None  # the CSR entries whose masks are evaluated (None: all of them)
     known = layout.partial_mask_class
     if known is None and pattern.num_heads is None:
@@ -202,6 +207,27 @@ def pack_partial_masks(layout, words: int) -> tuple[torch.Tensor, torch.Tensor]:
     if inverse is not None:
         mask = mask[inverse]
     return bits.reshape(-1, bq, words).contiguous(), mask.to(torch.int32).contiguous()
+
+
+def _class_bits_of(layout, words: int) -> torch.Tensor:
+    """The packed masks at `layout.mask_class_blocks`, from the cache when the layout declares a
+    `mask_class_key` (its builder's promise that they depend on nothing else)."""
+    g = layout.grid
+    key = None
+    if layout.mask_class_key is not None:
+        key = (layout.mask_class_key, g.block_q, g.block_kv, words, str(g.device))
+        bits = _class_bits.pop(key, None)
+        if bits is not None:
+            _class_bits[key] = bits  # most recent last
+            return bits
+    layout._require_pattern().prepare(g.device)
+    head, q_block, kv_block = layout.mask_class_blocks.unbind(1)
+    bits = _pack(layout.element_masks(head, q_block, kv_block), words, weights_device=g.device)
+    if key is not None:
+        _class_bits[key] = bits
+        if len(_class_bits) > _CLASS_BITS_KEPT:
+            _class_bits.popitem(last=False)
+    return bits
 
 
 def _signature_classes(layout, pattern) -> torch.Tensor | None:

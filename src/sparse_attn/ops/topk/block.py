@@ -258,6 +258,9 @@ def device_selection_layout(selection: torch.Tensor, picks: torch.Tensor, patter
     import numpy as np  # host arithmetic on counts, deliberately not torch (no tensor is read back)
 
     b = grid.block_q
+    if grid.block_kv != b or block_size % b or grid.q_offset % b:
+        raise ValueError(f"grid: device_selection_layout needs square blocks dividing block_size={block_size} and "
+                         f"q_offset={grid.q_offset}, got {grid.block_q} x {grid.block_kv}")
     m = block_size // b
     heads = selection.shape[0] * selection.shape[1]
     kept = picks.shape[-1]
@@ -286,7 +289,7 @@ def device_selection_layout(selection: torch.Tensor, picks: torch.Tensor, patter
         past = ((cell + 1).clamp(max=kept) - 1) * m
         kv = torch.where(slot < past, kv, cell * m + (slot - past))  # then the own cell's blocks before P
     full.indices = kv.to(torch.int32)
-    classes, blocks = None, None
+    classes, blocks, class_key = None, None, None
     if causal:
         diagonal = part.rows % nqb + p_first
         part.indices = diagonal.to(torch.int32)
@@ -301,13 +304,20 @@ def device_selection_layout(selection: torch.Tensor, picks: torch.Tensor, patter
         step = representatives[-1] - representatives[0]
         rows = representatives[0] + step * torch.arange(len(representatives), dtype=torch.int64, device=dev)
         blocks = torch.stack([torch.zeros_like(rows), rows, rows + p_first], dim=1)
+        # A diagonal block lies in one selection cell (b divides block_size and q_offset), where
+        # the pattern is the causal part alone: its mask is the triangle, cut to the rows and keys
+        # really there (rows past q_len repeat the last real row; on the rows kernels store it is
+        # the triangle alone). So (rows, keys) per class decide the class masks, and the kernels'
+        # plan may reuse them from an earlier call instead of evaluating the selection's pattern.
+        class_key = ("block_topk causal diagonal",) + tuple(
+            (min(b, grid.q_len - r * b), min(b, grid.kv_len - (r + p_first) * b)) for r in representatives)
     row_work = host_full + host_part
     work = (float(row_work.max()), float(row_work.mean()), float(nqb), float(row_work.sum()) / nkb)
     if classes is None:
         classes = torch.zeros(0, dtype=torch.int64, device=dev)
         blocks = torch.zeros(0, 3, dtype=torch.int64, device=dev)
     return BlockLayout.from_csr(pattern, grid, heads, full, part, partial_mask_class=classes,
-                                mask_class_blocks=blocks, work_bounds=work)
+                                mask_class_blocks=blocks, work_bounds=work, mask_class_key=class_key)
 
 
 def _attend_folded(q, k, v, selection, picks, block_size, causal, always, scale, backend, q_offset, deterministic):

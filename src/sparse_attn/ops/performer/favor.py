@@ -22,7 +22,6 @@ rows whose denominator underflows (they see no key, or every product underflows)
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -66,13 +65,23 @@ def resolve_features(head_dim, *, num_features, kernel, orthogonal, generator, f
     return PerformerFeatures(head_dim, num_features, kernel, orthogonal, _check_generator(generator), device=device)
 
 
-@functools.lru_cache(maxsize=32)
+_SEEDED: dict = {}  # (head_dim, num_features, kernel, orthogonal, seed, device) -> PerformerFeatures
+_SEEDED_KEPT = 32
+
+
 def _seeded_features(head_dim, num_features, kernel, orthogonal, seed, device) -> PerformerFeatures:
     """Features from an int seed are the same at every call: drawn once per (shape, seed, device)
     instead of a float64 QR on the CPU and a blocking upload at every call of every layer (with
     that redraw the ListOps Performer encoder trained at 1.4 steps/s on the H200, beside linear's
-    11). Kept private: performer_attention never hands them out, so nobody redraws them in place."""
-    return PerformerFeatures(head_dim, num_features, kernel, orthogonal, seed, device=device)
+    11). Kept private: performer_attention never hands them out, so nobody redraws them in place.
+    A plain dict, not functools.lru_cache: dynamo traces a dict lookup (ops.common.eager_under_compile)."""
+    key = (head_dim, num_features, kernel, orthogonal, seed, device)
+    features = _SEEDED.get(key)
+    if features is None:
+        if len(_SEEDED) >= _SEEDED_KEPT:
+            _SEEDED.pop(next(iter(_SEEDED)))  # the oldest drawn
+        features = _SEEDED[key] = PerformerFeatures(head_dim, num_features, kernel, orthogonal, seed, device=device)
+    return features
 
 
 def favor_features(q, k, features: PerformerFeatures, *, scale: float):

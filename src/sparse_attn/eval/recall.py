@@ -326,13 +326,16 @@ class _Checkpoints:
         return max(1e-9, self.max_minutes - (time.monotonic() - self.began) / 60)
 
 
+def _chunk_logits(model, tokens: torch.Tensor, chunk: int, cfg: TrainConfig):
+    """The model's logits of `tokens`, `chunk` rows at a time, on its device (no grad)."""
+    for part in tokens.split(chunk):
+        with torch.no_grad(), autocast(cfg.device, cfg.dtype):
+            logits = model(part.to(cfg.device))
+        yield logits  # outside the contexts: the caller's code between chunks runs in its own modes
+
+
 def _logits(model, tokens: torch.Tensor, chunk: int, cfg: TrainConfig) -> torch.Tensor:
-    outs = []
-    with torch.no_grad():
-        for part in tokens.split(chunk):
-            with autocast(cfg.device, cfg.dtype):
-                outs.append(model(part.to(cfg.device)).float().cpu())
-    return torch.cat(outs)
+    return torch.cat([logits.float().cpu() for logits in _chunk_logits(model, tokens, chunk, cfg)])
 
 
 # -------------------------------------------------------------------------- metrics
@@ -655,12 +658,9 @@ def _mqar_counts(model, data, chunk: int, cfg: TrainConfig) -> tuple[int, int]:
     """mqar_accuracy over `data` chunk by chunk on the model's device: the whole test set's logits
     would be [N, L, V] (1,000 x 256 x 8,192 floats = 8.4 GB per pair count at Zoology's size)."""
     correct = total = 0
-    with torch.no_grad():
-        for inputs, labels in zip(data.inputs.split(chunk), data.labels.split(chunk)):
-            with autocast(cfg.device, cfg.dtype):
-                logits = model(inputs.to(cfg.device))
-            c, t = mqar_accuracy(logits, labels)
-            correct, total = correct + c, total + t
+    for logits, labels in zip(_chunk_logits(model, data.inputs, chunk, cfg), data.labels.split(chunk)):
+        c, t = mqar_accuracy(logits, labels)
+        correct, total = correct + c, total + t
     return correct, total
 
 

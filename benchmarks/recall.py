@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, in_order, merge_entries, merge_json
 
-from sparse_attn.eval.arguments import add_checkpoint_flags
+from sparse_attn.eval.arguments import add_checkpoint_flags, checkpoint_options
 from sparse_attn.eval.recall import (
     MQAR_FIRST_LAYER,
     MQARResult,
@@ -123,11 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--replot", action="store_true", help="redraw the PNGs from the JSON files, train nothing")
     add_checkpoint_flags(ap, resume=False)  # with --checkpoint-dir, --resume also continues a cut-off schedule
     args = ap.parse_args(argv)
-    if args.checkpoint_dir is None and (args.checkpoint_every or args.checkpoint_minutes):
-        ap.error("--checkpoint-every / --checkpoint-minutes need --checkpoint-dir DIR (where the checkpoints are)")
     checkpoints = {"checkpoint": args.checkpoint_dir, "resume": args.resume and args.checkpoint_dir is not None,
-                   "checkpoint_every": args.checkpoint_every, "checkpoint_minutes": args.checkpoint_minutes,
-                   "max_minutes": args.max_minutes}
+                   **checkpoint_options(ap, args, args.checkpoint_dir, resume_needs_checkpoints=False)}
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

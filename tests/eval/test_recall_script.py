@@ -34,4 +34,4 @@ def test_cut_off_schedule_is_checkpointed_then_resumed(tmp_path):
 
 def test_checkpoint_flags_need_a_directory(tmp_path):
     run = _run("--out", str(tmp_path), "--checkpoint-every", "2")
-    assert run.returncode == 2 and "--checkpoint-dir" in run.stderr
+    assert run.returncode == 2 and "--checkpoint-every needs --checkpoint-dir" in run.stderr

@@ -153,11 +153,13 @@ def add_checkpoint_flags(p, *, resume: bool = True) -> None:
 
 
 def checkpoint_options(parser: argparse.ArgumentParser, args, where: str | None,
-                       needs: str = "--checkpoint-dir DIR") -> dict:
+                       needs: str = "--checkpoint-dir DIR", *, resume_needs_checkpoints: bool = True) -> dict:
     """The loop's keyword arguments from the flags; `where` is where checkpoints go (None: none).
-    Exit 2 when a flag needs checkpoints that were not asked for (`needs`: the flag that asks)."""
+    Exit 2 when a flag needs checkpoints that were not asked for (`needs`: the flag that asks);
+    resume_needs_checkpoints=False for a command whose --resume also means something without them."""
     if where is None:
-        for flag, value in (("--resume", args.resume), ("--checkpoint-every", args.checkpoint_every),
+        resume = args.resume if resume_needs_checkpoints else False
+        for flag, value in (("--resume", resume), ("--checkpoint-every", args.checkpoint_every),
                             ("--checkpoint-minutes", args.checkpoint_minutes)):
             if value:
                 parser.error(f"{flag} needs {needs} (where the checkpoints are)")

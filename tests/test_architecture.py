@@ -9,8 +9,8 @@ function (a function-level import is still a dependency, only a later one).
     patterns                         Pattern -> BlockLayout
 
 `sparse_attn/__init__.py` (the public surface), `_extras.py` (optional-dependency helpers),
-`_checks.py` (argument checks) and `_env.py` (the environment record of results), the last three
-used by every floor, stand outside the floors."""
+`_checks.py` (argument checks), `_lru.py` (the bounded cache) and `_env.py` (the environment
+record of results), the last four used by any floor, stand outside the floors."""
 
 import ast
 from pathlib import Path
@@ -20,7 +20,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "sparse_attn"
 FLOORS = {"patterns": 0, "backends": 1, "ops": 2, "nn": 3, "distributed": 3, "eval": 4, "train": 4, "hf": 4,
           "cli": 5, "report": 5}
-OUTSIDE = {"__init__", "_extras", "_checks", "_env", "__main__"}
+OUTSIDE = {"__init__", "_extras", "_checks", "_lru", "_env", "__main__"}
 
 
 def _package_of(path: Path) -> str:

@@ -1,20 +1,19 @@
 """backends/sdpa.scaled_dot_product: SDPA with cuDNN held back from shapes met fewer than
 CUDNN_FROM_CALL times (cuDNN builds a graph per new shape: ~90 ms on the H200)."""
 
-from collections import OrderedDict
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sparse_attn
+from sparse_attn._lru import LRU
 from sparse_attn import patterns as P
 from sparse_attn.backends import sdpa
 
 
 @pytest.fixture
 def fresh_counts(monkeypatch):
-    monkeypatch.setattr(sdpa, "_shape_calls", OrderedDict())
+    monkeypatch.setattr(sdpa, "_shape_calls", LRU())
     return sdpa
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from sa_testing import HostReadError, LargestTensor, NoHostReads, assert_fp32_close, assert_low_precision_close, max_abs_err, reference_f64
 
 from sparse_attn import patterns as P
+from sparse_attn._lru import LRU
 from sparse_attn.ops.topk import block_topk_attention, select_kv_blocks, topk_attention
 from sparse_attn.ops.topk import chunk as topk_chunk
 from sparse_attn.ops.topk import block as block_module
@@ -419,7 +419,7 @@ def test_device_layout_class_masks_are_reused_only_where_equal(monkeypatch):
     reused masks equal the ones evaluated from that layout's own pattern, and reuse happens."""
     from sparse_attn.backends.triton import plan as plan_module
 
-    monkeypatch.setattr(plan_module, "_class_bits", OrderedDict())
+    monkeypatch.setattr(plan_module, "_class_bits", LRU())
     hits = 0
     # queries at the end of the keys, at the start, and in between (offsets on the blocks)
     cases = [(nq, nkv, bs, block, top_k, q_offset) for nq, nkv, bs, block, top_k in DEVICE_LAYOUT_CASES

@@ -17,11 +17,11 @@ among its other kernels. Fixed-shape training reaches cuDNN after a few steps.
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
+from .._lru import LRU
 from .registry import FLOAT_DTYPES, Backend, Capabilities, register
 
 
@@ -48,17 +48,14 @@ def _causal_masks_keys(q_offset: int, kv_len: int) -> bool:
 # 1 leaves every call to torch's own choice. Shapes are counted in a bounded LRU.
 CUDNN_FROM_CALL = 16
 _SHAPES_KEPT = 4096
-_shape_calls: OrderedDict = OrderedDict()
+_shape_calls = LRU()
 
 
 def allows_cudnn(key) -> bool:
     """Count one call of `key` (a hashable shape description); whether cuDNN may serve it."""
     if CUDNN_FROM_CALL <= 1:
         return True
-    calls = _shape_calls.pop(key, 0) + 1
-    _shape_calls[key] = calls  # most recent last
-    if len(_shape_calls) > _SHAPES_KEPT:
-        _shape_calls.popitem(last=False)
+    calls = _shape_calls.keep(key, _shape_calls.recall(key, 0) + 1, _SHAPES_KEPT)
     return calls >= CUDNN_FROM_CALL
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from .._checks import check_int
+from .._lru import LRU
 from .grid import EMPTY, FULL, PARTIAL, BlockGrid, BlockSet
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,7 +60,7 @@ class Pattern(ABC):
     num_heads: int | None = None
 
     def __init__(self) -> None:
-        self._layouts: OrderedDict = OrderedDict()
+        self._layouts = LRU()
 
     # ----------------------------------------------------------------- element level
     def is_causal(self) -> bool:
@@ -145,17 +145,13 @@ class Pattern(ABC):
         block_kv = block_q if block_kv is None else block_kv
         grid = self._grid(q_len, kv_len, q_offset, block_q, block_kv, device)
         key = (grid.q_len, grid.kv_len, grid.q_offset, grid.block_q, grid.block_kv, str(grid.device))
-        cached = self._layouts.get(key)
+        cached = self._layouts.recall(key)
         if cached is not None:
-            self._layouts.move_to_end(key)
             return cached
         bound = self.bind(grid)
         bound._validate(grid)
         layout = BlockLayout.from_block_set(bound, grid, bound._blocks(grid))
-        self._layouts[key] = layout
-        while len(self._layouts) > _cache_size[0]:
-            self._layouts.popitem(last=False)
-        return layout
+        return self._layouts.keep(key, layout, _cache_size[0])
 
     def at(self, q_len: int, kv_len: int | None = None, *, q_offset: int | None = None, device=None) -> "PatternAt":
         """This pattern fixed at the given lengths, bound and validated as `layout()` does, with no

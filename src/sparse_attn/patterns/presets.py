@@ -6,12 +6,12 @@ than keys the queries are the last ones (i = kv_len - q_len + row) unless a q_of
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
 
 from .._checks import check_bool, check_int
+from .._lru import LRU
 from .base import DisjointUnion, Pattern, PerHead
 from .primitives import Band, BlockCells, Columns, IndexSet, Predicate, Rows, Segments
 
@@ -194,18 +194,15 @@ class BigBird(Pattern):
         self.num_random_blocks = check_int("num_random_blocks", num_random_blocks, 0)
         self.seed = check_int("seed", seed)
         self.num_heads = None if num_heads is None else check_int("num_heads", num_heads, 1)
-        self._cells: OrderedDict[int, Pattern] = OrderedDict()
+        self._cells = LRU()  # length -> Pattern
 
     def cells(self, length: int) -> Pattern:
         """The block map for a sequence of `length` tokens (drawn once per length): BlockCells,
         or with causal, the earlier cells | causal own blocks."""
-        if length in self._cells:
-            self._cells.move_to_end(length)
-        else:
-            self._cells[length] = self._draw(length)
-            while len(self._cells) > self.MAX_CACHED_LENGTHS:
-                self._cells.popitem(last=False)
-        return self._cells[length]
+        cells = self._cells.recall(length)
+        if cells is None:
+            cells = self._cells.keep(length, self._draw(length), self.MAX_CACHED_LENGTHS)
+        return cells
 
     def _draw(self, length: int) -> Pattern:
         n = -(-length // self.block)

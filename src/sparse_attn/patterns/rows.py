@@ -19,11 +19,11 @@ distinct geometry; see `ops.sparse_attention`.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from .._lru import LRU
 from .base import DisjointUnion, Pattern
 from .grid import BlockGrid, BlockSet
 from .primitives import Columns, IndexSet, Rows, _KvRangePattern, _states
@@ -238,10 +238,9 @@ class Packed(Pattern):
 
 def row_view(pattern: Pattern, geometry: RowGeometry) -> Pattern:
     """The pattern one row runs, over that row's indices (cached per pattern and geometry)."""
-    views = pattern.__dict__.setdefault("_row_views", OrderedDict())
-    view = views.get(geometry)
+    views = pattern.__dict__.setdefault("_row_views", LRU())
+    view = views.recall(geometry)
     if view is not None:
-        views.move_to_end(geometry)
         return view
     if geometry.documents is not None:
         view = Packed(pattern, [d for d, _ in geometry.documents], [a for _, a in geometry.documents])
@@ -253,9 +252,6 @@ def row_view(pattern: Pattern, geometry: RowGeometry) -> Pattern:
             view = view & Columns(_index_set(geometry.key_runs))
         if geometry.query_runs is not None:
             view = view & Rows(_index_set(geometry.query_runs))
-    views[geometry] = view
-    if len(views) > _VIEW_CACHE_SIZE:
-        views.popitem(last=False)
-    return view
+    return views.keep(geometry, view, _VIEW_CACHE_SIZE)
 
 

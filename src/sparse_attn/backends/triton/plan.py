@@ -32,9 +32,9 @@ each of its partial blocks (`tpart_mask`).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
+
+from ..._lru import LRU
 
 # Elements of [chunk, LBQ, LBK] evaluated at once when building the bitmasks (bounded memory).
 _MASK_CHUNK_ELEMENTS = 1 << 22
@@ -44,7 +44,7 @@ _SIGNATURE_CHUNK = 1 << 15
 # top-k builds a layout per call; evaluating its diagonal classes from the selection pattern was
 # ~56 small device ops per call). Bounded LRU; the key holds the layout's key, blocks, words, device.
 _CLASS_BITS_KEPT = 256
-_class_bits: OrderedDict = OrderedDict()
+_class_bits = LRU()
 
 
 def _transposed_attribute(name: str) -> property:
@@ -216,17 +216,14 @@ def _class_bits_of(layout, words: int) -> torch.Tensor:
     key = None
     if layout.mask_class_key is not None:
         key = (layout.mask_class_key, g.block_q, g.block_kv, words, str(g.device))
-        bits = _class_bits.pop(key, None)
+        bits = _class_bits.recall(key)
         if bits is not None:
-            _class_bits[key] = bits  # most recent last
             return bits
     layout._require_pattern().prepare(g.device)
     head, q_block, kv_block = layout.mask_class_blocks.unbind(1)
     bits = _pack(layout.element_masks(head, q_block, kv_block), words, weights_device=g.device)
     if key is not None:
-        _class_bits[key] = bits
-        if len(_class_bits) > _CLASS_BITS_KEPT:
-            _class_bits.popitem(last=False)
+        _class_bits.keep(key, bits, _CLASS_BITS_KEPT)
     return bits
 
 

@@ -201,3 +201,23 @@ def test_forward_errors():
     with pytest.raises(ValueError, match="5 entries but x has length 6"):
         layer(torch.zeros(1, 6, 32), positions=torch.arange(5))
     assert math.isfinite(float(layer(torch.zeros(1, 1, 32)).detach().sum()))  # one token
+
+
+@pytest.mark.parametrize("mechanism", ["lsh:bucket_size=4,n_hashes=2,seed=0", "lsh:bucket_size=3,n_hashes=3,seed=2",
+                                       "routing", "routing:num_clusters=3,window=4"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_lsh_and_routing_layers_take_a_padding_mask(mechanism, side):
+    """Non-causal lsh / routing layers accept a padding_mask and give each row's real positions
+    what the row alone gives (rotary positions from its first real token)."""
+    torch.manual_seed(0)
+    layer = SparseAttention(32, 4, num_kv_heads=2, mechanism=mechanism).double()
+    lengths = (20, 13, 5, 7)
+    rows = [torch.randn(1, n, 32, dtype=torch.float64) for n in lengths]
+    batch = torch.zeros(4, 20, 32, dtype=torch.float64)
+    mask = torch.zeros(4, 20, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        cols = slice(20 - r.shape[1], 20) if side == "left" else slice(0, r.shape[1])
+        batch[b, cols], mask[b, cols] = r[0], True
+    out = layer(batch, padding_mask=mask)
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(out[b:b + 1, mask[b]], layer(r), rtol=1e-10, atol=1e-10)

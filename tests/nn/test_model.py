@@ -365,13 +365,34 @@ def test_padded_batch_with_a_padding_mask_equals_each_row_alone(side):
         torch.testing.assert_close(logits[b:b + 1, mask[b]], m(r), rtol=1e-10, atol=1e-10)
 
 
+DYNAMIC_LAYERS = ["lsh:causal=true,bucket_size=4,n_hashes=2,seed=0", "routing:causal=true",
+                  "routing:causal=true,num_clusters=2", "lsh:causal=true,bucket_size=16,n_hashes=3,seed=1"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_with_lsh_and_routing_equals_each_row_alone(side):
+    """LSH hashes and routing routes each row with the sizes of its real length (bucket count,
+    default clusters and window), pads in no chunk's or cluster's place: each row alone."""
+    m = model(DYNAMIC_LAYERS, leaky_mechanisms=["lsh", "routing"])
+    lengths = (20, 13, 1, 7)
+    rows = [torch.randint(0, 40, (1, n)) for n in lengths]
+    batch = torch.zeros(4, 20, dtype=torch.long)
+    mask = torch.zeros(4, 20, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        cols = slice(20 - r.shape[1], 20) if side == "left" else slice(0, r.shape[1])
+        batch[b, cols], mask[b, cols] = r, True
+    logits = m(batch, padding_mask=mask)
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(logits[b:b + 1, mask[b]], m(r), rtol=1e-10, atol=1e-10)
+
+
 def test_padding_mask_errors():
     m = model(PATTERN_LAYERS)
     tokens = torch.randint(0, 40, (2, 6))
     with pytest.raises(ValueError, match=r"padding_mask must be a bool tensor of shape \(2, 6\)"):
         m(tokens, padding_mask=torch.ones(2, 6))
-    with pytest.raises(ValueError, match="mechanism lsh:causal=true,seed=0 takes no padding_mask"):
-        model(["causal", "lsh:causal=true,seed=0"], leaky_mechanisms=["lsh"])(
+    with pytest.raises(ValueError, match="mechanism block_topk:block_size=2,causal=true takes no padding_mask"):
+        model(["causal", "block_topk:block_size=2,causal=true"], leaky_mechanisms=["block_topk"])(
             tokens, padding_mask=torch.ones(2, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="padding_mask and cache exclude each other"):
         m(tokens, m.make_caches("full"), padding_mask=torch.ones(2, 6, dtype=torch.bool))

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from sa_testing import assert_low_precision_close, make_qkv, max_abs_err
+from sa_testing import assert_fp32_close, assert_low_precision_close, make_qkv, max_abs_err
 
 from sparse_attn.ops.lsh import lsh_attended_pairs, lsh_attention, lsh_attention_naive, lsh_hash, random_rotations
 
@@ -350,3 +350,226 @@ def test_hash_is_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = lsh_hash(x, 16, 2, rotations=rotations)
     assert torch.equal(got, expected)
+
+
+# --------------------------------------------------------------------- padded batches
+PAD_N = 40
+PAD_LENGTHS = [40, 1, 23, 9]  # very different lengths (10, 1, 6 and 3 chunks at bucket_size 4)
+
+
+def padding_mask(side, lengths=PAD_LENGTHS, n=PAD_N, seed=0):
+    """bool [B, n], True = a real token: real tokens at the end (left padding), at the start
+    (right padding) or scattered (holes)."""
+    mask = torch.zeros(len(lengths), n, dtype=torch.bool)
+    order = torch.Generator().manual_seed(seed)
+    for b, length in enumerate(lengths):
+        if side == "left":
+            mask[b, n - length:] = True
+        elif side == "right":
+            mask[b, :length] = True
+        else:
+            mask[b, torch.randperm(n, generator=order)[:length]] = True
+    return mask
+
+
+def rows_alone(fn, q, k, v, mask, dout, lse_w, **kw):
+    """Each row's real tokens run alone, scattered back into the padded shape: (out, lse,
+    grads); pad positions hold out 0, lse -inf and zero gradients."""
+    out = torch.zeros(*q.shape[:3], v.shape[3], dtype=q.dtype)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
+    grads = [torch.zeros_like(t) for t in (q, k, v) if t is not None]
+    for b in range(q.shape[0]):
+        idx = mask[b].nonzero().squeeze(1)
+        cut = [None if t is None else t[b:b + 1, :, idx] for t in (q, k, v)]
+        o, l, g = loss_and_grads(fn, *cut, dout[b:b + 1, :, idx], lse_w[b:b + 1, :, idx], **kw)
+        out[b][:, idx], lse[b][:, idx] = o[0], l[0].double()
+        for total, part in zip(grads, g):
+            total[b][:, idx] = part[0]
+    return out, lse, grads
+
+
+PAD_CASES = [  # (bucket_size, n_hashes)
+    (4, 3),  # every row its own chunk count, one row of a single chunk
+    (8, 2),
+    (64, 2),  # bucket_size > N: one chunk for every row
+    (1, 2),  # chunks of one token
+]
+
+
+@pytest.mark.parametrize("shared_qk", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("side", ["left", "right", "holes"])
+@pytest.mark.parametrize("bucket_size,n_hashes", PAD_CASES)
+def test_padded_chunked_equals_naive(bucket_size, n_hashes, side, causal, shared_qk):
+    q, k, v = qkv_for(shared_qk, b=4, hq=4, hkv=2, n=PAD_N, d=8, dv=5)
+    mask = padding_mask(side)
+    kw = dict(bucket_size=bucket_size, n_hashes=n_hashes, causal=causal, shared_qk=shared_qk, seed=7,
+              key_padding_mask=mask)
+    dout = torch.randn(4, 4, PAD_N, 5, dtype=torch.float64)
+    lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
+    out, lse, grads = loss_and_grads(lsh_attention, q, k, v, dout, lse_w, **kw)
+    ref, ref_lse, ref_grads = loss_and_grads(lsh_attention_naive, q, k, v, dout, lse_w, **kw)
+    assert not torch.isnan(out).any()
+    assert max_abs_err(out, ref) <= EXACT
+    assert_same_lse(lse, ref_lse)
+    for g, rg in zip(grads, ref_grads):
+        assert not torch.isnan(g).any()
+        assert max_abs_err(g, rg) <= EXACT
+
+
+@pytest.mark.parametrize("shared_qk", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("side", ["left", "right", "holes"])
+@pytest.mark.parametrize("bucket_size,n_hashes", PAD_CASES)
+def test_padded_rows_equal_rows_alone(bucket_size, n_hashes, side, causal, shared_qk):
+    """Each row's real positions get what its real tokens give alone (its own bucket count and
+    chunks, the same rotations); pad query rows are 0 with lse -inf; pads get no gradient."""
+    q, k, v = qkv_for(shared_qk, b=4, hq=4, hkv=2, n=PAD_N, d=8, dv=5)
+    mask = padding_mask(side)
+    kw = dict(bucket_size=bucket_size, n_hashes=n_hashes, causal=causal, shared_qk=shared_qk, seed=7)
+    dout = torch.randn(4, 4, PAD_N, 5, dtype=torch.float64)
+    lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
+    out, lse, grads = loss_and_grads(lsh_attention, q, k, v, dout, lse_w, key_padding_mask=mask, **kw)
+    alone, alone_lse, alone_grads = rows_alone(lsh_attention, q, k, v, mask, dout, lse_w, **kw)
+    pads = ~mask[:, None, :].expand(4, 4, PAD_N)
+    assert (out[pads] == 0).all() and torch.isneginf(lse[pads]).all()
+    assert max_abs_err(out, alone) <= EXACT
+    assert_same_lse(lse, alone_lse)
+    for g, ga in zip(grads, alone_grads):
+        assert max_abs_err(g, ga) <= EXACT  # pads: exactly 0, as alone
+
+
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_padded_float32_matches_the_float64_reference(shared_qk):
+    q, k, v = qkv_for(shared_qk, b=4, hq=4, hkv=2, n=PAD_N, d=8, dtype=torch.float32)
+    mask = padding_mask("left")
+    kw = dict(bucket_size=4, n_hashes=3, causal=True, shared_qk=shared_qk, seed=2, key_padding_mask=mask)
+    dout = torch.randn(4, 4, PAD_N, 8, dtype=torch.float64)
+    lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
+    out, lse, grads = loss_and_grads(lsh_attention, q, k, v, dout.float(), lse_w, **kw)
+    q64, k64, v64 = (t.double() if t is not None else None for t in (q, k, v))  # same values: same hashes
+    ref, ref_lse, ref_grads = loss_and_grads(lsh_attention_naive, q64, k64, v64, dout, lse_w, **kw)
+    assert out.dtype == torch.float32
+    assert_fp32_close(out, ref, what="out")
+    assert_fp32_close(lse, ref_lse, what="lse")
+    for name, g, rg in zip("qkv" if not shared_qk else "qv", grads, ref_grads):
+        assert_fp32_close(g, rg, what=f"d{name}")
+
+
+@pytest.mark.parametrize("shared_qk", [False, True])
+@pytest.mark.parametrize("side", ["left", "holes"])
+def test_pad_tokens_take_no_part(side, shared_qk):
+    """Whatever the pads hold, the real positions' outputs and gradients do not change, and the
+    pads' own gradients are 0."""
+    q, k, v = qkv_for(shared_qk, b=4, hq=4, hkv=2, n=PAD_N, d=8)
+    mask = padding_mask(side)
+    pads = ~mask[:, None, :, None]
+    kw = dict(bucket_size=4, n_hashes=3, causal=False, shared_qk=shared_qk, seed=5, key_padding_mask=mask)
+    dout = torch.randn(4, 4, PAD_N, 8, dtype=torch.float64)
+    lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
+    out, lse, grads = loss_and_grads(lsh_attention, q, k, v, dout, lse_w, **kw)
+    noisy = [None if t is None else torch.where(pads, 1e3 * torch.randn_like(t), t) for t in (q, k, v)]
+    out2, lse2, grads2 = loss_and_grads(lsh_attention, *noisy, dout, lse_w, **kw)
+    real = mask[:, None, :].expand(4, 4, PAD_N)
+    assert torch.equal(out[real], out2[real]) and torch.equal(lse[real], lse2[real])
+    for g, g2 in zip(grads, grads2):
+        real_kv = mask[:, None, :].expand(*g.shape[:3])
+        assert torch.equal(g[real_kv], g2[real_kv])
+        assert (g2[~real_kv] == 0).all()
+
+
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_padded_pairs_hold_no_pad_token(shared_qk):
+    """`lsh_attended_pairs` with a mask: no pair with a pad token, and the padded output is
+    softmax over those pairs."""
+    q, k, v = qkv_for(shared_qk, b=4, hq=4, hkv=2, n=PAD_N, d=6)
+    mask = padding_mask("holes")
+    kw = dict(bucket_size=4, n_hashes=3, causal=True, shared_qk=shared_qk, seed=11, key_padding_mask=mask)
+    out, lse = lsh_attention(q, k, v, return_lse=True, **kw)
+    pairs = lsh_attended_pairs(q, k, **kw)
+    real = mask[:, None, :]
+    assert not (pairs & ~real.unsqueeze(-1)).any() and not (pairs & ~real.unsqueeze(-2)).any()
+    if shared_qk:  # every real token sees something: a lone one, itself
+        assert pairs.any(-1)[real.expand(4, 4, PAD_N)].all()
+    keys = F.normalize(q, dim=-1) if shared_qk else k
+    ref, ref_lse = masked_softmax_f64(q, keys, v, pairs)
+    assert max_abs_err(out, ref) <= EXACT
+    assert_same_lse(lse, ref_lse)
+
+
+def test_an_all_real_mask_changes_nothing():
+    q, k, v = qkv_for(False, b=2, n=37, dtype=torch.float32)
+    kw = dict(bucket_size=8, n_hashes=3, causal=True, seed=4)
+    everything = torch.ones(2, 37, dtype=torch.bool)
+    assert torch.equal(lsh_attention(q, k, v, key_padding_mask=everything, **kw), lsh_attention(q, k, v, **kw))
+
+
+def test_a_row_of_pads_returns_zero():
+    q, k, v = qkv_for(False, b=2, hq=2, hkv=2, n=12, d=4, requires_grad=True)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1] = False
+    out, lse = lsh_attention(q, k, v, bucket_size=4, n_hashes=2, seed=0, key_padding_mask=mask, return_lse=True)
+    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all() and torch.isfinite(out[0]).all()
+    out.sum().backward()
+    assert all((t.grad[1] == 0).all() and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_padded_rows_draw_the_rotations_a_row_alone_draws():
+    """With a generator (or torch's global one) each row gets the rotations its lone call would
+    draw from the same state, and the generator ends where an unmasked call leaves it."""
+    q, k, v = qkv_for(False, n=PAD_N, b=4, dtype=torch.float32)
+    mask = padding_mask("right", lengths=[33, 1, 23, 9])  # no row of the padded length's bucket count
+    kw = dict(bucket_size=4, n_hashes=2)
+    gen = torch.Generator().manual_seed(9)
+    start = gen.get_state()
+    out = lsh_attention(q, k, v, generator=gen, key_padding_mask=mask, **kw)
+    after_padded = gen.get_state()
+    gen.set_state(start)
+    lsh_attention(q, k, v, generator=gen, **kw)
+    assert torch.equal(after_padded, gen.get_state())
+    for b in range(4):
+        idx = mask[b].nonzero().squeeze(1)
+        gen.set_state(start)
+        alone = lsh_attention(q[b:b + 1, :, idx], k[b:b + 1, :, idx], v[b:b + 1, :, idx], generator=gen, **kw)
+        assert max_abs_err(out[b:b + 1, :, idx], alone) <= 1e-6
+        torch.manual_seed(3)
+        alone_global = lsh_attention(q[b:b + 1, :, idx], k[b:b + 1, :, idx], v[b:b + 1, :, idx], **kw)
+        torch.manual_seed(3)
+        padded_global = lsh_attention(q, k, v, key_padding_mask=mask, **kw)
+        assert max_abs_err(padded_global[b:b + 1, :, idx], alone_global) <= 1e-6
+    torch.manual_seed(3)
+    lsh_attention(q, k, v, key_padding_mask=mask, **kw)
+    after_global = torch.rand(3)
+    torch.manual_seed(3)
+    lsh_attention(q, k, v, **kw)
+    assert torch.equal(after_global, torch.rand(3))
+
+
+def test_padded_gradcheck():
+    q, k, v = qkv_for(False, b=2, hq=2, hkv=1, n=11, d=3, dv=2, requires_grad=True)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, :4] = False
+    mask[1, [2, 7, 8]] = False
+
+    def fn(qq, kk, vv):
+        out, lse = lsh_attention(qq, kk, vv, bucket_size=2, n_hashes=2, causal=True, seed=1, return_lse=True,
+                                 key_padding_mask=mask)
+        return out, torch.where(torch.isfinite(lse), lse, 0.0)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mask,exc,match", [
+    (torch.ones(1, 15, dtype=torch.bool), ValueError, r"key_padding_mask must have shape \(batch, kv_len\) = \(1, 16\)"),
+    (torch.ones(2, 16, dtype=torch.bool), ValueError, r"key_padding_mask must have shape"),
+    (torch.ones(1, 16), TypeError, "key_padding_mask must be a bool tensor"),
+    ([[True] * 16], TypeError, "key_padding_mask must be a bool tensor of shape"),
+])
+def test_bad_key_padding_mask(mask, exc, match):
+    q, k, v = small()
+    for call in (lambda: lsh_attention(q, k, v, key_padding_mask=mask),
+                 lambda: lsh_attention(q, None, v, shared_qk=True, key_padding_mask=mask),
+                 lambda: lsh_attention_naive(q, k, v, key_padding_mask=mask),
+                 lambda: lsh_attended_pairs(q, k, key_padding_mask=mask)):
+        with pytest.raises(exc, match=match):
+            call()

@@ -197,7 +197,7 @@ def test_attention_passes_per_row_arguments_to_patterns_and_refuses_them_elsewhe
     out = sparse_attn.attention(q, k, v, "sliding_window:window=3", key_padding_mask=mask)
     assert torch.equal(out, sparse_attn.sparse_attention(q, k, v, P.sliding_window(3), key_padding_mask=mask))
     with pytest.raises(TypeError, match="takes no parameter.*key_padding_mask"):
-        sparse_attn.attention(q, k, v, "lsh", key_padding_mask=mask)
+        sparse_attn.attention(q, k, v, "block_topk", key_padding_mask=mask)
 
 
 # ------------------------------------------------------------------------ packed documents

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from sa_testing import assert_low_precision_close, make_qkv, max_abs_err
+from sa_testing import assert_fp32_close, assert_low_precision_close, make_qkv, max_abs_err
 
 from sparse_attn.ops.routing import (RoutingCentroids, route_tokens, routing_attended_pairs, routing_attention,
-                                     routing_attention_naive)
+                                     routing_attention_naive, routing_sizes)
 
 EXACT = 1e-10
 
@@ -294,3 +294,226 @@ def test_bad_tensors():
         routing_attention(q, k[:, :, :8], v[:, :, :8], num_clusters=2, window=4)
     with pytest.raises(ValueError, match="k and v must have the same number of heads"):
         routing_attention(q, k, v[:, :1], num_clusters=2, window=4)
+
+
+# --------------------------------------------------------------------- padded batches
+PAD_N = 40
+PAD_LENGTHS = [40, 1, 23, 9]  # very different lengths: default sizes 3, 1, 2 and 2 clusters
+
+
+def padding_mask(side, lengths=PAD_LENGTHS, n=PAD_N, seed=0):
+    """bool [B, n], True = a real token: real tokens at the end (left padding), at the start
+    (right padding) or scattered (holes)."""
+    mask = torch.zeros(len(lengths), n, dtype=torch.bool)
+    order = torch.Generator().manual_seed(seed)
+    for b, length in enumerate(lengths):
+        if side == "left":
+            mask[b, n - length:] = True
+        elif side == "right":
+            mask[b, :length] = True
+        else:
+            mask[b, torch.randperm(n, generator=order)[:length]] = True
+    return mask
+
+
+def rows_alone(fn, q, k, v, mask, dout, lse_w, window=None, **kw):
+    """Each row's real tokens run alone (a given window capped at the row's length), scattered
+    back into the padded shape: (out, lse, grads); pads hold 0, lse -inf, zero gradients."""
+    out = torch.zeros(*q.shape[:3], v.shape[3], dtype=q.dtype)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
+    grads = [torch.zeros_like(t) for t in (q, k, v)]
+    for b in range(q.shape[0]):
+        idx = mask[b].nonzero().squeeze(1)
+        cut = [t[b:b + 1, :, idx] for t in (q, k, v)]
+        row_window = None if window is None else min(window, len(idx))
+        o, l, g = loss_and_grads(fn, *cut, dout[b:b + 1, :, idx], lse_w[b:b + 1, :, idx], window=row_window, **kw)
+        out[b][:, idx], lse[b][:, idx] = o[0], l[0].double()
+        for total, part in zip(grads, g):
+            total[b][:, idx] = part[0]
+    return out, lse, grads
+
+
+PAD_SIZES = [  # (num_clusters, window, centroids kind)
+    (None, None, "data"),  # every row its own default sizes and centroids
+    (3, None, "data"),  # window ceil(n_b / 3) per row
+    (3, 8, "data"),  # window capped at the 1- and 9-token rows
+    (None, 12, "module"),  # num_clusters from the centroids
+    (4, None, "tensor"),
+    (2, 40, "data"),  # every cluster holds a whole row
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("side", ["left", "right", "holes"])
+@pytest.mark.parametrize("num_clusters,window,kind", PAD_SIZES)
+def test_padded_gathered_equals_naive(num_clusters, window, kind, side, causal):
+    q, k, v = make_qkv(4, 4, PAD_N, 8, hkv=2, dv=5, dtype=torch.float64)
+    kw = dict(num_clusters=num_clusters, window=window, causal=causal,
+              centroids=centroids_of(kind, num_clusters or 3, 4, 8), key_padding_mask=padding_mask(side))
+    dout = torch.randn(4, 4, PAD_N, 5, dtype=torch.float64)
+    lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
+    out, lse, grads = loss_and_grads(routing_attention, q, k, v, dout, lse_w, **kw)
+    ref, ref_lse, ref_grads = loss_and_grads(routing_attention_naive, q, k, v, dout, lse_w, **kw)
+    assert not torch.isnan(out).any()
+    assert max_abs_err(out, ref) <= EXACT
+    assert_same_lse(lse, ref_lse)
+    for g, rg in zip(grads, ref_grads):
+        assert not torch.isnan(g).any()
+        assert max_abs_err(g, rg) <= EXACT
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("side", ["left", "right", "holes"])
+@pytest.mark.parametrize("num_clusters,window,kind", PAD_SIZES)
+def test_padded_rows_equal_rows_alone(num_clusters, window, kind, side, causal):
+    """Each row's real positions get what its real tokens give alone, with the sizes of its own
+    length (a given window capped at it); pad query rows are 0 with lse -inf; pads get no
+    gradient."""
+    q, k, v = make_qkv(4, 4, PAD_N, 8, hkv=2, dv=5, dtype=torch.float64)
+    mask = padding_mask(side)
+    kw = dict(num_clusters=num_clusters, causal=causal, centroids=centroids_of(kind, num_clusters or 3, 4, 8))
+    dout = torch.randn(4, 4, PAD_N, 5, dtype=torch.float64)
+    lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
+    out, lse, grads = loss_and_grads(routing_attention, q, k, v, dout, lse_w, window=window, key_padding_mask=mask,
+                                     **kw)
+    alone, alone_lse, alone_grads = rows_alone(routing_attention, q, k, v, mask, dout, lse_w, window=window, **kw)
+    pads = ~mask[:, None, :].expand(4, 4, PAD_N)
+    assert (out[pads] == 0).all() and torch.isneginf(lse[pads]).all()
+    assert max_abs_err(out, alone) <= EXACT
+    assert_same_lse(lse, alone_lse)
+    for g, ga in zip(grads, alone_grads):
+        assert max_abs_err(g, ga) <= EXACT  # pads: exactly 0, as alone
+
+
+def test_padded_float32_matches_the_float64_reference():
+    q, k, v = make_qkv(4, 4, PAD_N, 8, hkv=2)
+    kw = dict(causal=True, key_padding_mask=padding_mask("left"))
+    dout = torch.randn(4, 4, PAD_N, 8, dtype=torch.float64)
+    lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
+    out, lse, grads = loss_and_grads(routing_attention, q, k, v, dout.float(), lse_w, **kw)
+    ref, ref_lse, ref_grads = loss_and_grads(routing_attention_naive, *(t.double() for t in (q, k, v)), dout,
+                                             lse_w, **kw)  # same values: routed alike
+    assert out.dtype == torch.float32
+    assert_fp32_close(out, ref, what="out")
+    assert_fp32_close(lse, ref_lse, what="lse")
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert_fp32_close(g, rg, what=f"d{name}")
+
+
+@pytest.mark.parametrize("side", ["left", "holes"])
+@pytest.mark.parametrize("num_clusters,window", [(None, None), (3, 8)])
+def test_pad_tokens_take_no_part(num_clusters, window, side):
+    """Whatever the pads hold (even vectors that would win every cluster), the real positions'
+    outputs and gradients do not change, and the pads' own gradients are 0."""
+    q, k, v = make_qkv(4, 4, PAD_N, 8, hkv=2, dtype=torch.float64)
+    mask = padding_mask(side)
+    pads = ~mask[:, None, :, None]
+    cents = torch.randn(3, 8, dtype=torch.float64)
+    kw = dict(num_clusters=num_clusters, window=window, centroids=None if num_clusters is None else cents,
+              key_padding_mask=mask)
+    dout = torch.randn(4, 4, PAD_N, 8, dtype=torch.float64)
+    lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
+    out, lse, grads = loss_and_grads(routing_attention, q, k, v, dout, lse_w, **kw)
+    # pads pointing at the first centroid: alone they would top its cluster
+    magnet = cents[0].expand_as(q) * 1e3
+    noisy = [torch.where(pads, magnet[:, :t.shape[1]], t) for t in (q, k)] + [torch.where(pads, 1e3, v)]
+    out2, lse2, grads2 = loss_and_grads(routing_attention, *noisy, dout, lse_w, **kw)
+    real = mask[:, None, :].expand(4, 4, PAD_N)
+    assert torch.equal(out[real], out2[real]) and torch.equal(lse[real], lse2[real])
+    for g, g2 in zip(grads, grads2):
+        real_kv = mask[:, None, :].expand(*g.shape[:3])
+        assert torch.equal(g[real_kv], g2[real_kv])
+        assert (g2[~real_kv] == 0).all()
+
+
+def test_padded_routing_puts_pads_in_no_cluster():
+    b, hq, hkv, d = 4, 4, 2, 8
+    q, k, v = make_qkv(b, hq, PAD_N, d, hkv=hkv, dtype=torch.float64)
+    mask = padding_mask("holes")
+    q_members, k_members = route_tokens(q, k, key_padding_mask=mask)
+    sizes = [routing_sizes(n_b) for n_b in PAD_LENGTHS]
+    assert q_members.shape == (b, hq, max(s["num_clusters"] for s in sizes), max(s["window"] for s in sizes))
+    for members in (q_members, k_members):
+        for row, size in enumerate(sizes):
+            used = members[row, :, :size["num_clusters"], :size["window"]]
+            assert mask[row][used].all(), "members are real tokens of the row"
+            assert (members[row][..., size["window"]:] == PAD_N).all(), "slots past the row's window are empty"
+            assert (members[row, :, size["num_clusters"]:] == PAD_N).all(), "clusters past the row's count are empty"
+    out = routing_attention(q, k, v, key_padding_mask=mask)
+    pairs = routing_attended_pairs(q, k, key_padding_mask=mask)
+    real = mask[:, None, :]
+    assert not (pairs & ~real.unsqueeze(-1)).any() and not (pairs & ~real.unsqueeze(-2)).any()
+    ref, _ = masked_softmax_f64(q, k, v, pairs)
+    assert max_abs_err(out, ref) <= EXACT
+
+
+def test_an_all_real_mask_changes_nothing():
+    q, k, v = make_qkv(2, 4, 37, 8, hkv=2)
+    everything = torch.ones(2, 37, dtype=torch.bool)
+    for kw in (dict(), dict(num_clusters=3, window=10, causal=True)):
+        assert torch.equal(routing_attention(q, k, v, key_padding_mask=everything, **kw),
+                           routing_attention(q, k, v, **kw))
+
+
+def test_a_row_of_pads_returns_zero():
+    q, k, v = make_qkv(2, 2, 12, 4, requires_grad=True)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1] = False
+    out, lse = routing_attention(q, k, v, num_clusters=2, window=4, key_padding_mask=mask, return_lse=True)
+    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all() and torch.isfinite(out[0]).all()
+    out.sum().backward()
+    assert all((t.grad[1] == 0).all() and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_padded_gradcheck():
+    q, k, v = make_qkv(2, 2, 9, 3, hkv=1, dv=2, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :3] = False
+    mask[1, [2, 5]] = False
+
+    def fn(q, k, v):
+        out, lse = routing_attention(q, k, v, num_clusters=3, window=4, causal=True, return_lse=True,
+                                     key_padding_mask=mask)
+        return out, torch.where(torch.isfinite(lse), lse, 0.0)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_update_with_a_mask_ignores_the_pads():
+    """update(x, mask) moves the centroids as an update on the real tokens alone does."""
+    x = torch.randn(2, 3, 10, 8)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 6:] = False
+    mask[1, :2] = False
+    for heads in (1, 3):
+        padded = RoutingCentroids(4, 8, num_heads=heads, decay=0.5, generator=torch.Generator().manual_seed(0))
+        alone = RoutingCentroids(4, 8, num_heads=heads, decay=0.5, generator=torch.Generator().manual_seed(0))
+        noisy = torch.where(mask[:, None, :, None], x, 50 * torch.randn_like(x))
+        assigned = padded.update(noisy, mask=mask)
+        assert assigned.shape == (2, 3, 10)
+        # the real tokens of both rows in one batch row: the same clusters, the same means
+        alone.update(torch.cat([x[:1, :, mask[0]], x[1:, :, mask[1]]], dim=2))
+        assert torch.allclose(padded.centroids, alone.centroids, atol=1e-6)
+        moved = RoutingCentroids(4, 8, num_heads=heads, decay=0.5, generator=torch.Generator().manual_seed(0))
+        moved.update(noisy)
+        assert not torch.allclose(moved.centroids, alone.centroids, atol=1e-3)  # the pads would have moved them
+    with pytest.raises(TypeError, match=r"mask must be a bool tensor of shape \(2, 10\).*torch.float32"):
+        padded.update(x, mask=torch.ones(2, 10))
+    with pytest.raises(ValueError, match=r"mask must have shape \(batch, length\) = \(2, 10\) like x, got \(2, 9\)"):
+        padded.update(x, mask=mask[:, :9])
+
+
+@pytest.mark.parametrize("mask,exc,match", [
+    (torch.ones(1, 15, dtype=torch.bool), ValueError, r"key_padding_mask must have shape \(batch, kv_len\) = \(1, 16\)"),
+    (torch.ones(2, 16, dtype=torch.bool), ValueError, r"key_padding_mask must have shape"),
+    (torch.ones(1, 16), TypeError, "key_padding_mask must be a bool tensor"),
+    ([[True] * 16], TypeError, "key_padding_mask must be a bool tensor of shape"),
+])
+def test_bad_key_padding_mask(mask, exc, match):
+    q, k, v = make_qkv(1, 2, 16, 8)
+    for call in (lambda: routing_attention(q, k, v, key_padding_mask=mask),
+                 lambda: routing_attention_naive(q, k, v, key_padding_mask=mask),
+                 lambda: routing_attended_pairs(q, k, key_padding_mask=mask),
+                 lambda: route_tokens(q, k, key_padding_mask=mask)):
+        with pytest.raises(exc, match=match):
+            call()

@@ -5,9 +5,10 @@
 `SparseTransformer` encoder; `chunked_forward` for documents longer than a model's length.
 
 Padded batches: the layers and models take `padding_mask` (B, N) bool (True = real token), and
-with pattern mechanisms each row then computes what it computes alone, left or right padding
-(positions from the row's first real token). Decoding caches hold one sequence per row:
-`SparseCausalLM.generate(..., lengths=)` takes right-padded prompts."""
+each row then computes what it computes alone, left or right padding (positions from the row's
+first real token), with pattern mechanisms, linear, performer, topk, routing and lsh (lsh with
+a seed); block_topk refuses a mask (`SparseAttention` says more). Decoding caches hold one
+sequence per row: `SparseCausalLM.generate(..., lengths=)` takes right-padded prompts."""
 
 from .attention import SparseAttention
 from .cache import FullCache, KVCache, LinearStateCache, PatternCache, SinkCache, WindowCache

@@ -57,9 +57,13 @@ class SparseAttention(nn.Module):
     Padded batches: `forward(x, padding_mask=mask)` with mask (B, N) bool, True = real token.
     Pattern mechanisms then attend only real keys, with positions (the pattern's and the rotary angles) counted from each row's
     first real token, so left and right padding give each row what it gives alone; pad rows'
-    outputs are 0 before the output projection. `linear` masks pad keys out of its sums (it has
-    no positions) and `topk` never picks them. Mechanisms without per-row support (performer,
-    block_topk, lsh, routing) refuse a padding_mask.
+    outputs are 0 before the output projection. `linear` and `performer` mask pad keys out of
+    their sums (they have no positions) and `topk` never picks them. `lsh` and `routing` hash
+    or route each row as it is alone (LSH's bucket count and routing's default sizes from its
+    real length; pads sort after every real token and join no cluster), so each row gets what it gets alone
+    too; for `lsh` give a `seed` (without one, every call draws its rotations from torch's
+    global generator, so a row matches its lone run only from the same generator state).
+    `block_topk` has no per-row support and refuses a padding_mask.
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, mechanism="causal", *,
@@ -148,7 +152,7 @@ class SparseAttention(nn.Module):
             for m in (self.mechanism, self.dense_mechanism if self.sparse_weight < 1.0 else None):
                 if isinstance(m, Mechanism) and m.kind != PATTERN and "key_padding_mask" not in m.info.parameters():
                     raise ValueError(f"mechanism {m} takes no padding_mask (no per-row support): batch rows of equal "
-                                     "length, or use a pattern mechanism, linear or topk")
+                                     "length, or use a pattern mechanism, linear, performer, topk, lsh or routing")
             call_kw["key_padding_mask"] = padding_mask
             if positions is None:  # rotary positions from each row's first real token
                 positions = torch.clamp(padding_mask.long().cumsum(1) - 1, min=0)

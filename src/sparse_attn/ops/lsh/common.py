@@ -5,6 +5,11 @@ every token in a chunk per round, and the masked softmax / round merge with log-
 Both implementations call `hash_and_sort` with the same generator state, so they see the same
 hashes, the same sorted order and the same chunks; they differ only in how the attention over
 the allowed pairs is evaluated (gathered chunks vs a dense N x N mask).
+
+A key padding mask makes the geometry per row: row b, with n_b real tokens, hashes into the
+buckets and chunks of length n_b (`lsh_geometry(n_b, ...)`, rotations drawn as a call on that
+row alone draws them), its pad tokens sort after every real token, and its chunk 0 looks back
+to its own last chunk. So its real tokens meet exactly the pairs they meet alone.
 """
 
 from __future__ import annotations
@@ -17,16 +22,10 @@ import torch.nn.functional as F
 
 from ..._checks import check_bool, check_int
 from ..common import (accumulation_dtype, check_scale,  # noqa: F401 (lsh's modules import them here)
-                      check_self_attention_qkv, softmax_with_lse)
+                      check_key_padding_mask, check_self_attention_qkv, softmax_with_lse)
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-
-
-
-
 
 
 def resolve_generator(generator, seed):
@@ -42,8 +41,10 @@ def resolve_generator(generator, seed):
     return generator
 
 
-def check_lsh_args(q, k, v, *, bucket_size, n_hashes, causal, shared_qk, scale, generator, seed):
-    """Validates an LSH call; returns (k to use or None when shared, scale, generator)."""
+def check_lsh_args(q, k, v, *, bucket_size, n_hashes, causal, shared_qk, scale, generator, seed,
+                   key_padding_mask=None):
+    """Validates an LSH call; returns (k to use or None when shared, scale, generator, key_real:
+    bool [B, N], True = a real token, or None without a key_padding_mask)."""
     check_int("bucket_size", bucket_size, 1)
     check_int("n_hashes", n_hashes, 1)
     check_bool("causal", causal)
@@ -58,7 +59,9 @@ def check_lsh_args(q, k, v, *, bucket_size, n_hashes, causal, shared_qk, scale, 
         if k is None:
             raise ValueError("k is None but shared_qk=False: pass k, or shared_qk=True to use q as the keys")
         check_self_attention_qkv(q, k, v)
-    return k, check_scale(scale, q.shape[3]), resolve_generator(generator, seed)
+    # self-attention: keys and queries share the indices, so q stands for k's shape under shared-QK
+    key_real = None if key_padding_mask is None else check_key_padding_mask(key_padding_mask, q if k is None else k)
+    return k, check_scale(scale, q.shape[3]), resolve_generator(generator, seed), key_real
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -116,11 +119,15 @@ def lsh_hash(x, n_buckets, n_hashes, generator=None, *, rotations=None):
 
 @dataclass
 class LshPlan:
-    """Where every token goes in every round (padded positions N..Np-1 sort last).
+    """Where every token goes in every round (the tail positions N..Np-1, and pad tokens of a
+    key padding mask, sort last).
 
     q_pos / k_pos:     [B, Hkv, G or Gk, R, Np] original position at each sorted slot.
     q_rank / k_rank:   [.., R, Np] sorted slot of each original position (inverse permutation).
     q_chunk / k_chunk: [.., R, Np] chunk of each original position (= rank // chunk_len).
+    key_real:          bool [B, N], True = a real token; None without a key padding mask.
+    row_chunks:        int64 [B], chunks of each row's real tokens (>= 1); None without a mask
+                       (every row has n_chunks).
     """
 
     q_pos: torch.Tensor
@@ -132,6 +139,8 @@ class LshPlan:
     seq_len: int
     n_chunks: int
     chunk_len: int
+    key_real: torch.Tensor | None = None
+    row_chunks: torch.Tensor | None = None
 
     @property
     def n_hashes(self):
@@ -140,6 +149,30 @@ class LshPlan:
     @property
     def padded_len(self):
         return self.n_chunks * self.chunk_len
+
+    def chunks_per_row(self, ndim):
+        """The chunk count `window_hit` wraps at: n_chunks, or with a mask each row's own count
+        as int64 [B, 1, ..., 1] with `ndim` dims."""
+        if self.row_chunks is None:
+            return self.n_chunks
+        return self.row_chunks.view(-1, *[1] * (ndim - 1))
+
+    def previous_chunk(self):
+        """int64 [B, C]: the chunk each chunk looks back to, per row (chunk 0 wraps to the row's
+        last chunk of real tokens); None without a mask (every row wraps at n_chunks)."""
+        if self.row_chunks is None:
+            return None
+        chunk = torch.arange(self.n_chunks, device=self.row_chunks.device)
+        # a row of one chunk has no look-back: point its chunk 0 at chunk 1, which holds only pads
+        # (its real tokens fill chunk 0; n_chunks > 1 wherever a look-back exists at all)
+        wrap = torch.where(self.row_chunks > 1, self.row_chunks - 1, 1)  # [B]
+        return torch.where(chunk == 0, wrap[:, None], chunk - 1)
+
+    def is_real(self, positions):
+        """bool, positions' shape [B, ...]: is the token at each original position a real one
+        (positions >= N, the tail, are not). Only with a mask."""
+        real = F.pad(self.key_real, (0, self.padded_len - self.seq_len))  # [B, Np]
+        return real.gather(1, positions.reshape(positions.shape[0], -1)).view(positions.shape)
 
 
 def sort_by_bucket(buckets, n_buckets, padded_len):
@@ -156,21 +189,75 @@ def sort_by_bucket(buckets, n_buckets, padded_len):
 
 
 @torch.no_grad()
-def hash_and_sort(q5, k5, *, n_hashes, bucket_size, generator):
+def hash_and_sort(q5, k5, *, n_hashes, bucket_size, generator, key_real=None):
     """Hash queries (and keys, with the same rotations) and sort them into chunks.
 
     q5: [B, Hkv, G, N, D]; k5: [B, Hkv, 1, N, D], or None for shared-QK (the keys are the
-    normalised queries, which hash like the queries: a positive scale does not move an argmax)."""
+    normalised queries, which hash like the queries: a positive scale does not move an argmax).
+    key_real: bool [B, N] (True = a real token) or None: see `hash_rows`."""
     n = q5.shape[-2]
     n_chunks, chunk_len, n_buckets = lsh_geometry(n, bucket_size)
     padded = n_chunks * chunk_len
-    rotations = random_rotations(q5.shape[-1], n_buckets, n_hashes, generator=generator, device=q5.device)
-    q_pos, q_rank = sort_by_bucket(lsh_hash(q5, n_buckets, n_hashes, rotations=rotations), n_buckets, padded)
+    row_chunks = None
+    if key_real is None:
+        rotations = random_rotations(q5.shape[-1], n_buckets, n_hashes, generator=generator, device=q5.device)
+        q_buckets = lsh_hash(q5, n_buckets, n_hashes, rotations=rotations)
+        k_buckets = None if k5 is None else lsh_hash(k5, n_buckets, n_hashes, rotations=rotations)
+    else:
+        q_buckets, k_buckets, row_chunks = hash_rows(q5, k5, key_real, n_hashes=n_hashes, bucket_size=bucket_size,
+                                                     generator=generator)
+    q_pos, q_rank = sort_by_bucket(q_buckets, n_buckets, padded)
     if k5 is None:
         k_pos, k_rank = q_pos, q_rank
     else:
-        k_pos, k_rank = sort_by_bucket(lsh_hash(k5, n_buckets, n_hashes, rotations=rotations), n_buckets, padded)
-    return LshPlan(q_pos, q_rank, q_rank // chunk_len, k_pos, k_rank, k_rank // chunk_len, n, n_chunks, chunk_len)
+        k_pos, k_rank = sort_by_bucket(k_buckets, n_buckets, padded)
+    return LshPlan(q_pos, q_rank, q_rank // chunk_len, k_pos, k_rank, k_rank // chunk_len, n, n_chunks, chunk_len,
+                   key_real, row_chunks)
+
+
+@torch.no_grad()
+def hash_rows(q5, k5, key_real, *, n_hashes, bucket_size, generator):
+    """Buckets of a padded batch, each row hashed as it is alone: (q buckets [B, Hkv, G, R, N],
+    k buckets [B, Hkv, 1, R, N] or None for shared-QK, row_chunks int64 [B]).
+
+    Row b with n_b real tokens uses the bucket count of length n_b (2 * ceil(n_b / bucket_size))
+    and the rotations a call on that row alone draws from the same generator state. Its pad
+    tokens get bucket n_buckets(N), after every real bucket (every row's count is <= that of N),
+    so they sort after its real tokens, like the tail N..Np-1. Reads the distinct row lengths
+    back to the host (one synchronisation)."""
+    n, head_dim = q5.shape[-2], q5.shape[-1]
+    _, _, pad_bucket = lsh_geometry(n, bucket_size)
+    row_chunks = ((key_real.sum(1) + bucket_size - 1) // bucket_size).clamp(min=1)  # [B]; a row of pads: 1
+    counts = sorted(set((2 * row_chunks).tolist()))
+    rotations = rotations_per_count(head_dim, counts, n_hashes, generator=generator, device=q5.device,
+                                    padded_count=pad_bucket)
+    pad = ~key_real[:, None, None, None, :]  # [B, 1, 1, 1, N]
+
+    def hash_each_row(x):  # [B, Hkv, G, N, D] -> [B, Hkv, G, R, N]
+        buckets = torch.full((*x.shape[:-2], n_hashes, n), pad_bucket, dtype=torch.long, device=x.device)
+        for count in counts:
+            rows = (2 * row_chunks == count).nonzero().squeeze(1)
+            buckets[rows] = lsh_hash(x[rows], count, n_hashes, rotations=rotations[count])
+        return buckets.masked_fill_(pad, pad_bucket)
+
+    return hash_each_row(q5), None if k5 is None else hash_each_row(k5), row_chunks
+
+
+def rotations_per_count(head_dim, counts, n_hashes, *, generator, device, padded_count):
+    """{n_buckets: rotations} for every bucket count in `counts`, each drawn from the
+    generator's state at the call (what a call on a row of that length alone draws). The
+    generator (torch's global one when None) is then left where an unmasked call of the padded
+    length leaves it: advanced by one draw for `padded_count` buckets."""
+    source = torch.default_generator if generator is None else generator
+    start = source.get_state()
+    random_rotations(head_dim, padded_count, n_hashes, generator=source)
+    after = source.get_state()
+    drawn = {}
+    for count in counts:
+        source.set_state(start)
+        drawn[count] = random_rotations(head_dim, count, n_hashes, generator=source, device=device)
+    source.set_state(after)
+    return drawn
 
 
 def group_heads(q, k, v, shared_qk, dtype, kv_heads):
@@ -184,8 +271,12 @@ def group_heads(q, k, v, shared_qk, dtype, kv_heads):
 
 def window_hit(key_chunk, query_chunk, n_chunks):
     """Is a key in chunk `key_chunk` visible from a query in chunk `query_chunk`? Own chunk or
-    the previous one, wrapping (chunk 0 looks back to the last chunk, as in Reformer)."""
+    the previous one, wrapping (chunk 0 looks back to the last chunk, as in Reformer).
+    n_chunks: an int, or per row an int64 tensor broadcastable to the chunks (`chunks_per_row`);
+    one chunk has no look-back."""
     hit = key_chunk == query_chunk
+    if isinstance(n_chunks, torch.Tensor):
+        return hit | ((n_chunks > 1) & (key_chunk == (query_chunk - 1) % n_chunks))
     if n_chunks > 1:
         hit = hit | (key_chunk == (query_chunk - 1) % n_chunks)
     return hit
@@ -218,8 +309,13 @@ def self_fallback(out, lse, q5, k5, v5, scale):
     return out, torch.where(lone, self_score, lse)
 
 
-def finish(out, lse, q, return_lse):
-    """[B, Hkv, G, N, Dv] -> [B, Hq, N, Dv] in q's dtype; lse [B, Hq, N] in the compute dtype."""
+def finish(out, lse, q, return_lse, key_real=None):
+    """[B, Hkv, G, N, Dv] -> [B, Hq, N, Dv] in q's dtype; lse [B, Hq, N] in the compute dtype.
+    Query rows on pad tokens (key_real False) give 0 and lse -inf (and no gradient)."""
+    if key_real is not None:
+        real = key_real[:, None, None, :]  # [B, 1, 1, N]
+        out = torch.where(real.unsqueeze(-1), out, torch.zeros_like(out))
+        lse = torch.where(real, lse, torch.full_like(lse, float("-inf")))
     out = out.flatten(1, 2).to(q.dtype)
     lse = lse.flatten(1, 2)
     return (out, lse) if return_lse else out

@@ -22,18 +22,30 @@ Choices (naive.py follows the same ones):
 * No self mask: q and k are separate (a token attends to its own key if both are in a cluster).
 * centroids=None: the normalised keys at evenly spaced positions of each sequence (deterministic,
   per sequence and kv head); pass a `RoutingCentroids` (updated by its `update`) for learned ones.
+
+Padded batches (`key_padding_mask`, True = a real token): pad tokens join no cluster, as queries
+or as keys, so they are never attended to and their query rows return 0 (lse -inf, no
+gradient); the default centroids come from each row's real keys only (pass `mask=` to
+`RoutingCentroids.update` so pads do not move learned ones either). Each row is routed as it
+is alone: num_clusters and window default to the sizes of its real length n_b (not of the
+padded N), and a given window (at most N, as always) is capped at n_b. So each row's real positions get what
+`routing_attention` gives on the row alone (its real tokens, in order) with
+window=min(window, n_b): the same clusters, and outputs, lse and gradients equal up to float
+rounding (the float32 routing similarities are computed in other shapes, so a similarity tied
+to the last bit could in principle fall the other way).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..common import accumulation_dtype, softmax_with_lse
 from .clusters import check_routing_args, cluster_members, member_masks
 
 
 def routing_attention(q, k, v, *, num_clusters=None, window=None, causal=False, scale=None, centroids=None,
-                      return_lse=False):
+                      return_lse=False, key_padding_mask=None):
     """Attention within balanced k-means clusters.
 
     Args:
@@ -48,27 +60,43 @@ def routing_attention(q, k, v, *, num_clusters=None, window=None, causal=False, 
             None (evenly spaced normalised keys, see the module doc).
         return_lse: also return the log-sum-exp over each row's attended keys, [B, Hq, N]
             (float32 for half inputs), -inf for rows that attend to nothing.
+        key_padding_mask: bool [B, N], True = a real token: pad tokens join no cluster, their
+            query rows return 0, and each row is routed with the sizes of its real length
+            (module docstring). Reads the rows' lengths back to the host once.
 
     Returns:
         out [B, Hq, N, Dv] in q's dtype, or (out, lse).
     """
-    scale, centroids, window = check_routing_args(q, k, v, num_clusters=num_clusters, window=window, causal=causal,
-                                          scale=scale, centroids=centroids)
-    q_members, k_members = cluster_members(q, k, centroids, window)  # [B, Hq, C, W]
+    scale, centroids, window, rows = check_routing_args(q, k, v, num_clusters=num_clusters, window=window,
+                                                        causal=causal, scale=scale, centroids=centroids,
+                                                        key_padding_mask=key_padding_mask)
+    q_members, k_members = cluster_members(q, k, centroids, window, rows)  # [B, Hq, C, W]
     work = accumulation_dtype(q.dtype)
     group = q.shape[1] // k.shape[1]
-    q_c = gather_members(q.to(work), q_members)  # [B, Hq, C, W, D]
-    k_c = gather_members(k.to(work).repeat_interleave(group, dim=1), k_members)
-    v_c = gather_members(v.to(work).repeat_interleave(group, dim=1), k_members)  # [B, Hq, C, W, Dv]
+    n = q.shape[2]
+    # padded batch: members may be N, the empty slot, a zero token that nothing attends
+    slots = n if rows is None else n + 1
+
+    def tokens(x):  # [B, H, N, E] -> [B, H, slots, E] in the work dtype
+        x = x.to(work)
+        return x if rows is None else F.pad(x, (0, 0, 0, 1))
+
+    q_c = gather_members(tokens(q), q_members)  # [B, Hq, C, W, D]
+    k_c = gather_members(tokens(k).repeat_interleave(group, dim=1), k_members)
+    v_c = gather_members(tokens(v).repeat_interleave(group, dim=1), k_members)  # [B, Hq, C, W, Dv]
 
     scores = torch.matmul(q_c, k_c.transpose(-1, -2)) * scale  # [B, Hq, C, W, W]
-    scores = scores - torch.log(pair_counts(q_members, k_members, q.shape[2], work))
+    scores = scores - torch.log(pair_counts(q_members, k_members, slots, work))
     if causal:
         allowed = k_members.unsqueeze(-2) <= q_members.unsqueeze(-1)
     else:
         allowed = torch.ones_like(scores, dtype=torch.bool)
+    if rows is not None:
+        allowed = allowed & (q_members < n).unsqueeze(-1) & (k_members < n).unsqueeze(-2)
     probs, lse_c = softmax_with_lse(scores, allowed)  # lse [B, Hq, C, W]
-    out, lse = merge_members(torch.matmul(probs, v_c), lse_c, q_members, q.shape[2])
+    out, lse = merge_members(torch.matmul(probs, v_c), lse_c, q_members, slots)
+    if rows is not None:
+        out, lse = out[:, :, :n], lse[:, :, :n]
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -82,7 +110,7 @@ def gather_members(x, members):
 @torch.no_grad()
 def pair_counts(q_members, k_members, seq_len, dtype):
     """[B, H, C, W, W]: for each (query, key) pair of each cluster, in how many clusters both
-    are members (>= 1)."""
+    are members (>= 1). seq_len counts the empty slot N of a padded batch as a token."""
     in_q = member_masks(q_members, seq_len).transpose(-1, -2).to(dtype)  # [B, H, N, C]
     in_k = member_masks(k_members, seq_len).transpose(-1, -2).to(dtype)
     # clusters of each member: [B, H, C, W, C'], then count the shared ones

@@ -33,7 +33,8 @@ class RoutingCentroids(torch.nn.Module):
 
     Use: pass the module (or its `centroids`) to `routing_attention(..., centroids=...)`; in
     training, call `update(x)` yourself (e.g. `update(torch.cat([q, k], dim=2))` with k's heads
-    repeated under GQA). `routing_attention` never changes the centroids.
+    repeated under GQA; for a padded batch, `mask=torch.cat([real, real], dim=1)` so pad tokens
+    do not move the centroids). `routing_attention` never changes the centroids.
     """
 
     def __init__(self, num_clusters, head_dim, num_heads=1, decay=0.999, eps=1e-6, generator=None, device=None):
@@ -80,10 +81,25 @@ class RoutingCentroids(torch.nn.Module):
                              "(expected the same number, or centroids with num_heads=1)")
         if x.device != self.centroids.device:
             raise ValueError(f"x is on {x.device} but the centroids are on {self.centroids.device}")
-        x = F.normalize(x.detach().float(), dim=-1, eps=self.eps)
+        return self._flatten_heads(F.normalize(x.detach().float(), dim=-1, eps=self.eps))
+
+    def _flatten_heads(self, x):
+        """[B, H, N, E] -> [H', T, E], the token order `_as_bhn` undoes."""
         if self.num_heads == 1:
             return x.reshape(1, -1, x.shape[-1])  # every head's tokens feed the shared centroids
         return x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])
+
+    def _mask_weights(self, mask, x):
+        """bool mask [B, N] (True = a real token) -> float32 [H', T]: 1 for real tokens, 0 for pads."""
+        bsz, heads, n, _ = x.shape
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"mask must be a bool tensor of shape ({bsz}, {n}) (True = a real token), got {got}")
+        if tuple(mask.shape) != (bsz, n):
+            raise ValueError(f"mask must have shape (batch, length) = ({bsz}, {n}) like x, got {tuple(mask.shape)}")
+        if mask.device != x.device:
+            raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+        return self._flatten_heads(mask[:, None, :, None].expand(bsz, heads, n, 1).float())[..., 0]
 
     def _nearest(self, xs):
         """[H', T, D] normalised -> [H', T] index of the most similar centroid."""
@@ -102,15 +118,23 @@ class RoutingCentroids(torch.nn.Module):
         return self._as_bhn(self._nearest(self._per_head(x)), x.shape)
 
     @torch.no_grad()
-    def update(self, x):
+    def update(self, x, mask=None):
         """One mini-batch k-means step with EMA on x [B, H, N, D]; returns the assignments used
-        ([B, H, N], made with the centroids before the step)."""
+        ([B, H, N], made with the centroids before the step).
+
+        mask: bool [B, N], True = a real token; only those move the centroids (pad tokens are
+        still assigned in the result). None: every token counts."""
         xs = self._per_head(x)  # [H', T, D]
         nearest = self._nearest(xs)  # [H', T]
         heads, clusters, dim = self.centroids.shape
+        if mask is None:
+            weight = torch.ones_like(xs[..., 0])  # [H', T]
+        else:
+            weight = self._mask_weights(mask, x)
+            xs = xs * weight.unsqueeze(-1)  # a pad adds nothing to its cluster's sum
         sums = torch.zeros(heads, clusters, dim, device=xs.device).scatter_add_(
             1, nearest.unsqueeze(-1).expand(-1, -1, dim), xs)  # [H, C, D]
-        counts = torch.zeros(heads, clusters, device=xs.device).scatter_add_(1, nearest, torch.ones_like(xs[..., 0]))
+        counts = torch.zeros(heads, clusters, device=xs.device).scatter_add_(1, nearest, weight)
         means = sums / counts.clamp(min=1).unsqueeze(-1)
         old = self.centroids.float()
         moved = F.normalize(self.decay * old + (1 - self.decay) * means, dim=-1, eps=self.eps)

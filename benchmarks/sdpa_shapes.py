@@ -4,13 +4,17 @@ SDPA kernels build a plan per shape (cuDNN's graph), so the first call at a shap
 more than the next. This times forward+backward of SDPA per kernel choice over a stream of
 distinct lengths, twice: the first pass meets every length for the first time, the second
 revisits them in another order. Also the library's own `full` pattern call (what the dense
-ListOps encoder runs: the `sdpa` backend under torch's default kernel choice).
+ListOps encoder runs: the `sdpa` backend under torch's default kernel choice). Each kernel gets
+its own lengths, met by no kernel before it: a plan cached per shape (cuDNN's graphs are cached
+by torch, whichever choice built them) would otherwise make a later kernel's first pass a
+revisit. (The first H200 runs shared one stream of lengths, so their cuDNN-only pass, after the
+default's, measured revisits.)
 
     PYTHONPATH=src python3 benchmarks/sdpa_shapes.py --device cuda          # H200: ~1 min
     PYTHONPATH=src python3 benchmarks/sdpa_shapes.py --device cpu --lengths 4 --min-len 32 --max-len 96 --dtype float32
 
-Writes results/sdpa_shapes_<device>.json: per kernel, ms per call in each pass (mean, median,
-max) and whether the kernel was available for these inputs.
+Writes results/sdpa_shapes_<device>.json: per kernel, its lengths, ms per call in each pass
+(mean, median, max) and whether the kernel was available for these inputs.
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--lengths", type=int, default=200, help="distinct sequence lengths per pass")
+    ap.add_argument("--lengths", type=int, default=200,
+                    help="distinct sequence lengths per pass, per kernel (each kernel its own)")
     ap.add_argument("--min-len", type=int, default=500)
     ap.add_argument("--max-len", type=int, default=2000)
     ap.add_argument("--rows", type=int, default=21, help="batch rows per call (a ListOps batch of 32 spans ~1.5 lengths)")
@@ -90,16 +95,16 @@ def main(argv=None) -> int:
     for name in ("lengths", "min_len", "rows", "heads", "dim", "passes"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_len - args.min_len + 1 < args.lengths:
-        ap.error(f"--lengths {args.lengths} distinct lengths do not fit in [{args.min_len}, {args.max_len}]")
+    jobs_at_most = len(list(_kernels())) + 1 - (args.skip_math and any(n == "math" for n, _ in _kernels()))
+    if args.max_len - args.min_len + 1 < args.lengths * jobs_at_most:
+        ap.error(f"--lengths {args.lengths} distinct lengths for each of {jobs_at_most} kernels do not fit in "
+                 f"[{args.min_len}, {args.max_len}]")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(args.seed)
-    span = torch.randperm(args.max_len - args.min_len + 1, generator=g)[:args.lengths] + args.min_len
-    lengths = [int(n) for n in span]
+    span = [int(n) for n in torch.randperm(args.max_len - args.min_len + 1, generator=g) + args.min_len]
     out = args.out or RESULTS / f"sdpa_shapes_{device.type}.json"
-    payload = {"env": environment(device.type), "settings": {**vars(args), "out": str(out)}, "lengths": lengths,
-               "kernels": {}}
+    payload = {"env": environment(device.type), "settings": {**vars(args), "out": str(out)}, "kernels": {}}
 
     # warm-up at one length outside the stream, so a pass does not pay for loading kernels
     warm = [torch.randn(args.rows, args.heads, args.min_len - 1 or 1, args.dim).to(device, dtype).requires_grad_()
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
     jobs = [(f"sdpa {name}", F.scaled_dot_product_attention, ctx) for name, ctx in _kernels()
             if not (args.skip_math and name == "math")]
     jobs.append(("sparse_attn full (auto)", library_full, _kernels().__next__()[1]))
-    for label, fn, ctx in progress(jobs, desc="kernels"):
+    for index, (label, fn, ctx) in enumerate(progress(jobs, desc="kernels")):
+        lengths = span[index * args.lengths:(index + 1) * args.lengths]  # met by no kernel before
         try:
             with ctx():
                 _step(fn, *warm, sync)
@@ -116,7 +122,7 @@ def main(argv=None) -> int:
             payload["kernels"][label] = {"available": False, "reason": str(err).splitlines()[0][:300]}
             write_json(out, payload)
             continue
-        payload["kernels"][label] = run_kernel(fn, ctx, lengths, args, device, dtype, sync)
+        payload["kernels"][label] = {"lengths": lengths, **run_kernel(fn, ctx, lengths, args, device, dtype, sync)}
         write_json(out, payload)
     print(f"{'kernel':<28} " + " ".join(f"pass {i + 1} mean / median ms" for i in range(args.passes)))
     for label, row in payload["kernels"].items():

@@ -86,6 +86,29 @@ def test_encoder_layers_keep_their_own_mask_and_take_non_causal_schedules():
     assert_close(hidden(mask)[valid], ref_window[valid], what="hidden states, windowed")
 
 
+
+@pytest.mark.parametrize("schedule", ["lsh:bucket_size=4,n_hashes=2,seed=0", "routing:num_clusters=2"])
+def test_encoder_with_lsh_or_routing_takes_key_padding(schedule):
+    """BERT, right padding: a padded row under a hashing / routing schedule equals the row alone
+    (each row is hashed or routed as if alone; pads join no bucket or cluster)."""
+    torch.manual_seed(0)
+    model = tf.BertModel(tf.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=48, attn_implementation="eager")).eval()
+    lengths = [12, 5, 9]
+    ids, mask = (t.flip(1) for t in left_padded(lengths))
+
+    def hidden(input_ids, attention_mask):
+        with torch.no_grad():
+            return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    own = hidden(ids, mask)
+    H.enable(model, schedule)
+    out = hidden(ids, mask)
+    valid = mask.bool()
+    assert torch.isfinite(out[valid]).all() and float((out[valid] - own[valid]).abs().max()) > 1e-3
+    for b, length in enumerate(lengths):
+        assert_close(out[b, :length], hidden(ids[b:b + 1, :length], None)[0], what=f"row {b} alone")
+
 def test_schedule_forms_and_per_layer_lists():
     model = build("llama")
     ids, mask = left_padded(LENGTHS, seed=4)

@@ -197,7 +197,7 @@ def _mechanism_forward(module, mechanism: Mechanism, query, key, value, mask: Ro
     if mask is not None and not mask.is_plain:
         if "key_padding_mask" not in params or mask.document_ids is not None or mask.kv_start != 0:
             raise ValueError(f"schedule: {_layer(module)} runs {mechanism}, which takes no per-row padding, packing "
-                             "or evicted-cache offsets (linear, performer and topk take key padding; no "
+                             "or evicted-cache offsets (linear, performer, topk, lsh and routing take key padding; no "
                              "non-pattern mechanism takes packed documents or an evicted cache head)")
         kw["key_padding_mask"] = mask.key_padding_mask
     if scaling is not None and "scale" in params:

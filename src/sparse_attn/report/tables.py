@@ -353,10 +353,11 @@ def block_topk_gpu_table(data: dict, *, results_dir: PathLike | None = None, lin
          f"{env.get('gpu', env['device'])}, torch {env['torch']}, triton {env.get('triton', '-')}). ms per call "
          "(median); end to end = selection + layout + plan + triton kernel, what `block_topk_attention` costs; "
          "old = the layout from the selection table and the plan with its backward walk (before issue #16), "
-         "new = the layout and plan built on the device with no host read; e2e / kernel: issue #16's goal is "
-         "<= 1.10."),
+         "new = the layout and plan built on the device with no host read; select: the selection kernel "
+         "(ops/topk/select_kernel.py, the default on CUDA), and the same selection by torch ops where measured "
+         "(bit-equal: `select_kernel_equals_torch_ops`); e2e / kernel: issue #16's goal is <= 1.10."),
         "",
-        ("| N | blocks kept | select | layout old / new | layout (via pattern) | plan old / new | kernel | "
+        ("| N | blocks kept | select (torch ops) | layout old / new | layout (via pattern) | plan old / new | kernel | "
          "end to end fwd old / new | new e2e / kernel | SDPA causal fwd | speed-up | end to end fwd+bwd | "
          "SDPA causal fwd+bwd | speed-up |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -373,9 +374,12 @@ def block_topk_gpu_table(data: dict, *, results_dir: PathLike | None = None, lin
         def ratio(key, r=r):
             return "-" if r.get(key) is None else f"{r[key]:.2f}x"
 
+        select = file_ms("select_ms")
+        if r.get("select_torch_ops_ms") is not None:
+            select += f" ({file_ms('select_torch_ops_ms')})"
         lines.append(
             f"| {r['N']:,} | {r['top_k_blocks']}/{r['kv_blocks']} ({100 * r['selected_pairs_fraction']:.1f}% of pairs) "
-            f"| {file_ms('select_ms')} | {file_ms('old_layout_ms')} / {file_ms('layout_ms')} | "
+            f"| {select} | {file_ms('old_layout_ms')} / {file_ms('layout_ms')} | "
             f"{file_ms('layout_via_pattern_ms')} | "
             f"{file_ms('old_plan_ms')} / {file_ms('plan_ms')} | {file_ms('kernel_ms')} | "
             f"{file_ms('old_end_to_end_ms')} / {file_ms('triton_end_to_end_ms')} | {ratio('new_end_to_end_over_kernel')} | "

@@ -702,3 +702,21 @@ def block_sparse_bwd_combined_kernel(
                     stride_lb, stride_lh, qk_scale, scale, q_len, kv_len, num_q_heads, group_size, num_q_blocks,
                     PER_HEAD, LBQ, LBK, DQ_BM, DQ_BN, BD, BDV, D, DV, WORDS, EVEN_Q, EVEN_KV, IEEE, UPCAST, DQ_TMA,
                     WIDE_ROWS, False)
+
+
+# Integer arguments that change with the sequence length or the batch: lengths, block and work
+# counts, and the strides of the [B, H, N] float32 rows (lse, delta). Triton specialises an int
+# argument by divisibility by 16 (and == 1), so a stream of new shapes keeps compiling variants
+# of each kernel: over ListOps' lengths (500-2000, 1-32 rows) 16 variants of the forward, dq and
+# dk/dv kernels, ~1.4-1.7 s each to compile for sm90 on the CPU machine, 45 s for the first 30
+# calls (benchmarks/triton_specializations.py), as much as the H200's ListOps profile spends in
+# its first 30 steps. `lengths_unspecialized(kernel)` is the same kernel with these arguments left
+# as plain integers (one variant per set of constexprs). Not the default until its kernel time is
+# measured on the GPU: divisibility can let the compiler vectorise the lse / delta loads.
+LENGTH_ARGUMENTS = ("q_len", "kv_len", "num_q_blocks", "num_kv_blocks", "num_bh", "num_q_bh", "num_kv_bh",
+                    "total_work", "kv_work", "stride_lb", "stride_lh", "stride_dlb", "stride_dlh")
+
+
+def lengths_unspecialized(kernel):
+    """`kernel` (a @triton.jit function) compiled without specialising LENGTH_ARGUMENTS."""
+    return triton.jit(kernel.fn, do_not_specialize=[a for a in LENGTH_ARGUMENTS if a in kernel.arg_names])

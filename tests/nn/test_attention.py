@@ -221,3 +221,30 @@ def test_lsh_and_routing_layers_take_a_padding_mask(mechanism, side):
     out = layer(batch, padding_mask=mask)
     for b, r in enumerate(rows):
         torch.testing.assert_close(out[b:b + 1, mask[b]], layer(r), rtol=1e-10, atol=1e-10)
+@pytest.mark.parametrize("mechanism", ["block_topk:top_k_blocks=2,block_size=4",
+                                       "block_topk:top_k_blocks=2,block_size=4,causal=true"])
+def test_block_topk_layer_takes_a_padding_mask(mechanism):
+    """A block_topk layer accepts a padding_mask: under right padding (any real length, here
+    off the 4-token blocks too) each row's real positions get what the row alone gets; under
+    left padding (blocks cut elsewhere: not the row alone) the pad tokens' inputs change no
+    real output, and pad rows are 0 before the output projection (its bias alone)."""
+    torch.manual_seed(0)
+    layer = SparseAttention(32, 4, num_kv_heads=2, mechanism=mechanism).double()
+    lengths = (20, 13, 8, 5)
+    rows = [torch.randn(1, n, 32, dtype=torch.float64) for n in lengths]
+    batch = torch.zeros(4, 20, 32, dtype=torch.float64)
+    mask = torch.arange(20)[None, :] < torch.tensor(lengths)[:, None]
+    for b, r in enumerate(rows):
+        batch[b, :r.shape[1]] = r[0]
+    out = layer(batch, padding_mask=mask)
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(out[b:b + 1, mask[b]], layer(r), rtol=1e-10, atol=1e-10)
+    left = mask.flip(1)
+    batch = torch.where(left[..., None], batch.flip(1), 0.0)  # the same rows, left-padded
+    out = layer(batch, padding_mask=left)
+    noisy = layer(torch.where(left[..., None], batch, 1e3 * torch.randn_like(batch)), padding_mask=left)
+    assert torch.equal(out[left], noisy[left])
+    bias = layer.out_proj.bias if layer.out_proj.bias is not None else torch.zeros(32, dtype=torch.float64)
+    assert torch.equal(out[~left], bias.detach().expand_as(out[~left]))
+
+

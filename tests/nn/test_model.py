@@ -4,8 +4,10 @@ full forward, generation."""
 import pytest
 import torch
 
+from sparse_attn import register_mechanism, unregister_mechanism
 from sparse_attn import patterns as P
 from sparse_attn.nn import FullCache, LinearStateCache, ModelConfig, PatternCache, SparseCausalLM, WindowCache
+from sparse_attn.ops.registry import DYNAMIC
 
 HYBRID = ["causal", "sliding_window:window=8", "linear:causal=true", "streaming:sinks=2,window=8"]
 
@@ -386,14 +388,28 @@ def test_padded_batch_with_lsh_and_routing_equals_each_row_alone(side):
         torch.testing.assert_close(logits[b:b + 1, mask[b]], m(r), rtol=1e-10, atol=1e-10)
 
 
+def _dense_without_padding(q, k, v, *, causal: bool = False, scale: float | None = None):
+    """A non-pattern mechanism that takes no key_padding_mask (dense softmax attention)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+
+
 def test_padding_mask_errors():
     m = model(PATTERN_LAYERS)
     tokens = torch.randint(0, 40, (2, 6))
     with pytest.raises(ValueError, match=r"padding_mask must be a bool tensor of shape \(2, 6\)"):
         m(tokens, padding_mask=torch.ones(2, 6))
-    with pytest.raises(ValueError, match="mechanism block_topk:block_size=2,causal=true takes no padding_mask"):
-        model(["causal", "block_topk:block_size=2,causal=true"], leaky_mechanisms=["block_topk"])(
-            tokens, padding_mask=torch.ones(2, 6, dtype=torch.bool))
+    # every built-in non-pattern mechanism takes a mask now: a registered one without key_padding_mask
+    register_mechanism(name="no_padding_toy", kind=DYNAMIC, op=_dense_without_padding, summary="test: no mask")
+    try:
+        with pytest.raises(ValueError, match="mechanism no_padding_toy:causal=true takes no padding_mask"):
+            model(["causal", "no_padding_toy:causal=true"])(tokens, padding_mask=torch.ones(2, 6, dtype=torch.bool))
+    finally:
+        unregister_mechanism("no_padding_toy")
+    # block_topk takes one: right padding gives each row its logits alone
+    m = model(["causal", "block_topk:block_size=2,top_k_blocks=2,causal=true"], leaky_mechanisms=["block_topk"])
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    logits = m(tokens, padding_mask=mask)
+    torch.testing.assert_close(logits[1:, :3], m(tokens[1:, :3]), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="padding_mask and cache exclude each other"):
         m(tokens, m.make_caches("full"), padding_mask=torch.ones(2, 6, dtype=torch.bool))
 

@@ -196,8 +196,13 @@ def test_attention_passes_per_row_arguments_to_patterns_and_refuses_them_elsewhe
     q, k, v = (torch.randn(2, 2, 10, 4, dtype=torch.float64) for _ in range(3))
     out = sparse_attn.attention(q, k, v, "sliding_window:window=3", key_padding_mask=mask)
     assert torch.equal(out, sparse_attn.sparse_attention(q, k, v, P.sliding_window(3), key_padding_mask=mask))
-    with pytest.raises(TypeError, match="takes no parameter.*key_padding_mask"):
-        sparse_attn.attention(q, k, v, "block_topk", key_padding_mask=mask)
+    sparse_attn.register_mechanism(name="no_padding_toy", kind="dynamic", summary="test: no mask",
+                                   op=lambda q, k, v, *, causal=False: sparse_attn.attention(q, k, v, "causal"))
+    try:
+        with pytest.raises(TypeError, match="takes no parameter.*key_padding_mask"):
+            sparse_attn.attention(q, k, v, "no_padding_toy", key_padding_mask=mask)
+    finally:
+        sparse_attn.unregister_mechanism("no_padding_toy")
 
 
 # ------------------------------------------------------------------------ packed documents

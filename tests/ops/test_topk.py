@@ -601,6 +601,169 @@ def test_select_bad_arguments():
         select_kv_blocks(q, k[..., :4], 2, 16)
 
 
+# ============================================================ block top-k with key padding
+def padding_masks(b, n, block_size):
+    """(B, n) masks, one kind per row (cycled): right padding off the blocks, left padding
+    (pads where streaming sinks sit), holes, whole pad blocks in the middle, all real."""
+    kinds = [lambda m: m[n - n // 3:].fill_(False), lambda m: m[:5].fill_(False),
+             lambda m: m[3::4].fill_(False), lambda m: m[block_size:3 * block_size].fill_(False), lambda m: m]
+    mask = torch.ones(b, n, dtype=torch.bool)
+    for row in range(b):
+        kinds[row % len(kinds)](mask[row])
+    return mask
+
+
+def masked_block_topk(q, k, v, mask, top_k, bs, **kw):
+    return block_topk_attention(q, k, v, top_k, bs, key_padding_mask=mask, return_selection=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("always", ["none", "streaming"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", [
+    (5, 4, 2, 45, 45, 8, 6, 2, 8, None),  # GQA, ragged last block, every mask kind
+    (5, 2, 1, 30, 70, 8, 8, 3, 16, 24),  # queries in the middle (explicit q_offset, mid-block)
+    (3, 2, 2, 128, 128, 8, 8, 3, 64, None),  # aligned: the unmasked call would take the device layout
+], ids=lambda c: "x".join(map(str, c)))
+def test_block_topk_with_padding_matches_naive(case, causal, always, dtype):
+    """Forward and gradients against the float64 naive reference with the same mask; the
+    selection equals the naive selection, pad query rows are 0 and pads get no gradient."""
+    b, hq, hkv, nq, nkv, d, dv, top_k, bs, q_offset = case
+    always = ALWAYS[always]
+    q, k, v = qkv(b, hq, nq, d, hkv=hkv, nkv=nkv, dv=dv, dtype=dtype)
+    mask = padding_masks(b, nkv, bs)
+    dout = torch.randn(b, hq, nq, dv, dtype=dtype)
+    sel = masked_block_topk(q, k, v, mask, top_k, bs, causal=causal, always=always, q_offset=q_offset,
+                            backend="blocked")[1]
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    assert torch.equal(sel, select_kv_blocks_naive(q64, k64, top_k, bs, causal=causal, q_offset=q_offset,
+                                                   key_padding_mask=mask))
+    out, g = grads(lambda q, k, v: masked_block_topk(q, k, v, mask, top_k, bs, causal=causal, always=always,
+                                                     q_offset=q_offset, backend="blocked")[0], q, k, v, dout)
+    ref, g_ref = grads(lambda q, k, v: block_topk_attention_naive(q, k, v, sel, bs, causal=causal, always=always,
+                                                                  q_offset=q_offset, key_padding_mask=mask),
+                       q64, k64, v64, dout.double())
+    rtol = (1e-12, 1e-10) if dtype == F64 else (2e-6, 2e-5)
+    assert_fp32_close(out, ref, rtol=rtol[0])
+    for name, a, e in zip("qkv", g, g_ref):
+        assert_fp32_close(a, e, rtol=rtol[1], what=f"d{name}")
+    q_start = nkv - nq if q_offset is None else q_offset
+    pad_rows = ~mask[:, q_start:q_start + nq]  # [B, Nq]
+    assert pad_rows.any() and (out.transpose(1, 2)[pad_rows] == 0).all()
+    assert (g[0].transpose(1, 2)[pad_rows] == 0).all()  # dq of pad queries
+    for grad in g[1:]:  # dk, dv of pad keys
+        assert (grad.transpose(1, 2)[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_topk_pad_values_change_nothing(causal):
+    """Any finite q, k, v at pad positions (even huge, aligned with the queries so that their
+    blocks would win if counted): the real rows' outputs and every gradient are unchanged, bit
+    for bit, and so is the selection."""
+    b, n, bs = 5, 45, 8
+    q, k, v = qkv(b, 4, n, 8, hkv=2)
+    mask = padding_masks(b, n, bs)
+    dout = torch.randn(b, 4, n, 8, dtype=F64)
+    pads = ~mask[:, None, :, None]
+    q2 = torch.where(pads, 1e3 * torch.randn_like(q), q)
+    k2 = torch.where(pads, 1e3 * q.mean((1, 2), keepdim=True)[:, :2], k)
+    v2 = torch.where(pads, -1e6, v)
+
+    def run(q, k, v):
+        return grads(lambda q, k, v: masked_block_topk(q, k, v, mask, 2, bs, causal=causal, always=P.streaming(2, 5),
+                                                       backend="blocked")[0], q, k, v, dout)
+
+    (out, g), (out2, g2) = run(q, k, v), run(q2, k2, v2)
+    assert torch.equal(out, out2)
+    for a, e in zip(g, g2):
+        assert torch.equal(a, e)
+    sel = select_kv_blocks(q, k, 2, bs, causal=causal, key_padding_mask=mask)
+    assert torch.equal(sel, select_kv_blocks(q2, k2, 2, bs, causal=causal, key_padding_mask=mask))
+    # and without the mask those pads would change the result: the test has teeth
+    assert not torch.equal(block_topk_attention(q2, k2, v2, 2, bs, causal=causal, backend="blocked")[:1], out[:1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_topk_all_real_mask_changes_nothing(causal):
+    q, k, v = qkv(2, 4, 75, 8, hkv=2)
+    mask = torch.ones(2, 75, dtype=torch.bool)
+    for always in (None, P.streaming(2, 5)):
+        out, sel = masked_block_topk(q, k, v, mask, 2, 16, causal=causal, always=always, backend="blocked")
+        plain, plain_sel = block_topk_attention(q, k, v, 2, 16, causal=causal, always=always, backend="blocked",
+                                                return_selection=True)
+        assert torch.equal(sel, plain_sel)
+        assert_fp32_close(out, plain, rtol=1e-13)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_topk_never_selects_an_all_pad_block(causal):
+    """Pad blocks hold keys along the queries (they would win by far if counted): never selected,
+    and they take no top-k slot from a real block; a row with fewer real blocks than k selects
+    all of them and no more; query blocks of pads alone select nothing."""
+    bs, n, d = 8, 48, 8
+    q, k, _ = qkv(2, 2, n, d)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[0, 8:24] = False  # kv blocks 1, 2 all pad
+    mask[1, 16:] = False  # blocks 2.. all pad: 2 real blocks
+    k = torch.where(~mask[:, None, :, None], 100 * q.mean(2, keepdim=True), k)
+    for top_k in (1, 2, 4):
+        sel = select_kv_blocks(q, k, top_k, bs, causal=causal, key_padding_mask=mask)
+        assert torch.equal(sel, select_kv_blocks_naive(q, k, top_k, bs, causal=causal, key_padding_mask=mask))
+        assert not sel[0, :, :, 1:3].any() and not sel[1, :, :, 2:].any()
+        assert not sel[0, :, 1:3].any() and not sel[1, :, 2:].any()  # query blocks of pads alone
+        q_block = torch.arange(6)[:, None]
+        real_blocks = torch.tensor([[1, 0, 0, 1, 1, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+        eligible = real_blocks[:, None, :] & ((torch.arange(6)[None, :] <= q_block) if causal else True)  # [2, 6, 6]
+        want = torch.clamp(eligible.sum(-1), max=top_k) * real_blocks  # per real query block
+        assert torch.equal(sel.sum(-1), want[:, None].expand(2, 2, 6)), top_k
+        if not causal:  # the unmasked selection does pick the pad blocks: the keys are set up to win
+            assert select_kv_blocks(q, k, top_k, bs)[0, :, :, 1:3].any()
+
+
+def test_block_topk_right_padding_equals_the_row_alone():
+    """Right padding (real tokens at indices 0..n-1, any n): blocks sit where they sit alone and
+    the last real block's means are over its real tokens, as the ragged last block alone: the
+    real rows equal the row alone (forward and gradients), causal or not, with `always`. Left
+    padding cuts the row into other blocks: not the row alone (shown here)."""
+    bs, n = 8, 40
+    lengths = (40, 24, 13, 21, 1)
+    q, k, v = qkv(len(lengths), 4, n, 8, hkv=2)
+    dout = torch.randn(len(lengths), 4, n, 8, dtype=F64)
+    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    for causal, always in ((False, None), (True, P.streaming(2, 5)), (False, P.sliding_window(5, causal=False))):
+        kw = dict(causal=causal, always=always, backend="blocked")
+        out, g = grads(lambda q, k, v: masked_block_topk(q, k, v, mask, 2, bs, **kw)[0], q, k, v, dout)
+        for row, length in enumerate(lengths):
+            alone = [t[row:row + 1, :, :length] for t in (q, k, v, dout)]
+            ref, g_ref = grads(lambda q, k, v: block_topk_attention(q, k, v, 2, bs, **kw), *alone)
+            assert_fp32_close(out[row:row + 1, :, :length], ref, rtol=1e-12)
+            for a, e in zip(g, g_ref):
+                assert_fp32_close(a[row:row + 1, :, :length], e, rtol=1e-10)
+    # left padding: 20 real tokens at indices 20..39 are cut into blocks by absolute index
+    row = [t[:1, :, :21] for t in (q, k, v)]
+    padded = [torch.zeros_like(t[:1]) for t in (q, k, v)]
+    for p, r in zip(padded, row):
+        p[:, :, 19:] = r
+    out = block_topk_attention(*padded, 1, bs, backend="blocked", key_padding_mask=torch.arange(n)[None] >= 19)
+    assert max_abs_err(out[:, :, 19:], block_topk_attention(*row, 1, bs, backend="blocked")) > 1e-3
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(key_padding_mask=torch.ones(2, 32)), TypeError, "key_padding_mask must be a bool tensor"),
+    (dict(key_padding_mask=torch.ones(2, 31, dtype=torch.bool)), ValueError,
+     r"key_padding_mask must have shape \(batch, kv_len\) = \(2, 32\), got \(2, 31\)"),
+    (dict(key_padding_mask=[[True] * 32] * 2), TypeError, "key_padding_mask must be a bool tensor of shape"),
+    (dict(key_padding_mask=torch.ones(2, 32, dtype=torch.bool), q_offset=20), ValueError,
+     r"key_padding_mask needs the queries on key indices \(q_offset \+ q_len <= kv_len\), got q_offset=20"),
+])
+def test_block_topk_key_padding_mask_errors(kwargs, error, match):
+    q, k, v = qkv(2, 2, 32, 8)
+    with pytest.raises(error, match=match):
+        block_topk_attention(q, k, v, 2, 8, **kwargs)
+    with pytest.raises(error, match=match):
+        select_kv_blocks(q, k, 2, 8, **kwargs)
+
+
 # ============================================================================== GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

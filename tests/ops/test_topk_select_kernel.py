@@ -91,3 +91,77 @@ def test_block_topk_attention_with_the_kernel_selection_equals_the_reference(mon
     assert torch.equal(sel, block.select_kv_blocks(q, k, 3, 8, causal=causal))
     ref = block_topk_attention_naive(q.double(), k.double(), v.double(), sel, 8, causal=causal)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def padding_mask(b, n, block_size, generator):
+    """Rows: right padding, left padding, a whole pad block in the middle plus random holes."""
+    mask = torch.ones(b, n, dtype=torch.bool)
+    kinds = [lambda m: m[n - n // 3:].fill_(False), lambda m: m[:block_size + 3].fill_(False),
+             lambda m: (m[block_size:2 * block_size].fill_(False), m.mul_(torch.rand(n, generator=generator) > 0.3))]
+    for row in range(b):
+        kinds[row % len(kinds)](mask[row])
+    return mask
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("ties", [False, True])
+def test_kernel_selection_with_a_padding_mask_equals_the_torch_ops(monkeypatch, case, ties):
+    """With a key_padding_mask (empty kv blocks scored -inf before the kernel, rows of pads and
+    empty blocks dropped after it) the kernel path gives the torch ops' selection and picks,
+    bit for bit, and the float64 reference's selection."""
+    b, hq, hkv, nq, nkv, d, top_k, bs, causal, q_offset = case
+    b = 3  # one row per mask kind
+    g = torch.Generator().manual_seed(hash(case) % 2**31 + 1)
+    if ties:
+        q = torch.randint(-1, 2, (b, hq, nq, d), generator=g).float()
+        k = torch.randint(-1, 2, (b, hkv, nkv, d), generator=g).float()
+    else:
+        q, k = torch.randn(b, hq, nq, d, generator=g), torch.randn(b, hkv, nkv, d, generator=g)
+    mask = padding_mask(b, nkv, bs, g)
+    q, k, mask = q.to(DEVICE), k.to(DEVICE), mask.to(DEVICE)
+    out = {}
+    for use in (False, True):
+        monkeypatch.setattr(block, "SELECTION_KERNEL", use)
+        out[use] = block._select(q, k, top_k, bs, causal, q_offset, mask)
+    (sel_torch, picks_torch), (sel_kernel, picks_kernel) = out[False], out[True]
+    assert torch.equal(sel_kernel, sel_torch)
+    assert torch.equal(picks_kernel, picks_torch)
+    unmasked = block._select(q, k, top_k, bs, causal, q_offset)[0]
+    assert not torch.equal(sel_kernel, unmasked)  # the mask does change the selection here
+    if not ties:
+        expected = select_kv_blocks_naive(q.double(), k.double(), top_k, bs, causal=causal, q_offset=q_offset,
+                                          key_padding_mask=mask)
+        assert torch.equal(sel_kernel.cpu(), expected.cpu())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_topk_with_a_padding_mask_on_the_triton_path_equals_the_reference(monkeypatch, causal):
+    """The CUDA path (selection kernel + triton attention kernels; interpreted on CPU) with a
+    key_padding_mask and streaming sinks that fall on left pads: forward and gradients equal
+    the float64 reference with the same mask, pad query rows are 0, pads get no gradient. The
+    aligned shape is one the unmasked call runs on the device layout."""
+    from sparse_attn import patterns as P
+    from sparse_attn.ops.topk.naive import block_topk_attention_naive
+
+    g = torch.Generator().manual_seed(11)
+    q, k, v, dout = (torch.randn(3, 4, 64, 16, generator=g) for _ in range(4))
+    k, v = k[:, :2].contiguous(), v[:, :2].contiguous()  # GQA 4:2
+    mask = padding_mask(3, 64, 16, g)
+    q, k, v, dout, mask = (t.to(DEVICE) for t in (q, k, v, dout, mask))
+    always = P.streaming(2, 8)
+    monkeypatch.setattr(block, "SELECTION_KERNEL", True)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, sel = block.block_topk_attention(*leaves, 2, 16, causal=causal, always=always, backend="triton",
+                                          key_padding_mask=mask, return_selection=True)
+    grads = torch.autograd.grad((out * dout).sum(), leaves)
+    monkeypatch.setattr(block, "SELECTION_KERNEL", False)
+    assert torch.equal(sel, block.select_kv_blocks(q, k, 2, 16, causal=causal, key_padding_mask=mask))
+    leaves64 = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref = block_topk_attention_naive(*leaves64, sel, 16, causal=causal, always=always, key_padding_mask=mask)
+    grads_ref = torch.autograd.grad((ref * dout.double()).sum(), leaves64)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for a, e in zip(grads, grads_ref):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
+    assert (out.transpose(1, 2)[~mask] == 0).all()
+    for grad in grads:
+        assert (grad.transpose(1, 2)[~mask] == 0).all()

@@ -197,8 +197,8 @@ def _mechanism_forward(module, mechanism: Mechanism, query, key, value, mask: Ro
     if mask is not None and not mask.is_plain:
         if "key_padding_mask" not in params or mask.document_ids is not None or mask.kv_start != 0:
             raise ValueError(f"schedule: {_layer(module)} runs {mechanism}, which takes no per-row padding, packing "
-                             "or evicted-cache offsets (linear, performer, topk, lsh and routing take key padding; no "
-                             "non-pattern mechanism takes packed documents or an evicted cache head)")
+                             "or evicted-cache offsets (linear, performer, topk, block_topk, lsh and routing take key "
+                             "padding; no non-pattern mechanism takes packed documents or an evicted cache head)")
         kw["key_padding_mask"] = mask.key_padding_mask
     if scaling is not None and "scale" in params:
         kw["scale"] = scaling  # linear attention has no score scale: its feature map replaces the softmax

@@ -7,7 +7,8 @@
 Padded batches: the layers and models take `padding_mask` (B, N) bool (True = real token), and
 each row then computes what it computes alone, left or right padding (positions from the row's
 first real token), with pattern mechanisms, linear, performer, topk, routing and lsh (lsh with
-a seed); block_topk refuses a mask (`SparseAttention` says more). Decoding caches hold one
+a seed); block_topk takes a mask too (pads never selected or attended) and gives each row what
+it gives alone under right padding only (`SparseAttention` says more). Decoding caches hold one
 sequence per row: `SparseCausalLM.generate(..., lengths=)` takes right-padded prompts."""
 
 from .attention import SparseAttention

@@ -63,7 +63,9 @@ class SparseAttention(nn.Module):
     real length; pads sort after every real token and join no cluster), so each row gets what it gets alone
     too; for `lsh` give a `seed` (without one, every call draws its rotations from torch's
     global generator, so a row matches its lone run only from the same generator state).
-    `block_topk` has no per-row support and refuses a padding_mask.
+    `block_topk` never selects or attends pad keys (block means over real tokens only) but
+    cuts blocks at absolute indices: right padding gives each row what it gives alone, left
+    padding does not (its tokens fall into other blocks); see `block_topk_attention`.
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, mechanism="causal", *,
@@ -152,7 +154,8 @@ class SparseAttention(nn.Module):
             for m in (self.mechanism, self.dense_mechanism if self.sparse_weight < 1.0 else None):
                 if isinstance(m, Mechanism) and m.kind != PATTERN and "key_padding_mask" not in m.info.parameters():
                     raise ValueError(f"mechanism {m} takes no padding_mask (no per-row support): batch rows of equal "
-                                     "length, or use a pattern mechanism, linear, performer, topk, lsh or routing")
+                                     "length, or use a pattern mechanism, linear, performer, topk, block_topk, lsh or "
+                                     "routing")
             call_kw["key_padding_mask"] = padding_mask
             if positions is None:  # rotary positions from each row's first real token
                 positions = torch.clamp(padding_mask.long().cumsum(1) - 1, min=0)

@@ -166,9 +166,9 @@ class SparseTransformer(_Stack):
     """Encoder: tokens (B, N) -> hidden states (B, N, dim), and `classify` -> logits (B, classes)
     from the pooled states. Mechanisms are usually non-causal here ("sliding_window:causal=false",
     "longformer", "bigbird"). `padding_mask` (B, N) bool, True = real token: the attention
-    never sees pad keys and counts positions from each row's first real token (every built-in
-    mechanism but block_topk, which refuses a mask; lsh with a seed: see `SparseAttention`),
-    and pooling ignores the pads, so a padded batch classifies each row as it would alone.
+    never sees pad keys and counts positions from each row's first real token, and pooling
+    ignores the pads, so a padded batch classifies each row as it would alone (every built-in
+    mechanism; lsh with a seed; block_topk under right padding only: see `SparseAttention`).
 
     `check_tokens=False` skips the check that every id is below vocab_size, which reads the
     tokens back (one device synchronisation per call on CUDA): for training loops over data
@@ -234,7 +234,7 @@ class SparseCausalLM(_Stack):
     Every layer must be causal (`cache.check_causal`; `ModelConfig.leaky_mechanisms` for LSH,
     routing and block top-k). `forward(tokens, padding_mask=mask)` (B, N) bool, True = real
     token: left or right padding, each row gets the logits it gets alone at its real positions
-    (every built-in mechanism but block_topk, which refuses a mask; lsh with a seed: see
+    (every built-in mechanism; lsh with a seed; block_topk under right padding only: see
     `SparseAttention`; pads' logits mean nothing). Decoding with caches
     holds one sequence per row: give `generate` right-padded prompts and their `lengths`."""
 

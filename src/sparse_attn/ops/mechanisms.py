@@ -308,7 +308,7 @@ def attention(q, k, v, mechanism, *, scale: float | None = None, backend: str = 
     `block_topk`; other mechanisms have one implementation each and reject a forced backend.
     Keyword arguments a pattern call takes (`return_lse`, `q_offset`, `kv_offset`,
     `key_padding_mask`, `deterministic`) go to `sparse_attention`; a mechanism that cannot take
-    one (per-row padding for `block_topk`, ...) raises a TypeError naming it.
+    one (e.g. `document_ids` for `topk`) raises a TypeError naming it.
     """
     m = as_mechanism(mechanism, {k_: v_ for k_, v_ in params.items() if k_ not in _CALL_KEYS})
     call_kw = {k_: v_ for k_, v_ in params.items() if k_ in _CALL_KEYS}

@@ -20,7 +20,9 @@ Selection (`select_kv_blocks`), per batch element and query head:
   decoding cannot equal the full forward (`SparseCausalLM` refuses it unless listed in
   `ModelConfig.leaky_mechanisms`).
 Ties go to the lower kv block index (as the naive reference's stable sort does), the same on
-every device. The selection is not differentiated.
+every device. The selection is not differentiated. With a key_padding_mask the means are over
+real tokens, kv blocks with no real key score -inf (never selected) and query blocks of pads
+select nothing (see `block_topk_attention` for what a padded row then equals).
 
 Attention (`block_topk_attention`): the selection differs per batch element and head, so the
 batch is folded into the heads (q -> [1, B * Hq, Nq, D], k/v -> [1, B * Hkv, Nkv, D], which
@@ -43,12 +45,13 @@ import torch
 from ...backends import AttentionCall, select
 from ...backends.inputs import check_inputs
 from ...patterns import BlockCells, BlockLayout, Pattern, Segments
+from ...patterns.base import state_from_count
 from ...patterns.grid import BlockGrid
 from ...patterns.layout import _Csr  # the layout's CSR type, built here on the device
 from ...patterns import causal as causal_pattern
 from ...patterns import full as full_pattern
 from ..._checks import check_bool, check_int
-from ..common import accumulation_dtype
+from ..common import accumulation_dtype, check_key_padding_mask
 from ..sparse import sparse_attention
 
 
@@ -74,6 +77,21 @@ def _block_means(x: torch.Tensor, lead: int, block_size: int, num_blocks: int,
     start = torch.arange(num_blocks, device=x.device) * block_size
     count = (torch.clamp(start + block_size, max=lead + n) - torch.clamp(start, min=lead)).clamp(min=1)
     return sums / count[:, None].to(sums.dtype)
+
+
+def _real_block_means(x: torch.Tensor, real: torch.Tensor, lead: int, block_size: int, num_blocks: int,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_block_means` over the real rows only: (means [B, H, num_blocks, E], has_real bool
+    [B, num_blocks]) for x [B, H, N, E] and real bool [B, N]. A block with no real row has mean 0
+    and has_real False; pad rows' values never enter (zeroed by a select, not a multiply, so
+    an inf or NaN in a pad row cannot leak)."""
+    n = x.shape[2]
+    tail = num_blocks * block_size - lead - n
+    kept = torch.where(real[:, None, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    padded = torch.nn.functional.pad(kept, (0, 0, lead, tail))  # [B, H, NB * block_size, E]
+    sums = padded.unflatten(2, (num_blocks, block_size)).sum(3, dtype=dtype)
+    count = torch.nn.functional.pad(real, (lead, tail)).unflatten(1, (num_blocks, block_size)).sum(2)  # [B, NB]
+    return sums / count.clamp(min=1)[:, None, :, None].to(sums.dtype), count > 0
 
 
 def _top_k_lowest_index_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -112,12 +130,18 @@ def _use_selection_kernel(scores: torch.Tensor) -> bool:
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, top_k_blocks: int, block_size: int, causal: bool,
-            q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+            q_offset: int, key_real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(selection bool [B, Hq, NQB, NKB], picks int64 [B, Hq, NQB, min(top_k_blocks, NKB)]): the
     selection of `select_kv_blocks` (arguments already checked) and, per row, the kv blocks
     the top-k picked, ascending. With causal, a row with fewer eligible blocks than that picks
     them all and then ineligible ones (after them, being later blocks): its first
-    min(k, first + row + 1) picks are the selection. Everything stays on the device."""
+    min(k, first + row + 1) picks are the selection. Everything stays on the device.
+
+    key_real: bool [B, Nkv] (True = real key; queries on key indices, q_offset + Nq <= Nkv):
+    means over real tokens only, kv blocks with no real key score -inf (below every real block)
+    and are never selected, query blocks with no real query select nothing. The picks then
+    may hold blocks the selection drops (the -inf ones); only the unmasked device layout reads
+    them."""
     bsz, hq, nq, d = q.shape
     hkv, nkv = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -125,30 +149,51 @@ def _select(q: torch.Tensor, k: torch.Tensor, top_k_blocks: int, block_size: int
     first, num_q_blocks = _query_blocks(q_offset, nq, block_size)
     with torch.no_grad():
         cdt = accumulation_dtype(q.dtype)
-        key_means = _block_means(k.detach(), 0, block_size, num_kv_blocks, cdt)  # [B, Hkv, NKB, D]
-        query_means = _block_means(q.detach(), q_offset - first * block_size, block_size, num_q_blocks,
-                                   cdt)  # [B, Hq, NQB, D]
+        lead = q_offset - first * block_size
+        if key_real is None:
+            key_means = _block_means(k.detach(), 0, block_size, num_kv_blocks, cdt)  # [B, Hkv, NKB, D]
+            query_means = _block_means(q.detach(), lead, block_size, num_q_blocks, cdt)  # [B, Hq, NQB, D]
+        else:
+            key_means, kv_block_real = _real_block_means(k.detach(), key_real, 0, block_size, num_kv_blocks, cdt)
+            query_means, q_block_real = _real_block_means(q.detach(), key_real[:, q_offset:q_offset + nq], lead,
+                                                          block_size, num_q_blocks, cdt)
         grouped = query_means.reshape(bsz, hkv, group * num_q_blocks, d)
         scores = torch.matmul(grouped, key_means.transpose(-1, -2)).reshape(bsz, hq, num_q_blocks, num_kv_blocks)
+        if key_real is not None:  # before the causal fills, as the selection kernel receives them
+            scores = scores.masked_fill(~kv_block_real[:, None, None, :], float("-inf"))
         kept = min(top_k_blocks, num_kv_blocks)
         if kept and _use_selection_kernel(scores):  # masks, top-k, selection and picks in one launch
             from .select_kernel import select_from_scores
 
-            return select_from_scores(scores, kept, first, causal)
-        q_block = torch.arange(num_q_blocks, device=q.device)[:, None] + first  # [NQB, 1] absolute index
-        kv_block = torch.arange(num_kv_blocks, device=q.device)[None, :]  # [1, NKB]
-        if causal:
-            scores = scores.masked_fill(kv_block > q_block, float("-inf")).masked_fill(kv_block == q_block,
-                                                                                      float("inf"))
-        chosen = _top_k_lowest_index_ties(scores, kept)  # [B, Hq, NQB, NKB]
-        picks = _ascending_indices(chosen, kept)
-        if causal:  # rows with fewer eligible blocks than k also picked -inf ones
-            chosen = chosen & (kv_block <= q_block)
+            chosen, picks = select_from_scores(scores, kept, first, causal)
+        else:
+            q_block = torch.arange(num_q_blocks, device=q.device)[:, None] + first  # [NQB, 1] absolute index
+            kv_block = torch.arange(num_kv_blocks, device=q.device)[None, :]  # [1, NKB]
+            if causal:
+                scores = scores.masked_fill(kv_block > q_block, float("-inf")).masked_fill(kv_block == q_block,
+                                                                                          float("inf"))
+            chosen = _top_k_lowest_index_ties(scores, kept)  # [B, Hq, NQB, NKB]
+            picks = _ascending_indices(chosen, kept)
+            if causal:  # rows with fewer eligible blocks than k also picked -inf ones
+                chosen = chosen & (kv_block <= q_block)
+        if key_real is not None:  # rows with fewer real blocks than k also picked empty ones
+            chosen = chosen & kv_block_real[:, None, None, :] & q_block_real[:, None, :, None]
         return chosen, picks
 
 
+def _check_key_real(key_padding_mask, k: torch.Tensor, q_len: int, q_offset: int) -> torch.Tensor | None:
+    """The checked key_padding_mask (None stays None); it needs the queries on key indices."""
+    if key_padding_mask is None:
+        return None
+    key_real = check_key_padding_mask(key_padding_mask, k)
+    if q_offset + q_len > k.shape[2]:
+        raise ValueError(f"key_padding_mask needs the queries on key indices (q_offset + q_len <= kv_len), got "
+                         f"q_offset={q_offset}, q_len={q_len}, kv_len={k.shape[2]}")
+    return key_real
+
+
 def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, top_k_blocks: int, block_size: int, *, causal: bool = False,
-                     q_offset: int | None = None) -> torch.Tensor:
+                     q_offset: int | None = None, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The kv blocks each query block attends to: bool [B, Hq, NQB, NKB].
 
     Row a of the result is query block first + a, where first = q_offset // block_size and
@@ -156,12 +201,18 @@ def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, top_k_blocks: int, block_
     block_size). Scores are mean-pooled query · mean-pooled key; with `causal`, only kv blocks
     at or before the query block are eligible and the query block's own kv block is always
     selected, counted within top_k_blocks. See the module docstring.
+
+    key_padding_mask: bool (B, Nkv), True = a real key (queries on key indices): the means are
+    over real tokens only, a kv block with no real key is never selected (a row with fewer real
+    eligible blocks than top_k_blocks selects fewer), a query block with no real query selects
+    nothing.
     """
     _, q_offset, _ = check_inputs(q, k, k, causal_pattern() if check_bool("causal", causal) else full_pattern(),
                                   None, q_offset, "auto")
     check_int("top_k_blocks", top_k_blocks, 1)
     check_int("block_size", block_size, 1)
-    return _select(q, k, top_k_blocks, block_size, causal, q_offset)[0]
+    key_real = _check_key_real(key_padding_mask, k, q.shape[2], q_offset)
+    return _select(q, k, top_k_blocks, block_size, causal, q_offset, key_real)[0]
 
 
 def selection_pattern(selection: torch.Tensor, block_size: int, q_len: int, kv_len: int, q_offset: int, *,
@@ -320,7 +371,56 @@ def device_selection_layout(selection: torch.Tensor, picks: torch.Tensor, patter
                                 mask_class_blocks=blocks, work_bounds=work, mask_class_key=class_key)
 
 
-def _attend_folded(q, k, v, selection, picks, block_size, causal, always, scale, backend, q_offset, deterministic):
+class _RealPairs(Pattern):
+    """Per-head pattern of the folded batch (head b * Hq + h reads batch row b): a pair is
+    allowed iff its query's and its key's positions are both real tokens of that row (queries
+    sit on key indices). Intersected with the selection's pattern, it keeps pad keys out of
+    every selected block and of `always`, and leaves pad query rows with nothing (0)."""
+
+    def __init__(self, real: torch.Tensor) -> None:
+        super().__init__()
+        self.real = real  # bool [H', N]
+        self.num_heads = real.shape[0]
+        zero = torch.zeros(real.shape[0], 1, dtype=torch.int64, device=real.device)
+        self._before = torch.cat([zero, real.long().cumsum(1)], 1)  # [H', N + 1] real positions before each
+
+    def _real_at(self, pos, head):
+        n = self.real.shape[1]
+        real = self.real.to(pos.device)
+        return real[head, pos.clamp(0, n - 1)] & (pos >= 0) & (pos < n)
+
+    def allowed(self, q_idx, kv_idx, head=None):
+        if head is None:
+            raise ValueError(f"{self!r} is per head and needs the head index")
+        head = torch.as_tensor(head, device=q_idx.device)
+        return self._real_at(q_idx, head) & self._real_at(kv_idx, head)
+
+    def _real_in(self, head, lo, hi):  # real positions in [lo, hi)
+        n = self.real.shape[1]
+        before = self._before.to(head.device)
+        return before[head, hi.clamp(0, n)] - before[head, lo.clamp(0, n)]
+
+    def _count(self, grid, head, qb, kb):
+        p0, p1 = grid.q_block_bounds(qb)
+        k0, k1 = grid.kv_block_bounds(kb)
+        return self._real_in(head, p0, p1) * self._real_in(head, k0, k1)
+
+    def _classify(self, grid, head, qb, kb):
+        p0, p1 = grid.q_block_bounds(qb)
+        k0, k1 = grid.kv_block_bounds(kb)
+        return state_from_count(self._count(grid, head, qb, kb), (p1 - p0) * (k1 - k0))
+
+    def _validate(self, grid):
+        if grid.kv_offset != 0 or max(grid.q_end, grid.kv_end) > self.real.shape[1]:
+            raise ValueError(f"{self!r} covers positions 0..{self.real.shape[1] - 1}, asked for queries up to "
+                             f"{grid.q_end - 1} and keys up to {grid.kv_end - 1}")
+
+    def __repr__(self):
+        return f"real_pairs({self.real.shape[0]} heads x {self.real.shape[1]} positions)"
+
+
+def _attend_folded(q, k, v, selection, picks, key_real, block_size, causal, always, scale, backend, q_offset,
+                   deterministic):
     """Batch folded into heads: one sparse_attention call with a (B * Hq)-head pattern."""
     bsz, hq, nq, d = q.shape
     hkv, nkv = k.shape[1], k.shape[2]
@@ -328,6 +428,12 @@ def _attend_folded(q, k, v, selection, picks, block_size, causal, always, scale,
                v.reshape(1, bsz * hkv, nkv, v.shape[3]))
     if nq == 0 or nkv == 0:  # nothing to select from: full() gives the empty / zero rows
         target = full_pattern()
+    elif key_real is not None:
+        # pad keys out of the selected blocks and of `always`, pad query rows empty. The layouts
+        # built straight from the selection know no pads: this one is classified from the
+        # pattern (it reads the selection back to the host, on every backend)
+        target = selection_pattern(selection, block_size, nq, nkv, q_offset, causal=causal, always=always)
+        target = target & _RealPairs(key_real.repeat_interleave(hq, dim=0))  # heads b * Hq + h
     else:
         target = selection_pattern(selection, block_size, nq, nkv, q_offset, causal=causal, always=always)
         call = AttentionCall.of(q, k, v, target, q_offset, False, deterministic)
@@ -347,7 +453,7 @@ def _attend_folded(q, k, v, selection, picks, block_size, causal, always, scale,
 def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k_blocks: int = 8, block_size: int = 64,
                          *, causal: bool = False, always: Pattern | None = None, scale: float | None = None,
                          backend: str = "auto", q_offset: int | None = None, return_selection: bool = False,
-                         deterministic: bool | None = None):
+                         deterministic: bool | None = None, key_padding_mask: torch.Tensor | None = None):
     """Block top-k attention: each query block attends to its top_k_blocks kv blocks (chosen by
     `select_kv_blocks`) and to whatever the fixed pattern `always` allows.
 
@@ -366,6 +472,24 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_
         q_offset: absolute position of the first query; default Nkv - Nq.
         return_selection: also return the selection, bool (B, Hq, NQB, NKB).
         deterministic: as in `sparse_attention` (which backward the block backend runs).
+        key_padding_mask: bool (B, Nkv), True = a real key; needs the queries on key indices
+            (q_offset + Nq <= Nkv). Pad tokens take no part: block means are over real tokens
+            only, a kv block with no real key is never selected (nor counted against
+            top_k_blocks), pad keys are never attended (in selected blocks and in `always`, e.g.
+            streaming sinks, alike) and query rows on pad indices return 0 with zero gradients.
+            Blocks stay cut at absolute indices, so a padded row is in general NOT the row
+            alone (left padding, or holes, cut its tokens into other blocks). What holds: the
+            result is the naive reference's for the same mask (`naive.select_kv_blocks_naive`
+            / `block_topk_attention_naive` with `key_padding_mask=`); pad positions' q, k, v
+            can hold any finite values without changing the real rows' outputs, their
+            gradients or the selection (exactly); an all-True mask gives the unmasked result;
+            and right padding (real tokens at indices 0..n-1, any n, Nq = Nkv) gives the row
+            alone at its real rows: its blocks sit where they sit alone and its last real
+            block is averaged over its real tokens, as the ragged last block alone. The last
+            two up to float rounding. With a mask the attention's layout is classified from the
+            pattern (the selection is read back to the host), on CPU and on CUDA alike (the
+            selection kernel takes the masked scores; the no-host-read device layout is for
+            unmasked calls only).
 
     Returns:
         out (B, Hq, Nq, Dv), or (out, selection). Gradients flow to q, k, v through the
@@ -383,12 +507,14 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_
         always.check_batch(q.shape[0], q.device)
     check_int("top_k_blocks", top_k_blocks, 1)
     check_int("block_size", block_size, 1)
-    selection, picks = _select(q, k, top_k_blocks, block_size, causal, q_offset)
+    key_real = _check_key_real(key_padding_mask, k, q.shape[2], q_offset)
+    selection, picks = _select(q, k, top_k_blocks, block_size, causal, q_offset, key_real)
     args = (block_size, causal, always, scale, backend, q_offset, deterministic)
     if always is not None and always.num_heads is not None and q.shape[0] > 1:
         # a per-head `always` has Hq heads, not B * Hq: one call per batch element
         out = torch.cat([_attend_folded(q[b:b + 1], k[b:b + 1], v[b:b + 1], selection[b:b + 1], picks[b:b + 1],
-                                        *args) for b in range(q.shape[0])])
+                                        None if key_real is None else key_real[b:b + 1], *args)
+                         for b in range(q.shape[0])])
     else:
-        out = _attend_folded(q, k, v, selection, picks, *args)
+        out = _attend_folded(q, k, v, selection, picks, key_real, *args)
     return (out, selection) if return_selection else out

@@ -345,3 +345,105 @@ def run_cli(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# ---------------------------------------------------------- padded batches of dynamic mechanisms
+def loss_and_grads(fn, q, k, v, dout, lse_weight, **kw):
+    """Forward + backward of sum(out * dout) + sum(finite lse * lse_weight) on leaf copies of
+    q, k, v (k may be None: shared-qk LSH): (out, lse, grads of the given inputs)."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (q, k, v)]
+    out, lse = fn(*leaves, return_lse=True, **kw)
+    loss = (out.double() * dout).sum() + (torch.where(torch.isfinite(lse), lse, 0.0).double() * lse_weight).sum()
+    return out.detach(), lse.detach(), torch.autograd.grad(loss, [t for t in leaves if t is not None])
+
+
+def assert_same_lse(a, b, tol=1e-10):
+    """Equal infinities (rows that see nothing) and finite values within `tol`."""
+    assert torch.equal(torch.isinf(a), torch.isinf(b)), "rows with nothing to attend to differ"
+    finite = torch.isfinite(b)
+    assert max_abs_err(a[finite], b[finite]) <= tol
+
+
+def padding_mask_for(side, lengths, n, seed=0):
+    """bool [B, n], True = a real token: real tokens at the end (left padding), at the start
+    (right padding) or scattered ("holes")."""
+    mask = torch.zeros(len(lengths), n, dtype=torch.bool)
+    order = torch.Generator().manual_seed(seed)
+    for b, length in enumerate(lengths):
+        if side == "left":
+            mask[b, n - length:] = True
+        elif side == "right":
+            mask[b, :length] = True
+        else:
+            mask[b, torch.randperm(n, generator=order)[:length]] = True
+    return mask
+
+
+def rows_alone(fn, q, k, v, mask, dout, lse_w, row_kw=None, **kw):
+    """Each row's real tokens run alone through `fn` (with `row_kw(real_length)`'s extra keywords,
+    if given), scattered back into the padded shape: (out, lse, grads); pad positions hold out 0,
+    lse -inf and zero gradients. k may be None (shared-qk LSH)."""
+    out = torch.zeros(*q.shape[:3], v.shape[3], dtype=q.dtype)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
+    grads = [torch.zeros_like(t) for t in (q, k, v) if t is not None]
+    for b in range(q.shape[0]):
+        idx = mask[b].nonzero().squeeze(1)
+        cut = [None if t is None else t[b:b + 1, :, idx] for t in (q, k, v)]
+        extra = row_kw(len(idx)) if row_kw is not None else {}
+        o, lse_row, g = loss_and_grads(fn, *cut, dout[b:b + 1, :, idx], lse_w[b:b + 1, :, idx], **kw, **extra)
+        out[b][:, idx], lse[b][:, idx] = o[0], lse_row[0].double()
+        for total, part in zip(grads, g):
+            total[b][:, idx] = part[0]
+    return out, lse, grads
+
+
+def assert_fast_equals_naive(fast, naive, q, k, v, dout, lse_weight, tol=1e-10, **kw):
+    """`fast` and `naive` (same signature, return_lse=True) give the same out, lse and gradients
+    of sum(out * dout) + sum(finite lse * lse_weight), within `tol`, with no NaN; (out, lse)."""
+    out, lse, grads = loss_and_grads(fast, q, k, v, dout, lse_weight, **kw)
+    ref, ref_lse, ref_grads = loss_and_grads(naive, q, k, v, dout, lse_weight, **kw)
+    assert not torch.isnan(out).any()
+    assert max_abs_err(out, ref) <= tol
+    assert_same_lse(lse, ref_lse, tol)
+    for g, rg in zip(grads, ref_grads):
+        assert not torch.isnan(g).any()
+        assert max_abs_err(g, rg) <= tol
+    return out, lse
+
+
+def assert_pads_take_no_part(fn, clean, noisy, mask, dout, lse_weight, **kw):
+    """`fn` on (q, k, v) = `clean` and on `noisy` (the same with other values at pad positions)
+    gives bitwise the same out, lse and gradients at the real positions of `mask` (bool [B, N]),
+    and zero gradients at the pads."""
+    out, lse, grads = loss_and_grads(fn, *clean, dout, lse_weight, **kw)
+    out2, lse2, grads2 = loss_and_grads(fn, *noisy, dout, lse_weight, **kw)
+    real = mask[:, None, :].expand(*out.shape[:3])
+    assert torch.equal(out[real], out2[real]) and torch.equal(lse[real], lse2[real])
+    for g, g2 in zip(grads, grads2):
+        real_kv = mask[:, None, :].expand(*g.shape[:3])
+        assert torch.equal(g[real_kv], g2[real_kv])
+        assert (g2[~real_kv] == 0).all()
+
+
+# (mask, exception, message) for a call on batch 1 and 16 keys: what check_key_padding_mask refuses
+BAD_KEY_PADDING_MASKS = [
+    (torch.ones(1, 15, dtype=torch.bool), ValueError, r"key_padding_mask must have shape \(batch, kv_len\) = \(1, 16\)"),
+    (torch.ones(2, 16, dtype=torch.bool), ValueError, r"key_padding_mask must have shape"),
+    (torch.ones(1, 16), TypeError, "key_padding_mask must be a bool tensor"),
+    ([[True] * 16], TypeError, "key_padding_mask must be a bool tensor of shape"),
+]
+
+
+def assert_padded_equals_rows_alone(fn, q, k, v, mask, dout, lse_weight, *, padded_kw=None, row_kw=None,
+                                    tol=1e-10, **kw):
+    """`fn` over the padded batch (key_padding_mask=mask, plus `padded_kw`) equals each row's real
+    tokens run alone (`rows_alone`, with `row_kw`) within `tol`: out, lse and gradients; pad
+    query rows are 0 with lse -inf, pads get exactly zero gradients."""
+    out, lse, grads = loss_and_grads(fn, q, k, v, dout, lse_weight, key_padding_mask=mask, **(padded_kw or {}), **kw)
+    alone, alone_lse, alone_grads = rows_alone(fn, q, k, v, mask, dout, lse_weight, row_kw=row_kw, **kw)
+    pads = ~mask[:, None, :].expand(*out.shape[:3])
+    assert (out[pads] == 0).all() and torch.isneginf(lse[pads]).all()
+    assert max_abs_err(out, alone) <= tol
+    assert_same_lse(lse, alone_lse, tol)
+    for g, ga in zip(grads, alone_grads):
+        assert max_abs_err(g, ga) <= tol  # pads: exactly 0, as alone

@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from sa_testing import assert_fp32_close, assert_low_precision_close, make_qkv, max_abs_err
+from sa_testing import (BAD_KEY_PADDING_MASKS, assert_fast_equals_naive, assert_fp32_close, assert_low_precision_close,
+                        assert_padded_equals_rows_alone, assert_pads_take_no_part, assert_same_lse, loss_and_grads,
+                        make_qkv, max_abs_err, padding_mask_for)
 
 from sparse_attn.ops.lsh import lsh_attended_pairs, lsh_attention, lsh_attention_naive, lsh_hash, random_rotations
 
@@ -34,21 +36,6 @@ def qkv_for(shared_qk, *, b=2, hq=4, hkv=2, n=16, d=8, dv=None, dtype=torch.floa
     return q, (None if shared_qk else k), v
 
 
-def loss_and_grads(fn, q, k, v, dout, lse_weight, **kw):
-    """Forward + backward of sum(out * dout) + sum(finite lse * lse_weight) on leaf copies."""
-    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (q, k, v)]
-    out, lse = fn(*leaves, return_lse=True, **kw)
-    loss = (out.double() * dout).sum() + (torch.where(torch.isfinite(lse), lse, 0.0).double() * lse_weight).sum()
-    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
-    return out.detach(), lse.detach(), grads
-
-
-def assert_same_lse(a, b, tol=EXACT):
-    assert torch.equal(torch.isinf(a), torch.isinf(b)), "rows with nothing to attend to differ"
-    finite = torch.isfinite(b)
-    assert max_abs_err(a[finite], b[finite]) <= tol
-
-
 # --------------------------------------------------------------------- chunked == naive
 CASES = [  # (n, bucket_size, n_hashes, hq, hkv)
     (1, 4, 2, 2, 2),
@@ -69,15 +56,8 @@ def test_chunked_equals_naive(n, bucket_size, n_hashes, hq, hkv, causal, shared_
     kw = dict(bucket_size=bucket_size, n_hashes=n_hashes, causal=causal, shared_qk=shared_qk, seed=7)
     dout = torch.randn(2, hq, n, 5, dtype=torch.float64)
     lse_w = torch.randn(2, hq, n, dtype=torch.float64)
-    out, lse, grads = loss_and_grads(lsh_attention, q, k, v, dout, lse_w, **kw)
-    ref, ref_lse, ref_grads = loss_and_grads(lsh_attention_naive, q, k, v, dout, lse_w, **kw)
+    out, _ = assert_fast_equals_naive(lsh_attention, lsh_attention_naive, q, k, v, dout, lse_w, EXACT, **kw)
     assert out.shape == (2, hq, n, 5) and out.dtype == torch.float64
-    assert not torch.isnan(out).any()
-    assert max_abs_err(out, ref) <= EXACT
-    assert_same_lse(lse, ref_lse)
-    for g, rg in zip(grads, ref_grads):
-        assert not torch.isnan(g).any()
-        assert max_abs_err(g, rg) <= EXACT
 
 
 @pytest.mark.parametrize("shared_qk", [False, True])
@@ -357,37 +337,6 @@ PAD_N = 40
 PAD_LENGTHS = [40, 1, 23, 9]  # very different lengths (10, 1, 6 and 3 chunks at bucket_size 4)
 
 
-def padding_mask(side, lengths=PAD_LENGTHS, n=PAD_N, seed=0):
-    """bool [B, n], True = a real token: real tokens at the end (left padding), at the start
-    (right padding) or scattered (holes)."""
-    mask = torch.zeros(len(lengths), n, dtype=torch.bool)
-    order = torch.Generator().manual_seed(seed)
-    for b, length in enumerate(lengths):
-        if side == "left":
-            mask[b, n - length:] = True
-        elif side == "right":
-            mask[b, :length] = True
-        else:
-            mask[b, torch.randperm(n, generator=order)[:length]] = True
-    return mask
-
-
-def rows_alone(fn, q, k, v, mask, dout, lse_w, **kw):
-    """Each row's real tokens run alone, scattered back into the padded shape: (out, lse,
-    grads); pad positions hold out 0, lse -inf and zero gradients."""
-    out = torch.zeros(*q.shape[:3], v.shape[3], dtype=q.dtype)
-    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
-    grads = [torch.zeros_like(t) for t in (q, k, v) if t is not None]
-    for b in range(q.shape[0]):
-        idx = mask[b].nonzero().squeeze(1)
-        cut = [None if t is None else t[b:b + 1, :, idx] for t in (q, k, v)]
-        o, l, g = loss_and_grads(fn, *cut, dout[b:b + 1, :, idx], lse_w[b:b + 1, :, idx], **kw)
-        out[b][:, idx], lse[b][:, idx] = o[0], l[0].double()
-        for total, part in zip(grads, g):
-            total[b][:, idx] = part[0]
-    return out, lse, grads
-
-
 PAD_CASES = [  # (bucket_size, n_hashes)
     (4, 3),  # every row its own chunk count, one row of a single chunk
     (8, 2),
@@ -402,19 +351,12 @@ PAD_CASES = [  # (bucket_size, n_hashes)
 @pytest.mark.parametrize("bucket_size,n_hashes", PAD_CASES)
 def test_padded_chunked_equals_naive(bucket_size, n_hashes, side, causal, shared_qk):
     q, k, v = qkv_for(shared_qk, b=4, hq=4, hkv=2, n=PAD_N, d=8, dv=5)
-    mask = padding_mask(side)
+    mask = padding_mask_for(side, PAD_LENGTHS, PAD_N)
     kw = dict(bucket_size=bucket_size, n_hashes=n_hashes, causal=causal, shared_qk=shared_qk, seed=7,
               key_padding_mask=mask)
     dout = torch.randn(4, 4, PAD_N, 5, dtype=torch.float64)
     lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
-    out, lse, grads = loss_and_grads(lsh_attention, q, k, v, dout, lse_w, **kw)
-    ref, ref_lse, ref_grads = loss_and_grads(lsh_attention_naive, q, k, v, dout, lse_w, **kw)
-    assert not torch.isnan(out).any()
-    assert max_abs_err(out, ref) <= EXACT
-    assert_same_lse(lse, ref_lse)
-    for g, rg in zip(grads, ref_grads):
-        assert not torch.isnan(g).any()
-        assert max_abs_err(g, rg) <= EXACT
+    assert_fast_equals_naive(lsh_attention, lsh_attention_naive, q, k, v, dout, lse_w, EXACT, **kw)
 
 
 @pytest.mark.parametrize("shared_qk", [False, True])
@@ -425,24 +367,17 @@ def test_padded_rows_equal_rows_alone(bucket_size, n_hashes, side, causal, share
     """Each row's real positions get what its real tokens give alone (its own bucket count and
     chunks, the same rotations); pad query rows are 0 with lse -inf; pads get no gradient."""
     q, k, v = qkv_for(shared_qk, b=4, hq=4, hkv=2, n=PAD_N, d=8, dv=5)
-    mask = padding_mask(side)
+    mask = padding_mask_for(side, PAD_LENGTHS, PAD_N)
     kw = dict(bucket_size=bucket_size, n_hashes=n_hashes, causal=causal, shared_qk=shared_qk, seed=7)
     dout = torch.randn(4, 4, PAD_N, 5, dtype=torch.float64)
     lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
-    out, lse, grads = loss_and_grads(lsh_attention, q, k, v, dout, lse_w, key_padding_mask=mask, **kw)
-    alone, alone_lse, alone_grads = rows_alone(lsh_attention, q, k, v, mask, dout, lse_w, **kw)
-    pads = ~mask[:, None, :].expand(4, 4, PAD_N)
-    assert (out[pads] == 0).all() and torch.isneginf(lse[pads]).all()
-    assert max_abs_err(out, alone) <= EXACT
-    assert_same_lse(lse, alone_lse)
-    for g, ga in zip(grads, alone_grads):
-        assert max_abs_err(g, ga) <= EXACT  # pads: exactly 0, as alone
+    assert_padded_equals_rows_alone(lsh_attention, q, k, v, mask, dout, lse_w, tol=EXACT, **kw)
 
 
 @pytest.mark.parametrize("shared_qk", [False, True])
 def test_padded_float32_matches_the_float64_reference(shared_qk):
     q, k, v = qkv_for(shared_qk, b=4, hq=4, hkv=2, n=PAD_N, d=8, dtype=torch.float32)
-    mask = padding_mask("left")
+    mask = padding_mask_for("left", PAD_LENGTHS, PAD_N)
     kw = dict(bucket_size=4, n_hashes=3, causal=True, shared_qk=shared_qk, seed=2, key_padding_mask=mask)
     dout = torch.randn(4, 4, PAD_N, 8, dtype=torch.float64)
     lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
@@ -462,20 +397,13 @@ def test_pad_tokens_take_no_part(side, shared_qk):
     """Whatever the pads hold, the real positions' outputs and gradients do not change, and the
     pads' own gradients are 0."""
     q, k, v = qkv_for(shared_qk, b=4, hq=4, hkv=2, n=PAD_N, d=8)
-    mask = padding_mask(side)
+    mask = padding_mask_for(side, PAD_LENGTHS, PAD_N)
     pads = ~mask[:, None, :, None]
     kw = dict(bucket_size=4, n_hashes=3, causal=False, shared_qk=shared_qk, seed=5, key_padding_mask=mask)
     dout = torch.randn(4, 4, PAD_N, 8, dtype=torch.float64)
     lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
-    out, lse, grads = loss_and_grads(lsh_attention, q, k, v, dout, lse_w, **kw)
     noisy = [None if t is None else torch.where(pads, 1e3 * torch.randn_like(t), t) for t in (q, k, v)]
-    out2, lse2, grads2 = loss_and_grads(lsh_attention, *noisy, dout, lse_w, **kw)
-    real = mask[:, None, :].expand(4, 4, PAD_N)
-    assert torch.equal(out[real], out2[real]) and torch.equal(lse[real], lse2[real])
-    for g, g2 in zip(grads, grads2):
-        real_kv = mask[:, None, :].expand(*g.shape[:3])
-        assert torch.equal(g[real_kv], g2[real_kv])
-        assert (g2[~real_kv] == 0).all()
+    assert_pads_take_no_part(lsh_attention, (q, k, v), noisy, mask, dout, lse_w, **kw)
 
 
 @pytest.mark.parametrize("shared_qk", [False, True])
@@ -483,7 +411,7 @@ def test_padded_pairs_hold_no_pad_token(shared_qk):
     """`lsh_attended_pairs` with a mask: no pair with a pad token, and the padded output is
     softmax over those pairs."""
     q, k, v = qkv_for(shared_qk, b=4, hq=4, hkv=2, n=PAD_N, d=6)
-    mask = padding_mask("holes")
+    mask = padding_mask_for("holes", PAD_LENGTHS, PAD_N)
     kw = dict(bucket_size=4, n_hashes=3, causal=True, shared_qk=shared_qk, seed=11, key_padding_mask=mask)
     out, lse = lsh_attention(q, k, v, return_lse=True, **kw)
     pairs = lsh_attended_pairs(q, k, **kw)
@@ -518,7 +446,7 @@ def test_padded_rows_draw_the_rotations_a_row_alone_draws():
     """With a generator (or torch's global one) each row gets the rotations its lone call would
     draw from the same state, and the generator ends where an unmasked call leaves it."""
     q, k, v = qkv_for(False, n=PAD_N, b=4, dtype=torch.float32)
-    mask = padding_mask("right", lengths=[33, 1, 23, 9])  # no row of the padded length's bucket count
+    mask = padding_mask_for("right", [33, 1, 23, 9], PAD_N)  # no row of the padded length's bucket count
     kw = dict(bucket_size=4, n_hashes=2)
     gen = torch.Generator().manual_seed(9)
     start = gen.get_state()
@@ -559,12 +487,7 @@ def test_padded_gradcheck():
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("mask,exc,match", [
-    (torch.ones(1, 15, dtype=torch.bool), ValueError, r"key_padding_mask must have shape \(batch, kv_len\) = \(1, 16\)"),
-    (torch.ones(2, 16, dtype=torch.bool), ValueError, r"key_padding_mask must have shape"),
-    (torch.ones(1, 16), TypeError, "key_padding_mask must be a bool tensor"),
-    ([[True] * 16], TypeError, "key_padding_mask must be a bool tensor of shape"),
-])
+@pytest.mark.parametrize("mask,exc,match", BAD_KEY_PADDING_MASKS)
 def test_bad_key_padding_mask(mask, exc, match):
     q, k, v = small()
     for call in (lambda: lsh_attention(q, k, v, key_padding_mask=mask),

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from sa_testing import assert_fp32_close, assert_low_precision_close, make_qkv, max_abs_err
+from sa_testing import (BAD_KEY_PADDING_MASKS, assert_fast_equals_naive, assert_fp32_close, assert_low_precision_close,
+                        assert_padded_equals_rows_alone, assert_pads_take_no_part, assert_same_lse, loss_and_grads,
+                        make_qkv, max_abs_err, padding_mask_for)
 
 from sparse_attn.ops.routing import (RoutingCentroids, route_tokens, routing_attended_pairs, routing_attention,
                                      routing_attention_naive, routing_sizes)
@@ -25,19 +27,6 @@ def masked_softmax_f64(q, k, v, mask, scale=None):
     s = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     return torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0) @ v, lse
-
-
-def loss_and_grads(fn, q, k, v, dout, lse_weight, **kw):
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out, lse = fn(*leaves, return_lse=True, **kw)
-    loss = (out.double() * dout).sum() + (torch.where(torch.isfinite(lse), lse, 0.0).double() * lse_weight).sum()
-    return out.detach(), lse.detach(), torch.autograd.grad(loss, leaves)
-
-
-def assert_same_lse(a, b, tol=EXACT):
-    assert torch.equal(torch.isinf(a), torch.isinf(b)), "rows with nothing to attend to differ"
-    finite = torch.isfinite(b)
-    assert max_abs_err(a[finite], b[finite]) <= tol
 
 
 def centroids_of(kind, num_clusters, hq, d):
@@ -301,38 +290,6 @@ PAD_N = 40
 PAD_LENGTHS = [40, 1, 23, 9]  # very different lengths: default sizes 3, 1, 2 and 2 clusters
 
 
-def padding_mask(side, lengths=PAD_LENGTHS, n=PAD_N, seed=0):
-    """bool [B, n], True = a real token: real tokens at the end (left padding), at the start
-    (right padding) or scattered (holes)."""
-    mask = torch.zeros(len(lengths), n, dtype=torch.bool)
-    order = torch.Generator().manual_seed(seed)
-    for b, length in enumerate(lengths):
-        if side == "left":
-            mask[b, n - length:] = True
-        elif side == "right":
-            mask[b, :length] = True
-        else:
-            mask[b, torch.randperm(n, generator=order)[:length]] = True
-    return mask
-
-
-def rows_alone(fn, q, k, v, mask, dout, lse_w, window=None, **kw):
-    """Each row's real tokens run alone (a given window capped at the row's length), scattered
-    back into the padded shape: (out, lse, grads); pads hold 0, lse -inf, zero gradients."""
-    out = torch.zeros(*q.shape[:3], v.shape[3], dtype=q.dtype)
-    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
-    grads = [torch.zeros_like(t) for t in (q, k, v)]
-    for b in range(q.shape[0]):
-        idx = mask[b].nonzero().squeeze(1)
-        cut = [t[b:b + 1, :, idx] for t in (q, k, v)]
-        row_window = None if window is None else min(window, len(idx))
-        o, l, g = loss_and_grads(fn, *cut, dout[b:b + 1, :, idx], lse_w[b:b + 1, :, idx], window=row_window, **kw)
-        out[b][:, idx], lse[b][:, idx] = o[0], l[0].double()
-        for total, part in zip(grads, g):
-            total[b][:, idx] = part[0]
-    return out, lse, grads
-
-
 PAD_SIZES = [  # (num_clusters, window, centroids kind)
     (None, None, "data"),  # every row its own default sizes and centroids
     (3, None, "data"),  # window ceil(n_b / 3) per row
@@ -349,17 +306,10 @@ PAD_SIZES = [  # (num_clusters, window, centroids kind)
 def test_padded_gathered_equals_naive(num_clusters, window, kind, side, causal):
     q, k, v = make_qkv(4, 4, PAD_N, 8, hkv=2, dv=5, dtype=torch.float64)
     kw = dict(num_clusters=num_clusters, window=window, causal=causal,
-              centroids=centroids_of(kind, num_clusters or 3, 4, 8), key_padding_mask=padding_mask(side))
+              centroids=centroids_of(kind, num_clusters or 3, 4, 8), key_padding_mask=padding_mask_for(side, PAD_LENGTHS, PAD_N))
     dout = torch.randn(4, 4, PAD_N, 5, dtype=torch.float64)
     lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
-    out, lse, grads = loss_and_grads(routing_attention, q, k, v, dout, lse_w, **kw)
-    ref, ref_lse, ref_grads = loss_and_grads(routing_attention_naive, q, k, v, dout, lse_w, **kw)
-    assert not torch.isnan(out).any()
-    assert max_abs_err(out, ref) <= EXACT
-    assert_same_lse(lse, ref_lse)
-    for g, rg in zip(grads, ref_grads):
-        assert not torch.isnan(g).any()
-        assert max_abs_err(g, rg) <= EXACT
+    assert_fast_equals_naive(routing_attention, routing_attention_naive, q, k, v, dout, lse_w, EXACT, **kw)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -370,24 +320,18 @@ def test_padded_rows_equal_rows_alone(num_clusters, window, kind, side, causal):
     length (a given window capped at it); pad query rows are 0 with lse -inf; pads get no
     gradient."""
     q, k, v = make_qkv(4, 4, PAD_N, 8, hkv=2, dv=5, dtype=torch.float64)
-    mask = padding_mask(side)
+    mask = padding_mask_for(side, PAD_LENGTHS, PAD_N)
     kw = dict(num_clusters=num_clusters, causal=causal, centroids=centroids_of(kind, num_clusters or 3, 4, 8))
     dout = torch.randn(4, 4, PAD_N, 5, dtype=torch.float64)
     lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
-    out, lse, grads = loss_and_grads(routing_attention, q, k, v, dout, lse_w, window=window, key_padding_mask=mask,
-                                     **kw)
-    alone, alone_lse, alone_grads = rows_alone(routing_attention, q, k, v, mask, dout, lse_w, window=window, **kw)
-    pads = ~mask[:, None, :].expand(4, 4, PAD_N)
-    assert (out[pads] == 0).all() and torch.isneginf(lse[pads]).all()
-    assert max_abs_err(out, alone) <= EXACT
-    assert_same_lse(lse, alone_lse)
-    for g, ga in zip(grads, alone_grads):
-        assert max_abs_err(g, ga) <= EXACT  # pads: exactly 0, as alone
+    capped = lambda length: {"window": None if window is None else min(window, length)}  # noqa: E731
+    assert_padded_equals_rows_alone(routing_attention, q, k, v, mask, dout, lse_w, padded_kw={"window": window},
+                                    row_kw=capped, tol=EXACT, **kw)
 
 
 def test_padded_float32_matches_the_float64_reference():
     q, k, v = make_qkv(4, 4, PAD_N, 8, hkv=2)
-    kw = dict(causal=True, key_padding_mask=padding_mask("left"))
+    kw = dict(causal=True, key_padding_mask=padding_mask_for("left", PAD_LENGTHS, PAD_N))
     dout = torch.randn(4, 4, PAD_N, 8, dtype=torch.float64)
     lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
     out, lse, grads = loss_and_grads(routing_attention, q, k, v, dout.float(), lse_w, **kw)
@@ -406,30 +350,23 @@ def test_pad_tokens_take_no_part(num_clusters, window, side):
     """Whatever the pads hold (even vectors that would win every cluster), the real positions'
     outputs and gradients do not change, and the pads' own gradients are 0."""
     q, k, v = make_qkv(4, 4, PAD_N, 8, hkv=2, dtype=torch.float64)
-    mask = padding_mask(side)
+    mask = padding_mask_for(side, PAD_LENGTHS, PAD_N)
     pads = ~mask[:, None, :, None]
     cents = torch.randn(3, 8, dtype=torch.float64)
     kw = dict(num_clusters=num_clusters, window=window, centroids=None if num_clusters is None else cents,
               key_padding_mask=mask)
     dout = torch.randn(4, 4, PAD_N, 8, dtype=torch.float64)
     lse_w = torch.randn(4, 4, PAD_N, dtype=torch.float64)
-    out, lse, grads = loss_and_grads(routing_attention, q, k, v, dout, lse_w, **kw)
     # pads pointing at the first centroid: alone they would top its cluster
     magnet = cents[0].expand_as(q) * 1e3
     noisy = [torch.where(pads, magnet[:, :t.shape[1]], t) for t in (q, k)] + [torch.where(pads, 1e3, v)]
-    out2, lse2, grads2 = loss_and_grads(routing_attention, *noisy, dout, lse_w, **kw)
-    real = mask[:, None, :].expand(4, 4, PAD_N)
-    assert torch.equal(out[real], out2[real]) and torch.equal(lse[real], lse2[real])
-    for g, g2 in zip(grads, grads2):
-        real_kv = mask[:, None, :].expand(*g.shape[:3])
-        assert torch.equal(g[real_kv], g2[real_kv])
-        assert (g2[~real_kv] == 0).all()
+    assert_pads_take_no_part(routing_attention, (q, k, v), noisy, mask, dout, lse_w, **kw)
 
 
 def test_padded_routing_puts_pads_in_no_cluster():
     b, hq, hkv, d = 4, 4, 2, 8
     q, k, v = make_qkv(b, hq, PAD_N, d, hkv=hkv, dtype=torch.float64)
-    mask = padding_mask("holes")
+    mask = padding_mask_for("holes", PAD_LENGTHS, PAD_N)
     q_members, k_members = route_tokens(q, k, key_padding_mask=mask)
     sizes = [routing_sizes(n_b) for n_b in PAD_LENGTHS]
     assert q_members.shape == (b, hq, max(s["num_clusters"] for s in sizes), max(s["window"] for s in sizes))
@@ -503,12 +440,7 @@ def test_update_with_a_mask_ignores_the_pads():
         padded.update(x, mask=mask[:, :9])
 
 
-@pytest.mark.parametrize("mask,exc,match", [
-    (torch.ones(1, 15, dtype=torch.bool), ValueError, r"key_padding_mask must have shape \(batch, kv_len\) = \(1, 16\)"),
-    (torch.ones(2, 16, dtype=torch.bool), ValueError, r"key_padding_mask must have shape"),
-    (torch.ones(1, 16), TypeError, "key_padding_mask must be a bool tensor"),
-    ([[True] * 16], TypeError, "key_padding_mask must be a bool tensor of shape"),
-])
+@pytest.mark.parametrize("mask,exc,match", BAD_KEY_PADDING_MASKS)
 def test_bad_key_padding_mask(mask, exc, match):
     q, k, v = make_qkv(1, 2, 16, 8)
     for call in (lambda: routing_attention(q, k, v, key_padding_mask=mask),

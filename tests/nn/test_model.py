@@ -351,31 +351,18 @@ PATTERN_LAYERS = ["causal", "sliding_window:window=5", "streaming:sinks=2,window
                   "topk:top_k=3,causal=true", "performer:causal=true,generator=0"]
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_batch_with_a_padding_mask_equals_each_row_alone(side):
-    """Positions (pattern and rotary) count from each row's first real token, pad keys unseen."""
-    m = model(PATTERN_LAYERS)
-    lengths = (20, 13, 1, 7)
-    rows = [torch.randint(0, 40, (1, n)) for n in lengths]
-    batch = torch.zeros(4, 20, dtype=torch.long)
-    mask = torch.zeros(4, 20, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        cols = slice(20 - r.shape[1], 20) if side == "left" else slice(0, r.shape[1])
-        batch[b, cols], mask[b, cols] = r, True
-    logits = m(batch, padding_mask=mask)
-    for b, r in enumerate(rows):
-        torch.testing.assert_close(logits[b:b + 1, mask[b]], m(r), rtol=1e-10, atol=1e-10)
-
-
 DYNAMIC_LAYERS = ["lsh:causal=true,bucket_size=4,n_hashes=2,seed=0", "routing:causal=true",
                   "routing:causal=true,num_clusters=2", "lsh:causal=true,bucket_size=16,n_hashes=3,seed=1"]
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_batch_with_lsh_and_routing_equals_each_row_alone(side):
-    """LSH hashes and routing routes each row with the sizes of its real length (bucket count,
+@pytest.mark.parametrize("layers, leaky", [(PATTERN_LAYERS, []), (DYNAMIC_LAYERS, ["lsh", "routing"])],
+                         ids=["patterns", "lsh_routing"])
+def test_padded_batch_with_a_padding_mask_equals_each_row_alone(side, layers, leaky):
+    """Positions (pattern and rotary) count from each row's first real token, pad keys unseen;
+    LSH hashes and routing routes each row with the sizes of its real length (bucket count,
     default clusters and window), pads in no chunk's or cluster's place: each row alone."""
-    m = model(DYNAMIC_LAYERS, leaky_mechanisms=["lsh", "routing"])
+    m = model(layers, leaky_mechanisms=leaky)
     lengths = (20, 13, 1, 7)
     rows = [torch.randint(0, 40, (1, n)) for n in lengths]
     batch = torch.zeros(4, 20, dtype=torch.long)

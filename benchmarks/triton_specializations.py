@@ -1,21 +1,23 @@
 """How many compiled variants of each Triton kernel a stream of shapes asks for, and what one
-costs to compile: a diagnosis of first-visit costs in variable-length training (ListOps).
+costs to compile: first-visit costs in variable-length training (ListOps) and serving.
 
 Triton compiles a kernel once per *specialisation* of its arguments: besides the constexprs
 and launch options, every int argument equal to 1 becomes a constant and every other int is
-marked by whether it is divisible by 16 (pointers: whether 16-byte aligned). Our kernels take
-lengths, block counts, work counts and strides that change with the sequence length and the
-batch size, so a stream of new shapes keeps meeting new specialisations, each a compile of
-the kernel (seconds) at its first launch in a process (and on a machine whose Triton cache
-has not seen it). This script drives the library's real launches (`backends/triton/ops.py`)
-with CPU tensors, catches each launch before it runs (the kernels never execute), and counts
-the distinct specialisation keys per kernel as calls accumulate; `--compile` also compiles
-each distinct key once for sm90 with Triton's ahead-of-time compiler and times it (on this
-machine's CPU; a GPU host's CPU is faster).
+marked by whether it is divisible by 16 (pointers: whether 16-byte aligned). Lengths, block
+and work counts and the lse row strides change with the sequence length and the batch size,
+so with every int specialised a stream of new shapes keeps meeting new specialisations, each
+a compile of the kernel (seconds) at its first launch in a process (and on a machine whose
+Triton cache has not seen it). The kernels leave those arguments unspecialised
+(`backends/triton/kernels._jit`); `--fully-specialized` launches them as plain @triton.jit
+compiles them, the comparison. This script drives the library's real launches
+(`backends/triton/ops.py`) with CPU tensors, catches each launch before it runs (the kernels
+never execute), and counts the distinct specialisation keys per kernel as calls accumulate;
+`--compile` also compiles each distinct key once for sm90 with Triton's ahead-of-time compiler
+and times it (on this machine's CPU; a GPU host's CPU is faster).
 
     python benchmarks/triton_specializations.py                        # ListOps-like stream, ~1 min
     python benchmarks/triton_specializations.py --calls 300 --compile  # + compile time per variant
-    PYTHONPATH=src python3 benchmarks/triton_specializations.py --device cuda [--unspecialize-lengths]
+    PYTHONPATH=src python3 benchmarks/triton_specializations.py --device cuda [--fully-specialized]
 
 With --device cuda the stream really runs (forward + backward through `sparse_attention(...,
 backend="triton")`, from an empty Triton cache) and each call is timed, compiles included; then
@@ -90,44 +92,88 @@ class Recorder:
                 self.varying.setdefault(name, set()).add(arg_key(value, not param.do_not_specialize))
 
 
-def compile_seconds(recorder: Recorder, arch: int) -> list[float]:
-    """Seconds to compile each distinct key of `recorder` for sm`arch` (ahead of time)."""
+def compile_launch(jit_fn, args, kwargs, arch: int = 90):
+    """Compile one recorded launch of `jit_fn` for sm`arch` ahead of time, specialised as a
+    runtime launch would be (ints == 1 constant, divisibility by 16 of ints and pointers marked,
+    except the kernel's do_not_specialize arguments): the compiled kernel (`.asm["ptx"]`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     types = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
              torch.int64: "i64", torch.uint8: "u8"}
-    target = GPUTarget("cuda", arch, 32)
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs}
+    signature, consts, attrs = {}, dict(kwargs), {}
+    free = {p.name for p in jit_fn.params if p.do_not_specialize}
+    for i, (name, value) in enumerate(zip(jit_fn.arg_names, args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + types[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1 and name not in free:
+                signature[name], consts[name] = "constexpr", 1
+                continue
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0 and name not in free:  # the mark a runtime launch adds
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32"
+    signature.update({name: "constexpr" for name in kwargs})
+    return triton.compile(ASTSource(fn=jit_fn, signature=signature, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_seconds(recorder: Recorder, arch: int) -> list[float]:
+    """Seconds to compile each distinct key of `recorder` for sm`arch` (ahead of time)."""
     seconds = []
     for args, kwargs in recorder.keys.values():
-        kwargs = dict(kwargs)
-        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs}
-        signature, consts = {}, dict(kwargs)
-        free = {p.name for p in recorder.jit_fn.params if p.do_not_specialize}
-        for name, value in zip(recorder.jit_fn.arg_names, args):
-            if isinstance(value, torch.Tensor):
-                signature[name] = "*" + types[value.dtype]
-            elif isinstance(value, bool):
-                signature[name] = "i1"
-            elif isinstance(value, int):
-                if value == 1 and name not in free:
-                    signature[name], consts[name] = "constexpr", 1
-                else:
-                    signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            else:
-                signature[name] = "fp32"
-        signature.update({name: "constexpr" for name in kwargs})
-        # the divisibility marks a runtime launch adds (the AOT compiler takes them as attrs)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, (name, value) in enumerate(zip(recorder.jit_fn.arg_names, args))
-                 if (isinstance(value, int) and not isinstance(value, bool) and value != 1 and value % 16 == 0
-                     and name not in free)
-                 or (isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0)}
         began = time.perf_counter()
-        triton.compile(ASTSource(fn=recorder.jit_fn, signature=signature, constexprs=consts, attrs=attrs),
-                       target=target, options=options)
+        compile_launch(recorder.jit_fn, args, kwargs, arch)
         seconds.append(time.perf_counter() - began)
     return seconds
+
+
+def record_launches(pattern, n, rows, heads, dim, fully_specialized=False) -> dict:
+    """Recorders (one per kernel) of one forward + backward at length n, batch `rows`."""
+    originals = {name: getattr(kernels, name) for name in KERNELS}
+    recorders = {name: Recorder(kernels.fully_specialized(fn) if fully_specialized else fn)
+                 for name, fn in originals.items()}
+    try:
+        for name, recorder in recorders.items():
+            setattr(kernels, name, recorder)
+        q, k, v = (torch.empty(rows, heads, n, dim, dtype=torch.bfloat16) for _ in range(3))
+        plan = get_plan(pattern.layout(n, block_q=128, block_kv=128))
+        fixed = (float(dim ** -0.5), 128, 128, False, *plan.flags())
+        out, lse = ops.block_sparse_attn_fwd(q, k, v, *plan.tensors(), *fixed, True)
+        ops.block_sparse_attn_bwd(torch.empty_like(out), None, q, k, v, out, lse, *plan.tensors(), *fixed)
+    finally:
+        for name, fn in originals.items():
+            setattr(kernels, name, fn)
+    return recorders
+
+
+def compare_ptx(pattern, lengths, rows, heads, dim) -> list[dict]:
+    """For each length: whether each kernel's sm90 PTX as the library launches it equals the
+    fully specialised kernel's (the evidence that leaving the length arguments unspecialised
+    costs no generated code)."""
+    import triton
+
+    rows_out = []
+    for n in lengths:
+        ours = record_launches(pattern, n, rows, heads, dim)
+        full = record_launches(pattern, n, rows, heads, dim, fully_specialized=True)
+        for name in KERNELS:
+            (a_args, a_kw), = ours[name].keys.values()
+            (b_args, b_kw), = full[name].keys.values()
+            a = compile_launch(ours[name].jit_fn, a_args, a_kw).asm["ptx"]
+            b = compile_launch(full[name].jit_fn, b_args, b_kw).asm["ptx"]
+            rows_out.append({"N": n, "kernel": name, "triton": triton.__version__, "identical": a == b,
+                             "ptx_lines": len(a.splitlines()), "fully_specialized_ptx_lines": len(b.splitlines())})
+    return rows_out
 
 
 def run_on_gpu(args, pattern, device: str = "cuda", repeats: int = 25, warmup: int = 5) -> int:
@@ -141,9 +187,9 @@ def run_on_gpu(args, pattern, device: str = "cuda", repeats: int = 25, warmup: i
     from sparse_attn import sparse_attention
 
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_specializations_")
-    if args.unspecialize_lengths:
+    if args.fully_specialized:
         for name in KERNELS + ("block_sparse_bwd_combined_kernel",):
-            setattr(kernels, name, kernels.lengths_unspecialized(getattr(kernels, name)))
+            setattr(kernels, name, kernels.fully_specialized(getattr(kernels, name)))
     g = torch.Generator().manual_seed(args.seed)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -199,14 +245,17 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="also compile each distinct variant for sm90 and time it")
-    ap.add_argument("--unspecialize-lengths", action="store_true",
-                    help="launch kernels.lengths_unspecialized(...) versions (LENGTH_ARGUMENTS not specialised)")
+    ap.add_argument("--fully-specialized", action="store_true",
+                    help="launch kernels.fully_specialized(...) versions (every int specialised, as before)")
+    ap.add_argument("--compare-ptx", type=int, nargs="+", metavar="N", default=None,
+                    help="instead of a stream: compile each kernel at these lengths for sm90 as the library "
+                         "launches it and fully specialised, and say whether the PTX is identical")
     ap.add_argument("--device", default="cpu", help="cpu: count launches (nothing runs); cuda: run and time them")
     ap.add_argument("--steady-len", type=int, default=32768, help="--device cuda: the long call's length")
     ap.add_argument("--steady-heads", type=int, default=16)
     ap.add_argument("--steady-dim", type=int, default=128)
     ap.add_argument("--out", type=Path, default=None,
-                    help="default: results/triton_specializations[_lengths_unspecialized][_cuda].json")
+                    help="default: results/triton_specializations[_fully_specialized][_cuda].json")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         ap.error("unset TRITON_INTERPRET (the interpreter specialises nothing)")
@@ -226,19 +275,32 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     if args.out is None:
-        suffix = ("_lengths_unspecialized" if args.unspecialize_lengths else "") + ("_cuda" if args.device == "cuda" else "")
+        suffix = ("_fully_specialized" if args.fully_specialized else "") + ("_cuda" if args.device == "cuda" else "")
         args.out = RESULTS / f"triton_specializations{suffix}.json"
     if args.device == "cuda":
         return run_on_gpu(args, pattern)
+    ops.tma_allowed = lambda *tensors: True  # what an aligned bf16 input on sm90 gets
+    ops._ensure_allocator = lambda: None
+    if args.compare_ptx is not None:
+        import tempfile
+
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_specializations_")
+        if args.out == RESULTS / "triton_specializations.json":
+            args.out = RESULTS / "triton_specializations_ptx.json"
+        rows = compare_ptx(pattern, args.compare_ptx, args.max_rows, args.heads, args.dim)
+        write_json(args.out, {"env": environment("cpu"), "settings": {**vars(args), "out": str(args.out)},
+                              "rows": rows})
+        for row in rows:
+            print(f"N={row['N']} {row['kernel']}: PTX {'identical' if row['identical'] else 'DIFFERS'} "
+                  f"({row['ptx_lines']} / {row['fully_specialized_ptx_lines']} lines, triton {row['triton']})")
+        return 0 if all(row["identical"] for row in rows) else 1
 
     jit = {name: getattr(kernels, name) for name in KERNELS}
-    if args.unspecialize_lengths:
-        jit = {name: kernels.lengths_unspecialized(fn) for name, fn in jit.items()}
+    if args.fully_specialized:
+        jit = {name: kernels.fully_specialized(fn) for name, fn in jit.items()}
     recorders = {name: Recorder(fn) for name, fn in jit.items()}
     for name, recorder in recorders.items():
         setattr(kernels, name, recorder)
-    ops.tma_allowed = lambda *tensors: True  # what an aligned bf16 input on sm90 gets
-    ops._ensure_allocator = lambda: None
 
     g = torch.Generator().manual_seed(args.seed)
     curve = []

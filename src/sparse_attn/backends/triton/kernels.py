@@ -55,6 +55,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
+# Triton compiles a kernel once per *specialisation* of its arguments: an int equal to 1 becomes
+# a constant and any other int is marked by whether it divides by 16. Block and work counts and
+# the strides of the lse rows change with the sequence length and the batch, so with every int
+# specialised a stream of new shapes (ListOps' ~1,500 lengths, prompts of any length) compiled
+# up to 17 variants of each kernel at ~2 s each: 98 s of compiles over a ListOps-like stream
+# (benchmarks/triton_specializations.py). The kernels leave the counts (and the forward's lse
+# strides) unspecialised: the sm90 PTX is identical to the fully specialised kernel's at
+# lengths divisible by 128, by 16 only, and by neither (Triton 3.6 and 3.9; --compare-ptx). The
+# lengths stay specialised: the masks of ragged tiles use their divisibility. The backward's
+# lse2/delta rows are padded to a multiple of 16 (ops._bwd_row_stats), so their strides always
+# divide and the dk/dv loop's copies of them stay 16 bytes wide. Left: 3 variants per kernel.
+def _jit(*unspecialized: str):
+    """@triton.jit, leaving the named int arguments unspecialised."""
+    return triton.jit(do_not_specialize=list(unspecialized))
+
+
+def fully_specialized(kernel):
+    """`kernel` as plain @triton.jit compiles it (every int specialised): the comparison of
+    benchmarks/triton_specializations.py."""
+    return triton.jit(kernel.fn)
+
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: jit code may read only constexpr globals
 
 
@@ -212,7 +234,7 @@ def _fwd_tiles(acc, m_i, l_i, q, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_base, v_
     return acc, m_i, l_i
 
 
-@triton.jit
+@_jit("num_q_blocks", "num_bh", "total_work", "stride_lb", "stride_lh")
 def block_sparse_fwd_kernel(
     Q, K, V, Out, Lse,
     full_off, full_idx, part_off, part_idx, part_bits, part_mask, q_block_order, Counter,
@@ -319,7 +341,7 @@ def _fwd_program(
 
 
 # ---------------------------------------------------------------------------- backward
-@triton.jit
+@triton.jit  # its strides are the padded row statistics' (ops._bwd_row_stats), or dlse's when given
 def bwd_preprocess_kernel(
     Out, DO, Lse, DLse, Delta, Lse2,
     stride_ob, stride_oh, stride_on,
@@ -388,7 +410,7 @@ def _dq_tiles(dq, q, do, lse2, delta, t0, t1, idx_ptr, bits_ptr, mask_ptr, k_bas
     return dq
 
 
-@triton.jit
+@_jit("num_q_blocks", "num_bh", "total_work")
 def block_sparse_bwd_dq_kernel(
     Q, K, V, DO, GradQ, Lse2, Delta,
     full_off, full_idx, part_off, part_idx, part_bits, part_mask, q_block_order, Counter,
@@ -540,7 +562,7 @@ def _dkdv_tiles(dk, dv, k, v, t0, t1, idx_ptr, entry_ptr, bits_ptr, q_base, do_b
     return dk, dv
 
 
-@triton.jit
+@_jit("num_kv_blocks", "num_bh", "total_work")
 def block_sparse_bwd_dkdv_kernel(
     Q, K, V, DO, GradQAcc, GradK, GradV, Lse2, Delta,
     tfull_off, tfull_idx, tpart_off, tpart_idx, tpart_mask, part_bits, kv_block_order, Counter,
@@ -658,7 +680,7 @@ def _dkdv_program(
 
 
 # ------------------------------------------------------------ backward, one grid (COMBINED)
-@triton.jit
+@_jit("num_q_blocks", "num_kv_blocks", "num_q_bh", "num_kv_bh", "kv_work")
 def block_sparse_bwd_combined_kernel(
     Q, K, V, DO, GradQ, GradK, GradV, Lse2, Delta,
     full_off, full_idx, part_off, part_idx, part_bits, part_mask, q_block_order,
@@ -703,20 +725,3 @@ def block_sparse_bwd_combined_kernel(
                     PER_HEAD, LBQ, LBK, DQ_BM, DQ_BN, BD, BDV, D, DV, WORDS, EVEN_Q, EVEN_KV, IEEE, UPCAST, DQ_TMA,
                     WIDE_ROWS, False)
 
-
-# Integer arguments that change with the sequence length or the batch: lengths, block and work
-# counts, and the strides of the [B, H, N] float32 rows (lse, delta). Triton specialises an int
-# argument by divisibility by 16 (and == 1), so a stream of new shapes keeps compiling variants
-# of each kernel: over ListOps' lengths (500-2000, 1-32 rows) 16 variants of the forward, dq and
-# dk/dv kernels, ~1.4-1.7 s each to compile for sm90 on the CPU machine, 45 s for the first 30
-# calls (benchmarks/triton_specializations.py), as much as the H200's ListOps profile spends in
-# its first 30 steps. `lengths_unspecialized(kernel)` is the same kernel with these arguments left
-# as plain integers (one variant per set of constexprs). Not the default until its kernel time is
-# measured on the GPU: divisibility can let the compiler vectorise the lse / delta loads.
-LENGTH_ARGUMENTS = ("q_len", "kv_len", "num_q_blocks", "num_kv_blocks", "num_bh", "num_q_bh", "num_kv_bh",
-                    "total_work", "kv_work", "stride_lb", "stride_lh", "stride_dlb", "stride_dlh")
-
-
-def lengths_unspecialized(kernel):
-    """`kernel` (a @triton.jit function) compiled without specialising LENGTH_ARGUMENTS."""
-    return triton.jit(kernel.fn, do_not_specialize=[a for a in LENGTH_ARGUMENTS if a in kernel.arg_names])

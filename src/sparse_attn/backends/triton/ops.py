@@ -369,8 +369,14 @@ def _bwd_row_stats(out, dout, lse, dlse, nq, hq, bdv, dv):
     lse2 = lse in log2 units (+inf for empty rows, so their P is 0)."""
     from .kernels import bwd_preprocess_kernel
 
-    lse = lse.contiguous()
-    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
+    # lse, delta and lse2 share one row stride, rounded up to a multiple of 16: the backward
+    # kernels' lse2/delta strides then divide by 16 at every length (one specialisation, and
+    # the dk/dv loop's async copies of them stay 16 bytes wide; kernels._jit). Rows past Nq are
+    # never read (masked by q_len, or Nq is a multiple of the block)
+    rows = -(-nq // 16) * 16
+    stats = torch.empty(3, lse.shape[0], hq, rows, dtype=torch.float32, device=lse.device)
+    lse_rows, delta, lse2 = (t[..., :nq] for t in stats.unbind(0))  # [B, Hq, Nq] each
+    lse = lse_rows.copy_(lse)
     pre_m = 16 if interpreting() else 64
     dl = dlse if dlse is not None else lse
     bwd_preprocess_kernel[_grid(-(-nq // pre_m), out.shape[0] * hq, False)](

@@ -30,6 +30,7 @@ Needs triton (not TRITON_INTERPRET). Writes results/triton_specializations.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -48,24 +49,30 @@ KERNELS = ("block_sparse_fwd_kernel", "bwd_preprocess_kernel", "block_sparse_bwd
            "block_sparse_bwd_dkdv_kernel")
 
 
-def int_key(value: int) -> str:
-    """What Triton's launcher keys an int argument by (native_specialize_impl, align=True)."""
-    width = "i32" if -2**31 <= value < 2**31 else "i64"
-    return "1" if value == 1 else width + ("D" if value % 16 == 0 else "")
-
-
 def arg_key(value, specialize: bool = True):
-    if isinstance(value, int) and not isinstance(value, bool) and not specialize:  # do_not_specialize
-        return "i32" if -2**31 <= value < 2**31 else "i64"
+    """What Triton's launcher keys an argument by (native_specialize_impl, align=True): ints
+    equal to 1 as constants, other ints and pointers by divisibility by 16, unless the kernel
+    leaves the argument unspecialised (`specialize` False: its width alone)."""
     if isinstance(value, torch.Tensor):
         return f"*{value.dtype}" + ("D" if value.data_ptr() % 16 == 0 else "")
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
-        return int_key(value)
+        width = "i32" if -2**31 <= value < 2**31 else "i64"
+        if not specialize:
+            return width
+        return "1" if value == 1 else width + ("D" if value % 16 == 0 else "")
     if isinstance(value, float):
         return "fp32"
     return repr(value)
+
+
+def fresh_triton_cache() -> None:
+    """Point Triton at an empty cache: a variant compiled by an earlier run (or by
+    compile_for_gpu.py) would otherwise cost nothing to compile."""
+    import tempfile
+
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_specializations_")
 
 
 class Recorder:
@@ -137,23 +144,30 @@ def compile_seconds(recorder: Recorder, arch: int) -> list[float]:
     return seconds
 
 
-def record_launches(pattern, n, rows, heads, dim, fully_specialized=False) -> dict:
-    """Recorders (one per kernel) of one forward + backward at length n, batch `rows`."""
+@contextlib.contextmanager
+def recording(fully_specialized: bool = False):
+    """Inside the block the kernels' launches are recorded, not run: yields {kernel name:
+    Recorder}, of the kernels as the library has them or as plain @triton.jit compiles them."""
     originals = {name: getattr(kernels, name) for name in KERNELS}
     recorders = {name: Recorder(kernels.fully_specialized(fn) if fully_specialized else fn)
                  for name, fn in originals.items()}
     try:
         for name, recorder in recorders.items():
             setattr(kernels, name, recorder)
-        q, k, v = (torch.empty(rows, heads, n, dim, dtype=torch.bfloat16) for _ in range(3))
-        plan = get_plan(pattern.layout(n, block_q=128, block_kv=128))
-        fixed = (float(dim ** -0.5), 128, 128, False, *plan.flags())
-        out, lse = ops.block_sparse_attn_fwd(q, k, v, *plan.tensors(), *fixed, True)
-        ops.block_sparse_attn_bwd(torch.empty_like(out), None, q, k, v, out, lse, *plan.tensors(), *fixed)
+        yield recorders
     finally:
         for name, fn in originals.items():
             setattr(kernels, name, fn)
-    return recorders
+
+
+def launch_once(pattern, n, rows, heads, dim) -> None:
+    """One forward + backward through ops.py's launches at length n, batch `rows` (CPU tensors:
+    only meaningful inside `recording()`)."""
+    q, k, v = (torch.empty(rows, heads, n, dim, dtype=torch.bfloat16) for _ in range(3))
+    plan = get_plan(pattern.layout(n, block_q=128, block_kv=128))
+    fixed = (float(dim ** -0.5), 128, 128, False, *plan.flags())
+    out, lse = ops.block_sparse_attn_fwd(q, k, v, *plan.tensors(), *fixed, True)
+    ops.block_sparse_attn_bwd(torch.empty_like(out), None, q, k, v, out, lse, *plan.tensors(), *fixed)
 
 
 def compare_ptx(pattern, lengths, rows, heads, dim) -> list[dict]:
@@ -164,8 +178,10 @@ def compare_ptx(pattern, lengths, rows, heads, dim) -> list[dict]:
 
     rows_out = []
     for n in lengths:
-        ours = record_launches(pattern, n, rows, heads, dim)
-        full = record_launches(pattern, n, rows, heads, dim, fully_specialized=True)
+        with recording() as ours:
+            launch_once(pattern, n, rows, heads, dim)
+        with recording(fully_specialized=True) as full:
+            launch_once(pattern, n, rows, heads, dim)
         for name in KERNELS:
             (a_args, a_kw), = ours[name].keys.values()
             (b_args, b_kw), = full[name].keys.values()
@@ -181,12 +197,11 @@ def run_on_gpu(args, pattern, device: str = "cuda", repeats: int = 25, warmup: i
     included), then one long call's steady-state time. (`device` "cpu" under TRITON_INTERPRET=1:
     the tests' dry run of this function at tiny shapes.)"""
     import statistics
-    import tempfile
 
     from sparse_attn import patterns as P
     from sparse_attn import sparse_attention
 
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_specializations_")
+    fresh_triton_cache()
     if args.fully_specialized:
         for name in KERNELS + ("block_sparse_bwd_combined_kernel",):
             setattr(kernels, name, kernels.fully_specialized(getattr(kernels, name)))
@@ -282,9 +297,7 @@ def main(argv=None) -> int:
     ops.tma_allowed = lambda *tensors: True  # what an aligned bf16 input on sm90 gets
     ops._ensure_allocator = lambda: None
     if args.compare_ptx is not None:
-        import tempfile
-
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_specializations_")
+        fresh_triton_cache()
         if args.out == RESULTS / "triton_specializations.json":
             args.out = RESULTS / "triton_specializations_ptx.json"
         rows = compare_ptx(pattern, args.compare_ptx, args.max_rows, args.heads, args.dim)
@@ -295,26 +308,16 @@ def main(argv=None) -> int:
                   f"({row['ptx_lines']} / {row['fully_specialized_ptx_lines']} lines, triton {row['triton']})")
         return 0 if all(row["identical"] for row in rows) else 1
 
-    jit = {name: getattr(kernels, name) for name in KERNELS}
-    if args.fully_specialized:
-        jit = {name: kernels.fully_specialized(fn) for name, fn in jit.items()}
-    recorders = {name: Recorder(fn) for name, fn in jit.items()}
-    for name, recorder in recorders.items():
-        setattr(kernels, name, recorder)
-
     g = torch.Generator().manual_seed(args.seed)
     curve = []
     checkpoints = {c for c in (1, 10, 30, 100, 300, 1000, 3000, 10000) if c <= args.calls} | {args.calls}
-    for call in progress(range(1, args.calls + 1), desc="calls"):
-        n = int(torch.randint(args.min_len, args.max_len + 1, (), generator=g))
-        rows = int(torch.randint(1, args.max_rows + 1, (), generator=g))
-        q, k, v = (torch.empty(rows, args.heads, n, args.dim, dtype=torch.bfloat16) for _ in range(3))
-        plan = get_plan(pattern.layout(n, block_q=128, block_kv=128))
-        fixed = (float(args.dim ** -0.5), 128, 128, False, *plan.flags())
-        out, lse = ops.block_sparse_attn_fwd(q, k, v, *plan.tensors(), *fixed, True)
-        ops.block_sparse_attn_bwd(torch.empty_like(out), None, q, k, v, out, lse, *plan.tensors(), *fixed)
-        if call in checkpoints:
-            curve.append({"calls": call, **{name: len(r.keys) for name, r in recorders.items()}})
+    with recording(args.fully_specialized) as recorders:
+        for call in progress(range(1, args.calls + 1), desc="calls"):
+            n = int(torch.randint(args.min_len, args.max_len + 1, (), generator=g))
+            rows = int(torch.randint(1, args.max_rows + 1, (), generator=g))
+            launch_once(pattern, n, rows, args.heads, args.dim)
+            if call in checkpoints:
+                curve.append({"calls": call, **{name: len(r.keys) for name, r in recorders.items()}})
 
     result = {"env": environment("cpu"), "settings": {**vars(args), "out": str(args.out)}, "curve": curve,
               "kernels": {}}
@@ -322,10 +325,7 @@ def main(argv=None) -> int:
         varying = {arg: sorted(keys) for arg, keys in r.varying.items() if len(keys) > 1}
         result["kernels"][name] = {"launches": r.calls, "variants": len(r.keys), "varying_int_arguments": varying}
     if args.compile:
-        import tempfile
-
-        # a fresh cache: a variant compiled by an earlier run (or compile_for_gpu.py) would cost nothing
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_specializations_")
+        fresh_triton_cache()
         for name, r in progress(list(recorders.items()), desc="compiling"):
             seconds = compile_seconds(r, 90)
             result["kernels"][name]["compile_seconds"] = {"count": len(seconds), "mean": sum(seconds) / len(seconds),

@@ -1,5 +1,5 @@
 """backends/sdpa.scaled_dot_product: SDPA with cuDNN held back from shapes met fewer than
-CUDNN_FROM_CALL times (cuDNN builds a graph per new shape: ~90 ms on the H200)."""
+CUDNN_FROM_CALL times (cuDNN builds a graph per new shape: ~140 ms on the H200)."""
 
 import pytest
 import torch

@@ -6,9 +6,9 @@ It never takes a mask: a mask would make it a dense O(Nq*Nkv) computation.
 `scaled_dot_product` is the one place the library calls SDPA on CUDA (this backend, the per-row
 gathered path, the decoding caches). cuDNN's attention, which torch may prefer on Hopper, builds
 an execution graph at the first call of every new shape: on the H200 (torch 2.11, bf16, 21 rows x
-4 heads x 500-2000 tokens x 64) a new length cost 97 ms forward+backward against 1.5 ms when
-revisited and 1.2-1.4 ms for FlashAttention at either (`benchmarks/sdpa_shapes.py`,
-results/sdpa_shapes_cuda.json). Work whose shapes keep changing (classification batches of
+4 heads x 500-2000 tokens x 64) a new length cost 143 ms forward+backward with cuDNN alone
+(145 ms under torch's default choice) against 1.4-1.9 ms when revisited, and 2.3 ms for
+FlashAttention at a first visit (`benchmarks/sdpa_shapes.py`, results/sdpa_shapes_cuda.json). Work whose shapes keep changing (classification batches of
 varying length, every prefill, every decoding step's longer cache) would pay that on most calls,
 so a shape may use cuDNN only from its `CUDNN_FROM_CALL`-th call on; until then torch chooses
 among its other kernels. Fixed-shape training reaches cuDNN after a few steps.
